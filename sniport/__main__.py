@@ -1,0 +1,5 @@
+import sys
+
+from sniport.cli import main
+
+sys.exit(main())

@@ -1,0 +1,101 @@
+"""Addresses in the config: ``HOST:PORT``, ``[V6]:PORT``, ``unix:/path``, ``unix:@abstract``.
+
+Rules: parsing is pure and strict; a listen address must be an IP literal (what is bound is
+what is written); an upstream may name a host, resolved once when the config is loaded, never
+per connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+
+class AddressError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class TcpAddress:
+    host: str  # IP literal or host name, without brackets
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class UnixAddress:
+    path: str  # "@name" for the Linux abstract namespace
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+    @property
+    def abstract(self) -> bool:
+        return self.path.startswith("@")
+
+    @property
+    def sockaddr(self) -> str | bytes:
+        # Abstract names are a leading NUL byte then the name (unix(7)).
+        return b"\0" + self.path[1:].encode() if self.abstract else self.path
+
+
+Address = TcpAddress | UnixAddress
+
+
+def parse_address(text: str, *, require_ip: bool = False) -> Address:
+    if not isinstance(text, str):
+        raise AddressError(f"expected a string, got {type(text).__name__}")
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path or path == "@":
+            raise AddressError(f"{text!r}: empty unix socket path")
+        if not path.startswith(("/", "@")):
+            raise AddressError(f"{text!r}: a unix socket path must be absolute (or @name)")
+        if len(path.encode()) > 107:
+            raise AddressError(f"{text!r}: unix socket path longer than 107 bytes")
+        return UnixAddress(path)
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise AddressError(f"{text!r}: expected [IPV6]:PORT")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise AddressError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise AddressError(f"{text!r}: expected HOST:PORT, [IPV6]:PORT or unix:PATH")
+        if ":" in host:
+            raise AddressError(f"{text!r}: write IPv6 addresses in brackets, [{host}]:PORT")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise AddressError(f"{text!r}: port must be a number from 1 to 65535")
+    addr = TcpAddress(host, int(port_text))
+    if require_ip and not addr.is_ip:
+        raise AddressError(f"{text!r}: a listen address must be an IP address, not a name")
+    return addr
+
+
+def resolve(addr: TcpAddress) -> list[tuple[int, tuple[str, int] | tuple[str, int, int, int]]]:
+    """(family, sockaddr) pairs for a TCP address; a name is looked up once, here."""
+    try:
+        infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise AddressError(f"{addr}: cannot resolve {addr.host!r}: {exc.strerror}") from None
+    seen: list[tuple[int, tuple[str, int] | tuple[str, int, int, int]]] = []
+    for family, _, _, _, sockaddr in infos:
+        item = (int(family), sockaddr)
+        if item not in seen:
+            seen.append(item)  # type: ignore[arg-type]
+    return seen

@@ -1,0 +1,419 @@
+"""The config file: TOML in, a validated and frozen model out.
+
+Job: turn ``sniport.toml`` into a ``Config`` that the rest of sniport can trust, or refuse it
+with *every* problem at once, each naming the file, the TOML path and the reason.
+
+Rules:
+- Field checks are pydantic models (``extra="forbid"``: an unknown key is an error); checks
+  across blocks (a host claimed twice, a name used twice, ``[default]`` naming a block that
+  does not exist) run after, over the validated model, and add to the same list.
+- A key of the contract (DESIGN.md, "Config contract") that is not built yet is refused with
+  "not supported yet", never accepted and ignored: see ``NOT_SUPPORTED_YET``.
+- Nothing here exits or prints; ``cli.py`` does. ``check`` and a reload use ``load``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from sniport.addresses import Address, AddressError, TcpAddress, parse_address
+from sniport.hostnames import HostNameError, normalize
+
+# ---------------------------------------------------------------------------------------------
+# Value types: durations, sizes, addresses, host names, CIDRs.
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)\Z")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE = re.compile(r"(\d+)([KMG]?)\Z", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def parse_duration(value: Any) -> float:
+    """``"10s"``, ``"500ms"``, ``"2m"``, ``"1h"`` or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as \"10s\", \"500ms\", \"2m\" or seconds")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value.strip())):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ValueError(
+            f"{value!r} is not a duration: write \"10s\", \"500ms\", \"2m\", \"1h\" or seconds"
+        )
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{value!r}: a duration must be a finite number >= 0")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """``"10M"``, ``"512K"``, ``"1G"`` or a number of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as \"10M\", \"512K\" or bytes")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.match(value.strip())):
+        size = int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    else:
+        raise ValueError(f"{value!r} is not a size: write \"10M\", \"512K\" or bytes")
+    if size < 0:
+        raise ValueError(f"{value!r}: a size must be >= 0")
+    return size
+
+
+def _address(value: Any) -> Address:
+    try:
+        return parse_address(value)
+    except AddressError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _listen_address(value: Any) -> Address:
+    try:
+        return parse_address(value, require_ip=True)
+    except AddressError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _host(value: Any) -> str:
+    try:
+        return normalize(value)
+    except HostNameError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _cidr(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a CIDR such as \"10.0.0.0/8\"")
+    try:
+        return ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a CIDR such as \"10.0.0.0/8\" or an address") from None
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+UpstreamAddress = Annotated[Address, BeforeValidator(_address)]
+ListenAddress = Annotated[Address, BeforeValidator(_listen_address)]
+HostName = Annotated[str, BeforeValidator(_host)]
+Cidr = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_cidr)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model (DESIGN.md, "Config contract (v1)").
+
+
+class Listen(_Model):
+    address: ListenAddress
+    mode: str | None = None  # unix sockets only: octal permission bits of the file
+    owner: str | None = None  # unix sockets only: "user" or "user:group"
+
+    @field_validator("mode")
+    @classmethod
+    def _octal_mode(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"0?[0-7]{3}", v):
+            raise ValueError(f"{v!r} is not an octal file mode such as \"0660\"")
+        return v
+
+
+def _listen_entry(value: Any) -> Any:
+    return {"address": value} if isinstance(value, str) else value
+
+
+ListenEntry = Annotated[Listen, BeforeValidator(_listen_entry)]
+
+
+class Server(_Model):
+    listen: list[ListenEntry] = Field(
+        default_factory=lambda: [Listen.model_validate({"address": a})
+                                 for a in ("0.0.0.0:443", "[::]:443")],
+        min_length=1,
+    )
+    http_listen: list[ListenEntry] = []
+    workers: int | Literal["auto"] = Field(default="auto")
+    max_connections: int = Field(default=4096, ge=1)
+    max_connections_per_ip: int = Field(default=0, ge=0)
+    client_hello_timeout: Duration = 10.0
+    handshake_timeout: Duration = 10.0
+    header_timeout: Duration = 15.0
+    keepalive_timeout: Duration = 75.0
+    drain_timeout: Duration = 30.0
+    trusted_proxies: list[Cidr] = []
+    user: str = ""
+    group: str = ""
+    state_dir: str = ""
+    pid_file: str = "{state_dir}/sniport.pid"
+    access_log: str = "stderr"
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    tls_session_tickets: bool = True
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("workers must be >= 1 or \"auto\"")
+        return v
+
+    @field_validator("client_hello_timeout")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be more than 0")
+        return v
+
+
+class Block(_Model):
+    name: str = Field(min_length=1)
+    hosts: list[HostName] = Field(min_length=1)
+    allow: list[Cidr] = []
+    deny: list[Cidr] = []
+
+
+class Passthrough(Block):
+    upstreams: list[UpstreamAddress] = Field(min_length=1)
+    proxy_protocol: Literal["off", "v1", "v2"] = "off"
+    connect_timeout: Duration = 5.0
+    idle_timeout: Duration = 3600.0
+
+
+class Default(_Model):
+    to: str = "reject"
+    non_tls: str = "close"
+
+    @field_validator("to")
+    @classmethod
+    def _to(cls, v: str) -> str:
+        if v != "reject" and not v.startswith(("site:", "passthrough:")):
+            raise ValueError(f"{v!r}: expected \"reject\", \"site:NAME\" or \"passthrough:NAME\"")
+        return v
+
+    @field_validator("non_tls")
+    @classmethod
+    def _non_tls(cls, v: str) -> str:
+        if v != "close" and not v.startswith("passthrough:"):
+            raise ValueError(f"{v!r}: expected \"close\" or \"passthrough:NAME\"")
+        return v
+
+
+class Config(_Model):
+    server: Server = Server()
+    passthrough: list[Passthrough] = []
+    default: Default = Default()
+
+    def blocks(self) -> list[Block]:
+        return [*self.passthrough]
+
+
+# Keys of the contract that this version does not do yet: present in a file, they are refused.
+# A path element "*" stands for every entry of an array of tables.
+NOT_SUPPORTED_YET: tuple[tuple[str, ...], ...] = (
+    ("server", "http_listen"),
+    ("server", "workers"),
+    ("server", "handshake_timeout"),
+    ("server", "header_timeout"),
+    ("server", "keepalive_timeout"),
+    ("server", "drain_timeout"),
+    ("server", "trusted_proxies"),
+    ("server", "user"),
+    ("server", "group"),
+    ("server", "state_dir"),
+    ("server", "pid_file"),
+    ("server", "tls_session_tickets"),
+    ("site",),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems and loading.
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.path}" if self.path else self.file
+        return f"{where}: {self.reason}"
+
+
+class ConfigError(Exception):
+    """The config was refused; ``problems`` lists every reason."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        super().__init__("\n".join(map(str, problems)))
+        self.problems = list(problems)
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: Config
+    source: str  # the file it came from, or "<embedded default>"
+    warnings: list[Problem] = field(default_factory=list)
+
+
+def load(path: str | Path) -> LoadedConfig:
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), "", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(str(path), "", f"not UTF-8: {exc}")]) from None
+    return loads(text, str(path))
+
+
+def loads(text: str, source: str) -> LoadedConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem(source, "", f"TOML syntax: {exc}")]) from None
+    return from_dict(raw, source)
+
+
+_SECTIONS: dict[str, type[_Model]] = {"server": Server, "default": Default}
+_ARRAYS: dict[str, type[_Model]] = {"passthrough": Passthrough}
+
+
+def from_dict(raw: Mapping[str, Any], source: str) -> LoadedConfig:
+    """Validate section by section and block by block, so that the checks across blocks
+    still run over every block that is valid on its own: one pass reports everything."""
+    problems = [Problem(source, p, "not supported yet") for p in _unsupported_keys(raw)]
+    parts: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            if not isinstance(value, Mapping):
+                problems.append(Problem(source, key, f"must be a table: [{key}]"))
+                continue
+            model = _validate(_SECTIONS[key], value, (key,), raw, source, problems)
+            if model is not None:
+                parts[key] = model
+        elif key in _ARRAYS:
+            if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+                problems.append(Problem(source, key, f"must be an array of tables: [[{key}]]"))
+                continue
+            items = [_validate(_ARRAYS[key], v, (key, i), raw, source, problems)
+                     for i, v in enumerate(value)]
+            parts[key] = [m for m in items if m is not None]
+        elif (key,) not in NOT_SUPPORTED_YET:
+            problems.append(Problem(source, key, "unknown key"))
+    config = Config.model_construct(**parts)
+    problems += [Problem(source, p, r) for p, r in _cross_checks(config)]
+    if problems:
+        raise ConfigError(_dedupe(problems))
+    return LoadedConfig(config, source)
+
+
+def _validate(model: type[_Model], value: Mapping[str, Any], loc: tuple[str | int, ...],
+              raw: Mapping[str, Any], source: str, problems: list[Problem]) -> Any:
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        problems.extend(Problem(source, _toml_path((*loc, *e["loc"]), raw), _reason(e))
+                        for e in exc.errors())
+        return None
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    # An unsupported key that pydantic also rejects as unknown is reported once.
+    seen: set[str] = {p.path for p in problems if p.reason == "not supported yet"}
+    out = []
+    for p in problems:
+        if p.reason == "unknown key" and p.path in seen:
+            continue
+        out.append(p)
+    return out
+
+
+def _unsupported_keys(raw: Mapping[str, Any]) -> Iterable[str]:
+    for key_path in NOT_SUPPORTED_YET:
+        node: Any = raw
+        for part in key_path[:-1]:
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if isinstance(node, Mapping) and key_path[-1] in node:
+            yield ".".join(key_path)
+
+
+def _toml_path(loc: Sequence[int | str], raw: Mapping[str, Any]) -> str:
+    """``('passthrough', 0, 'upstreams', 1)`` -> ``passthrough[0](lan).upstreams[1]``."""
+    out = ""
+    node: Any = raw
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            if isinstance(node, Mapping) and isinstance(node.get("name"), str):
+                out += f"({node['name']})"
+        elif part.startswith(("function-", "tagged-union")) or part in {"str", "int"}:
+            continue  # pydantic's own markers for union members, not TOML keys
+        else:
+            out += f".{part}" if out else part
+            node = node.get(part) if isinstance(node, Mapping) else None
+    return out
+
+
+def _reason(error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key missing"
+    if kind == "value_error":
+        return str(error["ctx"]["error"])
+    return str(error["msg"])
+
+
+def block_path(config: Config, block: Block) -> str:
+    kind = "passthrough"
+    index = next((i for i, b in enumerate(config.passthrough) if b is block), -1)
+    return f"{kind}[{index}]({block.name})"
+
+
+def _cross_checks(config: Config) -> Iterable[tuple[str, str]]:
+    names: dict[str, str] = {}
+    hosts: dict[str, str] = {}
+    for block in config.blocks():
+        where = block_path(config, block)
+        if block.name in names:
+            yield f"{where}.name", f"name {block.name!r} is already used by {names[block.name]}"
+        else:
+            names[block.name] = where
+        for i, host in enumerate(block.hosts):
+            if host in hosts:
+                yield f"{where}.hosts[{i}]", f"host {host!r} is already claimed by {hosts[host]}"
+            else:
+                hosts[host] = f"{where}.hosts[{i}]"
+    kinds = {f"passthrough:{b.name}" for b in config.passthrough}
+    if config.default.to != "reject" and config.default.to not in kinds:
+        yield "default.to", f"{config.default.to!r} names no block of that kind"
+    if config.default.non_tls != "close" and config.default.non_tls not in kinds:
+        yield "default.non_tls", f"{config.default.non_tls!r} names no passthrough block"
+    listens: dict[Address, str] = {}
+    for i, entry in enumerate(config.server.listen):
+        where = f"server.listen[{i}]"
+        if entry.address in listens:
+            yield where, f"{entry.address} is already listed at {listens[entry.address]}"
+        listens[entry.address] = where
+        if isinstance(entry.address, TcpAddress) and (entry.mode or entry.owner):
+            yield where, "mode and owner apply to unix sockets only"

@@ -1,0 +1,176 @@
+"""Accepting connections and reading each one's ClientHello without consuming it.
+
+Job: accept on a bound socket within the worker's connection caps, then peek (MSG_PEEK) at the
+client's first bytes until the ClientHello parser has an outcome, and hand the socket, still
+holding every byte the client sent, to the worker's dispatch.
+
+Rules:
+- Peeked bytes are never consumed here (DESIGN.md house rule 3): TLS or the relay reads them.
+- No busy-spinning on a partial hello: a peeked socket stays readable, so TCP sockets get
+  ``SO_RCVLOWAT`` set to the bytes still missing (reset to 1 before the hand-off); unix
+  sockets ignore it in poll and are re-armed by a short timer instead.
+- ``client_hello_timeout`` bounds the whole wait; a silent client delays nobody else.
+- At ``max_connections`` accepting pauses (the kernel's backlog holds new clients) and resumes
+  as connections close; EMFILE/ENFILE pause accepting briefly instead of spinning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from typing import TYPE_CHECKING
+
+from sniport.logs import diag
+from sniport.net.binding import BoundListener
+from sniport.wire.clienthello import MAX_HELLO_BYTES, ClientHelloParser, MalformedHello, NeedMore
+
+if TYPE_CHECKING:
+    from sniport.net.conn import ConnRecord
+    from sniport.worker import Worker
+
+ACCEPT_BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the loop
+RESOURCE_PAUSE = 0.1  # seconds to stop accepting when the process is out of descriptors
+UNIX_REARM = 0.005  # seconds between peeks of a partial hello on a unix socket
+PEEK_SIZE = MAX_HELLO_BYTES + 1  # one byte more than the cap, so an oversized hello is seen
+
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class Listener:
+    __slots__ = ("_active", "_loop", "_worker", "bound", "fd", "label", "sock")
+
+    def __init__(self, worker: Worker, bound: BoundListener) -> None:
+        self.bound = bound
+        self.label = str(bound.address)
+        self.sock = bound.sock
+        self.fd = bound.sock.fileno()
+        self._worker = worker
+        self._loop = worker.loop
+        self._active = False
+
+    def resume(self) -> None:
+        if not self._active:
+            self._active = True
+            self._loop.add_reader(self.fd, self._on_acceptable)
+
+    def pause(self) -> None:
+        if self._active:
+            self._active = False
+            self._loop.remove_reader(self.fd)
+
+    def _on_acceptable(self) -> None:
+        worker = self._worker
+        for _ in range(ACCEPT_BATCH):
+            if worker.at_capacity():
+                return
+            try:
+                sock, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS:
+                    worker.out_of_descriptors(exc)
+                    return
+                # ECONNABORTED, EPROTO, ...: that one client is gone; keep accepting.
+                diag.debug("accept on %s: %s", self.label, exc)
+                continue
+            worker.accepted(self, sock, addr)
+
+
+class HelloReader:
+    """Peeks until the ClientHello is complete, then calls ``worker.dispatch``."""
+
+    __slots__ = (
+        "_loop",
+        "_lowat",
+        "_parser",
+        "_rearm",
+        "_seen",
+        "_timer",
+        "_unix",
+        "_worker",
+        "conn",
+        "fd",
+        "sock",
+    )
+
+    def __init__(self, worker: Worker, sock: socket.socket, conn: ConnRecord, unix: bool) -> None:
+        self._worker = worker
+        self._loop = worker.loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.conn = conn
+        self._parser = ClientHelloParser()
+        self._seen = 0
+        self._lowat = False
+        self._unix = unix
+        self._rearm: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(
+            worker.client_hello_timeout, self._on_timeout)
+
+    def start(self) -> None:
+        # Most clients send the hello with or right after the handshake: try once now.
+        self._on_readable()
+        if self._timer is not None and self._rearm is None:
+            self._loop.add_reader(self.fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(PEEK_SIZE, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail("client_reset" if exc.errno == errno.ECONNRESET else
+                       f"client_error: {exc.strerror}")
+            return
+        if not data:
+            self._fail("eof_before_hello" if self._seen == 0 else "eof_in_hello")
+            return
+        try:
+            outcome = self._parser.feed(memoryview(data)[self._seen :])
+        except MalformedHello as exc:
+            self._fail(f"malformed_hello: {exc.reason}")
+            return
+        self._seen = len(data)
+        if isinstance(outcome, NeedMore):
+            if self._unix:
+                # poll() on a unix socket ignores SO_RCVLOWAT: look again shortly instead.
+                self._loop.remove_reader(self.fd)
+                self._rearm = self._loop.call_later(UNIX_REARM, self._on_rearm)
+            else:
+                self._lowat = True
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT,
+                                     len(data) + outcome.at_least)
+            return
+        self._stop_waiting()
+        self._worker.dispatch(self.sock, self.conn, outcome)
+
+    def _on_rearm(self) -> None:
+        self._rearm = None
+        self._loop.add_reader(self.fd, self._on_readable)
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        self._fail("client_hello_timeout")
+
+    def _stop_waiting(self) -> None:
+        self._loop.remove_reader(self.fd)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._rearm is not None:
+            self._rearm.cancel()
+            self._rearm = None
+        if self._lowat:
+            # The relay and TLS read whatever is there: back to the default.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+    def _fail(self, reason: str) -> None:
+        self._stop_waiting()
+        self.sock.close()
+        self._worker.finish(self.conn, reason)
+
+    def abort(self, reason: str) -> None:
+        """Close now (fast shutdown)."""
+        self._fail(reason)

@@ -1,0 +1,154 @@
+"""The passthrough path: connect upstream, send the PROXY header if asked, then relay.
+
+Job: for a connection routed to a ``[[passthrough]]`` block, open the upstream (with
+failover), write the optional PROXY protocol header, and start the splice relay; report how
+the connection ended.
+
+Rules: the client's bytes, including the peeked ClientHello, are still unread in its socket:
+the relay sends them first, untouched (TLS is not terminated). The PROXY header goes before
+any client byte, and its send is bounded by ``connect_timeout`` like the connect itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sniport.config import Passthrough
+from sniport.net.relay import SpliceRelay
+from sniport.net.upstream import Target, UpstreamConnect, targets_for
+from sniport.wire import proxyproto
+
+if TYPE_CHECKING:
+    from sniport.net.conn import ConnRecord
+    from sniport.worker import Worker
+
+
+@dataclass(frozen=True, slots=True)
+class PassthroughRuntime:
+    """A passthrough block with its upstreams resolved, built once per config load."""
+
+    block: Passthrough
+    targets: tuple[Target, ...]
+
+    @classmethod
+    def build(cls, block: Passthrough) -> PassthroughRuntime:
+        return cls(block, tuple(targets_for(block.upstreams)))
+
+
+def _endpoint(addr: object) -> proxyproto.Endpoint:
+    if isinstance(addr, tuple):
+        return (str(addr[0]), int(addr[1]))
+    if isinstance(addr, bytes):
+        return "@" + addr[1:].decode(errors="replace") if addr[:1] == b"\0" else addr.decode()
+    return str(addr or "")
+
+
+class PassthroughConnection:
+    __slots__ = (
+        "_conn",
+        "_connect",
+        "_header",
+        "_loop",
+        "_rt",
+        "_sni",
+        "_sock",
+        "_timer",
+        "_up",
+        "_worker",
+        "relay",
+    )
+
+    def __init__(self, worker: Worker, sock: socket.socket, conn: ConnRecord,
+                 rt: PassthroughRuntime, sni: str | None) -> None:
+        self._worker = worker
+        self._loop = worker.loop
+        self._sock = sock
+        self._conn = conn
+        self._rt = rt
+        self._sni = sni
+        self._connect: UpstreamConnect | None = None
+        self._up: socket.socket | None = None
+        self._header = b""
+        self._timer: asyncio.TimerHandle | None = None
+        self.relay: SpliceRelay | None = None
+
+    def start(self) -> None:
+        if self._sock.family != socket.AF_UNIX:
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._connect = UpstreamConnect(self._loop, self._rt.targets,
+                                        self._rt.block.connect_timeout, self._connected)
+        self._connect.start()
+
+    def abort(self, reason: str) -> None:
+        """Close now (fast shutdown or drain deadline)."""
+        if self.relay is not None:
+            self.relay.close(reason)
+            return
+        if self._connect is not None:
+            self._connect.cancel()
+        self._end(reason)
+
+    def _connected(self, up: socket.socket | None, target: Target | None, reason: str) -> None:
+        self._connect = None
+        if up is None or target is None:
+            self._end(reason)
+            return
+        self._up = up
+        self._conn.upstream = target.label
+        mode = self._rt.block.proxy_protocol
+        if mode != "off":
+            src = _endpoint(self._conn.peer)
+            dst = _endpoint(self._sock.getsockname())
+            self._header = (proxyproto.encode_v1(src, dst) if mode == "v1"
+                            else proxyproto.encode_v2(src, dst, self._sni))
+            self._send_header()
+        else:
+            self._start_relay()
+
+    def _send_header(self) -> None:
+        assert self._up is not None
+        try:
+            sent = self._up.send(self._header)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._end(f"upstream_error: {exc.strerror}")
+            return
+        self._header = self._header[sent:]
+        if not self._header:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+                self._loop.remove_writer(self._up.fileno())
+            self._start_relay()
+        elif self._timer is None:
+            # A fresh connection's send buffer takes ~200 bytes at once; this is the rare case.
+            self._loop.add_writer(self._up.fileno(), self._send_header)
+            self._timer = self._loop.call_later(self._rt.block.connect_timeout,
+                                                self._header_timeout)
+
+    def _header_timeout(self) -> None:
+        self._timer = None
+        assert self._up is not None
+        self._loop.remove_writer(self._up.fileno())
+        self._end("upstream_timeout")
+
+    def _start_relay(self) -> None:
+        assert self._up is not None
+        self.relay = SpliceRelay(self._loop, self._worker.pipes, self._sock, self._up,
+                                 self._rt.block.idle_timeout, self._relay_done)
+        self.relay.start()
+
+    def _relay_done(self, reason: str, up: int, down: int) -> None:
+        self._conn.up = up
+        self._conn.down = down
+        self._worker.finish(self._conn, reason)
+
+    def _end(self, reason: str) -> None:
+        if self._up is not None:
+            self._up.close()
+        self._sock.close()
+        self._worker.finish(self._conn, reason)

@@ -1,0 +1,148 @@
+"""Connecting to a passthrough block's upstreams, in order, with failover.
+
+Job: open a non-blocking stream socket to the first upstream that accepts within
+``connect_timeout``; report the socket, or the reason the last one failed.
+
+Rules: names were resolved once when the config was loaded (``Target``), never per
+connection; each attempt has its own timeout; only connect errors fail over (nothing has been
+sent yet, so trying the next upstream is always safe). Plain callbacks, no Task: this runs for
+every new connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sniport.addresses import Address, TcpAddress, UnixAddress, resolve
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    family: int
+    sockaddr: Any  # (host, port) / (host, port, flow, scope) / a unix path
+    label: str  # as configured, for logs
+
+
+def targets_for(upstreams: Sequence[Address]) -> list[Target]:
+    """Resolve each upstream once; a name may give several addresses, tried in order."""
+    out: list[Target] = []
+    for up in upstreams:
+        if isinstance(up, UnixAddress):
+            out.append(Target(socket.AF_UNIX, up.sockaddr, str(up)))
+        else:
+            assert isinstance(up, TcpAddress)
+            out.extend(Target(fam, sa, str(up)) for fam, sa in resolve(up))
+    return out
+
+
+_REASONS = {
+    errno.ECONNREFUSED: "upstream_refused",
+    errno.ENOENT: "upstream_refused",  # unix socket file missing: nobody listens
+    errno.EAGAIN: "upstream_busy",  # unix socket backlog full
+    errno.ETIMEDOUT: "upstream_timeout",
+    errno.EHOSTUNREACH: "upstream_unreachable",
+    errno.ENETUNREACH: "upstream_unreachable",
+}
+
+ConnectDone = Callable[[socket.socket | None, Target | None, str], None]
+
+
+class UpstreamConnect:
+    """One connection's attempt through ``targets``; ``on_done(sock, target, reason)`` once."""
+
+    __slots__ = (
+        "_index",
+        "_loop",
+        "_on_done",
+        "_reason",
+        "_sock",
+        "_targets",
+        "_timeout",
+        "_timer",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, targets: Sequence[Target],
+                 timeout: float, on_done: ConnectDone) -> None:
+        self._loop = loop
+        self._targets = targets
+        self._timeout = timeout
+        self._on_done = on_done
+        self._index = -1
+        self._sock: socket.socket | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._reason = "no_upstream"
+
+    def start(self) -> None:
+        self._next()
+
+    def cancel(self) -> None:
+        self._drop()
+        self._on_done = _ignore
+
+    def _next(self) -> None:
+        while True:
+            self._index += 1
+            if self._index >= len(self._targets):
+                self._on_done(None, None, self._reason)
+                return
+            target = self._targets[self._index]
+            sock = socket.socket(target.family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            err = sock.connect_ex(target.sockaddr)
+            if err == 0:
+                self._success(sock, target)
+                return
+            if err == errno.EINPROGRESS:
+                self._sock = sock
+                self._loop.add_writer(sock.fileno(), self._on_writable)
+                self._timer = self._loop.call_later(self._timeout, self._on_timeout)
+                return
+            sock.close()
+            self._reason = _REASONS.get(err, f"upstream_error: {errno.errorcode.get(err, err)}")
+
+    def _on_writable(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err == 0:
+            self._loop.remove_writer(sock.fileno())
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._sock = None
+            self._success(sock, self._targets[self._index])
+            return
+        self._reason = _REASONS.get(err, f"upstream_error: {errno.errorcode.get(err, err)}")
+        self._drop()
+        self._next()
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        self._reason = "upstream_timeout"
+        self._drop()
+        self._next()
+
+    def _drop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._sock is not None:
+            self._loop.remove_writer(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+    def _success(self, sock: socket.socket, target: Target) -> None:
+        if target.family != socket.AF_UNIX:
+            # Relayed bytes are already coalesced by the client; do not add Nagle delay.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._on_done(sock, target, "")
+
+
+def _ignore(sock: socket.socket | None, target: Target | None, reason: str) -> None:
+    if sock is not None:
+        sock.close()

@@ -1,0 +1,9 @@
+"""TLS alert records sniport sends itself (sans-IO constants).
+
+Rule: only fatal alerts, sent in the clear before any handshake, in a TLS 1.2-versioned
+record as RFC 8446 section 5.1 asks of every record after the ClientHello.
+"""
+
+# RFC 8446 section 6: Alert { level fatal(2), description unrecognized_name(112) },
+# RFC 6066 section 3: the answer to a server_name the server does not know.
+UNRECOGNIZED_NAME = bytes([21, 3, 3, 0, 2, 2, 112])

@@ -1,0 +1,282 @@
+"""Incremental, bounded parser of the TLS ClientHello (sans-IO).
+
+Job: from the first bytes a client sends, tell whether they are TLS and, once the whole
+ClientHello handshake message has arrived, extract what routing needs: the SNI host_name,
+the ALPN protocol list, supported_versions and the legacy version.
+
+Rules:
+- No I/O here (no asyncio, socket or ssl import): bytes in, a typed outcome out.
+- Three outcomes of ``feed``: ``Hello`` (complete), ``NeedMore`` (with a lower bound on the
+  bytes still missing), ``NotTLS``; anything broken raises ``MalformedHello`` with a reason.
+- The handshake message may be spread over several TLS records (RFC 8446 section 5.1) and the
+  records over any number of TCP segments; both are reassembled.
+- Bounded: the records carrying the hello may total at most ``MAX_HELLO_BYTES``.
+- Whatever follows the hello (ChangeCipherSpec, early data) is not looked at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_HELLO_BYTES = 16 * 1024
+
+RECORD_HEADER = 5
+HANDSHAKE_HEADER = 4
+CONTENT_HANDSHAKE = 0x16
+HANDSHAKE_CLIENT_HELLO = 0x01
+# RFC 8446 section 5.1: a TLSPlaintext fragment is at most 2^14 bytes.
+MAX_RECORD_PAYLOAD = 1 << 14
+
+EXT_SERVER_NAME = 0  # RFC 6066 section 3
+EXT_ALPN = 16  # RFC 7301 section 3.1
+EXT_SUPPORTED_VERSIONS = 43  # RFC 8446 section 4.2.1
+NAME_TYPE_HOST_NAME = 0
+
+
+class MalformedHello(Exception):
+    """The bytes claim to be a TLS ClientHello but break its grammar; ``reason`` says how."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A complete ClientHello. ``size`` counts the record bytes that carried it."""
+
+    sni: str | None
+    alpn: tuple[str, ...]
+    versions: tuple[int, ...]
+    legacy_version: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class NeedMore:
+    """The hello is incomplete; at least ``at_least`` more bytes must arrive."""
+
+    at_least: int
+
+
+@dataclass(frozen=True, slots=True)
+class NotTLS:
+    """The first byte is not a TLS handshake record: some other protocol."""
+
+
+NOT_TLS = NotTLS()
+
+Outcome = Hello | NeedMore | NotTLS
+
+
+class ClientHelloParser:
+    """Feed it the client's bytes in order, as they arrive; it keeps its place.
+
+    After an outcome other than ``NeedMore`` the parser is finished and must not be fed again.
+    """
+
+    __slots__ = ("_consumed", "_handshake", "_header", "_record_left", "_total")
+
+    def __init__(self) -> None:
+        self._handshake = bytearray()  # reassembled handshake-layer bytes
+        self._header = bytearray()  # a record header being collected
+        self._record_left = 0  # payload bytes of the current record not yet seen
+        self._consumed = 0  # record-layer bytes taken so far
+        self._total = -1  # full handshake message length, once its header is known
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Outcome:
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view):
+            if self._record_left == 0:
+                take = min(RECORD_HEADER - len(self._header), len(view) - pos)
+                self._header += view[pos : pos + take]
+                pos += take
+                self._consumed += take
+                if self._consumed == 1 and self._header[0] != CONTENT_HANDSHAKE:
+                    return NOT_TLS
+                if len(self._header) < RECORD_HEADER:
+                    continue
+                self._start_record()
+            else:
+                take = min(self._record_left, len(view) - pos)
+                self._handshake += view[pos : pos + take]
+                pos += take
+                self._consumed += take
+                self._record_left -= take
+                outcome = self._check_handshake()
+                if outcome is not None:
+                    return outcome
+        return self._need_more()
+
+    def _start_record(self) -> None:
+        header = self._header
+        ctype, major, length = header[0], header[1], (header[3] << 8) | header[4]
+        self._header = bytearray()
+        if ctype != CONTENT_HANDSHAKE:
+            # RFC 8446 section 5.1: handshake messages may not be interleaved with other types.
+            raise MalformedHello(f"record type {ctype} before the ClientHello was complete")
+        if major != 3:
+            raise MalformedHello(f"record version {major}.{header[2]} is not TLS")
+        if length == 0:
+            raise MalformedHello("empty handshake record")  # forbidden by RFC 8446 section 5.1
+        if length > MAX_RECORD_PAYLOAD:
+            raise MalformedHello(f"record of {length} bytes exceeds 2^14")
+        if self._consumed + length > MAX_HELLO_BYTES and self._total < 0:
+            # The handshake length is not known yet; the record alone breaks the cap.
+            raise MalformedHello(f"ClientHello larger than {MAX_HELLO_BYTES} bytes")
+        self._record_left = length
+
+    def _check_handshake(self) -> Outcome | None:
+        hs = self._handshake
+        if self._total < 0:
+            if len(hs) < HANDSHAKE_HEADER:
+                return None
+            if hs[0] != HANDSHAKE_CLIENT_HELLO:
+                raise MalformedHello(f"first handshake message has type {hs[0]}, not ClientHello")
+            self._total = HANDSHAKE_HEADER + ((hs[1] << 16) | (hs[2] << 8) | hs[3])
+            # The smallest record overhead is one header per 2^14 bytes of payload.
+            records = -(-self._total // MAX_RECORD_PAYLOAD)
+            if self._total + records * RECORD_HEADER > MAX_HELLO_BYTES:
+                raise MalformedHello(f"ClientHello larger than {MAX_HELLO_BYTES} bytes")
+        if len(hs) < self._total:
+            return None
+        # Bytes of the same record after the hello belong to another handshake message;
+        # a ClientHello is alone in its flight (RFC 8446 section 4), so they are ignored.
+        size = self._consumed - (len(hs) - self._total)
+        return parse_client_hello_body(memoryview(hs)[HANDSHAKE_HEADER : self._total], size)
+
+    def _need_more(self) -> NeedMore:
+        if self._record_left == 0:
+            missing_header = RECORD_HEADER - len(self._header)
+            if self._total < 0:
+                return NeedMore(missing_header + max(1, HANDSHAKE_HEADER - len(self._handshake)))
+            return NeedMore(missing_header + self._total - len(self._handshake))
+        # The rest of the header or of the message; when the current record ends first,
+        # another record header too.
+        if self._total < 0:
+            missing = HANDSHAKE_HEADER - len(self._handshake)
+        else:
+            missing = self._total - len(self._handshake)
+        return NeedMore(missing + (RECORD_HEADER if missing > self._record_left else 0))
+
+
+class _Reader:
+    """Bounds-checked big-endian reads over a memoryview (RFC 8446 section 3 vectors)."""
+
+    __slots__ = ("buf", "end", "pos", "what")
+
+    def __init__(self, buf: memoryview, what: str) -> None:
+        self.buf = buf
+        self.pos = 0
+        self.end = len(buf)
+        self.what = what
+
+    def left(self) -> int:
+        return self.end - self.pos
+
+    def uint(self, n: int) -> int:
+        if self.pos + n > self.end:
+            raise MalformedHello(f"{self.what} truncated")
+        value = int.from_bytes(self.buf[self.pos : self.pos + n], "big")
+        self.pos += n
+        return value
+
+    def vector(self, len_bytes: int, what: str) -> memoryview:
+        n = self.uint(len_bytes)
+        if self.pos + n > self.end:
+            raise MalformedHello(f"{what} overruns {self.what}")
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+
+def parse_client_hello_body(body: memoryview, size: int) -> Hello:
+    """Parse the ClientHello body (RFC 8446 section 4.1.2; RFC 5246 section 7.4.1.2)."""
+    r = _Reader(body, "ClientHello")
+    legacy_version = r.uint(2)
+    if r.left() < 32:
+        raise MalformedHello("ClientHello truncated")
+    r.pos += 32  # random
+    session_id = r.vector(1, "session_id")
+    if len(session_id) > 32:
+        raise MalformedHello("session_id longer than 32 bytes")
+    suites = r.vector(2, "cipher_suites")
+    if len(suites) < 2 or len(suites) % 2:
+        raise MalformedHello("cipher_suites length is not a positive even number")
+    if len(r.vector(1, "compression_methods")) < 1:
+        raise MalformedHello("no compression methods")
+    sni: str | None = None
+    alpn: tuple[str, ...] = ()
+    versions: tuple[int, ...] = ()
+    if r.left() == 0:
+        # A TLS 1.0-1.2 hello may end here: no extensions at all.
+        return Hello(None, (), (), legacy_version, size)
+    exts = _Reader(r.vector(2, "extensions"), "extensions")
+    if r.left():
+        raise MalformedHello("bytes after the extensions")
+    seen: set[int] = set()
+    while exts.left():
+        ext_type = exts.uint(2)
+        data = exts.vector(2, f"extension {ext_type}")
+        if ext_type in seen:
+            # RFC 8446 section 4.2: no more than one extension of the same type.
+            raise MalformedHello(f"extension {ext_type} repeated")
+        seen.add(ext_type)
+        if ext_type == EXT_SERVER_NAME:
+            sni = _parse_server_name(data)
+        elif ext_type == EXT_ALPN:
+            alpn = _parse_alpn(data)
+        elif ext_type == EXT_SUPPORTED_VERSIONS:
+            versions = _parse_supported_versions(data)
+    return Hello(sni, alpn, versions, legacy_version, size)
+
+
+def _parse_server_name(data: memoryview) -> str | None:
+    # RFC 6066 section 3: ServerNameList; at most one name per name_type.
+    if len(data) == 0:
+        return None  # the form a *server* sends; tolerated, means no name
+    outer = _Reader(data, "server_name")
+    names = _Reader(outer.vector(2, "server_name_list"), "server_name_list")
+    if outer.left() or names.left() == 0:
+        raise MalformedHello("server_name list length mismatch")
+    host: str | None = None
+    while names.left():
+        name_type = names.uint(1)
+        name = names.vector(2, "server name")
+        if name_type != NAME_TYPE_HOST_NAME:
+            continue
+        if host is not None:
+            raise MalformedHello("more than one host_name in server_name")
+        if len(name) == 0:
+            raise MalformedHello("empty host_name")
+        raw = bytes(name)
+        # The HostName is ASCII (A-labels for internationalised names); no NUL or controls.
+        if any(b <= 0x20 or b >= 0x7F for b in raw):
+            raise MalformedHello("host_name is not printable ASCII")
+        host = raw.decode("ascii")
+    return host
+
+
+def _parse_alpn(data: memoryview) -> tuple[str, ...]:
+    # RFC 7301 section 3.1: ProtocolNameList protocol_name_list<2..2^16-1>, names <1..2^8-1>.
+    outer = _Reader(data, "ALPN")
+    lst = _Reader(outer.vector(2, "ALPN list"), "ALPN list")
+    if outer.left() or lst.left() == 0:
+        raise MalformedHello("ALPN list length mismatch")
+    protocols: list[str] = []
+    while lst.left():
+        proto = lst.vector(1, "ALPN protocol")
+        if len(proto) == 0:
+            raise MalformedHello("empty ALPN protocol name")
+        protocols.append(bytes(proto).decode("latin-1"))
+    return tuple(protocols)
+
+
+def _parse_supported_versions(data: memoryview) -> tuple[int, ...]:
+    # RFC 8446 section 4.2.1: ProtocolVersion versions<2..254> in the ClientHello.
+    outer = _Reader(data, "supported_versions")
+    lst = outer.vector(1, "supported_versions list")
+    if outer.left() or len(lst) < 2 or len(lst) % 2:
+        raise MalformedHello("supported_versions length mismatch")
+    return tuple(int.from_bytes(lst[i : i + 2], "big") for i in range(0, len(lst), 2))

@@ -1,0 +1,178 @@
+"""One event loop serving connections: accept, read the hello, route, hand off.
+
+Job: own the listeners, the per-worker connection caps and the set of live connections of
+one process, and write each connection's log line when it ends.
+
+Rules: every connection that is accepted ends in ``finish`` exactly once, with the reason it
+ended; bad input from one client closes that client only; the worker never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import socket
+from typing import Any
+
+from sniport.logs import AccessLog, diag
+from sniport.net.binding import BoundListener
+from sniport.net.conn import ConnRecord
+from sniport.net.listener import RESOURCE_PAUSE, HelloReader, Listener
+from sniport.net.passthrough import PassthroughConnection
+from sniport.net.relay import PipePool
+from sniport.runtime import Runtime
+from sniport.wire.alerts import UNRECOGNIZED_NAME
+from sniport.wire.clienthello import Hello, NotTLS
+
+FD_RESERVE = 128  # descriptors kept for listeners, logs, pooled pipes and upstream connects
+
+
+def connection_cap(configured: int) -> tuple[int, str | None]:
+    """``max_connections`` lowered to what RLIMIT_NOFILE allows; each may hold two fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    allowed = max(1, (soft - FD_RESERVE) // 2)
+    if configured > allowed:
+        return allowed, (f"max_connections = {configured} lowered to {allowed}: RLIMIT_NOFILE "
+                         f"is {soft} and a passthrough connection holds two descriptors")
+    return configured, None
+
+
+class Worker:
+    def __init__(self, runtime: Runtime, bound: list[BoundListener], access_log: AccessLog,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.runtime = runtime
+        self.table = runtime.table
+        server = runtime.loaded.config.server
+        self.client_hello_timeout = server.client_hello_timeout
+        self.max_connections, warning = connection_cap(server.max_connections)
+        if warning:
+            diag.warning("%s", warning)
+        self.per_ip_limit = server.max_connections_per_ip
+        self.per_ip: dict[str, int] = {}
+        self.live: set[ConnRecord] = set()
+        self.access_log = access_log
+        self.pipes = PipePool()
+        self.listeners = [Listener(self, b) for b in bound]
+        self._accepting = False
+        self._resource_timer: asyncio.TimerHandle | None = None
+
+    # -- accepting ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._accepting = True
+        for listener in self.listeners:
+            listener.resume()
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+        for listener in self.listeners:
+            listener.pause()
+
+    def at_capacity(self) -> bool:
+        if len(self.live) < self.max_connections:
+            return False
+        for listener in self.listeners:
+            listener.pause()  # resumed by finish() when a connection ends
+        return True
+
+    def out_of_descriptors(self, exc: OSError) -> None:
+        diag.warning("accept: %s; pausing accepts for %.1fs", exc.strerror, RESOURCE_PAUSE)
+        for listener in self.listeners:
+            listener.pause()
+        if self._resource_timer is None:
+            self._resource_timer = self.loop.call_later(RESOURCE_PAUSE, self._resume_after_pause)
+
+    def _resume_after_pause(self) -> None:
+        self._resource_timer = None
+        if self._accepting and len(self.live) < self.max_connections:
+            for listener in self.listeners:
+                listener.resume()
+
+    def accepted(self, listener: Listener, sock: socket.socket, peer: Any) -> None:
+        sock.setblocking(False)
+        ip = peer[0] if isinstance(peer, tuple) else ""
+        conn = ConnRecord(peer, ip, listener.label, self.loop.time())
+        if self.per_ip_limit and ip:
+            count = self.per_ip.get(ip, 0)
+            if count >= self.per_ip_limit:
+                sock.close()
+                self._log(conn, "per_ip_limit")
+                return
+            self.per_ip[ip] = count + 1
+        self.live.add(conn)
+        reader = HelloReader(self, sock, conn, listener.bound.is_unix)
+        conn.handler = reader
+        reader.start()
+
+    # -- routing --------------------------------------------------------------------------
+
+    def dispatch(self, sock: socket.socket, conn: ConnRecord, outcome: Hello | NotTLS) -> None:
+        if isinstance(outcome, Hello):
+            conn.sni = outcome.sni
+            conn.alpn = outcome.alpn
+            conn.hello_size = outcome.size
+            route = self.table.decide(outcome.sni)
+        else:
+            route = self.table.non_tls()
+        conn.route = route.label
+        if route.acl is not None and not route.acl.permits(conn.ip):
+            sock.close()
+            self.finish(conn, "denied")
+            return
+        if route.kind == "reject":
+            if isinstance(outcome, Hello):
+                # RFC 6066 section 3: unrecognized_name, fatal. Best effort, never blocks.
+                with contextlib.suppress(OSError):
+                    sock.send(UNRECOGNIZED_NAME)
+            sock.close()
+            self.finish(conn, f"rejected_{route.rule}")
+            return
+        assert route.block is not None
+        if route.kind == "passthrough":
+            handler = PassthroughConnection(self, sock, conn,
+                                            self.runtime.passthrough[route.block.name],
+                                            conn.sni)
+            conn.handler = handler
+            handler.start()
+            return
+        sock.close()  # terminated sites come with the TLS termination issue
+        self.finish(conn, "not_implemented")
+
+    # -- ending ---------------------------------------------------------------------------
+
+    def finish(self, conn: ConnRecord, reason: str) -> None:
+        self.live.discard(conn)
+        conn.handler = None
+        if self.per_ip_limit and conn.ip:
+            left = self.per_ip[conn.ip] - 1
+            if left:
+                self.per_ip[conn.ip] = left
+            else:
+                del self.per_ip[conn.ip]
+        self._log(conn, reason)
+        if (self._accepting and self._resource_timer is None
+                and len(self.live) == self.max_connections - 1):
+            for listener in self.listeners:
+                listener.resume()
+
+    def _log(self, conn: ConnRecord, reason: str) -> None:
+        if self.access_log.enabled:
+            self.access_log.write("conn", conn.fields(self.loop.time(), reason))
+
+    def abort_all(self, reason: str) -> None:
+        for conn in list(self.live):
+            if conn.handler is not None:
+                conn.handler.abort(reason)
+
+    def close(self) -> None:
+        self.stop_accepting()
+        self.abort_all("shutdown")
+        self.pipes.close()
