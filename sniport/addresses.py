@@ -79,8 +79,10 @@ def parse_address(text: str, *, require_ip: bool = False) -> Address:
             raise AddressError(f"{text!r}: expected HOST:PORT, [IPV6]:PORT or unix:PATH")
         if ":" in host:
             raise AddressError(f"{text!r}: write IPv6 addresses in brackets, [{host}]:PORT")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise AddressError(f"{text!r}: port must be a number from 1 to 65535")
+    # Port 0 is for listen addresses only: the kernel picks a free port (tests, benches).
+    lowest = 0 if require_ip else 1
+    if not port_text.isdigit() or not lowest <= int(port_text) < 65536:
+        raise AddressError(f"{text!r}: port must be a number from {lowest} to 65535")
     addr = TcpAddress(host, int(port_text))
     if require_ip and not addr.is_ip:
         raise AddressError(f"{text!r}: a listen address must be an IP address, not a name")

@@ -92,6 +92,8 @@ def _bind_tcp(addr: TcpAddress) -> BoundListener:
         sock.close()
         hint = " (another process holds it)" if exc.errno == errno.EADDRINUSE else ""
         raise BindError(f"listen {addr}: {exc.strerror}{hint}") from None
+    if addr.port == 0:  # the kernel chose: record the real port for logs and status
+        addr = TcpAddress(addr.host, sock.getsockname()[1])
     return BoundListener(addr, sock)
 
 

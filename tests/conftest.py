@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import Pki  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pki]:
+    yield Pki(trustme.CA(), tmp_path_factory.mktemp("pki"))
