@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sniport import __version__
 from sniport.config import ConfigError, LoadedConfig, load
+from sniport.defaults import embedded_config
 from sniport.logs import AccessLog, diag, setup_diagnostics
 from sniport.net.binding import BindError, bind_all
 from sniport.routing import explain
@@ -26,24 +27,25 @@ class CliError(Exception):
     """A reason to exit 1, already worded for the user."""
 
 
-def find_config(explicit: str | None) -> Path:
+def find_config(explicit: str | None) -> Path | None:
+    """-c FILE, else ./sniport.toml, else /etc/sniport/sniport.toml, else None (embedded)."""
     if explicit:
         return Path(explicit)
     for candidate in SEARCH_PATH:
         if candidate.exists():
             return candidate
-    raise CliError("no config file: pass -c FILE, or create ./sniport.toml or "
-                   "/etc/sniport/sniport.toml")
+    return None
 
 
 def load_runtime(explicit: str | None) -> Runtime:
-    loaded: LoadedConfig = load(find_config(explicit))
+    path = find_config(explicit)
+    loaded: LoadedConfig = embedded_config() if path is None else load(path)
     return build_runtime(loaded)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     runtime = load_runtime(args.config)
-    for warning in runtime.loaded.warnings:
+    for warning in runtime.warnings:
         print(f"warning: {warning}")
     config = runtime.loaded.config
     print(f"{runtime.loaded.source}: ok")
@@ -77,10 +79,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     runtime = load_runtime(args.config)
     server = runtime.loaded.config.server
     setup_diagnostics(server.log_level)
-    for warning in runtime.loaded.warnings:
+    for warning in runtime.warnings:
         diag.warning("%s", warning)
     try:
         bound = bind_all(list(server.listen))
+        http_bound = bind_all(list(server.http_listen))
     except BindError as exc:
         raise CliError(str(exc)) from None
     access_log = AccessLog(server.access_log, server.log_format)
@@ -90,14 +93,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
-        worker = Worker(runtime, bound, access_log, loop)
+        worker = Worker(runtime, bound, access_log, loop, http_bound)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)
-        worker.start()
+        await worker.start()
         diag.info("sniport %s serving %s on %s", __version__, runtime.loaded.source,
-                  ", ".join(str(b.address) for b in bound))
+                  ", ".join(str(b.address) for b in bound + http_bound))
         await stop.wait()
         diag.info("stopping")
         worker.close()
@@ -105,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         uvloop.run(serve())
     finally:
-        for b in bound:
+        for b in bound + http_bound:
             b.close()
         access_log.close()
     return 0

@@ -30,6 +30,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from sniport.addresses import Address, AddressError, TcpAddress, parse_address
@@ -196,6 +197,124 @@ class Passthrough(Block):
     idle_timeout: Duration = 3600.0
 
 
+class TlsFiles(_Model):
+    cert: str = Field(min_length=1)  # PEM: the certificate, then its chain
+    key: str = Field(min_length=1)
+
+
+class StaticHandler(_Model):
+    root: str = Field(min_length=1)
+    index: list[str] = ["index.html"]
+    autoindex: bool = False
+    dotfiles: bool = False
+    fallback: str = ""  # a URL path under the route, served (200) when nothing else matches
+    precompressed: bool = True
+
+    @field_validator("fallback")
+    @classmethod
+    def _fallback(cls, v: str) -> str:
+        if v and not v.startswith("/"):
+            raise ValueError(f"{v!r}: the fallback is a URL path starting with /")
+        return v
+
+    @field_validator("index")
+    @classmethod
+    def _index(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not name or "/" in name or name in {".", ".."}:
+                raise ValueError(f"{name!r}: an index is a file name, without a slash")
+        return v
+
+
+class RedirectHandler(_Model):
+    to: str = Field(min_length=1)
+    status: Literal[301, 302, 303, 307, 308] = 308
+    keep_path: bool = True
+
+
+class RespondHandler(_Model):
+    status: int = Field(default=200, ge=200, le=599)
+    body: str = ""
+    content_type: str = "text/plain; charset=utf-8"
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # RFC 9110 section 5.6.2 token
+
+
+def _header_name(name: str) -> str:
+    if not _HEADER_NAME.match(name):
+        raise ValueError(f"{name!r} is not a valid header name")
+    return name
+
+
+def _header_value(value: str) -> str:
+    # RFC 9110 section 5.5: no CR, LF or NUL in a field value.
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError(f"{value!r}: a header value may not contain CR, LF or NUL")
+    return value
+
+
+class SiteRoute(_Model):
+    path: str = Field(min_length=1)
+    headers: dict[str, str] = {}
+    remove_headers: list[str] = []
+    max_body_size: Size = 0
+    static: StaticHandler | None = None
+    redirect: RedirectHandler | None = None
+    respond: RespondHandler | None = None
+    proxy: dict[str, Any] | None = None  # refused as "not supported yet" (NOT_SUPPORTED_YET)
+
+    @model_validator(mode="after")
+    def _one_handler(self) -> SiteRoute:
+        given = [k for k in ("static", "redirect", "respond", "proxy") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("a route needs exactly one of static, redirect, respond, proxy"
+                             + (f" (it has {', '.join(given)})" if given else ""))
+        return self
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"{v!r}: a route path starts with /")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            _header_name(name)
+            _header_value(value)
+        return v
+
+    @field_validator("remove_headers")
+    @classmethod
+    def _remove(cls, v: list[str]) -> list[str]:
+        return [_header_name(n) for n in v]
+
+    @property
+    def handler(self) -> StaticHandler | RedirectHandler | RespondHandler:
+        h = self.static or self.redirect or self.respond
+        assert h is not None
+        return h
+
+
+class Site(Block):
+    tls: TlsFiles | Literal["self-signed"]
+    error_pages: dict[int, str] = {}
+    route: list[SiteRoute] = Field(min_length=1)
+
+    @field_validator("error_pages")
+    @classmethod
+    def _error_pages(cls, v: dict[int, str]) -> dict[int, str]:
+        for status, page in v.items():
+            if not 400 <= status <= 599:
+                raise ValueError(f"{status}: error pages are for statuses 400-599")
+            if not page.startswith("/"):
+                raise ValueError(f"{page!r}: an error page is a URL path starting with /")
+        return v
+
+
 class Default(_Model):
     to: str = "reject"
     non_tls: str = "close"
@@ -218,28 +337,23 @@ class Default(_Model):
 class Config(_Model):
     server: Server = Server()
     passthrough: list[Passthrough] = []
+    site: list[Site] = []
     default: Default = Default()
 
     def blocks(self) -> list[Block]:
-        return [*self.passthrough]
+        return [*self.passthrough, *self.site]
 
 
 # Keys of the contract that this version does not do yet: present in a file, they are refused.
 # A path element "*" stands for every entry of an array of tables.
 NOT_SUPPORTED_YET: tuple[tuple[str, ...], ...] = (
-    ("server", "http_listen"),
     ("server", "workers"),
-    ("server", "handshake_timeout"),
-    ("server", "header_timeout"),
-    ("server", "keepalive_timeout"),
     ("server", "drain_timeout"),
     ("server", "trusted_proxies"),
     ("server", "user"),
     ("server", "group"),
-    ("server", "state_dir"),
     ("server", "pid_file"),
-    ("server", "tls_session_tickets"),
-    ("site",),
+    ("site", "*", "route", "*", "proxy"),
 )
 
 
@@ -293,7 +407,7 @@ def loads(text: str, source: str) -> LoadedConfig:
 
 
 _SECTIONS: dict[str, type[_Model]] = {"server": Server, "default": Default}
-_ARRAYS: dict[str, type[_Model]] = {"passthrough": Passthrough}
+_ARRAYS: dict[str, type[_Model]] = {"passthrough": Passthrough, "site": Site}
 
 
 def from_dict(raw: Mapping[str, Any], source: str) -> LoadedConfig:
@@ -316,7 +430,7 @@ def from_dict(raw: Mapping[str, Any], source: str) -> LoadedConfig:
             items = [_validate(_ARRAYS[key], v, (key, i), raw, source, problems)
                      for i, v in enumerate(value)]
             parts[key] = [m for m in items if m is not None]
-        elif (key,) not in NOT_SUPPORTED_YET:
+        elif (key,) not in NOT_SUPPORTED_YET:  # reported once, as not supported yet
             problems.append(Problem(source, key, "unknown key"))
     config = Config.model_construct(**parts)
     problems += [Problem(source, p, r) for p, r in _cross_checks(config)]
@@ -347,12 +461,20 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
 
 
 def _unsupported_keys(raw: Mapping[str, Any]) -> Iterable[str]:
+    def walk(node: Any, rest: tuple[str, ...], loc: tuple[str | int, ...]) -> Iterable[str]:
+        head, tail = rest[0], rest[1:]
+        if head == "*":
+            if isinstance(node, list):
+                for i, item in enumerate(node):
+                    yield from walk(item, tail, (*loc, i))
+        elif isinstance(node, Mapping) and head in node:
+            if tail:
+                yield from walk(node[head], tail, (*loc, head))
+            else:
+                yield _toml_path((*loc, head), raw)
+
     for key_path in NOT_SUPPORTED_YET:
-        node: Any = raw
-        for part in key_path[:-1]:
-            node = node.get(part) if isinstance(node, Mapping) else None
-        if isinstance(node, Mapping) and key_path[-1] in node:
-            yield ".".join(key_path)
+        yield from walk(raw, key_path, ())
 
 
 def _toml_path(loc: Sequence[int | str], raw: Mapping[str, Any]) -> str:
@@ -385,8 +507,9 @@ def _reason(error: Any) -> str:
 
 
 def block_path(config: Config, block: Block) -> str:
-    kind = "passthrough"
-    index = next((i for i, b in enumerate(config.passthrough) if b is block), -1)
+    kind = "passthrough" if isinstance(block, Passthrough) else "site"
+    blocks: list[Any] = config.passthrough if kind == "passthrough" else config.site
+    index = next((i for i, b in enumerate(blocks) if b is block), -1)
     return f"{kind}[{index}]({block.name})"
 
 
@@ -405,10 +528,23 @@ def _cross_checks(config: Config) -> Iterable[tuple[str, str]]:
             else:
                 hosts[host] = f"{where}.hosts[{i}]"
     kinds = {f"passthrough:{b.name}" for b in config.passthrough}
-    if config.default.to != "reject" and config.default.to not in kinds:
+    sites = {f"site:{b.name}" for b in config.site}
+    if config.default.to != "reject" and config.default.to not in kinds | sites:
         yield "default.to", f"{config.default.to!r} names no block of that kind"
     if config.default.non_tls != "close" and config.default.non_tls not in kinds:
         yield "default.non_tls", f"{config.default.non_tls!r} names no passthrough block"
+    for block in config.site:
+        where = block_path(config, block)
+        paths: dict[str, int] = {}
+        for i, route in enumerate(block.route):
+            if route.path in paths:
+                yield (f"{where}.route[{i}].path",
+                       f"{route.path!r} is already the path of route[{paths[route.path]}]")
+            paths[route.path] = i
+    listen_ports = [e.address for e in config.server.listen]
+    for i, entry in enumerate(config.server.http_listen):
+        if entry.address in listen_ports:
+            yield f"server.http_listen[{i}]", f"{entry.address} is also in server.listen"
     listens: dict[Address, str] = {}
     for i, entry in enumerate(config.server.listen):
         where = f"server.listen[{i}]"

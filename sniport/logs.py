@@ -63,6 +63,15 @@ class AccessLog:
             self._file.close()
         self._file = None
 
+    def write_line(self, line: str) -> None:
+        """A line already formatted (the combined format of request lines)."""
+        if self._file is None:
+            return
+        try:
+            self._file.write(line + "\n")
+        except OSError as exc:  # a full disk must not take a worker down
+            diag.error("access log %s: %s", self.target, exc)
+
     def write(self, kind: str, fields: dict[str, Any]) -> None:
         """One line: ``kind`` is ``conn`` or ``req``; callers check ``enabled`` first."""
         if self._file is None:
@@ -74,7 +83,4 @@ class AccessLog:
             line = f"{stamp} {kind} " + " ".join(
                 f"{k}={_text_value(v)}" for k, v in fields.items()
             )
-        try:
-            self._file.write(line + "\n")
-        except OSError as exc:  # a full disk must not take a worker down
-            diag.error("access log %s: %s", self.target, exc)
+        self.write_line(line)

@@ -13,15 +13,20 @@ import asyncio
 import contextlib
 import resource
 import socket
+import ssl
 from typing import Any
 
+from sniport.addresses import TcpAddress
+from sniport.http.accesslog import RequestLog
+from sniport.http.engine import HttpConnection, Limits
+from sniport.http.handlers import HttpsRedirectApp
 from sniport.logs import AccessLog, diag
 from sniport.net.binding import BoundListener
 from sniport.net.conn import ConnRecord
 from sniport.net.listener import RESOURCE_PAUSE, HelloReader, Listener
 from sniport.net.passthrough import PassthroughConnection
 from sniport.net.relay import PipePool
-from sniport.runtime import Runtime
+from sniport.runtime import Runtime, SiteRuntime
 from sniport.wire.alerts import UNRECOGNIZED_NAME
 from sniport.wire.clienthello import Hello, NotTLS
 
@@ -46,7 +51,8 @@ def connection_cap(configured: int) -> tuple[int, str | None]:
 
 class Worker:
     def __init__(self, runtime: Runtime, bound: list[BoundListener], access_log: AccessLog,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop,
+                 http_bound: list[BoundListener] | None = None) -> None:
         self.loop = loop
         self.runtime = runtime
         self.table = runtime.table
@@ -60,21 +66,38 @@ class Worker:
         self.live: set[ConnRecord] = set()
         self.access_log = access_log
         self.pipes = PipePool()
+        self.request_log = RequestLog(access_log)
+        self.handshake_timeout = server.handshake_timeout
+        self.limits = Limits(server.header_timeout, server.keepalive_timeout)
         self.listeners = [Listener(self, b) for b in bound]
+        self._http_bound = http_bound or []
+        self._http_servers: list[asyncio.AbstractServer] = []
+        tcp_ports = [b.address.port for b in bound if isinstance(b.address, TcpAddress)]
+        self._redirect_app = HttpsRedirectApp(self.table, tcp_ports[0] if tcp_ports else None)
         self._accepting = False
         self._resource_timer: asyncio.TimerHandle | None = None
 
     # -- accepting ------------------------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self._accepting = True
         for listener in self.listeners:
             listener.resume()
+        for bound in self._http_bound:
+            server = await self.loop.create_server(self._plain_http, sock=bound.sock)
+            self._http_servers.append(server)
 
     def stop_accepting(self) -> None:
         self._accepting = False
         for listener in self.listeners:
             listener.pause()
+        for server in self._http_servers:
+            server.close()
+        self._http_servers.clear()
+
+    def _plain_http(self) -> HttpConnection:
+        return HttpConnection(self.loop, self._redirect_app, self.limits, self.request_log,
+                              sni=None, client="", scheme="http", on_close=_ignore_close)
 
     def at_capacity(self) -> bool:
         if len(self.live) < self.max_connections:
@@ -143,8 +166,45 @@ class Worker:
             conn.handler = handler
             handler.start()
             return
-        sock.close()  # terminated sites come with the TLS termination issue
-        self.finish(conn, "not_implemented")
+        site = self.runtime.sites[route.block.name]
+        task = self.loop.create_task(self._terminate(sock, conn, site))
+        conn.handler = _TaskHandle(task)
+
+    async def _terminate(self, sock: socket.socket, conn: ConnRecord,
+                         site: SiteRuntime) -> None:
+        """TLS on the socket as it is (the hello still unread in it), then HTTP/1.1."""
+        def closed(reason: str, bytes_in: int, bytes_out: int) -> None:
+            conn.up, conn.down = bytes_in, bytes_out
+            self.finish(conn, reason)
+
+        made: list[HttpConnection] = []
+
+        def protocol() -> HttpConnection:
+            proto = HttpConnection(self.loop, site.app, self.limits, self.request_log,
+                                   sni=conn.sni, client=conn.client, scheme="https",
+                                   on_close=closed)
+            made.append(proto)
+            return proto
+
+        try:
+            await self.loop.connect_accepted_socket(
+                protocol, sock, ssl=site.context, ssl_handshake_timeout=self.handshake_timeout)
+        except asyncio.CancelledError:
+            sock.close()
+            self.finish(conn, "shutdown")
+            raise
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+            sock.close()
+            self.finish(conn, f"tls_handshake_failed: {_tls_reason(exc)}")
+            return
+        except Exception as exc:  # a bug here must cost one connection, never the worker
+            diag.exception("terminating TLS for %s", conn.client)
+            sock.close()
+            if conn in self.live:
+                self.finish(conn, f"internal_error: {type(exc).__name__}")
+            return
+        if conn in self.live:  # else it ended already, during connection_made
+            conn.handler = _HttpHandle(made[0])
 
     # -- ending ---------------------------------------------------------------------------
 
@@ -176,3 +236,39 @@ class Worker:
         self.stop_accepting()
         self.abort_all("shutdown")
         self.pipes.close()
+
+
+def _tls_reason(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "handshake_timeout"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return str(exc) or type(exc).__name__
+
+
+def _ignore_close(reason: str, bytes_in: int, bytes_out: int) -> None:
+    pass
+
+
+class _TaskHandle:
+    """A connection still in its TLS handshake: aborting cancels the handshake."""
+
+    __slots__ = ("_task",)
+
+    def __init__(self, task: asyncio.Task[None]) -> None:
+        self._task = task
+
+    def abort(self, reason: str) -> None:
+        self._task.cancel()
+
+
+class _HttpHandle:
+    __slots__ = ("_proto",)
+
+    def __init__(self, proto: HttpConnection) -> None:
+        self._proto = proto
+
+    def abort(self, reason: str) -> None:
+        transport = self._proto.transport
+        if transport is not None:
+            transport.abort()

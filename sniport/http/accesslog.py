@@ -1,0 +1,60 @@
+"""One access-log line per HTTP request.
+
+Rules: the combined log format plus SNI, Host, time to first byte and total time by default;
+one JSON object with the same fields when ``log_format = "json"``. Formatted only when the
+log is on.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from sniport.logs import AccessLog
+
+if TYPE_CHECKING:
+    from sniport.http.engine import Exchange, HttpConnection
+
+
+def _clf_time() -> str:
+    return time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime())
+
+
+def _quoted(value: str | None) -> str:
+    if not value:
+        return '"-"'
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class RequestLog:
+    __slots__ = ("_log", "enabled")
+
+    def __init__(self, log: AccessLog) -> None:
+        self._log = log
+        self.enabled = log.enabled
+
+    def request(self, conn: HttpConnection, ex: Exchange, now: float) -> None:
+        req = ex.request
+        ttfb = round(ex.ttfb - req.start, 6) if ex.ttfb else None
+        total = round(now - req.start, 6)
+        if self._log.json:
+            fields: dict[str, Any] = {
+                "client": conn.client, "sni": conn.sni, "host": req.header(b"host"),
+                "method": req.method, "path": req.target, "version": req.version,
+                "status": ex.status, "bytes": ex.sent, "referer": req.header(b"referer"),
+                "user_agent": req.header(b"user-agent"), "route": ex.route_name,
+                "ttfb": ttfb, "total": total,
+            }
+            if ex.note:
+                fields["note"] = ex.note
+            self._log.write("req", fields)
+            return
+        ip = conn.client.rsplit(":", 1)[0].strip("[]") if conn.client != "unix" else "unix"
+        request_line = f"{req.method} {req.target} HTTP/{req.version}"
+        line = (f'{ip} - - [{_clf_time()}] {_quoted(request_line)} {ex.status} {ex.sent} '
+                f'{_quoted(req.header(b"referer"))} {_quoted(req.header(b"user-agent"))} '
+                f'sni={conn.sni or "-"} host={req.header(b"host") or "-"} '
+                f'ttfb={ttfb if ttfb is not None else "-"} total={total}')
+        if ex.note:
+            line += f" note={_quoted(ex.note)}"
+        self._log.write_line(line)

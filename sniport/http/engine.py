@@ -1,0 +1,754 @@
+"""The HTTP/1.1 server engine: one protocol object per client connection, on httptools.
+
+Job: parse requests with httptools (llhttp), hand each to the application (a site, or the
+plain-HTTP redirector) as an ``Exchange``, and write responses in order, with keep-alive,
+pipelining, streamed request bodies and backpressure both ways.
+
+Rules:
+- HTTP is parsed by httptools only (house rule 8). llhttp refuses Content-Length with
+  Transfer-Encoding, differing Content-Lengths, obs-fold and bad chunk sizes: 400 and close.
+- Limits (RFC 9110 section 15.5 and RFC 6585 section 5): request target over 8 KiB -> 414;
+  header section over 16 KiB -> 431; header_timeout -> 408 and close.
+- Pipelined requests are answered one at a time, in order: a request that arrives while
+  another is answered waits, and reading pauses until its turn.
+- Request bodies are streamed: reading pauses when the handler lags (bounded memory). A body
+  that the handler did not read is read and dropped before the next request (nginx does the
+  same); a connection being closed with unread input lingers briefly so the client sees the
+  response rather than a reset.
+- Once response bytes are out, an error closes the connection: never a second response
+  (house rule 6).
+- Every wait has a deadline: header_timeout (request head, and between body bytes),
+  keepalive_timeout (idle between requests, and a client that stops reading).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Protocol
+
+import httptools
+
+from sniport.wire.httprules import http_date
+
+if TYPE_CHECKING:
+    from sniport.http.accesslog import RequestLog
+
+MAX_TARGET = 8 * 1024
+MAX_HEADER_BYTES = 16 * 1024
+BODY_HIGH_WATER = 256 * 1024  # buffered request body bytes before reading pauses
+LINGER = 2.0  # seconds to read and drop input before closing after an error response
+SERVER = b"sniport"
+
+STATUS_LINES = {
+    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("ascii") for s in HTTPStatus
+}
+REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+def status_line(status: int) -> bytes:
+    line = STATUS_LINES.get(status)
+    if line is None:
+        line = f"HTTP/1.1 {status} Unknown\r\n".encode("ascii")
+    return line
+
+
+_date_second = -1
+_date_header = b""
+
+
+def date_header() -> bytes:
+    """``Date: ...\\r\\n`` (RFC 9110 section 6.6.1), formatted once per second."""
+    global _date_second, _date_header
+    now = int(time.time())
+    if now != _date_second:
+        _date_second = now
+        _date_header = b"Date: " + http_date(now).encode("ascii") + b"\r\n"
+    return _date_header
+
+
+class App(Protocol):
+    """What the engine serves: a site, or the plain-HTTP redirector."""
+
+    def handle(self, ex: Exchange) -> None: ...
+
+
+class Limits:
+    __slots__ = ("header_timeout", "keepalive_timeout")
+
+    def __init__(self, header_timeout: float, keepalive_timeout: float) -> None:
+        self.header_timeout = header_timeout
+        self.keepalive_timeout = keepalive_timeout
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Request:
+    __slots__ = (
+        "body",
+        "chunked",
+        "complete",
+        "content_length",
+        "expect_continue",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "start",
+        "target",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(self, start: float) -> None:
+        self.method = "GET"
+        self.target = ""
+        self.path = "/"
+        self.query = ""
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []  # names lower-cased, values raw
+        self.keep_alive = True
+        self.body: Body | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.upgrade = False
+        self.complete = False  # the whole message, body included, has been parsed
+        self.start = start
+        self.host: str | None = None
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of a header (``name`` lower case), decoded as latin-1."""
+        for k, v in self.headers:
+            if k == name:
+                return v.decode("latin-1")
+        return None
+
+    def header_count(self, name: bytes) -> int:
+        return sum(1 for k, _ in self.headers if k == name)
+
+
+class Body:
+    """A request body as it arrives: ``await read()`` returns chunks, then b"" at its end."""
+
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_conn",
+        "_continue_sent",
+        "_done",
+        "_error",
+        "_request",
+        "_waiter",
+        "discard",
+        "limit",
+        "received",
+    )
+
+    def __init__(self, conn: HttpConnection, request: Request) -> None:
+        self._conn = conn
+        self._request = request
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._done = False
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.received = 0
+        self.limit = 0  # 0 = no limit
+        self._continue_sent = False
+        self.discard = False
+
+    def feed(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.limit and self.received > self.limit:
+            self.fail(BodyTooLarge())
+            return
+        if self.discard:
+            return
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered > BODY_HIGH_WATER:
+            self._conn.pause_body()
+        self._wake()
+
+    def finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    def fail(self, exc: Exception) -> None:
+        if self._error is None:
+            self._error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    async def read(self) -> bytes:
+        if not self._continue_sent:
+            self._continue_sent = True
+            if self._request.expect_continue and not self._done:
+                self._conn.send_continue()
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._buffered <= BODY_HIGH_WATER // 2:
+                    self._conn.resume_body()
+                return chunk
+            if self._done:
+                return b""
+            self._waiter = self._conn.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def drop(self) -> None:
+        """Nobody will read the rest: drop what is buffered and what is still to come."""
+        self.discard = True
+        self._chunks.clear()
+        self._buffered = 0
+        self._conn.resume_body()
+
+
+class Exchange:
+    """One request and its response. Handlers answer through ``respond`` (all at once) or
+    ``start`` + ``write``... + ``end`` (streamed)."""
+
+    __slots__ = (
+        "_chunked",
+        "add_headers",
+        "close_after",
+        "conn",
+        "finished",
+        "head_sent",
+        "is_head",
+        "note",
+        "on_abort",
+        "on_resume",
+        "remove_headers",
+        "request",
+        "route_name",
+        "sent",
+        "status",
+        "ttfb",
+    )
+
+    def __init__(self, conn: HttpConnection, request: Request) -> None:
+        self.conn = conn
+        self.request = request
+        self.status = 0
+        self.sent = 0  # body bytes written
+        self.head_sent = False
+        self.finished = False
+        self.ttfb = 0.0
+        self.add_headers = b""  # pre-encoded "Name: value\r\n" lines of the route
+        self.remove_headers: frozenset[str] = frozenset()
+        self.close_after = not request.keep_alive
+        self.on_resume: Callable[[], None] | None = None  # the transport can take more
+        self.on_abort: Callable[[], None] | None = None  # the client went away
+        self.route_name = ""
+        self.is_head = request.method == "HEAD"
+        self._chunked = False
+        self.note = ""  # a reason for the log, e.g. why a request was refused
+
+    # -- writing --------------------------------------------------------------------------
+
+    def _head(self, status: int, headers: list[tuple[str, str]], length: int | None) -> bytes:
+        self.status = status
+        parts = [status_line(status), b"Server: sniport\r\n", date_header()]
+        remove = self.remove_headers
+        for name, value in headers:
+            if remove and name.lower() in remove:
+                continue
+            parts.append(f"{name}: {value}\r\n".encode("latin-1"))
+        if self.add_headers:
+            parts.append(self.add_headers)
+        # RFC 9110 section 8.6: no Content-Length in 1xx/204; 304 keeps the framing silent.
+        if status >= 200 and status not in (204, 304):
+            if length is not None:
+                parts.append(b"Content-Length: %d\r\n" % length)
+            elif self.request.version == "1.1" and not self.is_head:
+                self._chunked = True
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                self.close_after = True  # HTTP/1.0: the end of the body is the close
+        if self.close_after or self.conn.closing:
+            self.close_after = True
+            parts.append(b"Connection: close\r\n")
+        elif self.request.version == "1.0":
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def respond(self, status: int, headers: list[tuple[str, str]], body: bytes = b"") -> None:
+        """The whole response at once (Content-Length set here; no body for HEAD/304/204)."""
+        if self.head_sent:
+            self.abort()
+            return
+        head = self._head(status, headers, len(body))
+        self.head_sent = True
+        self.ttfb = self.conn.loop.time()
+        if self.is_head or status in (204, 304) or status < 200:
+            self.conn.write(head)
+        else:
+            self.conn.write(head + body)
+            self.sent = len(body)
+        self.end()
+
+    def start(self, status: int, headers: list[tuple[str, str]], length: int | None) -> None:
+        if self.head_sent:
+            self.abort()
+            return
+        self.conn.write(self._head(status, headers, length))
+        self.head_sent = True
+        self.ttfb = self.conn.loop.time()
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.is_head or not data or self.finished:
+            return
+        self.sent += len(data)
+        if self._chunked:
+            self.conn.write(b"%x\r\n" % len(data) + bytes(data) + b"\r\n")
+        else:
+            self.conn.write(data)
+
+    @property
+    def writable(self) -> bool:
+        """False while the client is not reading fast enough: stop and wait for on_resume."""
+        return not self.conn.write_paused
+
+    async def drain(self) -> None:
+        await self.conn.drain()
+
+    def end(self) -> None:
+        if self.finished:
+            return
+        if self._chunked:
+            self.conn.write(b"0\r\n\r\n")
+        self.finished = True
+        self.conn.exchange_done(self)
+
+    def abort(self) -> None:
+        """Something failed after the head went out: the only honest end is a close."""
+        if not self.finished:
+            self.finished = True
+            self.close_after = True
+            self.conn.exchange_done(self, aborted=True)
+
+    # -- helpers for handlers -------------------------------------------------------------
+
+    def error(self, status: int, note: str = "") -> None:
+        """A short plain-text error response, or a close if the head is already out."""
+        if note:
+            self.note = note
+        if self.head_sent:
+            self.abort()
+            return
+        body = f"{status} {REASONS.get(status, '')}\n".encode()
+        self.respond(status, [("Content-Type", "text/plain; charset=utf-8")], body)
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection (TLS already terminated by the transport, or plain HTTP)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, app: App, limits: Limits,
+                 log: RequestLog, *, sni: str | None, client: str, scheme: str,
+                 on_close: Callable[[str, int, int], None]) -> None:
+        self.loop = loop
+        self.app = app
+        self.limits = limits
+        self.log = log
+        self.sni = sni
+        self.client = client
+        self.scheme = scheme
+        self._on_close = on_close
+        self.transport: asyncio.Transport | None = None
+        self.parser: Any = None
+        self._req: Request | None = None  # being parsed
+        self._url: list[bytes] = []
+        self._header_bytes = 0
+        self._refuse: tuple[int, str] | None = None  # set in a callback, acted on after
+        self._queue: collections.deque[Request] = collections.deque()
+        self.active: Exchange | None = None
+        self.closing = False
+        self.write_paused = False
+        self._read_paused = 0  # bit 1: pipelined request waiting, bit 2: body backpressure
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._read_deadline = 0.0  # 0: no read deadline
+        self._read_kind = ""
+        self._write_deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._lingering = False
+        self._end_reason = "eof"
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.requests = 0
+        self.upgraded_to: Callable[[bytes], None] | None = None  # tunnel takes the bytes
+        self._upgrade_buffer = b""
+
+    # -- transport events -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport  # type: ignore[assignment]
+        if not self.client:
+            peer = transport.get_extra_info("peername")
+            self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self.parser = httptools.HttpRequestParser(self)
+        self._set_read_deadline("header", self.limits.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        if self._lingering:
+            return
+        if self.upgraded_to is not None:
+            self.upgraded_to(data)
+            return
+        if self._upgrade_buffer or (self.parser is None):
+            self._upgrade_buffer += data
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            # llhttp stops at the end of an Upgrade request's head: the rest is the new
+            # protocol's, kept for the handler that accepts the upgrade.
+            offset = exc.args[0] if exc.args else len(data)
+            self._upgrade_buffer = data[offset:]
+            self.parser = None
+        except httptools.HttpParserCallbackError:
+            if self._refuse is not None:
+                status, why = self._refuse
+                self._fail_request(status, why)
+            else:
+                self._fail_request(400, "bad_request")
+        except httptools.HttpParserError as exc:
+            self._fail_request(400, f"bad_request: {exc}")
+
+    def eof_received(self) -> bool | None:
+        self._end_reason = "eof"
+        if self.active is not None and self.active.request.body is not None:
+            self.active.request.body.fail(ClientGone())
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_exception(ClientGone())
+        self._drain_waiters.clear()
+        active, self.active = self.active, None
+        if active is not None and not active.finished:
+            active.finished = True
+            if active.request.body is not None:
+                active.request.body.fail(ClientGone())
+            if active.on_abort is not None:
+                active.on_abort()
+            if self._end_reason == "eof":
+                self._end_reason = "client_closed_mid_response"
+            self._log(active)
+        if exc is not None and self._end_reason == "eof":
+            self._end_reason = f"error: {exc}"
+        self.parser = None
+        self._on_close(self._end_reason, self.bytes_in, self.bytes_out)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._set_write_deadline()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._write_deadline = 0.0
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+        active = self.active
+        if active is not None and active.on_resume is not None:
+            active.on_resume()
+
+    # -- httptools callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._req = Request(self.loop.time())
+        self._url = []
+        self._header_bytes = 0
+        self._set_read_deadline("header", self.limits.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+        self._header_bytes += len(url)
+        if self._header_bytes > MAX_TARGET:
+            self._refuse = (414, "uri_too_long")
+            raise ValueError("request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self._req
+        assert req is not None
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > MAX_HEADER_BYTES + MAX_TARGET:
+            self._refuse = (431, "headers_too_large")
+            raise ValueError("header section too large")
+        req.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        req = self._req
+        assert req is not None and self.parser is not None
+        parser = self.parser
+        req.method = parser.get_method().decode("ascii", "replace")
+        req.version = parser.get_http_version()
+        req.keep_alive = parser.should_keep_alive()
+        req.upgrade = parser.should_upgrade()
+        target = b"".join(self._url).decode("latin-1")
+        req.target = target
+        path, _, query = target.partition("?")
+        req.path, req.query = path, query
+        has_body = False
+        for name, value in req.headers:
+            if name == b"content-length":
+                req.content_length = int(value)
+                has_body = req.content_length > 0
+            elif name == b"transfer-encoding":
+                req.chunked = True
+                has_body = True
+            elif name == b"expect":
+                req.expect_continue = value.lower() == b"100-continue"
+        if has_body:
+            req.body = Body(self, req)
+            self._set_read_deadline("body", self.limits.header_timeout)
+        else:
+            self._clear_read_deadline()
+        if self.active is None:
+            self._start(req)
+        else:
+            self._queue.append(req)
+            self._pause_reading(1)
+
+    def on_body(self, chunk: bytes) -> None:
+        req = self._req
+        if req is not None and req.body is not None:
+            req.body.feed(chunk)
+            if self._read_kind == "body":
+                self._read_deadline = self.loop.time() + self.limits.header_timeout
+
+    def on_message_complete(self) -> None:
+        req = self._req
+        assert req is not None
+        self._req = None
+        req.complete = True
+        if req.body is not None:
+            req.body.finish()
+            if self._read_kind == "body":
+                self._clear_read_deadline()
+        active = self.active
+        if active is not None and active.request is req and active.finished:
+            self._next()  # the response went out before the body had all arrived
+
+    # -- requests and responses -----------------------------------------------------------
+
+    def _start(self, req: Request) -> None:
+        ex = Exchange(self, req)
+        self.active = ex
+        self.requests += 1
+        try:
+            self.app.handle(ex)
+        except Exception as exc:  # a handler bug must cost one request, not the worker
+            from sniport.logs import diag
+
+            diag.exception("handler failed on %s %s", req.method, req.target)
+            ex.error(500, f"handler_error: {type(exc).__name__}")
+
+    def exchange_done(self, ex: Exchange, aborted: bool = False) -> None:
+        self._log(ex)
+        if aborted:
+            self._end_reason = ex.note or "aborted_mid_response"
+            self.closing = True
+            self.active = None
+            assert self.transport is not None
+            self.transport.abort() if ex.head_sent else self.transport.close()
+            return
+        if ex.close_after or self.closing:
+            self.closing = True
+            self.active = None
+            self._linger_close(ex.note or "close_requested")
+            return
+        req = ex.request
+        if req.upgrade and self.upgraded_to is None:
+            # An upgrade that was answered normally: the parser cannot go on after it.
+            self.active = None
+            self._linger_close("upgrade_refused")
+            return
+        if not req.complete:
+            # The response is out before the request body: read and drop the rest, then go
+            # on with the next request (on_message_complete calls _next). Without a body the
+            # message completes as soon as this callback returns.
+            if req.body is not None:
+                req.body.drop()
+                self._set_read_deadline("body", self.limits.header_timeout)
+            return
+        self._next()
+
+    def _next(self) -> None:
+        self.active = None
+        if self._queue:
+            req = self._queue.popleft()
+            if not self._queue:
+                self._resume_reading(1)
+            self._start(req)
+            return
+        if self._req is None:  # else the next request's head is arriving: its deadline holds
+            self._set_read_deadline("keepalive", self.limits.keepalive_timeout)
+
+    def _fail_request(self, status: int, reason: str) -> None:
+        """Bad bytes from the client: answer once if nothing is on the wire, then close."""
+        self._end_reason = reason
+        self.closing = True
+        self.parser = None
+        req = self._req or Request(self.loop.time())
+        if self.active is not None:
+            if not self.active.head_sent and self.active.request is req:
+                self.active.close_after = True
+                self.active.error(status, reason)
+            elif self.transport is not None:
+                self.transport.close()  # a response is under way: only a close is honest
+            return
+        ex = Exchange(self, req)
+        ex.close_after = True
+        ex.note = reason
+        req.target = req.target or b"".join(self._url).decode("latin-1")[:200]
+        self.active = ex
+        ex.error(status)
+
+    def _linger_close(self, reason: str) -> None:
+        """Close after the response; keep reading (and dropping) for a moment so that unread
+        input does not turn the close into a reset that destroys the response."""
+        if self._end_reason in ("eof", ""):
+            self._end_reason = reason
+        self._lingering = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._read_paused:
+            self._read_paused = 0
+            transport.resume_reading()
+        req = self._req
+        if req is None or req.body is None or req.complete:
+            transport.close()  # nothing of the client's is left unread
+            return
+        req.body.drop()
+        self._set_read_deadline("linger", LINGER)
+
+    def send_continue(self) -> None:
+        if self.active is not None and not self.active.head_sent:
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def write(self, data: bytes | memoryview) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.bytes_out += len(data)
+        transport.write(data)
+
+    async def drain(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise ClientGone()
+        if not self.write_paused:
+            return
+        waiter = self.loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def _log(self, ex: Exchange) -> None:
+        if self.log.enabled:
+            self.log.request(self, ex, self.loop.time())
+
+    # -- flow control and deadlines -------------------------------------------------------
+
+    def pause_body(self) -> None:
+        self._pause_reading(2)
+
+    def resume_body(self) -> None:
+        self._resume_reading(2)
+
+    def _pause_reading(self, bit: int) -> None:
+        if not self._read_paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._read_paused |= bit
+
+    def _resume_reading(self, bit: int) -> None:
+        if not self._read_paused & bit:
+            return
+        self._read_paused &= ~bit
+        if not self._read_paused and self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+
+    def _set_read_deadline(self, kind: str, delay: float) -> None:
+        self._read_kind = kind
+        self._read_deadline = self.loop.time() + delay
+        self._arm(self._read_deadline)
+
+    def _clear_read_deadline(self) -> None:
+        self._read_kind = ""
+        self._read_deadline = 0.0
+
+    def _set_write_deadline(self) -> None:
+        self._write_deadline = self.loop.time() + self.limits.keepalive_timeout
+        self._arm(self._write_deadline)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is None or when < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = when
+            self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = self.loop.time()
+        if self._write_deadline and now >= self._write_deadline:
+            self._expire("send_timeout")
+            return
+        if self._read_deadline and now >= self._read_deadline:
+            self._expire(f"{self._read_kind}_timeout")
+            return
+        pending = [d for d in (self._read_deadline, self._write_deadline) if d]
+        if pending:
+            self._arm(min(pending))
+
+    def _expire(self, reason: str) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if reason == "header_timeout" and self.active is None:
+            # RFC 9110 section 15.5.9: 408 for a request head that did not arrive in time.
+            self._fail_request(408, reason)
+            return
+        self._end_reason = reason
+        self.closing = True
+        if reason == "linger_timeout":
+            self._end_reason = "eof"
+            transport.close()
+        else:
+            transport.abort()

@@ -1,0 +1,143 @@
+"""A terminated site: which requests it answers, and which route answers each.
+
+Job: for every request on a connection terminated with this site's certificate, check its
+Host (DESIGN.md "Which requests a terminated site answers"), pick the route by longest path
+prefix, apply the route's limits and response headers, and call the route's handler.
+
+Rules:
+- Host of this site: served. Host of another block: 421 Misdirected Request (RFC 9110
+  section 15.5.20), which stops a connection reused for another name from reaching the wrong
+  service. Host of no block: served only by the ``[default].to`` site, 421 elsewhere.
+  HTTP/1.1 without Host, or with several: 400 (RFC 9112 section 3.2).
+- The longest matching prefix wins (like nginx prefix ``location``s); the handler sees the
+  path after the prefix.
+- Error responses go through the site's ``error_pages`` when one is set for the status.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from sniport.config import Site, SiteRoute
+from sniport.http.engine import Exchange
+from sniport.http.handlers import Redirect, Respond
+from sniport.http.static import StaticFiles
+from sniport.routing import RouteTable
+
+HOST_CACHE = 1024
+
+
+class Handler(Protocol):
+    def handle(self, ex: Exchange, rest: str, app: SiteApp) -> None: ...
+
+
+class CompiledRoute:
+    __slots__ = ("add_headers", "handler", "max_body", "name", "prefix", "remove_headers")
+
+    def __init__(self, route: SiteRoute, handler: Handler) -> None:
+        self.prefix = route.path
+        self.name = route.path
+        self.handler = handler
+        self.add_headers = b"".join(f"{k}: {v}\r\n".encode("latin-1")
+                                    for k, v in route.headers.items())
+        # A header the route sets replaces the handler's own (Cache-Control, say).
+        removed = {n.lower() for n in route.remove_headers} | {k.lower() for k in route.headers}
+        self.remove_headers = frozenset(removed)
+        self.max_body = route.max_body_size
+
+
+def host_of(value: str) -> str:
+    """The name in a Host header: no port, lower case, no trailing dot."""
+    value = value.strip()
+    if value.startswith("["):
+        end = value.find("]")
+        return value[: end + 1].lower() if end > 0 else value.lower()
+    return value.partition(":")[0].lower().rstrip(".")
+
+
+class SiteApp:
+    def __init__(self, site: Site, table: RouteTable, handler_factory: HandlerFactory) -> None:
+        self.site = site
+        self.name = site.name
+        self._table = table
+        self._hosts: dict[str, bool] = {}
+        routes = [CompiledRoute(r, handler_factory(r)) for r in site.route]
+        self._routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
+        self._error_pages = dict(site.error_pages)
+
+    def serves(self, host: str) -> bool:
+        known = self._hosts.get(host)
+        if known is None:
+            if len(self._hosts) >= HOST_CACHE:
+                self._hosts.clear()  # names from the network: bounded
+            known = self._hosts[host] = self._table.decide(host).block is self.site
+        return known
+
+    def match(self, path: str) -> CompiledRoute | None:
+        for route in self._routes:
+            if path.startswith(route.prefix):
+                return route
+        return None
+
+    def handle(self, ex: Exchange) -> None:
+        req = ex.request
+        hosts = [v for k, v in req.headers if k == b"host"]
+        if len(hosts) > 1 or (not hosts and req.version == "1.1"):
+            ex.close_after = True
+            self.fail(ex, 400, "missing_or_repeated_host")
+            return
+        if hosts:
+            host = host_of(hosts[0].decode("latin-1"))
+            req.host = host
+            if not self.serves(host):
+                self.fail(ex, 421, f"misdirected: {host}")
+                return
+        if not req.path.startswith("/"):
+            # absolute-form (RFC 9112 section 3.2.2) is for proxies; "*" is OPTIONS only.
+            self.fail(ex, 400, "bad_request_target")
+            return
+        route = self.match(req.path)
+        if route is None:
+            self.fail(ex, 404, "no_route")
+            return
+        ex.route_name = route.name
+        ex.add_headers = route.add_headers
+        ex.remove_headers = route.remove_headers
+        if route.max_body:
+            if req.content_length is not None and req.content_length > route.max_body:
+                ex.close_after = True  # the body is not read: do not parse it as a request
+                self.fail(ex, 413, "body_too_large")
+                return
+            if req.body is not None:
+                req.body.limit = route.max_body
+        route.handler.handle(ex, req.path[len(route.prefix):], self)
+
+    def fail(self, ex: Exchange, status: int, note: str = "") -> None:
+        """An error response: the site's error page for ``status`` if it has one."""
+        if note:
+            ex.note = note
+        page = self._error_pages.get(status)
+        if page is not None and not ex.head_sent:
+            route = self.match(page)
+            if route is not None and isinstance(route.handler, StaticFiles):
+                saved = ex.add_headers, ex.remove_headers
+                ex.add_headers, ex.remove_headers = route.add_headers, route.remove_headers
+                if route.handler.serve_path(ex, page[len(route.prefix):], self, status):
+                    return
+                ex.add_headers, ex.remove_headers = saved
+        ex.error(status)
+
+
+class HandlerFactory(Protocol):
+    def __call__(self, route: SiteRoute) -> Handler: ...
+
+
+def default_handlers(route: SiteRoute) -> Handler:
+    """The handler for a route's config (static, redirect, respond)."""
+    if route.static is not None:
+        return StaticFiles(route.static)
+    if route.redirect is not None:
+        return Redirect(route.redirect)
+    if route.respond is not None:
+        return Respond(route.respond)
+    raise ValueError(f"route {route.path}: no handler")

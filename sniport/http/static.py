@@ -1,0 +1,408 @@
+"""Static files: a route's ``static = { root = ... }``.
+
+Job: map the request path (after the route's prefix, like nginx ``alias``) to a file under
+the root and send it, at the standard nginx sets: validators, conditional requests, single
+ranges, precompressed siblings, index files, directory listings, a fallback file.
+
+Rules:
+- The path is percent-decoded and normalised once (``wire.httprules.path_segments``);
+  ``..``, encoded dots and slashes, backslashes and NUL are refused with 404, and so is a
+  symlink whose target is outside the root: no byte from outside the root, ever.
+- Dotfiles answer 404 unless ``dotfiles = true``; ``/.well-known/`` (RFC 8615) is always
+  served, since ACME and security.txt live there.
+- Preconditions in the order of RFC 9110 section 13.2.2, then Range (RFC 9110 section 14).
+- Metadata is cached per path and revalidated with one ``stat`` per request (inode, size,
+  mtime); files up to ``SMALL_FILE`` bytes are served from memory; larger ones stream from
+  the file with backpressure, in bounded memory.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import stat
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+from sniport.config import StaticHandler
+from sniport.logs import diag
+from sniport.wire.contenttypes import content_type
+from sniport.wire.httprules import (
+    UNSATISFIABLE,
+    BadPath,
+    ByteRange,
+    Validators,
+    accepts_encoding,
+    http_date,
+    if_range_holds,
+    parse_range,
+    path_segments,
+    preconditions,
+)
+
+if TYPE_CHECKING:
+    from sniport.http.engine import Exchange
+    from sniport.http.site import SiteApp
+
+SMALL_FILE = 256 * 1024  # served from memory
+MEMORY_BUDGET = 32 * 1024 * 1024  # per worker, for the contents of small files
+META_ENTRIES = 4096
+CHUNK = 256 * 1024
+SIBLING_TTL = 1.0  # seconds a precompressed sibling's absence is remembered
+ENCODINGS = (("br", ".br"), ("gzip", ".gz"))
+
+
+@dataclass(slots=True)
+class FileMeta:
+    """What we know about one file, valid while (dev, ino, size, mtime) stay the same."""
+
+    key: tuple[int, int, int, int]
+    path: str
+    size: int
+    etag: str
+    last_modified: str
+    validators: Validators
+    ctype: str
+    inside: bool  # the real path is under the root
+    data: bytes | None = None  # the contents, for small files
+    siblings: dict[str, FileMeta | None] | None = None  # encoding -> precompressed file
+    siblings_at: float = 0.0
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class _MemoryCache:
+    """Contents of small files, bounded in bytes, oldest out first."""
+
+    def __init__(self, budget: int) -> None:
+        self._budget = budget
+        self._used = 0
+        self._items: OrderedDict[tuple[int, int, int, int], bytes] = OrderedDict()
+
+    def get(self, key: tuple[int, int, int, int]) -> bytes | None:
+        return self._items.get(key)
+
+    def put(self, key: tuple[int, int, int, int], data: bytes) -> None:
+        if len(data) > self._budget:
+            return
+        self._items[key] = data
+        self._used += len(data)
+        while self._used > self._budget:
+            _, old = self._items.popitem(last=False)
+            self._used -= len(old)
+
+
+_memory = _MemoryCache(MEMORY_BUDGET)
+
+
+class StaticFiles:
+    def __init__(self, cfg: StaticHandler) -> None:
+        self.cfg = cfg
+        self.root = os.path.realpath(cfg.root)
+        self._root_prefix = self.root.rstrip("/") + "/"
+        self._meta: OrderedDict[str, FileMeta] = OrderedDict()
+        self._index = list(cfg.index)
+
+    # -- entry point ----------------------------------------------------------------------
+
+    def handle(self, ex: Exchange, rest: str, app: SiteApp) -> None:
+        req = ex.request
+        if req.method not in ("GET", "HEAD"):
+            ex.respond(405, [("Allow", "GET, HEAD"), ("Content-Type", "text/plain")],
+                       b"405 Method Not Allowed\n")
+            return
+        self.serve_path(ex, rest, app, status=200)
+
+    def serve_path(self, ex: Exchange, rest: str, app: SiteApp, status: int,
+                   use_fallback: bool = True) -> bool:
+        """Serve ``rest``; False (and nothing sent) when ``status`` != 200 and it is missing,
+        so that an error page that does not exist falls back to the plain error."""
+        try:
+            segments = path_segments(rest if rest.startswith("/") else "/" + rest)
+        except BadPath as exc:
+            if status != 200:
+                return False
+            app.fail(ex, 404, f"bad_path: {exc}")
+            return True
+        if not self.cfg.dotfiles and any(
+            s.startswith(".") and not (i == 0 and s == ".well-known")
+            for i, s in enumerate(segments)
+        ):
+            if status != 200:
+                return False
+            app.fail(ex, 404, "dotfile")
+            return True
+        fs_path = os.path.join(self.root, *segments)
+        try:
+            st = os.stat(fs_path)
+        except (FileNotFoundError, NotADirectoryError):
+            return self._missing(ex, app, status, use_fallback)
+        except PermissionError:
+            if status != 200:
+                return False
+            diag.warning("static: permission denied: %s", fs_path)
+            app.fail(ex, 403, "permission_denied")
+            return True
+        except OSError as exc:
+            if status != 200:
+                return False
+            diag.warning("static: %s: %s", fs_path, exc.strerror)
+            app.fail(ex, 404, f"stat_error: {exc.strerror}")
+            return True
+        if stat.S_ISDIR(st.st_mode):
+            if status != 200:
+                return False
+            self._directory(ex, app, fs_path, rest, segments)
+            return True
+        if not stat.S_ISREG(st.st_mode):
+            return self._missing(ex, app, status, use_fallback)
+        meta = self._lookup(fs_path, st)
+        if not meta.inside:
+            diag.warning("static: %s leads outside the root %s", fs_path, self.root)
+            return self._missing(ex, app, status, False)
+        self._send(ex, app, meta, status)
+        return True
+
+    def _missing(self, ex: Exchange, app: SiteApp, status: int, use_fallback: bool) -> bool:
+        if status != 200:
+            return False
+        if use_fallback and self.cfg.fallback:
+            # A single-page app: the fallback answers every path that names no file (or 404
+            # if it is missing itself).
+            self.serve_path(ex, self.cfg.fallback, app, 200, use_fallback=False)
+            return True
+        app.fail(ex, 404, "not_found")
+        return True
+
+    # -- directories ----------------------------------------------------------------------
+
+    def _directory(self, ex: Exchange, app: SiteApp, fs_path: str, rest: str,
+                   segments: list[str]) -> None:
+        req = ex.request
+        if not req.path.endswith("/"):
+            # The slash form, so that relative links inside the page resolve (nginx: 301).
+            location = req.path + "/" + (f"?{req.query}" if req.query else "")
+            ex.respond(301, [("Location", location), ("Content-Type", "text/plain")],
+                       b"301 Moved Permanently\n")
+            return
+        for name in self._index:
+            candidate = os.path.join(fs_path, name)
+            try:
+                st = os.stat(candidate)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                meta = self._lookup(candidate, st)
+                if meta.inside:
+                    self._send(ex, app, meta, 200)
+                    return
+        if self.cfg.autoindex and self._inside(fs_path):
+            self._listing(ex, app, fs_path)
+            return
+        app.fail(ex, 403, "directory_without_index")
+
+    def _listing(self, ex: Exchange, app: SiteApp, fs_path: str) -> None:
+        try:
+            entries = sorted(os.scandir(fs_path), key=lambda e: (not e.is_dir(), e.name))
+        except OSError as exc:
+            diag.warning("static: cannot list %s: %s", fs_path, exc.strerror)
+            app.fail(ex, 403, "permission_denied")
+            return
+        title = html.escape(ex.request.path)
+        rows = ['<a href="../">../</a>']
+        for entry in entries:
+            if entry.name.startswith(".") and not self.cfg.dotfiles:
+                continue
+            suffix = "/" if entry.is_dir() else ""
+            href = quote(entry.name) + suffix
+            rows.append(f'<a href="{html.escape(href)}">{html.escape(entry.name)}{suffix}</a>')
+        page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Index of {title}"
+                f"</title></head>\n<body><h1>Index of {title}</h1><hr><pre>\n"
+                + "\n".join(rows) + "\n</pre><hr></body></html>\n").encode()
+        ex.respond(200, [("Content-Type", "text/html; charset=utf-8")], page)
+
+    # -- metadata -------------------------------------------------------------------------
+
+    def _inside(self, fs_path: str) -> bool:
+        real = os.path.realpath(fs_path)
+        return real == self.root or real.startswith(self._root_prefix)
+
+    def _lookup(self, fs_path: str, st: os.stat_result) -> FileMeta:
+        key = _stat_key(st)
+        meta = self._meta.get(fs_path)
+        if meta is not None and meta.key == key:
+            return meta
+        mtime = int(st.st_mtime)
+        # nginx's form: hex mtime and hex size; it changes whenever either does.
+        etag = f'"{mtime:x}-{st.st_size:x}"'
+        meta = FileMeta(key, fs_path, st.st_size, etag, http_date(mtime),
+                        Validators(etag, mtime), content_type(os.path.basename(fs_path)),
+                        self._inside(fs_path))
+        self._meta[fs_path] = meta
+        if len(self._meta) > META_ENTRIES:
+            self._meta.popitem(last=False)
+        return meta
+
+    def _variant(self, ex: Exchange, meta: FileMeta) -> tuple[FileMeta, str | None, bool]:
+        """The file to send: a precompressed sibling if the client takes it.
+        Returns (file, content-encoding, whether any sibling exists: Vary)."""
+        if not self.cfg.precompressed:
+            return meta, None, False
+        now = ex.conn.loop.time()
+        if meta.siblings is None or now - meta.siblings_at > SIBLING_TTL:
+            siblings: dict[str, FileMeta | None] = {}
+            for coding, ext in ENCODINGS:
+                try:
+                    st = os.stat(meta.path + ext)
+                except OSError:
+                    siblings[coding] = None
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    sib = self._lookup(meta.path + ext, st)
+                    # A variant has its own validator (RFC 9110 section 8.8.3).
+                    sib_etag = sib.etag[:-1] + f'-{ext[1:]}"'
+                    siblings[coding] = FileMeta(
+                        sib.key, sib.path, sib.size, sib_etag, sib.last_modified,
+                        Validators(sib_etag, sib.validators.mtime), meta.ctype, sib.inside)
+                else:
+                    siblings[coding] = None
+            meta.siblings, meta.siblings_at = siblings, now
+        if not any(meta.siblings.values()):
+            return meta, None, False
+        accept = ex.request.header(b"accept-encoding")
+        for coding, _ in ENCODINGS:
+            variant = meta.siblings.get(coding)
+            if variant is not None and variant.inside and accepts_encoding(accept, coding):
+                return variant, coding, True
+        return meta, None, True
+
+    # -- sending --------------------------------------------------------------------------
+
+    def _send(self, ex: Exchange, app: SiteApp, meta: FileMeta, status: int) -> None:
+        req = ex.request
+        meta, coding, vary = self._variant(ex, meta)
+        headers = [("Content-Type", meta.ctype), ("Last-Modified", meta.last_modified),
+                   ("ETag", meta.etag)]
+        if vary:
+            headers.append(("Vary", "Accept-Encoding"))
+        if coding:
+            headers.append(("Content-Encoding", coding))
+        if status != 200:  # an error page: the status is the error's, no validators apply
+            self._body(ex, meta, status, headers[:1] + headers[3:], None)
+            return
+        headers.append(("Accept-Ranges", "bytes"))
+        h = req.header
+        verdict = preconditions(req.method, meta.validators, h(b"if-match"),
+                                h(b"if-unmodified-since"), h(b"if-none-match"),
+                                h(b"if-modified-since"))
+        if verdict == 304:
+            ex.respond(304, headers[1:])  # RFC 9110 section 15.4.5: validators, Vary
+            return
+        if verdict == 412:
+            app.fail(ex, 412, "precondition_failed")
+            return
+        byte_range: ByteRange | None = None
+        range_header = h(b"range") if req.method == "GET" else None
+        if range_header is not None:
+            if_range = h(b"if-range")
+            if if_range is None or if_range_holds(if_range, meta.validators):
+                parsed = parse_range(range_header, meta.size)
+                if parsed is UNSATISFIABLE:
+                    ex.respond(416, [("Content-Range", f"bytes */{meta.size}"),
+                                     ("Content-Type", "text/plain")],
+                               b"416 Range Not Satisfiable\n")
+                    return
+                if isinstance(parsed, ByteRange):
+                    byte_range = parsed
+        self._body(ex, meta, 200, headers, byte_range)
+
+    def _body(self, ex: Exchange, meta: FileMeta, status: int,
+              headers: list[tuple[str, str]], byte_range: ByteRange | None) -> None:
+        start, length = 0, meta.size
+        if byte_range is not None:
+            status = 206
+            start, length = byte_range.start, byte_range.length
+            headers.append(("Content-Range",
+                            f"bytes {byte_range.start}-{byte_range.end}/{meta.size}"))
+        if meta.size <= SMALL_FILE:
+            data = meta.data or _memory.get(meta.key)
+            if data is None:
+                try:
+                    with open(meta.path, "rb") as f:
+                        data = f.read(SMALL_FILE + 1)
+                except OSError as exc:
+                    self._unreadable(ex, meta, exc)
+                    return
+                if len(data) != meta.size:  # changed under us: serve what stat said next time
+                    self._meta.pop(meta.path, None)
+                    ex.error(503, "file_changed")
+                    return
+                _memory.put(meta.key, data)
+            ex.respond(status, headers, data[start : start + length])
+            return
+        try:
+            fd = os.open(meta.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            self._unreadable(ex, meta, exc)
+            return
+        ex.start(status, headers, length)
+        if ex.is_head:
+            os.close(fd)
+            ex.end()
+            return
+        _FileSender(ex, fd, start, length).pump()
+
+    def _unreadable(self, ex: Exchange, meta: FileMeta, exc: OSError) -> None:
+        diag.warning("static: cannot read %s: %s", meta.path, exc.strerror)
+        ex.error(403 if isinstance(exc, PermissionError) else 404,
+                 f"unreadable: {exc.strerror}")
+
+
+class _FileSender:
+    """Streams part of a file to the client as fast as the client reads it, and no faster:
+    bounded memory whatever the file's size."""
+
+    __slots__ = ("_ex", "_fd", "_left", "_offset")
+
+    def __init__(self, ex: Exchange, fd: int, offset: int, length: int) -> None:
+        self._ex = ex
+        self._fd = fd
+        self._offset = offset
+        self._left = length
+        ex.on_resume = self.pump
+        ex.on_abort = self._close
+
+    def pump(self) -> None:
+        ex = self._ex
+        while self._left > 0:
+            if ex.finished:
+                self._close()
+                return
+            if not ex.writable:
+                return  # on_resume calls us again
+            try:
+                chunk = os.pread(self._fd, min(CHUNK, self._left), self._offset)
+            except OSError as exc:
+                diag.warning("static: read error: %s", exc.strerror)
+                chunk = b""
+            if not chunk:  # truncated under us or unreadable: the head is out, so close
+                self._close()
+                ex.note = "file_truncated"
+                ex.abort()
+                return
+            self._offset += len(chunk)
+            self._left -= len(chunk)
+            ex.write(chunk)
+        self._close()
+        ex.end()
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._ex.on_resume = None
+        self._ex.on_abort = None

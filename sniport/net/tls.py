@@ -1,0 +1,140 @@
+"""TLS server contexts for terminated sites, and self-signed certificates for development.
+
+Job: build one ``ssl.SSLContext`` per certificate, once per config load, with the settings
+every site gets; check that a key matches its certificate and which host names a certificate
+covers; generate, cache and reuse a self-signed certificate for ``tls = "self-signed"``.
+
+Rules:
+- TLS 1.2 and 1.3 only; for 1.2 only forward-secret AEAD ciphers (ECDHE), the Mozilla
+  "intermediate" profile without its DHE suites (they need a DH parameter file).
+- ALPN offers ``http/1.1`` only (HTTP/2 is not built).
+- Session resumption on unless ``tls_session_tickets = false``; then no tickets at all,
+  including TLS 1.3 (``num_tickets = 0``: OpenSSL 3 issues tickets unless told not to).
+- Certificates are matched to names as RFC 6125 section 6.4.3 says: a wildcard covers exactly
+  one leftmost label.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+# Mozilla "intermediate" (https://ssl-config.mozilla.org/), ECDHE suites; TLS 1.3 suites are
+# OpenSSL's defaults, all of them AEAD and forward secret.
+TLS12_CIPHERS = ":".join([
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+])
+SELF_SIGNED_DAYS = 365
+SELF_SIGNED_RENEW_DAYS = 30
+
+
+class TlsError(Exception):
+    pass
+
+
+def server_context(cert: str, key: str, *, tickets: bool = True) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    ctx.set_alpn_protocols(["http/1.1"])
+    if not tickets:
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.num_tickets = 0
+    try:
+        ctx.load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        raise TlsError(f"cannot read {exc.filename}: no such file") from None
+    except PermissionError as exc:
+        raise TlsError(f"cannot read {exc.filename}: permission denied") from None
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
+            raise TlsError(f"the key {key} does not match the certificate {cert}") from None
+        raise TlsError(f"cannot load {cert} / {key}: {exc.reason or exc}") from None
+    return ctx
+
+
+def certificate_names(cert: str) -> list[str]:
+    """The DNS names of the leaf certificate (subjectAltName; the CN only if there is none)."""
+    leaf = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        return [n.lower().rstrip(".") for n in san.value.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        return [str(a.value).lower() for a in
+                leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+
+
+def covers(names: list[str], host: str) -> bool:
+    """Whether a certificate with ``names`` is valid for ``host`` (itself maybe a wildcard)."""
+    if host in names:
+        return True
+    if host.startswith("*."):
+        return False  # only the same wildcard covers a wildcard host
+    dot = host.find(".")
+    return dot > 0 and f"*.{host[dot + 1:]}" in names
+
+
+def default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/sniport")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "sniport"
+
+
+def self_signed(state_dir: Path, site: str, hosts: list[str]) -> tuple[str, str]:
+    """A self-signed certificate for ``hosts``, generated once into ``state_dir`` and reused
+    across restarts until it is within 30 days of expiry or the hosts change."""
+    tag = hashlib.sha256("\n".join(sorted(hosts)).encode()).hexdigest()[:12]
+    directory = state_dir / "self-signed"
+    cert_path = directory / f"{site}-{tag}.pem"
+    key_path = directory / f"{site}-{tag}.key"
+    if cert_path.exists() and key_path.exists():
+        leaf = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        left = leaf.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+        if left > datetime.timedelta(days=SELF_SIGNED_RENEW_DAYS):
+            return str(cert_path), str(key_path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise TlsError(f"cannot create {directory}: {exc.strerror}") from None
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0]),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "sniport self-signed")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=SELF_SIGNED_DAYS))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]),
+                       critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    tmp_key = key_path.with_suffix(".key.tmp")
+    tmp_cert = cert_path.with_suffix(".pem.tmp")
+    # Written beside the final names, then renamed: a crash never leaves half a file.
+    fd = os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    tmp_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    os.replace(tmp_key, key_path)
+    os.replace(tmp_cert, cert_path)
+    return str(cert_path), str(key_path)

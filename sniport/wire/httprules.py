@@ -1,0 +1,214 @@
+"""HTTP semantics that are pure: request paths, preconditions, ranges, content negotiation.
+
+Job: the decisions a static file server makes from request header values, as functions of
+strings and numbers, so they can be table-tested without a socket.
+
+Rules: every rule cites RFC 9110 (HTTP semantics) or RFC 3986 (URIs). A header value that
+cannot be parsed is ignored where the RFC says so (dates, ranges), never guessed at. No I/O.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
+
+# ------------------------------------------------------------------------------------------
+# Request paths
+
+
+class BadPath(Exception):
+    """A path that must not reach the file system; the static handler answers 404."""
+
+
+_FORBIDDEN_ENCODED = ("%2f", "%5c", "%00", "%2e")  # encoded "/", "\", NUL, "."
+
+
+def path_segments(raw_path: str) -> list[str]:
+    """The decoded, normalised segments of a request path, or BadPath.
+
+    RFC 3986 section 6.2.2: percent-decoding, then dot-segment handling. Anything that could
+    step out of the document root or mean two things to two layers is refused outright
+    instead of resolved: ``..`` (plain or encoded), encoded dots, slashes and backslashes,
+    backslashes, NUL and other control characters.
+    """
+    if not raw_path.startswith("/"):
+        raise BadPath("not an absolute path")
+    lowered = raw_path.lower()
+    if any(code in lowered for code in _FORBIDDEN_ENCODED):
+        raise BadPath("encoded dot, slash, backslash or NUL")
+    try:
+        decoded = unquote_to_bytes(raw_path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadPath("not UTF-8 after percent-decoding") from None
+    if "\\" in decoded or any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+        raise BadPath("backslash or control character")
+    segments: list[str] = []
+    for seg in decoded.split("/"):
+        if seg in ("", "."):
+            continue  # "//" and "/./" mean the same as "/"
+        if seg == "..":
+            raise BadPath("dot-dot segment")
+        segments.append(seg)
+    return segments
+
+
+# ------------------------------------------------------------------------------------------
+# Dates and entity tags (RFC 9110 sections 5.6.7 and 8.8.3)
+
+
+def http_date(timestamp: float) -> str:
+    return email.utils.formatdate(timestamp, usegmt=True)
+
+
+def parse_http_date(value: str) -> int | None:
+    """Seconds since the epoch, or None for a value that is not an HTTP-date."""
+    try:
+        parsed = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed is None or parsed.tzinfo is None:
+        return None
+    return int(parsed.timestamp())
+
+
+def _tags(value: str) -> list[str]:
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+def _opaque(tag: str) -> str:
+    return tag[2:] if tag.startswith("W/") else tag
+
+
+def strong_match(header: str, etag: str) -> bool:
+    """If-Match (RFC 9110 section 13.1.1): strong comparison, "*" matches any."""
+    if header.strip() == "*":
+        return True
+    if etag.startswith("W/"):
+        return False
+    return any(not t.startswith("W/") and t == etag for t in _tags(header))
+
+
+def weak_match(header: str, etag: str) -> bool:
+    """If-None-Match (RFC 9110 section 13.1.2): weak comparison, "*" matches any."""
+    if header.strip() == "*":
+        return True
+    current = _opaque(etag)
+    return any(_opaque(t) == current for t in _tags(header))
+
+
+@dataclass(frozen=True, slots=True)
+class Validators:
+    etag: str
+    mtime: int  # whole seconds: HTTP-dates have no finer resolution
+
+
+def preconditions(method: str, validators: Validators, if_match: str | None,
+                  if_unmodified_since: str | None, if_none_match: str | None,
+                  if_modified_since: str | None) -> int | None:
+    """304, 412, or None to go on: RFC 9110 section 13.2.2, steps 1 to 4, in that order."""
+    if if_match is not None:
+        if not strong_match(if_match, validators.etag):
+            return 412
+    elif if_unmodified_since is not None:
+        date = parse_http_date(if_unmodified_since)
+        if date is not None and validators.mtime > date:
+            return 412
+    if if_none_match is not None:
+        if weak_match(if_none_match, validators.etag):
+            return 304 if method in ("GET", "HEAD") else 412
+    elif if_modified_since is not None and method in ("GET", "HEAD"):
+        date = parse_http_date(if_modified_since)
+        if date is not None and validators.mtime <= date:
+            return 304
+    return None
+
+
+def if_range_holds(if_range: str, validators: Validators) -> bool:
+    """RFC 9110 section 13.1.5: an entity tag must match strongly, a date exactly."""
+    value = if_range.strip()
+    if value.startswith(('"', "W/")):
+        return not value.startswith("W/") and value == validators.etag
+    date = parse_http_date(value)
+    return date is not None and date == validators.mtime
+
+
+# ------------------------------------------------------------------------------------------
+# Ranges (RFC 9110 section 14)
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    start: int
+    end: int  # inclusive
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+
+class Unsatisfiable:
+    """416: no range of the header overlaps the representation (RFC 9110 section 15.5.17)."""
+
+
+UNSATISFIABLE = Unsatisfiable()
+
+
+def parse_range(value: str, size: int) -> ByteRange | Unsatisfiable | None:
+    """One byte range, UNSATISFIABLE, or None to send the whole representation.
+
+    Only a single range is served; a list of several is ignored (a server MAY ignore Range,
+    RFC 9110 section 14.2), as is a header that does not parse or another unit.
+    """
+    unit, sep, spec = value.strip().partition("=")
+    if not sep or unit.strip().lower() != "bytes":
+        return None
+    spec = spec.strip()
+    if "," in spec:
+        return None
+    first, dash, last = spec.partition("-")
+    first, last = first.strip(), last.strip()
+    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()):
+        return None
+    if not first:
+        if not last:
+            return None
+        suffix = int(last)  # "bytes=-N": the last N bytes
+        if suffix == 0 or size == 0:
+            return UNSATISFIABLE
+        return ByteRange(max(0, size - suffix), size - 1)
+    start = int(first)
+    end = int(last) if last else size - 1
+    if last and end < start:
+        return None  # invalid, so ignored (RFC 9110 section 14.1.1)
+    if start >= size:
+        return UNSATISFIABLE
+    return ByteRange(start, min(end, size - 1))
+
+
+# ------------------------------------------------------------------------------------------
+# Content negotiation (RFC 9110 section 12.5.3)
+
+
+def accepts_encoding(header: str | None, coding: str) -> bool:
+    """Whether Accept-Encoding allows ``coding``: listed with q > 0, or "*" with q > 0 and
+    the coding not listed with q=0."""
+    if not header:
+        return False
+    star: bool | None = None
+    for item in header.split(","):
+        name, _, params = item.strip().partition(";")
+        name = name.strip().lower()
+        q = 1.0
+        for param in params.split(";"):
+            key, _, val = param.strip().partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(val)
+                except ValueError:
+                    q = 0.0
+        if name == coding:
+            return q > 0
+        if name == "*":
+            star = q > 0
+    return bool(star)
