@@ -101,3 +101,44 @@ def resolve(addr: TcpAddress) -> list[tuple[int, tuple[str, int] | tuple[str, in
         if item not in seen:
             seen.append(item)  # type: ignore[arg-type]
     return seen
+
+
+@dataclass(frozen=True, slots=True)
+class HttpUpstream:
+    """An HTTP application: ``http://host:port``, ``https://host[:port]`` or ``unix:/path``.
+
+    Upstreams carry no path: the request's own path is sent (DESIGN.md, proxy keys)."""
+
+    scheme: str  # "http" or "https"
+    address: Address
+    authority: str  # host[:port] as written, for ``host = "upstream"`` and TLS SNI
+
+    def __str__(self) -> str:
+        if isinstance(self.address, UnixAddress):
+            return str(self.address)
+        return f"{self.scheme}://{self.authority}"
+
+    @property
+    def tls_name(self) -> str:
+        return self.address.host if isinstance(self.address, TcpAddress) else ""
+
+
+def parse_http_upstream(text: str) -> HttpUpstream:
+    if not isinstance(text, str):
+        raise AddressError(f"expected a string, got {type(text).__name__}")
+    if text.startswith("unix:"):
+        addr = parse_address(text)
+        return HttpUpstream("http", addr, "localhost")
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        raise AddressError(f"{text!r}: expected http://HOST:PORT, https://HOST[:PORT] or "
+                           "unix:/PATH")
+    authority = rest.rstrip("/")
+    if "/" in authority or "?" in authority or "#" in authority:
+        raise AddressError(f"{text!r}: an upstream has no path; the request's path is sent")
+    if "@" in authority:
+        raise AddressError(f"{text!r}: credentials in an upstream URL are not supported")
+    has_port = authority.rsplit("]", 1)[-1].count(":") == 1 if authority.startswith("[") \
+        else ":" in authority
+    target = authority if has_port else f"{authority}:{443 if scheme == 'https' else 80}"
+    return HttpUpstream(scheme, parse_address(target), authority)

@@ -27,13 +27,23 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    PrivateAttr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from sniport.addresses import Address, AddressError, TcpAddress, parse_address
+from sniport.addresses import (
+    Address,
+    AddressError,
+    HttpUpstream,
+    TcpAddress,
+    parse_address,
+    parse_http_upstream,
+)
 from sniport.hostnames import HostNameError, normalize
 
 # ---------------------------------------------------------------------------------------------
@@ -102,9 +112,14 @@ def _cidr(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not a CIDR such as \"10.0.0.0/8\"")
     try:
-        return ipaddress.ip_network(value.strip(), strict=False)
+        net = ipaddress.ip_network(value.strip(), strict=False)
     except ValueError:
         raise ValueError(f"{value!r} is not a CIDR such as \"10.0.0.0/8\" or an address") from None
+    mapped = ipaddress.IPv6Network("::ffff:0:0/96")
+    if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(mapped) and net.prefixlen >= 96:
+        # Clients are compared as IPv4 once unmapped, so an IPv4-mapped entry is IPv4 too.
+        return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+    return net
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -137,10 +152,20 @@ class Listen(_Model):
 
 
 def _listen_entry(value: Any) -> Any:
-    return {"address": value} if isinstance(value, str) else value
+    if isinstance(value, str):
+        return {"address": value}
+    if not isinstance(value, Mapping):
+        raise ValueError(f'{value!r}: expected an address string or a table {{ address = "..." }}')
+    return value
 
 
 ListenEntry = Annotated[Listen, BeforeValidator(_listen_entry)]
+
+
+def _workers_value(value: Any) -> Any:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError(f'{value!r}: workers is a number >= 1 or "auto"')
 
 
 class Server(_Model):
@@ -150,7 +175,7 @@ class Server(_Model):
         min_length=1,
     )
     http_listen: list[ListenEntry] = []
-    workers: int | Literal["auto"] = Field(default="auto")
+    workers: Annotated[int | Literal["auto"], BeforeValidator(_workers_value)] = "auto"
     max_connections: int = Field(default=4096, ge=1)
     max_connections_per_ip: int = Field(default=0, ge=0)
     client_hello_timeout: Duration = 10.0
@@ -168,13 +193,6 @@ class Server(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     tls_session_tickets: bool = True
 
-    @field_validator("workers")
-    @classmethod
-    def _workers(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("workers must be >= 1 or \"auto\"")
-        return v
-
     @field_validator("client_hello_timeout")
     @classmethod
     def _positive(cls, v: float) -> float:
@@ -184,6 +202,9 @@ class Server(_Model):
 
 
 class Block(_Model):
+    # Where the block stands in its TOML array, for messages (set by from_dict).
+    _index: int = PrivateAttr(default=-1)
+
     name: str = Field(min_length=1)
     hosts: list[HostName] = Field(min_length=1)
     allow: list[Cidr] = []
@@ -254,6 +275,64 @@ def _header_value(value: str) -> str:
     return value
 
 
+def _http_upstream(value: Any) -> HttpUpstream:
+    try:
+        return parse_http_upstream(value)
+    except AddressError as exc:
+        raise ValueError(str(exc)) from None
+
+
+ProxyUpstream = Annotated[HttpUpstream, BeforeValidator(_http_upstream)]
+
+
+class HealthCheck(_Model):
+    path: str = "/"
+    interval: Duration = 5.0
+    timeout: Duration = 2.0
+    expect: int = Field(default=200, ge=100, le=599)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"{v!r}: the health check path starts with /")
+        return v
+
+
+class ProxyHandler(_Model):
+    upstreams: list[ProxyUpstream] = Field(min_length=1)
+    lb: Literal["round_robin", "least_conn"] = "round_robin"
+    connect_timeout: Duration = 5.0
+    timeout: Duration = 60.0  # to the response head
+    read_timeout: Duration = 60.0  # between response body bytes
+    idle_timeout: Duration = 3600.0  # upgraded tunnels (WebSocket)
+    keepalive: int = Field(default=32, ge=0)  # idle connections per upstream per worker
+    keepalive_timeout: Duration = 60.0
+    host: Literal["client", "upstream"] = "client"
+    strip_prefix: bool = False
+    forwarded: bool = False
+    request_headers: dict[str, str] = {}
+    remove_request_headers: list[str] = []
+    max_fails: int = Field(default=3, ge=0)  # 0: never marked down by failures
+    fail_timeout: Duration = 10.0
+    health: HealthCheck | None = None
+    verify: bool = True
+    ca: str = ""
+
+    @field_validator("request_headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            _header_name(name)
+            _header_value(value)
+        return v
+
+    @field_validator("remove_request_headers")
+    @classmethod
+    def _remove(cls, v: list[str]) -> list[str]:
+        return [_header_name(n) for n in v]
+
+
 class SiteRoute(_Model):
     path: str = Field(min_length=1)
     headers: dict[str, str] = {}
@@ -262,7 +341,7 @@ class SiteRoute(_Model):
     static: StaticHandler | None = None
     redirect: RedirectHandler | None = None
     respond: RespondHandler | None = None
-    proxy: dict[str, Any] | None = None  # refused as "not supported yet" (NOT_SUPPORTED_YET)
+    proxy: ProxyHandler | None = None
 
     @model_validator(mode="after")
     def _one_handler(self) -> SiteRoute:
@@ -293,14 +372,31 @@ class SiteRoute(_Model):
         return [_header_name(n) for n in v]
 
     @property
-    def handler(self) -> StaticHandler | RedirectHandler | RespondHandler:
-        h = self.static or self.redirect or self.respond
+    def handler(self) -> StaticHandler | RedirectHandler | RespondHandler | ProxyHandler:
+        h = self.static or self.redirect or self.respond or self.proxy
         assert h is not None
         return h
 
 
+def _tls_kind(value: Any) -> str:
+    return "self_signed" if isinstance(value, str) else "files"
+
+
+def _tls_string(value: Any) -> Any:
+    if isinstance(value, str) and value != "self-signed":
+        raise ValueError(f'{value!r}: expected "self-signed" or {{ cert = "...", key = "..." }}')
+    return value
+
+
+TlsSetting = Annotated[
+    Annotated[TlsFiles, Tag("files")] | Annotated[Literal["self-signed"], Tag("self_signed")],
+    Discriminator(_tls_kind),
+    BeforeValidator(_tls_string),
+]
+
+
 class Site(Block):
-    tls: TlsFiles | Literal["self-signed"]
+    tls: TlsSetting
     error_pages: dict[int, str] = {}
     route: list[SiteRoute] = Field(min_length=1)
 
@@ -349,11 +445,9 @@ class Config(_Model):
 NOT_SUPPORTED_YET: tuple[tuple[str, ...], ...] = (
     ("server", "workers"),
     ("server", "drain_timeout"),
-    ("server", "trusted_proxies"),
     ("server", "user"),
     ("server", "group"),
     ("server", "pid_file"),
-    ("site", "*", "route", "*", "proxy"),
 )
 
 
@@ -429,14 +523,24 @@ def from_dict(raw: Mapping[str, Any], source: str) -> LoadedConfig:
                 continue
             items = [_validate(_ARRAYS[key], v, (key, i), raw, source, problems)
                      for i, v in enumerate(value)]
+            for i, item in enumerate(items):
+                if item is not None:
+                    item._index = i
             parts[key] = [m for m in items if m is not None]
         elif (key,) not in NOT_SUPPORTED_YET:  # reported once, as not supported yet
             problems.append(Problem(source, key, "unknown key"))
     config = Config.model_construct(**parts)
-    problems += [Problem(source, p, r) for p, r in _cross_checks(config)]
+    # Blocks refused above still exist as far as [default] is concerned: no second problem.
+    named = {f"{kind}:{b.get('name')}" for kind in _ARRAYS
+             for b in _as_list(raw.get(kind)) if isinstance(b, Mapping)}
+    problems += [Problem(source, p, r) for p, r in _cross_checks(config, named)]
     if problems:
         raise ConfigError(_dedupe(problems))
     return LoadedConfig(config, source)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _validate(model: type[_Model], value: Mapping[str, Any], loc: tuple[str | int, ...],
@@ -478,20 +582,26 @@ def _unsupported_keys(raw: Mapping[str, Any]) -> Iterable[str]:
 
 
 def _toml_path(loc: Sequence[int | str], raw: Mapping[str, Any]) -> str:
-    """``('passthrough', 0, 'upstreams', 1)`` -> ``passthrough[0](lan).upstreams[1]``."""
+    """``('passthrough', 0, 'upstreams', 1)`` -> ``passthrough[0](lan).upstreams[1]``.
+
+    pydantic puts the member of a union (``TlsFiles``, ``literal['auto']``, a tag) into the
+    location; those are not TOML keys and are left out: a key is kept when the TOML table has
+    it, or when it is the last part (a required key that is missing)."""
     out = ""
     node: Any = raw
-    for part in loc:
+    for n, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
             node = node[part] if isinstance(node, list) and part < len(node) else None
             if isinstance(node, Mapping) and isinstance(node.get("name"), str):
                 out += f"({node['name']})"
-        elif part.startswith(("function-", "tagged-union")) or part in {"str", "int"}:
-            continue  # pydantic's own markers for union members, not TOML keys
-        else:
+            continue
+        last = n == len(loc) - 1
+        if isinstance(node, Mapping) and (part in node or last):
             out += f".{part}" if out else part
-            node = node.get(part) if isinstance(node, Mapping) else None
+            node = node.get(part)
+        elif not out:
+            out = part
     return out
 
 
@@ -508,12 +618,14 @@ def _reason(error: Any) -> str:
 
 def block_path(config: Config, block: Block) -> str:
     kind = "passthrough" if isinstance(block, Passthrough) else "site"
-    blocks: list[Any] = config.passthrough if kind == "passthrough" else config.site
-    index = next((i for i, b in enumerate(blocks) if b is block), -1)
+    index = block._index
+    if index < 0:  # built in code, not from a file
+        blocks: list[Any] = config.passthrough if kind == "passthrough" else config.site
+        index = next((i for i, b in enumerate(blocks) if b is block), -1)
     return f"{kind}[{index}]({block.name})"
 
 
-def _cross_checks(config: Config) -> Iterable[tuple[str, str]]:
+def _cross_checks(config: Config, named: set[str]) -> Iterable[tuple[str, str]]:
     names: dict[str, str] = {}
     hosts: dict[str, str] = {}
     for block in config.blocks():
@@ -527,9 +639,8 @@ def _cross_checks(config: Config) -> Iterable[tuple[str, str]]:
                 yield f"{where}.hosts[{i}]", f"host {host!r} is already claimed by {hosts[host]}"
             else:
                 hosts[host] = f"{where}.hosts[{i}]"
-    kinds = {f"passthrough:{b.name}" for b in config.passthrough}
-    sites = {f"site:{b.name}" for b in config.site}
-    if config.default.to != "reject" and config.default.to not in kinds | sites:
+    kinds = {n for n in named if n.startswith("passthrough:")}
+    if config.default.to != "reject" and config.default.to not in named:
         yield "default.to", f"{config.default.to!r} names no block of that kind"
     if config.default.non_tls != "close" and config.default.non_tls not in kinds:
         yield "default.non_tls", f"{config.default.non_tls!r} names no passthrough block"

@@ -38,8 +38,9 @@ class Acl:
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
-            # A unix-socket client has no IP: only an allow-everyone list admits it.
-            return not self._allow and not self._deny
+            # A unix-socket client has no IP: no deny entry can name it, no allow entry admits
+            # it; it is in only where allow is empty (everyone).
+            return not self._allow
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped
         if any(addr in net for net in self._deny):

@@ -92,9 +92,10 @@ class ClientHelloParser:
                 take = min(RECORD_HEADER - len(self._header), len(view) - pos)
                 self._header += view[pos : pos + take]
                 pos += take
+                first = self._consumed == 0
                 self._consumed += take
-                if self._consumed == 1 and self._header[0] != CONTENT_HANDSHAKE:
-                    return NOT_TLS
+                if first and self._header[0] != CONTENT_HANDSHAKE:
+                    return NOT_TLS  # the very first byte decides: TLS or another protocol
                 if len(self._header) < RECORD_HEADER:
                     continue
                 self._start_record()
@@ -122,8 +123,9 @@ class ClientHelloParser:
             raise MalformedHello("empty handshake record")  # forbidden by RFC 8446 section 5.1
         if length > MAX_RECORD_PAYLOAD:
             raise MalformedHello(f"record of {length} bytes exceeds 2^14")
-        if self._consumed + length > MAX_HELLO_BYTES and self._total < 0:
-            # The handshake length is not known yet; the record alone breaks the cap.
+        # The bytes of this record that can still belong to the hello count against the cap.
+        wanted = length if self._total < 0 else min(length, self._total - len(self._handshake))
+        if self._consumed + wanted > MAX_HELLO_BYTES:
             raise MalformedHello(f"ClientHello larger than {MAX_HELLO_BYTES} bytes")
         self._record_left = length
 

@@ -31,8 +31,10 @@ _CHARSET_TYPES = ("application/javascript", "application/xml", "image/svg+xml",
 def _table() -> dict[str, str]:
     # A private database built from the stdlib defaults only (no files are read).
     db = mimetypes.MimeTypes(filenames=(), strict=False)
-    table = dict(db.types_map[True])
-    table.update(db.types_map[False])
+    # The strict (IANA-registered) types win over the common non-strict ones: .jpg is
+    # image/jpeg, not image/jpg.
+    table = dict(db.types_map[False])
+    table.update(db.types_map[True])
     table.update(PINNED)
     return {ext: _with_charset(t) for ext, t in table.items()}
 

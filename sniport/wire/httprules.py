@@ -9,7 +9,10 @@ cannot be parsed is ignored where the RFC says so (dates, ranges), never guessed
 
 from __future__ import annotations
 
+import calendar
+import datetime
 import email.utils
+import re
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
@@ -41,7 +44,8 @@ def path_segments(raw_path: str) -> list[str]:
         decoded = unquote_to_bytes(raw_path).decode("utf-8")
     except UnicodeDecodeError:
         raise BadPath("not UTF-8 after percent-decoding") from None
-    if "\\" in decoded or any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+    # C0, DEL and C1 controls (U+0080-U+009F: line breaks and terminal escapes among them).
+    if "\\" in decoded or any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in decoded):
         raise BadPath("backslash or control character")
     segments: list[str] = []
     for seg in decoded.split("/"):
@@ -61,15 +65,45 @@ def http_date(timestamp: float) -> str:
     return email.utils.formatdate(timestamp, usegmt=True)
 
 
+_MONTHS = {m: i for i, m in enumerate(
+    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
+_IMF_FIXDATE = re.compile(
+    r"[A-Za-z]{3}, (\d{2}) ([A-Za-z]{3}) (\d{4}) (\d{2}):(\d{2}):(\d{2}) GMT\Z")
+_RFC850 = re.compile(
+    r"[A-Za-z]+, (\d{2})-([A-Za-z]{3})-(\d{2}) (\d{2}):(\d{2}):(\d{2}) GMT\Z")
+_ASCTIME = re.compile(
+    r"[A-Za-z]{3} ([A-Za-z]{3}) ([ \d]\d) (\d{2}):(\d{2}):(\d{2}) (\d{4})\Z")
+
+
 def parse_http_date(value: str) -> int | None:
-    """Seconds since the epoch, or None for a value that is not an HTTP-date."""
+    """Seconds since the epoch, or None for a value that is not an HTTP-date.
+
+    RFC 9110 section 5.6.7: IMF-fixdate, and the obsolete RFC 850 and asctime forms, all in
+    GMT; an RFC 850 two-digit year is the most recent past year with those digits unless
+    that is more than 50 years away, then the year in the future."""
+    value = value.strip()
+    if m := _IMF_FIXDATE.match(value):
+        day, mon, year, hh, mm, ss = m.groups()
+    elif m := _RFC850.match(value):
+        day, mon, yy, hh, mm, ss = m.groups()
+        now_year = datetime.datetime.now(datetime.UTC).year
+        full = now_year - now_year % 100 + int(yy)
+        if full > now_year + 50:
+            full -= 100
+        year = str(full)
+    elif m := _ASCTIME.match(value):
+        mon, day, hh, mm, ss, year = m.groups()
+    else:
+        return None
+    month = _MONTHS.get(mon.capitalize())
+    if month is None:
+        return None
     try:
-        parsed = email.utils.parsedate_to_datetime(value.strip())
-    except (TypeError, ValueError, IndexError):
-        return None
-    if parsed is None or parsed.tzinfo is None:
-        return None
-    return int(parsed.timestamp())
+        parsed = datetime.datetime(int(year), month, int(day), int(hh), int(mm), int(ss),
+                                   tzinfo=datetime.UTC)
+    except ValueError:
+        return None  # 31 Feb, 25:00 and the like
+    return calendar.timegm(parsed.utctimetuple())
 
 
 def _tags(value: str) -> list[str]:
@@ -154,6 +188,14 @@ class Unsatisfiable:
 UNSATISFIABLE = Unsatisfiable()
 
 
+_DIGITS = re.compile(r"[0-9]+\Z")  # RFC 9110 section 14.1.2: 1*DIGIT, ASCII digits only
+_BIG = 10**19  # larger than any file: longer numbers need not be converted exactly
+
+
+def _number(text: str) -> int:
+    return int(text) if len(text) <= 19 else _BIG
+
+
 def parse_range(value: str, size: int) -> ByteRange | Unsatisfiable | None:
     """One byte range, UNSATISFIABLE, or None to send the whole representation.
 
@@ -168,17 +210,19 @@ def parse_range(value: str, size: int) -> ByteRange | Unsatisfiable | None:
         return None
     first, dash, last = spec.partition("-")
     first, last = first.strip(), last.strip()
-    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()):
+    if not dash or (first and not _DIGITS.match(first)) or (last and not _DIGITS.match(last)):
         return None
     if not first:
         if not last:
             return None
-        suffix = int(last)  # "bytes=-N": the last N bytes
-        if suffix == 0 or size == 0:
+        suffix = _number(last)  # "bytes=-N": the last N bytes
+        if suffix == 0:
             return UNSATISFIABLE
+        if size == 0:
+            return None  # an empty representation: send it whole (RFC 9110 section 14.1.2)
         return ByteRange(max(0, size - suffix), size - 1)
-    start = int(first)
-    end = int(last) if last else size - 1
+    start = _number(first)
+    end = _number(last) if last else size - 1
     if last and end < start:
         return None  # invalid, so ignored (RFC 9110 section 14.1.1)
     if start >= size:
