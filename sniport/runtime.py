@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sniport.addresses import AddressError
-from sniport.config import ConfigError, LoadedConfig, Problem, Site, block_path
-from sniport.http.site import SiteApp, default_handlers
+from sniport.config import ConfigError, LoadedConfig, Problem, Site, SiteRoute, block_path
+from sniport.http.site import Handler, SiteApp, default_handlers
 from sniport.net.passthrough import PassthroughRuntime
 from sniport.net.tls import (
     TlsError,
@@ -65,6 +65,11 @@ def build_runtime(loaded: LoadedConfig) -> Runtime:
     contexts: dict[tuple[str, str], ssl.SSLContext] = {}
     sites: dict[str, SiteRuntime] = {}
     tickets = config.server.tls_session_tickets
+    trusted = list(config.server.trusted_proxies)
+
+    def handlers(route: SiteRoute) -> Handler:
+        return default_handlers(route, trusted)
+
     for site in config.site:
         where = block_path(config, site)
         try:
@@ -90,8 +95,8 @@ def build_runtime(loaded: LoadedConfig) -> Runtime:
                 warnings.append(Problem(source, f"{where}.route[{i}].static.root",
                                         f"{route.static.root!r} is not a directory "
                                         "(requests will get 404)"))
-        sites[site.name] = SiteRuntime(site, context, SiteApp(site, table, default_handlers),
-                                       cert)
+        app = SiteApp(site, table, handlers)
+        sites[site.name] = SiteRuntime(site, context, app, cert)
     if problems:
         raise ConfigError(problems)
     return Runtime(loaded, table, passthrough, sites, warnings)

@@ -182,7 +182,7 @@ class Worker:
         def protocol() -> HttpConnection:
             proto = HttpConnection(self.loop, site.app, self.limits, self.request_log,
                                    sni=conn.sni, client=conn.client, scheme="https",
-                                   on_close=closed)
+                                   on_close=closed, client_ip=conn.ip)
             made.append(proto)
             return proto
 

@@ -45,6 +45,8 @@ class RequestLog:
                 "user_agent": req.header(b"user-agent"), "route": ex.route_name,
                 "ttfb": ttfb, "total": total,
             }
+            if ex.upstream:
+                fields["upstream"] = ex.upstream
             if ex.note:
                 fields["note"] = ex.note
             self._log.write("req", fields)
@@ -55,6 +57,8 @@ class RequestLog:
                 f'{_quoted(req.header(b"referer"))} {_quoted(req.header(b"user-agent"))} '
                 f'sni={conn.sni or "-"} host={req.header(b"host") or "-"} '
                 f'ttfb={ttfb if ttfb is not None else "-"} total={total}')
+        if ex.upstream:
+            line += f" upstream={ex.upstream}"
         if ex.note:
             line += f" note={_quoted(ex.note)}"
         self._log.write_line(line)

@@ -139,11 +139,21 @@ class Request:
         return sum(1 for k, _ in self.headers if k == name)
 
 
+class BodySink(Protocol):
+    """Where a pushed request body goes (the reverse proxy): chunks as they arrive."""
+
+    def body_data(self, chunk: bytes) -> None: ...
+    def body_end(self) -> None: ...
+    def body_error(self, exc: Exception) -> None: ...
+
+
 class Body:
-    """A request body as it arrives: ``await read()`` returns chunks, then b"" at its end."""
+    """A request body as it arrives: either pulled (``await read()`` returns chunks, then
+    b"" at its end) or pushed to a ``BodySink`` once one is attached."""
 
     __slots__ = (
         "_buffered",
+        "_sink",
         "_chunks",
         "_conn",
         "_continue_sent",
@@ -168,6 +178,23 @@ class Body:
         self.limit = 0  # 0 = no limit
         self._continue_sent = False
         self.discard = False
+        self._sink: BodySink | None = None
+
+    def attach(self, sink: BodySink) -> None:
+        """Push the body to ``sink`` from now on, starting with what is buffered."""
+        self._sink = sink
+        if not self._continue_sent:
+            self._continue_sent = True
+            if self._request.expect_continue and not self._done:
+                self._conn.send_continue()
+        while self._chunks:
+            sink.body_data(self._chunks.popleft())
+        self._buffered = 0
+        self._conn.resume_body()
+        if self._error is not None:
+            sink.body_error(self._error)
+        elif self._done:
+            sink.body_end()
 
     def feed(self, chunk: bytes) -> None:
         self.received += len(chunk)
@@ -175,6 +202,9 @@ class Body:
             self.fail(BodyTooLarge())
             return
         if self.discard:
+            return
+        if self._sink is not None:
+            self._sink.body_data(chunk)
             return
         self._chunks.append(chunk)
         self._buffered += len(chunk)
@@ -184,11 +214,15 @@ class Body:
 
     def finish(self) -> None:
         self._done = True
+        if self._sink is not None and not self.discard:
+            self._sink.body_end()
         self._wake()
 
     def fail(self, exc: Exception) -> None:
         if self._error is None:
             self._error = exc
+            if self._sink is not None and not self.discard:
+                self._sink.body_error(exc)
         self._wake()
 
     def _wake(self) -> None:
@@ -225,6 +259,7 @@ class Body:
     def drop(self) -> None:
         """Nobody will read the rest: drop what is buffered and what is still to come."""
         self.discard = True
+        self._sink = None
         self._chunks.clear()
         self._buffered = 0
         self._conn.resume_body()
@@ -251,6 +286,7 @@ class Exchange:
         "sent",
         "status",
         "ttfb",
+        "upstream",
     )
 
     def __init__(self, conn: HttpConnection, request: Request) -> None:
@@ -262,7 +298,7 @@ class Exchange:
         self.finished = False
         self.ttfb = 0.0
         self.add_headers = b""  # pre-encoded "Name: value\r\n" lines of the route
-        self.remove_headers: frozenset[str] = frozenset()
+        self.remove_headers: frozenset[bytes] = frozenset()  # lower-case names
         self.close_after = not request.keep_alive
         self.on_resume: Callable[[], None] | None = None  # the transport can take more
         self.on_abort: Callable[[], None] | None = None  # the client went away
@@ -270,19 +306,30 @@ class Exchange:
         self.is_head = request.method == "HEAD"
         self._chunked = False
         self.note = ""  # a reason for the log, e.g. why a request was refused
+        self.upstream = ""  # the proxy's upstream, for the log
 
     # -- writing --------------------------------------------------------------------------
 
-    def _head(self, status: int, headers: list[tuple[str, str]], length: int | None) -> bytes:
+    def _head(self, status: int, headers: list[tuple[str, str]], length: int | None,
+              raw: list[tuple[bytes, bytes]] | None = None) -> bytes:
         self.status = status
         parts = [status_line(status), b"Server: sniport\r\n", date_header()]
         remove = self.remove_headers
         for name, value in headers:
-            if remove and name.lower() in remove:
+            encoded = name.encode("latin-1")
+            if remove and encoded.lower() in remove:
                 continue
-            parts.append(f"{name}: {value}\r\n".encode("latin-1"))
+            parts.append(encoded + b": " + value.encode("latin-1") + b"\r\n")
+        if raw:
+            for bname, bvalue in raw:
+                if remove and bname.lower() in remove:
+                    continue
+                parts.append(bname + b": " + bvalue + b"\r\n")
         if self.add_headers:
             parts.append(self.add_headers)
+        if status == 101:  # the upgrade's own Connection/Upgrade are in the headers
+            parts.append(b"\r\n")
+            return b"".join(parts)
         # RFC 9110 section 8.6: no Content-Length in 1xx/204; 304 keeps the framing silent.
         if status >= 200 and status not in (204, 304):
             if length is not None:
@@ -315,11 +362,12 @@ class Exchange:
             self.sent = len(body)
         self.end()
 
-    def start(self, status: int, headers: list[tuple[str, str]], length: int | None) -> None:
+    def start(self, status: int, headers: list[tuple[str, str]], length: int | None,
+              raw: list[tuple[bytes, bytes]] | None = None) -> None:
         if self.head_sent:
             self.abort()
             return
-        self.conn.write(self._head(status, headers, length))
+        self.conn.write(self._head(status, headers, length, raw))
         self.head_sent = True
         self.ttfb = self.conn.loop.time()
 
@@ -373,13 +421,14 @@ class HttpConnection(asyncio.Protocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, app: App, limits: Limits,
                  log: RequestLog, *, sni: str | None, client: str, scheme: str,
-                 on_close: Callable[[str, int, int], None]) -> None:
+                 on_close: Callable[[str, int, int], None], client_ip: str = "") -> None:
         self.loop = loop
         self.app = app
         self.limits = limits
         self.log = log
         self.sni = sni
         self.client = client
+        self.client_ip = client_ip
         self.scheme = scheme
         self._on_close = on_close
         self.transport: asyncio.Transport | None = None
@@ -415,6 +464,7 @@ class HttpConnection(asyncio.Protocol):
         if not self.client:
             peer = transport.get_extra_info("peername")
             self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+            self.client_ip = peer[0] if isinstance(peer, tuple) else ""
         self.parser = httptools.HttpRequestParser(self)
         self._set_read_deadline("header", self.limits.header_timeout)
 
@@ -425,8 +475,8 @@ class HttpConnection(asyncio.Protocol):
         if self.upgraded_to is not None:
             self.upgraded_to(data)
             return
-        if self._upgrade_buffer or (self.parser is None):
-            self._upgrade_buffer += data
+        if self.parser is None:
+            self._upgrade_buffer += data  # after an Upgrade head: the tunnel's, if one comes
             return
         try:
             self.parser.feed_data(data)
@@ -659,6 +709,11 @@ class HttpConnection(asyncio.Protocol):
             return
         req.body.drop()
         self._set_read_deadline("linger", LINGER)
+
+    def take_upgrade_buffer(self) -> bytes:
+        """The client's bytes after an Upgrade request's head, for the tunnel."""
+        data, self._upgrade_buffer = self._upgrade_buffer, b""
+        return data
 
     def send_continue(self) -> None:
         if self.active is not None and not self.active.head_sent:

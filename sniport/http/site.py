@@ -22,7 +22,7 @@ from sniport.config import Site, SiteRoute
 from sniport.http.engine import Exchange
 from sniport.http.handlers import Redirect, Respond
 from sniport.http.static import StaticFiles
-from sniport.routing import RouteTable
+from sniport.routing import Network, RouteTable
 
 HOST_CACHE = 1024
 
@@ -42,7 +42,7 @@ class CompiledRoute:
                                     for k, v in route.headers.items())
         # A header the route sets replaces the handler's own (Cache-Control, say).
         removed = {n.lower() for n in route.remove_headers} | {k.lower() for k in route.headers}
-        self.remove_headers = frozenset(removed)
+        self.remove_headers = frozenset(n.encode("latin-1") for n in removed)
         self.max_body = route.max_body_size
 
 
@@ -61,8 +61,8 @@ class SiteApp:
         self.name = site.name
         self._table = table
         self._hosts: dict[str, bool] = {}
-        routes = [CompiledRoute(r, handler_factory(r)) for r in site.route]
-        self._routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
+        self.routes = [CompiledRoute(r, handler_factory(r)) for r in site.route]
+        self._routes = sorted(self.routes, key=lambda r: len(r.prefix), reverse=True)
         self._error_pages = dict(site.error_pages)
 
     def serves(self, host: str) -> bool:
@@ -132,8 +132,17 @@ class HandlerFactory(Protocol):
     def __call__(self, route: SiteRoute) -> Handler: ...
 
 
-def default_handlers(route: SiteRoute) -> Handler:
-    """The handler for a route's config (static, redirect, respond)."""
+def lifecycle(app: SiteApp) -> list[Handler]:
+    """The handlers with per-worker work to start and stop (proxy pools, health checks)."""
+    return [r.handler for r in app.routes if hasattr(r.handler, "start")]
+
+
+def default_handlers(route: SiteRoute, trusted: list[Network] | None = None) -> Handler:
+    """The handler for a route's config (static, redirect, respond, proxy)."""
+    if route.proxy is not None:
+        from sniport.http.proxy import ProxyRoute
+
+        return ProxyRoute(route.proxy, route.path, trusted or [])
     if route.static is not None:
         return StaticFiles(route.static)
     if route.redirect is not None:

@@ -1,0 +1,353 @@
+"""Upstream HTTP applications of a proxy route: connections, the keep-alive pool, health.
+
+Job: per worker, per upstream, keep up to ``keepalive`` idle connections for reuse, open new
+ones (TCP, unix socket, TLS) within ``connect_timeout``, parse responses with httptools, and
+track health: passive (``max_fails`` failures in a row mark an upstream down for
+``fail_timeout``) and active (``health`` checks that take it out and put it back).
+
+Rules:
+- A connection is only pooled in a known state: the response was complete, framed by length
+  or chunks, the request fully sent, the upstream did not ask to close. Anything else closes.
+- Responses are parsed by httptools only (house rule 8); a response to HEAD ends at its head
+  and its connection is not reused (httptools cannot be told that a message answers HEAD,
+  MagicStack/httptools#47).
+- A pooled connection that the upstream closes while idle is dropped from the pool at once;
+  idle connections close after ``keepalive_timeout``.
+- State changes of an upstream (down, up) are logged once, with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import httptools
+
+from sniport.addresses import HttpUpstream, TcpAddress, UnixAddress
+from sniport.config import ProxyHandler
+from sniport.logs import diag
+
+
+class ResponseHandler(Protocol):
+    """What a connection reports to the exchange that uses it."""
+
+    def on_header(self, name: bytes, value: bytes) -> None: ...
+    def on_headers_complete(self) -> None: ...
+    def on_body(self, body: bytes) -> None: ...
+    def on_message_complete(self) -> None: ...
+    def upstream_upgraded(self, rest: bytes) -> None: ...
+    def upstream_failed(self, reason: str) -> None: ...
+    def upstream_lost(self) -> None: ...
+    def upstream_paused(self) -> None: ...
+    def upstream_resumed(self) -> None: ...
+
+
+class UpstreamConn(asyncio.Protocol):
+    """One connection to an upstream; between requests it waits in the pool."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.transport: Any = None
+        self.parser: Any = None
+        self.handler: ResponseHandler | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.closed = False
+        self.reused = False
+        self.raw: Callable[[bytes], None] | None = None  # a tunnel takes the bytes as they are
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def begin(self, handler: ResponseHandler) -> None:
+        """Take the connection for one request; a fresh parser for a fresh message."""
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        self.handler = handler
+        self.parser = httptools.HttpResponseParser(self)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.handler = None
+            if self.idle_timer is not None:
+                self.idle_timer.cancel()
+                self.idle_timer = None
+            if self.transport is not None:
+                self.transport.close()
+
+    def get_status(self) -> int:
+        return int(self.parser.get_status_code())
+
+    def keep_alive(self) -> bool:
+        return bool(self.parser.should_keep_alive())
+
+    # -- transport events -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.raw is not None:
+            self.raw(data)
+            return
+        handler = self.handler
+        if handler is None:
+            # Bytes while idle: the upstream broke the protocol; this one is not reusable.
+            self.upstream.drop_idle(self)
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args else len(data)
+            if self.handler is not None:
+                self.handler.upstream_upgraded(data[offset:])
+        except httptools.HttpParserCallbackError as exc:
+            if self.handler is not None:
+                self.handler.upstream_failed(f"bad_response: {exc.__context__ or exc}")
+        except httptools.HttpParserError as exc:
+            if self.handler is not None:
+                self.handler.upstream_failed(f"bad_response: {exc}")
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        handler, self.handler = self.handler, None
+        self.upstream.drop_idle(self)
+        if handler is not None:
+            handler.upstream_lost()
+
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.upstream_paused()
+
+    def resume_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.upstream_resumed()
+
+    # -- httptools callbacks, passed on ---------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.handler is not None:
+            self.handler.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self.handler is not None:
+            self.handler.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self.handler is not None:
+            self.handler.on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.handler is not None:
+            self.handler.on_message_complete()
+
+
+class Upstream:
+    """One configured upstream of one proxy route, as seen by one worker."""
+
+    def __init__(self, target: HttpUpstream, cfg: ProxyHandler,
+                 tls: ssl.SSLContext | None) -> None:
+        self.target = target
+        self.label = str(target)
+        self.cfg = cfg
+        self.tls = tls
+        self.idle: list[UpstreamConn] = []
+        self.active = 0  # requests in flight (least_conn)
+        self.fails = 0
+        self.down_until = 0.0
+        self.healthy = True  # as the active check last saw it
+        self.host_header = target.authority.encode("latin-1")
+
+    def available(self, now: float) -> bool:
+        return self.healthy and now >= self.down_until
+
+    def take(self) -> UpstreamConn | None:
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed and not conn.transport.is_closing():
+                conn.reused = True
+                return conn
+        return None
+
+    def release(self, conn: UpstreamConn, loop: asyncio.AbstractEventLoop) -> None:
+        """Back to the pool (the caller checked that its state is clean) or closed."""
+        conn.handler = None
+        if conn.closed or len(self.idle) >= self.cfg.keepalive:
+            conn.close()
+            return
+        self.idle.append(conn)
+        conn.idle_timer = loop.call_later(self.cfg.keepalive_timeout, self._expire, conn)
+
+    def _expire(self, conn: UpstreamConn) -> None:
+        conn.idle_timer = None
+        self.drop_idle(conn)
+        conn.close()
+
+    def drop_idle(self, conn: UpstreamConn) -> None:
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+
+    def close_idle(self) -> None:
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+    async def connect(self, loop: asyncio.AbstractEventLoop) -> UpstreamConn:
+        addr = self.target.address
+        timeout = self.cfg.connect_timeout
+        if isinstance(addr, UnixAddress):
+            coro = loop.create_unix_connection(
+                lambda: UpstreamConn(self), addr.sockaddr)  # type: ignore[arg-type]
+        else:
+            assert isinstance(addr, TcpAddress)
+            coro = loop.create_connection(
+                lambda: UpstreamConn(self), addr.host, addr.port, ssl=self.tls,
+                server_hostname=self.target.tls_name if self.tls is not None else None,
+                ssl_handshake_timeout=timeout if self.tls is not None else None)
+        _, proto = await asyncio.wait_for(coro, timeout)
+        assert isinstance(proto, UpstreamConn)
+        return proto
+
+    # -- passive health -------------------------------------------------------------------
+
+    def failed(self, now: float, reason: str) -> None:
+        self.fails += 1
+        max_fails = self.cfg.max_fails
+        if max_fails and self.fails >= max_fails and now >= self.down_until:
+            self.down_until = now + self.cfg.fail_timeout
+            diag.warning("upstream %s down for %.0fs after %d failures in a row (last: %s)",
+                         self.label, self.cfg.fail_timeout, self.fails, reason)
+
+    def succeeded(self) -> None:
+        if self.fails and self.down_until:
+            diag.info("upstream %s answers again", self.label)
+            self.down_until = 0.0
+        self.fails = 0
+
+
+def upstream_tls_context(cfg: ProxyHandler) -> ssl.SSLContext:
+    """Client context for https:// upstreams: verified against the system store or ``ca``
+    unless ``verify = false``."""
+    if not cfg.verify:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx = ssl.create_default_context(cafile=cfg.ca or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+class HealthChecker:
+    """Active checks of one upstream: GET ``path`` every ``interval``; a status other than
+    ``expect`` (or no answer within ``timeout``) takes it out, the next good one puts it back."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.task is None:
+            self.task = loop.create_task(self._run(loop))
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+
+    async def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        health = self.upstream.cfg.health
+        assert health is not None
+        while True:
+            ok, reason = await self.check_once(loop)
+            up = self.upstream
+            if ok != up.healthy:
+                up.healthy = ok
+                if ok:
+                    diag.info("upstream %s is up (health check %s)", up.label, health.path)
+                else:
+                    diag.warning("upstream %s is down (health check %s: %s)", up.label,
+                                 health.path, reason)
+            await asyncio.sleep(health.interval)
+
+    async def check_once(self, loop: asyncio.AbstractEventLoop) -> tuple[bool, str]:
+        health = self.upstream.cfg.health
+        assert health is not None
+        try:
+            return await asyncio.wait_for(self._probe(loop, health.path, health.expect),
+                                          health.timeout)
+        except TimeoutError:
+            return False, f"no answer within {health.timeout:g}s"
+        except (OSError, ssl.SSLError) as exc:
+            return False, str(exc) or type(exc).__name__
+
+    async def _probe(self, loop: asyncio.AbstractEventLoop, path: str,
+                     expect: int) -> tuple[bool, str]:
+        conn = await self.upstream.connect(loop)
+        probe = _Probe(loop, conn)
+        conn.begin(probe)
+        conn.transport.write(
+            b"GET " + path.encode() + b" HTTP/1.1\r\nHost: " + self.upstream.host_header
+            + b"\r\nUser-Agent: sniport-health\r\nConnection: close\r\n\r\n")
+        try:
+            status = await probe.status
+        finally:
+            conn.close()
+        if status != expect:
+            return False, f"status {status}, expected {expect}"
+        return True, ""
+
+
+class _Probe:
+    """A ResponseHandler that only wants the status code of a health check."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: UpstreamConn) -> None:
+        self.status: asyncio.Future[int] = loop.create_future()
+        self.conn = conn
+
+    def _set(self, value: int | Exception) -> None:
+        if not self.status.done():
+            if isinstance(value, Exception):
+                self.status.set_exception(value)
+            else:
+                self.status.set_result(value)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        pass
+
+    def on_headers_complete(self) -> None:
+        status = self.conn.get_status()
+        if status >= 200 or status == 101:
+            self._set(status)
+
+    def on_body(self, body: bytes) -> None:
+        pass
+
+    def on_message_complete(self) -> None:
+        pass
+
+    def upstream_upgraded(self, rest: bytes) -> None:
+        self._set(OSError("unexpected upgrade"))
+
+    def upstream_failed(self, reason: str) -> None:
+        self._set(OSError(reason))
+
+    def upstream_lost(self) -> None:
+        self._set(OSError("connection closed before a response"))
+
+    def upstream_paused(self) -> None:
+        pass
+
+    def upstream_resumed(self) -> None:
+        pass
