@@ -443,11 +443,6 @@ class Config(_Model):
 # Keys of the contract that this version does not do yet: present in a file, they are refused.
 # A path element "*" stands for every entry of an array of tables.
 NOT_SUPPORTED_YET: tuple[tuple[str, ...], ...] = (
-    ("server", "workers"),
-    ("server", "drain_timeout"),
-    ("server", "user"),
-    ("server", "group"),
-    ("server", "pid_file"),
 )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import resource
 import socket
 import ssl
@@ -20,6 +21,7 @@ from sniport.addresses import TcpAddress
 from sniport.http.accesslog import RequestLog
 from sniport.http.engine import HttpConnection, Limits
 from sniport.http.handlers import HttpsRedirectApp
+from sniport.http.site import lifecycle
 from sniport.logs import AccessLog, diag
 from sniport.net.binding import BoundListener
 from sniport.net.conn import ConnRecord
@@ -76,10 +78,15 @@ class Worker:
         self._redirect_app = HttpsRedirectApp(self.table, tcp_ports[0] if tcp_ports else None)
         self._accepting = False
         self._resource_timer: asyncio.TimerHandle | None = None
+        self.draining = False
+        self._drained: asyncio.Future[None] | None = None
+        self._lifecycle = [h for site in runtime.sites.values() for h in lifecycle(site.app)]
 
     # -- accepting ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        for handler in self._lifecycle:
+            handler.start(self.loop)
         self._accepting = True
         for listener in self.listeners:
             listener.resume()
@@ -88,9 +95,13 @@ class Worker:
             self._http_servers.append(server)
 
     def stop_accepting(self) -> None:
+        """No more accepts in this process, for good: its copies of the listening sockets
+        close (the master's stay open), so that nothing here keeps a port or a socket
+        file alive once the master is gone."""
         self._accepting = False
         for listener in self.listeners:
             listener.pause()
+            listener.sock.close()
         for server in self._http_servers:
             server.close()
         self._http_servers.clear()
@@ -183,6 +194,7 @@ class Worker:
             proto = HttpConnection(self.loop, site.app, self.limits, self.request_log,
                                    sni=conn.sni, client=conn.client, scheme="https",
                                    on_close=closed, client_ip=conn.ip)
+            proto.closing = self.draining  # accepted before the drain: one request, then close
             made.append(proto)
             return proto
 
@@ -218,6 +230,8 @@ class Worker:
             else:
                 del self.per_ip[conn.ip]
         self._log(conn, reason)
+        if self._drained is not None and not self.live and not self._drained.done():
+            self._drained.set_result(None)
         if (self._accepting and self._resource_timer is None
                 and len(self.live) == self.max_connections - 1):
             for listener in self.listeners:
@@ -236,6 +250,26 @@ class Worker:
         self.stop_accepting()
         self.abort_all("shutdown")
         self.pipes.close()
+        for handler in self._lifecycle:
+            handler.stop()
+
+    async def drain(self, timeout: float) -> None:
+        """Graceful stop: no new connections; requests in flight finish, idle keep-alive
+        connections close now, passthrough streams and tunnels run until ``timeout``."""
+        self.draining = True
+        self.stop_accepting()
+        for conn in list(self.live):
+            handler = conn.handler
+            if handler is not None and hasattr(handler, "drain"):
+                handler.drain()
+        if self.live:
+            self._drained = self.loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drained), timeout)
+            except TimeoutError:
+                diag.info("drain: %d connection(s) still open after %gs; closing them",
+                          len(self.live), timeout)
+        self.close()
 
 
 def _tls_reason(exc: BaseException) -> str:
@@ -272,3 +306,91 @@ class _HttpHandle:
         transport = self._proto.transport
         if transport is not None:
             transport.abort()
+
+    def drain(self) -> None:
+        self._proto.begin_drain()
+
+
+EXIT_PRIVILEGES = 3  # the worker would not drop privileges: it refused to serve
+
+
+def worker_main(runtime: Runtime, bound: list[BoundListener], http_bound: list[BoundListener],
+                access_log: AccessLog, lifeline_fd: int, ready_fd: int) -> int:
+    """The body of a forked worker process; returns its exit code.
+
+    The event loop is created here, after the fork. Signals: SIGTERM/SIGQUIT drain, SIGINT
+    stops at once, SIGUSR1 reopens the access log. The lifeline pipe's write end is held
+    only by the master: EOF on it means the master is gone (even killed with -9), and the
+    worker drains at once, closing its listening sockets so that the next start can bind.
+    """
+    import signal
+
+    import uvloop
+
+    from sniport.privileges import PrivilegeError, drop
+
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
+                signal.SIGUSR2, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    server = runtime.loaded.config.server
+    try:
+        drop(server.user, server.group)
+    except PrivilegeError as exc:
+        diag.error("worker refuses to serve: %s", exc)
+        return EXIT_PRIVILEGES
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_loop_exception)
+        worker = Worker(runtime, bound, access_log, loop, http_bound)
+        done: asyncio.Future[None] = loop.create_future()
+        tasks: list[asyncio.Task[None]] = []
+
+        def graceful() -> None:
+            if not worker.draining:
+                task = loop.create_task(worker.drain(server.drain_timeout))
+                task.add_done_callback(lambda _: finished())
+                tasks.append(task)
+
+        def finished() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def fast() -> None:
+            worker.close()
+            finished()
+
+        def master_gone() -> None:
+            try:
+                data = os.read(lifeline_fd, 64)
+            except BlockingIOError:
+                return
+            if not data:
+                loop.remove_reader(lifeline_fd)
+                diag.warning("worker: the master is gone; draining and exiting")
+                graceful()
+
+        loop.add_signal_handler(signal.SIGTERM, graceful)
+        loop.add_signal_handler(signal.SIGQUIT, graceful)
+        loop.add_signal_handler(signal.SIGINT, fast)
+        loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master's business
+        os.set_blocking(lifeline_fd, False)
+        loop.add_reader(lifeline_fd, master_gone)
+        await worker.start()
+        os.write(ready_fd, b"ready\n")
+        os.close(ready_fd)
+        await done
+
+    uvloop.run(serve())
+    access_log.close()
+    return 0
+
+
+def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    exc = context.get("exception")
+    if exc is not None:
+        diag.error("event loop: %s", context.get("message"), exc_info=exc)
+    else:
+        diag.error("event loop: %s", context.get("message"))

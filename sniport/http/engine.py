@@ -710,6 +710,13 @@ class HttpConnection(asyncio.Protocol):
         req.body.drop()
         self._set_read_deadline("linger", LINGER)
 
+    def begin_drain(self) -> None:
+        """Graceful stop: an idle connection closes now, a busy one after its response."""
+        self.closing = True
+        if self.active is None and self._req is None and self.transport is not None:
+            self._end_reason = "drain"
+            self.transport.close()
+
     def take_upgrade_buffer(self) -> bytes:
         """The client's bytes after an Upgrade request's head, for the tunnel."""
         data, self._upgrade_buffer = self._upgrade_buffer, b""

@@ -16,6 +16,7 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 from typing import Protocol
 
 from sniport.config import Site, SiteRoute
@@ -29,6 +30,13 @@ HOST_CACHE = 1024
 
 class Handler(Protocol):
     def handle(self, ex: Exchange, rest: str, app: SiteApp) -> None: ...
+
+
+class WorkerHandler(Handler, Protocol):
+    """A handler with per-worker work: started in each worker, stopped at its end."""
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
+    def stop(self) -> None: ...
 
 
 class CompiledRoute:
@@ -132,9 +140,10 @@ class HandlerFactory(Protocol):
     def __call__(self, route: SiteRoute) -> Handler: ...
 
 
-def lifecycle(app: SiteApp) -> list[Handler]:
+def lifecycle(app: SiteApp) -> list[WorkerHandler]:
     """The handlers with per-worker work to start and stop (proxy pools, health checks)."""
-    return [r.handler for r in app.routes if hasattr(r.handler, "start")]
+    return [r.handler for r in app.routes  # type: ignore[misc]
+            if hasattr(r.handler, "start") and hasattr(r.handler, "stop")]
 
 
 def default_handlers(route: SiteRoute, trusted: list[Network] | None = None) -> Handler:

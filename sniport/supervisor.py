@@ -1,0 +1,670 @@
+"""The master process: binds the sockets, builds the TLS contexts, forks the workers, and
+handles signals, reloads, upgrades and stops.
+
+Job: keep the service up. The master does no request work; it owns every listening socket
+for its whole life, so that a reload or a worker restart never refuses a connection.
+
+Rules (DESIGN.md "Operations contract"):
+- Config, TLS contexts and route tables are built here, before the fork: forked workers
+  share the session-ticket keys (the stdlib ssl module cannot set them), so a resumed
+  session works on whichever worker a client reaches. A reload builds new ones.
+- Signals are queued and handled one at a time in the main loop, never lost: SIGHUP reload,
+  SIGTERM/SIGQUIT graceful stop (a second one makes it fast), SIGINT fast stop, SIGUSR1
+  reopen logs, SIGUSR2 upgrade (exec a new master that inherits the listening sockets).
+- A reload is validated with the same code as ``check``; if anything fails (config, a key,
+  a port, a worker that dies before it is ready), the old workers keep serving untouched.
+- A worker that dies is logged with its cause and replaced, with a growing backoff.
+- Unix socket files are removed at exit only if their inode is still the one bound here,
+  and never when the sockets were handed to a new master.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sniport import __version__
+from sniport.addresses import Address
+from sniport.config import ConfigError, Listen, LoadedConfig
+from sniport.logs import AccessLog, diag
+from sniport.net.binding import BindError, BoundListener, bind_one
+from sniport.runtime import Runtime, build_runtime
+from sniport.systemd import activated_sockets, notify
+
+READY_TIMEOUT = 15.0  # seconds new workers have to report ready before a reload is given up
+STOP_GRACE = 5.0  # beyond drain_timeout, before a worker that does not exit is killed
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
+STABLE_AFTER = 30.0  # a worker that lived this long resets its slot's backoff
+INHERIT_ENV = "SNIPORT_INHERITED_FDS"  # "fd=address,..." from the master that exec'd us
+PARENT_ENV = "SNIPORT_UPGRADE_FROM"  # the pid of that master, told to stop once we serve
+
+
+class StartError(Exception):
+    """The master cannot start: the message says why (cli.py prints it)."""
+
+
+@dataclass
+class WorkerProc:
+    pid: int
+    generation: int
+    slot: int
+    ready_fd: int
+    started: float
+    ready: bool = False
+
+
+@dataclass
+class Generation:
+    number: int
+    runtime: Runtime
+    keys: list[str]  # the listener addresses it serves
+    loaded_at: float
+    workers: dict[int, WorkerProc] = field(default_factory=dict)
+    backoff: dict[int, float] = field(default_factory=dict)  # slot -> next delay
+    respawn_at: dict[int, float] = field(default_factory=dict)  # slot -> when
+    ready_deadline: float = 0.0
+    draining: bool = False
+
+
+def worker_count(setting: int | str) -> int:
+    if isinstance(setting, int):
+        return setting
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def listener_key(address: Address) -> str:
+    return str(address)
+
+
+class Master:
+    def __init__(self, loader: Any, config_label: str, argv: list[str]) -> None:
+        self._loader = loader  # () -> LoadedConfig, raises ConfigError
+        self.config_label = config_label
+        self._argv = argv  # to exec ourselves for an upgrade
+        self.listeners: dict[str, BoundListener] = {}
+        self.generations: list[Generation] = []
+        self.current: Generation | None = None
+        self.pending: Generation | None = None  # a reload waiting for its workers
+        self._next_gen = 1
+        self._signals: deque[int] = deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._life_r, self._life_w = os.pipe2(os.O_CLOEXEC)
+        self.stopping = ""  # "", "graceful" or "fast"
+        self._stop_deadline = 0.0
+        self._upgrade_child = 0
+        self._handed_over = False
+        self._parent_master = int(os.environ.pop(PARENT_ENV, "0") or 0)
+        self.access_log: AccessLog | None = None
+        self.pid_file: Path | None = None
+        self.status_file: Path | None = None
+        self.exit_code = 0
+
+    # -- start ----------------------------------------------------------------------------
+
+    def start(self) -> Runtime:
+        loaded: LoadedConfig = self._loader()
+        runtime = build_runtime(loaded)
+        server = loaded.config.server
+        from sniport.logs import setup_diagnostics
+
+        setup_diagnostics(server.log_level)
+        for warning in runtime.warnings:
+            diag.warning("%s", warning)
+        inherited = self._inherited_sockets()
+        try:
+            self._bind(runtime, inherited)
+        except BindError as exc:
+            for b in self.listeners.values():
+                b.close()
+            raise StartError(str(exc)) from None
+        for sock in inherited.values():
+            sock.close()  # passed to us but not in the config
+        self.access_log = AccessLog(server.access_log, server.log_format)
+        self._paths(runtime)
+        return runtime
+
+    def _inherited_sockets(self) -> dict[str, Any]:
+        import socket
+
+        found: dict[str, Any] = {}
+        for sock, name in activated_sockets():
+            found[_sock_key(sock)] = sock
+            diag.info("systemd passed %s%s", _sock_key(sock), f" ({name})" if name else "")
+        spec = os.environ.pop(INHERIT_ENV, "")
+        for item in filter(None, spec.split(",")):
+            fd_text, _, key = item.partition("=")
+            sock = socket.socket(fileno=int(fd_text))
+            os.set_inheritable(sock.fileno(), False)
+            found[key] = sock
+        return found
+
+    def _wanted(self, runtime: Runtime) -> list[tuple[str, Listen]]:
+        server = runtime.loaded.config.server
+        return [(listener_key(e.address), e) for e in [*server.listen, *server.http_listen]]
+
+    def _bind(self, runtime: Runtime, inherited: dict[str, Any]) -> list[str]:
+        """Bind what the config lists and is not bound yet; return the new keys.
+        On failure, nothing new stays bound."""
+        new: list[str] = []
+        errors: list[str] = []
+        for key, entry in self._wanted(runtime):
+            if key in self.listeners:
+                continue
+            sock = inherited.pop(key, None)
+            if sock is not None:
+                sock.setblocking(False)
+                self.listeners[key] = BoundListener(entry.address, sock)
+                new.append(key)
+                continue
+            try:
+                self.listeners[key] = bind_one(entry)
+                new.append(key)
+            except BindError as exc:
+                errors.append(str(exc))
+        if errors:
+            for key in new:
+                self.listeners.pop(key).close()
+            raise BindError("\n".join(errors))
+        return new
+
+    def _paths(self, runtime: Runtime) -> None:
+        from sniport.runtime import state_dir
+
+        server = runtime.loaded.config.server
+        state = state_dir(runtime.loaded)
+        pid_file = server.pid_file.replace("{state_dir}", str(state)) if server.pid_file else ""
+        self.pid_file = Path(pid_file) if pid_file else None
+        self.status_file = (self.pid_file.with_suffix(".status.json")
+                            if self.pid_file else None)
+
+    # -- main loop ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        runtime = self.start()
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGINT,
+                    signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        gen = self._new_generation(runtime)
+        self.pending = gen
+        try:
+            return self._loop()
+        finally:
+            self._cleanup()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._signals.append(signum)  # handled in order by the main loop, never dropped
+
+    def _loop(self) -> int:
+        while True:
+            while self._signals:
+                self._handle_signal(self._signals.popleft())
+            self._reap()
+            self._check_pending()
+            self._respawn_due()
+            if self.stopping and not self._any_workers():
+                return self.exit_code
+            if self.stopping and time.monotonic() >= self._stop_deadline:
+                self._kill_all(signal.SIGKILL)
+            timeout = self._next_timeout()
+            fds = [self._wake_r] + [w.ready_fd for w in self._all_workers()
+                                    if not w.ready and w.ready_fd >= 0]
+            try:
+                readable, _, _ = select.select(fds, [], [], timeout)
+            except InterruptedError:
+                continue
+            for fd in readable:
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                else:
+                    self._worker_ready(fd)
+
+    def _next_timeout(self) -> float:
+        now = time.monotonic()
+        times = [now + 1.0]
+        if self.pending is not None:
+            times.append(self.pending.ready_deadline)
+        for gen in self.generations:
+            times.extend(gen.respawn_at.values())
+        if self.stopping:
+            times.append(self._stop_deadline)
+        return max(0.0, min(times) - now)
+
+    # -- signals --------------------------------------------------------------------------
+
+    def _handle_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            return  # _reap runs on every turn of the loop
+        if signum == signal.SIGHUP:
+            self.reload()
+        elif signum in (signal.SIGTERM, signal.SIGQUIT):
+            if self._upgrade_child and not self.stopping:
+                # The master we exec'd serves and tells us to go: its sockets, files and
+                # pid file are its own now.
+                self._handed_over = True
+            self.stop(fast=self.stopping == "graceful")
+        elif signum == signal.SIGINT:
+            self.stop(fast=True)
+        elif signum == signal.SIGUSR1:
+            if self.access_log is not None:
+                self.access_log.reopen()
+            self._signal_workers(signal.SIGUSR1)
+            diag.info("log files reopened")
+        elif signum == signal.SIGUSR2:
+            self.upgrade()
+
+    # -- workers --------------------------------------------------------------------------
+
+    def _new_generation(self, runtime: Runtime) -> Generation:
+        keys = [key for key, _ in self._wanted(runtime)]
+        gen = Generation(self._next_gen, runtime, keys, time.time())
+        self._next_gen += 1
+        gen.ready_deadline = time.monotonic() + READY_TIMEOUT
+        self.generations.append(gen)
+        count = worker_count(runtime.loaded.config.server.workers)
+        for slot in range(count):
+            self._spawn(gen, slot)
+        return gen
+
+    def _spawn(self, gen: Generation, slot: int) -> None:
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        server = gen.runtime.loaded.config.server
+        listen_keys = {listener_key(e.address) for e in server.listen}
+        bound = [self.listeners[k] for k in gen.keys if k in listen_keys]
+        http_bound = [self.listeners[k] for k in gen.keys if k not in listen_keys]
+        assert self.access_log is not None
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                os.close(ready_r)
+                self._close_in_child(keep={id(b) for b in bound + http_bound})
+                from sniport.worker import worker_main
+
+                code = worker_main(gen.runtime, bound, http_bound, self.access_log,
+                                   self._life_r, ready_w)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(ready_w)
+        gen.workers[pid] = WorkerProc(pid, gen.number, slot, ready_r, time.monotonic())
+        self._write_status()
+
+    def _close_in_child(self, keep: set[int]) -> None:
+        signal.set_wakeup_fd(-1)
+        for fd in (self._wake_r, self._wake_w, self._life_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for w in self._all_workers():
+            with contextlib.suppress(OSError):
+                os.close(w.ready_fd)
+        for b in self.listeners.values():
+            if id(b) not in keep:
+                b.sock.close()  # not this worker's: closing our copy touches no file
+
+    def _worker_ready(self, fd: int) -> None:
+        for w in self._all_workers():
+            if w.ready_fd == fd:
+                with contextlib.suppress(OSError):
+                    data = os.read(fd, 64)
+                    if data.startswith(b"ready"):
+                        w.ready = True
+                os.close(fd)
+                w.ready_fd = -1  # ready, or closed without a word: its exit is reaped below
+                return
+
+    def _check_pending(self) -> None:
+        gen = self.pending
+        if gen is None:
+            return
+        workers = list(gen.workers.values())
+        if workers and all(w.ready for w in workers):
+            self._promote(gen)
+        elif time.monotonic() >= gen.ready_deadline:
+            self._abandon(gen, f"workers not ready within {READY_TIMEOUT:g}s")
+
+    def _promote(self, gen: Generation) -> None:
+        """The new generation serves: the previous ones drain."""
+        self.pending = None
+        old = [g for g in self.generations if g is not gen and not g.draining]
+        self.current = gen
+        for g in old:
+            g.draining = True
+            g.respawn_at.clear()
+            for w in g.workers.values():
+                _kill(w.pid, signal.SIGTERM)
+        server = gen.runtime.loaded.config.server
+        addresses = ", ".join(str(self.listeners[k].address) for k in gen.keys)
+        if old:
+            diag.info("reloaded %s (generation %d); %d old worker(s) draining",
+                      gen.runtime.loaded.source, gen.number,
+                      sum(len(g.workers) for g in old))
+        else:
+            diag.info("sniport %s (%d worker(s)) serving %s on %s", __version__,
+                      worker_count(server.workers), gen.runtime.loaded.source, addresses)
+            self._write_pid()
+            if self._parent_master:
+                # An upgrade: we serve, so the master that exec'd us drains and exits.
+                diag.info("upgrade: telling the old master %d to stop", self._parent_master)
+                _kill(self._parent_master, signal.SIGTERM)
+                self._parent_master = 0
+        self._close_unused()
+        self._write_status()
+        notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving generation {gen.number}")
+
+    def _abandon(self, gen: Generation, reason: str) -> None:
+        self.pending = None
+        for w in gen.workers.values():
+            _kill(w.pid, signal.SIGKILL)
+        gen.draining = True
+        gen.respawn_at.clear()
+        if self.current is None:
+            diag.error("cannot start: %s", reason)
+            self.exit_code = 1
+            self.stop(fast=True)
+            return
+        diag.error("reload failed: %s; still serving generation %d", reason,
+                   self.current.number)
+        notify("READY=1")
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self._upgrade_child:
+                self._upgrade_child = 0
+                if not self._handed_over:
+                    diag.error("upgrade failed: the new master exited (%s); still serving",
+                               _exit_cause(status))
+                    self._set_inheritable(False)
+                continue
+            self._worker_exited(pid, status)
+
+    def _worker_exited(self, pid: int, status: int) -> None:
+        for gen in self.generations:
+            w = gen.workers.pop(pid, None)
+            if w is None:
+                continue
+            if w.ready_fd >= 0:
+                os.close(w.ready_fd)
+            cause = _exit_cause(status)
+            if gen.draining or self.stopping:
+                diag.debug("worker %d (generation %d) exited: %s", pid, gen.number, cause)
+            elif gen is self.pending and not w.ready:
+                self._abandon(gen, f"worker {pid} exited before it was ready ({cause})")
+            else:
+                lived = time.monotonic() - w.started
+                delay = BACKOFF_MIN if lived >= STABLE_AFTER else gen.backoff.get(w.slot,
+                                                                                   BACKOFF_MIN)
+                gen.backoff[w.slot] = min(delay * 2, BACKOFF_MAX)
+                gen.respawn_at[w.slot] = time.monotonic() + delay
+                diag.error("worker %d died (%s) after %.1fs; restarting in %.1fs", pid, cause,
+                           lived, delay)
+            if gen.draining and not gen.workers:
+                self.generations.remove(gen)
+                self._close_unused()
+            self._write_status()
+            return
+
+    def _respawn_due(self) -> None:
+        now = time.monotonic()
+        for gen in self.generations:
+            for slot, when in list(gen.respawn_at.items()):
+                if now >= when and not gen.draining and not self.stopping:
+                    del gen.respawn_at[slot]
+                    self._spawn(gen, slot)
+
+    def _all_workers(self) -> list[WorkerProc]:
+        return [w for g in self.generations for w in g.workers.values()]
+
+    def _any_workers(self) -> bool:
+        return any(g.workers for g in self.generations)
+
+    def _signal_workers(self, sig: int) -> None:
+        for w in self._all_workers():
+            _kill(w.pid, sig)
+
+    def _kill_all(self, sig: int) -> None:
+        for w in self._all_workers():
+            _kill(w.pid, sig)
+
+    # -- reload ---------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        if self.stopping:
+            return
+        if self.pending is not None:
+            # A reload is under way: this one runs after it (the signal stays queued).
+            self._signals.append(signal.SIGHUP)
+            return
+        notify("RELOADING=1")
+        diag.info("reloading %s", self.config_label)
+        try:
+            loaded = self._loader()
+            runtime = build_runtime(loaded)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                diag.error("reload: %s", problem)
+            diag.error("reload failed (%d problem(s)); still serving the previous config",
+                       len(exc.problems))
+            notify("READY=1")
+            return
+        except Exception as exc:  # a bug must not take the running service down
+            diag.exception("reload failed: %s; still serving the previous config", exc)
+            notify("READY=1")
+            return
+        for warning in runtime.warnings:
+            diag.warning("%s", warning)
+        try:
+            self._bind(runtime, {})
+        except BindError as exc:
+            diag.error("reload failed: %s; still serving the previous config", exc)
+            notify("READY=1")
+            return
+        server = runtime.loaded.config.server
+        if self.access_log is not None and (
+                self.access_log.target, self.access_log.json) != (
+                server.access_log, server.log_format == "json"):
+            self.access_log = AccessLog(server.access_log, server.log_format)
+        self.pending = self._new_generation(runtime)
+
+    def _close_unused(self) -> None:
+        used = {k for g in self.generations for k in g.keys}
+        if self.pending is not None:
+            used.update(self.pending.keys)
+        for key in list(self.listeners):
+            if key not in used:
+                diag.info("listener %s closed (no longer in the config)", key)
+                self.listeners.pop(key).close()
+
+    # -- stop -----------------------------------------------------------------------------
+
+    def stop(self, fast: bool) -> None:
+        mode = "fast" if fast else "graceful"
+        if self.stopping == mode or self.stopping == "fast":
+            return
+        self.stopping = mode
+        notify("STOPPING=1")
+        drain = self.current.runtime.loaded.config.server.drain_timeout if self.current else 0
+        if fast:
+            diag.info("fast stop")
+            self._stop_deadline = time.monotonic() + STOP_GRACE
+            self._kill_all(signal.SIGINT)
+        else:
+            diag.info("graceful stop: draining for up to %gs", drain)
+            self._stop_deadline = time.monotonic() + drain + STOP_GRACE
+            self._kill_all(signal.SIGTERM)
+        for gen in self.generations:
+            gen.respawn_at.clear()
+
+    def _cleanup(self) -> None:
+        self._kill_all(signal.SIGKILL)
+        for key, b in list(self.listeners.items()):
+            if self._handed_over:
+                b.sock.close()  # the new master serves on them: the files stay
+            else:
+                b.close()
+            del self.listeners[key]
+        if self.pid_file is not None and not self._handed_over:
+            for path in (self.pid_file, self.status_file):
+                if path is not None and _owned_pid_file(path):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+        if self.access_log is not None:
+            self.access_log.close()
+        diag.info("stopped")
+
+    # -- upgrade --------------------------------------------------------------------------
+
+    def upgrade(self) -> None:
+        """Exec a new master (the installed sniport, possibly a newer one) that inherits the
+        listening sockets; we drain and exit when it tells us it serves."""
+        if self._upgrade_child or self.stopping:
+            return
+        self._set_inheritable(True)
+        spec = ",".join(f"{b.sock.fileno()}={key}" for key, b in self.listeners.items())
+        env = dict(os.environ, **{INHERIT_ENV: spec, PARENT_ENV: str(os.getpid())})
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.set_wakeup_fd(-1)
+                os.execve(sys.executable, [sys.executable, "-m", "sniport", *self._argv], env)
+            finally:
+                os._exit(127)
+        self._upgrade_child = pid
+        diag.info("upgrade: new master %d started", pid)
+
+    def handed_over(self) -> None:
+        self._handed_over = True
+
+    def _set_inheritable(self, value: bool) -> None:
+        for b in self.listeners.values():
+            os.set_inheritable(b.sock.fileno(), value)
+
+    # -- pid and status files ---------------------------------------------------------------
+
+    def _write_pid(self) -> None:
+        if self.pid_file is None:
+            return
+        try:
+            self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.pid_file, f"{os.getpid()}\n")
+        except OSError as exc:
+            diag.warning("pid file %s: %s", self.pid_file, exc.strerror)
+
+    def _write_status(self) -> None:
+        if self.status_file is None or (self.current is None and self.pending is None):
+            return
+        gen = self.current or self.pending
+        assert gen is not None
+        status = {
+            "pid": os.getpid(),
+            "version": __version__,
+            "config": gen.runtime.loaded.source,
+            "loaded_at": gen.loaded_at,
+            "generation": gen.number,
+            "workers": sorted(gen.workers),
+            "draining_workers": sorted(w.pid for g in self.generations if g.draining
+                                       for w in g.workers.values()),
+            "listeners": [str(self.listeners[k].address) for k in gen.keys
+                          if k in self.listeners],
+        }
+        with contextlib.suppress(OSError):
+            self.status_file.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.status_file, json.dumps(status, indent=1) + "\n")
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _kill(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _exit_cause(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return f"killed by {signal.Signals(sig).name}"
+    code = os.WEXITSTATUS(status)
+    return "exit 0" if code == 0 else f"exit code {code}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _owned_pid_file(path: Path) -> bool:
+    """The pid file (or status file) names this process, not a successor."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return False
+    if path.suffix == ".json":
+        try:
+            return bool(json.loads(text).get("pid") == os.getpid())
+        except ValueError:
+            return False
+    return text.strip() == str(os.getpid())
+
+
+def _sock_key(sock: Any) -> str:
+    import socket
+
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        if isinstance(name, bytes):
+            return f"unix:@{name[1:].decode(errors='replace')}" if name[:1] == b"\0" else \
+                f"unix:{name.decode()}"
+        return f"unix:{name}" if name else "unix:"
+    host, port = name[0], name[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def read_pid(pid_file: Path) -> int:
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise StartError(f"no running sniport found: cannot read {pid_file}: "
+                         f"{getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        raise StartError(f"no running sniport: {pid_file} names pid {pid}, which is gone") \
+            from None
+    except PermissionError:
+        pass
+    return pid
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
