@@ -649,12 +649,14 @@ def _cross_checks(config: Config, named: set[str]) -> Iterable[tuple[str, str]]:
             paths[route.path] = i
     listen_ports = [e.address for e in config.server.listen]
     for i, entry in enumerate(config.server.http_listen):
-        if entry.address in listen_ports:
+        if entry.address in listen_ports and not (isinstance(entry.address, TcpAddress)
+                                                  and entry.address.port == 0):
             yield f"server.http_listen[{i}]", f"{entry.address} is also in server.listen"
     listens: dict[Address, str] = {}
     for i, entry in enumerate(config.server.listen):
         where = f"server.listen[{i}]"
-        if entry.address in listens:
+        if entry.address in listens and not (isinstance(entry.address, TcpAddress)
+                                             and entry.address.port == 0):
             yield where, f"{entry.address} is already listed at {listens[entry.address]}"
         listens[entry.address] = where
         if isinstance(entry.address, TcpAddress) and (entry.mode or entry.owner):

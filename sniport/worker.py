@@ -273,7 +273,8 @@ class Worker:
 
 
 def _tls_reason(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
+    # uvloop reports its ssl_handshake_timeout as ConnectionAbortedError("... taking longer")
+    if isinstance(exc, TimeoutError) or "taking longer" in str(exc):
         return "handshake_timeout"
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)

@@ -9,7 +9,7 @@ import trustme
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import Pki  # noqa: E402
+from helpers import Pki
 
 
 @pytest.fixture(scope="session")

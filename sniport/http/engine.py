@@ -92,6 +92,10 @@ class ClientGone(Exception):
     pass
 
 
+class _StopParsing(Exception):
+    """Raised in a parser callback: the connection is closing, nothing more is read."""
+
+
 class Request:
     __slots__ = (
         "body",
@@ -154,6 +158,8 @@ class Body:
     __slots__ = (
         "_buffered",
         "_sink",
+        "_on_end",
+        "_on_error",
         "_chunks",
         "_conn",
         "_continue_sent",
@@ -179,6 +185,33 @@ class Body:
         self._continue_sent = False
         self.discard = False
         self._sink: BodySink | None = None
+        self._on_end: Callable[[], None] | None = None
+        self._on_error: Callable[[Exception], None] | None = None
+
+    def then(self, on_end: Callable[[], None], on_error: Callable[[Exception], None]) -> None:
+        """For handlers that do not read bodies: drop the body as it arrives, enforcing its
+        limit, and call ``on_end`` once it has all arrived (``on_error`` if it fails), so
+        that the answer comes after the whole request, as for a body that is read."""
+        self.drop()
+        self._on_end, self._on_error = on_end, on_error
+        if not self._continue_sent:
+            self._continue_sent = True
+            if self._request.expect_continue and not self._done:
+                self._conn.send_continue()
+        if self._error is not None:
+            self._fire_error(self._error)
+        elif self._done:
+            self._fire_end()
+
+    def _fire_end(self) -> None:
+        callback, self._on_end, self._on_error = self._on_end, None, None
+        if callback is not None:
+            callback()
+
+    def _fire_error(self, exc: Exception) -> None:
+        callback, self._on_end, self._on_error = self._on_error, None, None
+        if callback is not None:
+            callback(exc)
 
     def attach(self, sink: BodySink) -> None:
         """Push the body to ``sink`` from now on, starting with what is buffered."""
@@ -216,6 +249,8 @@ class Body:
         self._done = True
         if self._sink is not None and not self.discard:
             self._sink.body_end()
+        if self._on_end is not None:
+            self._fire_end()
         self._wake()
 
     def fail(self, exc: Exception) -> None:
@@ -223,6 +258,8 @@ class Body:
             self._error = exc
             if self._sink is not None and not self.discard:
                 self._sink.body_error(exc)
+            if self._on_error is not None:
+                self._fire_error(exc)
         self._wake()
 
     def _wake(self) -> None:
@@ -313,8 +350,11 @@ class Exchange:
     def _head(self, status: int, headers: list[tuple[str, str]], length: int | None,
               raw: list[tuple[bytes, bytes]] | None = None) -> bytes:
         self.status = status
-        parts = [status_line(status), b"Server: sniport\r\n", date_header()]
         remove = self.remove_headers
+        parts = [status_line(status)]
+        if not remove or b"server" not in remove:
+            parts.append(b"Server: sniport\r\n")
+        parts.append(date_header())
         for name, value in headers:
             encoded = name.encode("latin-1")
             if remove and encoded.lower() in remove:
@@ -354,7 +394,7 @@ class Exchange:
             return
         head = self._head(status, headers, len(body))
         self.head_sent = True
-        self.ttfb = self.conn.loop.time()
+        self.ttfb = time.monotonic()
         if self.is_head or status in (204, 304) or status < 200:
             self.conn.write(head)
         else:
@@ -369,7 +409,7 @@ class Exchange:
             return
         self.conn.write(self._head(status, headers, length, raw))
         self.head_sent = True
-        self.ttfb = self.conn.loop.time()
+        self.ttfb = time.monotonic()
 
     def write(self, data: bytes | memoryview) -> None:
         if self.is_head or not data or self.finished:
@@ -383,7 +423,9 @@ class Exchange:
     @property
     def writable(self) -> bool:
         """False while the client is not reading fast enough: stop and wait for on_resume."""
-        return not self.conn.write_paused
+        conn = self.conn
+        return not conn.write_paused and conn.transport is not None \
+            and not conn.transport.is_closing()
 
     async def drain(self) -> None:
         await self.conn.drain()
@@ -435,7 +477,8 @@ class HttpConnection(asyncio.Protocol):
         self.parser: Any = None
         self._req: Request | None = None  # being parsed
         self._url: list[bytes] = []
-        self._header_bytes = 0
+        self._header_bytes = 0  # the header fields of the request being parsed
+        self._target_bytes = 0  # its request target
         self._refuse: tuple[int, str] | None = None  # set in a callback, acted on after
         self._queue: collections.deque[Request] = collections.deque()
         self.active: Exchange | None = None
@@ -486,7 +529,10 @@ class HttpConnection(asyncio.Protocol):
             offset = exc.args[0] if exc.args else len(data)
             self._upgrade_buffer = data[offset:]
             self.parser = None
-        except httptools.HttpParserCallbackError:
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _StopParsing):
+                self.parser = None  # closing: what follows is not read as requests
+                return
             if self._refuse is not None:
                 status, why = self._refuse
                 self._fail_request(status, why)
@@ -542,15 +588,20 @@ class HttpConnection(asyncio.Protocol):
     # -- httptools callbacks --------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._req = Request(self.loop.time())
+        if self.closing or self._lingering:
+            # "Connection: close" went out (or is going): a request after it is not
+            # answered (RFC 9112 section 9.6).
+            raise _StopParsing
+        self._req = Request(time.monotonic())
         self._url = []
         self._header_bytes = 0
+        self._target_bytes = 0
         self._set_read_deadline("header", self.limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
-        self._header_bytes += len(url)
-        if self._header_bytes > MAX_TARGET:
+        self._target_bytes += len(url)
+        if self._target_bytes > MAX_TARGET:
             self._refuse = (414, "uri_too_long")
             raise ValueError("request target too long")
 
@@ -558,7 +609,7 @@ class HttpConnection(asyncio.Protocol):
         req = self._req
         assert req is not None
         self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > MAX_HEADER_BYTES + MAX_TARGET:
+        if self._header_bytes > MAX_HEADER_BYTES:
             self._refuse = (431, "headers_too_large")
             raise ValueError("header section too large")
         req.headers.append((name.lower(), value))
@@ -676,7 +727,7 @@ class HttpConnection(asyncio.Protocol):
         self._end_reason = reason
         self.closing = True
         self.parser = None
-        req = self._req or Request(self.loop.time())
+        req = self._req or Request(time.monotonic())
         if self.active is not None:
             if not self.active.head_sent and self.active.request is req:
                 self.active.close_after = True
@@ -744,7 +795,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _log(self, ex: Exchange) -> None:
         if self.log.enabled:
-            self.log.request(self, ex, self.loop.time())
+            self.log.request(self, ex, time.monotonic())
 
     # -- flow control and deadlines -------------------------------------------------------
 
@@ -807,10 +858,10 @@ class HttpConnection(asyncio.Protocol):
             # RFC 9110 section 15.5.9: 408 for a request head that did not arrive in time.
             self._fail_request(408, reason)
             return
-        self._end_reason = reason
+        if reason != "linger_timeout":
+            self._end_reason = reason
         self.closing = True
         if reason == "linger_timeout":
-            self._end_reason = "eof"
-            transport.close()
+            transport.close()  # the reason stays the one that started the linger
         else:
             transport.abort()

@@ -42,6 +42,8 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 class ProxyRoute:
     """The handler of one proxy route; its upstreams' pools are per worker process."""
 
+    reads_body = True  # the body streams to the upstream as it arrives
+
     def __init__(self, cfg: ProxyHandler, prefix: str, trusted: list[Network]) -> None:
         self.cfg = cfg
         self.prefix = prefix

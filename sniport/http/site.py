@@ -20,7 +20,7 @@ import asyncio
 from typing import Protocol
 
 from sniport.config import Site, SiteRoute
-from sniport.http.engine import Exchange
+from sniport.http.engine import BodyTooLarge, Exchange
 from sniport.http.handlers import Redirect, Respond
 from sniport.http.static import StaticFiles
 from sniport.routing import Network, RouteTable
@@ -118,7 +118,20 @@ class SiteApp:
                 return
             if req.body is not None:
                 req.body.limit = route.max_body
-        route.handler.handle(ex, req.path[len(route.prefix):], self)
+        rest = req.path[len(route.prefix):]
+        if req.body is not None and not req.complete and not getattr(route.handler,
+                                                                     "reads_body", False):
+            # The answer waits for the end of a body the handler does not read: a body over
+            # the limit is a 413 and a broken one a 400, as for a body that is read.
+            req.body.then(lambda: route.handler.handle(ex, rest, self),
+                          lambda exc: self._body_failed(ex, exc))
+            return
+        route.handler.handle(ex, rest, self)
+
+    def _body_failed(self, ex: Exchange, exc: Exception) -> None:
+        if isinstance(exc, BodyTooLarge) and not ex.head_sent:
+            ex.close_after = True
+            self.fail(ex, 413, "body_too_large")
 
     def fail(self, ex: Exchange, status: int, note: str = "") -> None:
         """An error response: the site's error page for ``status`` if it has one."""

@@ -156,6 +156,9 @@ class StaticFiles:
         if stat.S_ISDIR(st.st_mode):
             if status != 200:
                 return False
+            if not self._inside(fs_path):
+                diag.warning("static: %s leads outside the root %s", fs_path, self.root)
+                return self._missing(ex, app, status, False)
             self._directory(ex, app, fs_path, rest, segments)
             return True
         if not stat.S_ISREG(st.st_mode):
@@ -362,28 +365,44 @@ class StaticFiles:
                  f"unreadable: {exc.strerror}")
 
 
+PUMP_BUDGET = 8  # chunks per turn of the event loop, so that one big file does not hog it
+
+
 class _FileSender:
     """Streams part of a file to the client as fast as the client reads it, and no faster:
-    bounded memory whatever the file's size."""
+    bounded memory whatever the file's size. It writes a few chunks per turn of the loop,
+    so that other connections, and news of this client's departure, get their turn."""
 
-    __slots__ = ("_ex", "_fd", "_left", "_offset")
+    __slots__ = ("_ex", "_fd", "_left", "_offset", "_scheduled")
 
     def __init__(self, ex: Exchange, fd: int, offset: int, length: int) -> None:
         self._ex = ex
         self._fd = fd
         self._offset = offset
         self._left = length
+        self._scheduled = False
         ex.on_resume = self.pump
         ex.on_abort = self._close
 
+    def _turn(self) -> None:
+        self._scheduled = False
+        self.pump()
+
     def pump(self) -> None:
         ex = self._ex
+        budget = PUMP_BUDGET
         while self._left > 0:
             if ex.finished:
                 self._close()
                 return
             if not ex.writable:
                 return  # on_resume calls us again
+            if budget == 0:
+                if not self._scheduled:
+                    self._scheduled = True
+                    ex.conn.loop.call_soon(self._turn)
+                return
+            budget -= 1
             try:
                 chunk = os.pread(self._fd, min(CHUNK, self._left), self._offset)
             except OSError as exc:

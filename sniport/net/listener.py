@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import select
 import socket
 from typing import TYPE_CHECKING
 
@@ -78,6 +79,15 @@ class Listener:
             worker.accepted(self, sock, addr)
 
 
+_HANGUP = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+
+
+def _peer_shut_down(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLRDHUP)
+    return any(events & _HANGUP for _, events in poller.poll(0))
+
+
 class HelloReader:
     """Peeks until the ClientHello is complete, then calls ``worker.dispatch``."""
 
@@ -126,6 +136,15 @@ class HelloReader:
             return
         if not data:
             self._fail("eof_before_hello" if self._seen == 0 else "eof_in_hello")
+            return
+        if len(data) == self._seen:
+            # Nothing new, yet readable: a peek never sees the end of stream behind bytes
+            # that are still unread, so ask poll() whether the peer has shut down.
+            if _peer_shut_down(self.fd):
+                self._fail("eof_in_hello")
+            elif self._unix:
+                self._loop.remove_reader(self.fd)
+                self._rearm = self._loop.call_later(UNIX_REARM, self._on_rearm)
             return
         try:
             outcome = self._parser.feed(memoryview(data)[self._seen :])
