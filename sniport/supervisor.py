@@ -37,7 +37,7 @@ from sniport import __version__
 from sniport.addresses import Address
 from sniport.config import ConfigError, Listen, LoadedConfig
 from sniport.logs import AccessLog, diag
-from sniport.net.binding import BindError, BoundListener, bind_one
+from sniport.net.binding import BindError, BoundListener, bind_one, tune_listener
 from sniport.runtime import Runtime, build_runtime
 from sniport.systemd import activated_sockets, notify
 
@@ -178,6 +178,9 @@ class Master:
             for key in new:
                 self.listeners.pop(key).close()
             raise BindError("\n".join(errors))
+        hello_timeout = runtime.loaded.config.server.client_hello_timeout
+        for key in new:
+            tune_listener(self.listeners[key].sock, hello_timeout)
         return new
 
     def _paths(self, runtime: Runtime) -> None:

@@ -55,6 +55,18 @@ class BoundListener:
                     os.unlink(self.address.path)
 
 
+def tune_listener(sock: socket.socket, first_bytes_within: float) -> None:
+    """Options set once on a TCP listener and inherited by every accepted connection:
+    TCP_NODELAY (relayed and TLS records are already whole: no Nagle delay), and
+    TCP_DEFER_ACCEPT, so that accept() returns when the client's first bytes (the
+    ClientHello, or a request head) have arrived, not one poll cycle before them."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT,
+                    max(1, int(first_bytes_within + 0.999)))
+
+
 def bind_all(entries: list[Listen]) -> list[BoundListener]:
     """Bind every entry; on any failure close what was bound and raise with every reason."""
     bound: list[BoundListener] = []

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import select
 import socket
 from typing import TYPE_CHECKING
 
 from sniport.logs import diag
 from sniport.net.binding import BoundListener
+from sniport.net.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLRDHUP
 from sniport.wire.clienthello import MAX_HELLO_BYTES, ClientHelloParser, MalformedHello, NeedMore
 
 if TYPE_CHECKING:
@@ -36,6 +36,8 @@ UNIX_REARM = 0.005  # seconds between peeks of a partial hello on a unix socket
 PEEK_SIZE = MAX_HELLO_BYTES + 1  # one byte more than the cap, so an oversized hello is seen
 
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+READ_EVENTS = EPOLLIN | EPOLLRDHUP
+HANGUP_EVENTS = EPOLLRDHUP | EPOLLHUP | EPOLLERR
 
 
 class Listener:
@@ -79,23 +81,19 @@ class Listener:
             worker.accepted(self, sock, addr)
 
 
-_HANGUP = select.POLLRDHUP | select.POLLHUP | select.POLLERR
-
-
-def _peer_shut_down(fd: int) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLRDHUP)
-    return any(events & _HANGUP for _, events in poller.poll(0))
-
-
 class HelloReader:
-    """Peeks until the ClientHello is complete, then calls ``worker.dispatch``."""
+    """Peeks until the ClientHello is complete, then calls ``worker.dispatch``.
+
+    The first peek happens at accept time (with TCP_DEFER_ACCEPT the hello is usually there
+    already); only a client that makes us wait gets a place in the poller and a timer."""
 
     __slots__ = (
         "_loop",
         "_lowat",
         "_parser",
+        "_poller",
         "_rearm",
+        "_registered",
         "_seen",
         "_timer",
         "_unix",
@@ -108,6 +106,7 @@ class HelloReader:
     def __init__(self, worker: Worker, sock: socket.socket, conn: ConnRecord, unix: bool) -> None:
         self._worker = worker
         self._loop = worker.loop
+        self._poller = worker.poller
         self.sock = sock
         self.fd = sock.fileno()
         self.conn = conn
@@ -115,20 +114,21 @@ class HelloReader:
         self._seen = 0
         self._lowat = False
         self._unix = unix
+        self._registered = False
         self._rearm: asyncio.TimerHandle | None = None
-        self._timer: asyncio.TimerHandle | None = self._loop.call_later(
-            worker.client_hello_timeout, self._on_timeout)
+        self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        # Most clients send the hello with or right after the handshake: try once now.
-        self._on_readable()
-        if self._timer is not None and self._rearm is None:
-            self._loop.add_reader(self.fd, self._on_readable)
+        self._peek(0)
 
-    def _on_readable(self) -> None:
+    def _on_event(self, events: int) -> None:
+        self._peek(events)
+
+    def _peek(self, events: int) -> None:
         try:
             data = self.sock.recv(PEEK_SIZE, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
+            self._wait(READ_EVENTS)
             return
         except OSError as exc:
             self._fail("client_reset" if exc.errno == errno.ECONNRESET else
@@ -138,13 +138,12 @@ class HelloReader:
             self._fail("eof_before_hello" if self._seen == 0 else "eof_in_hello")
             return
         if len(data) == self._seen:
-            # Nothing new, yet readable: a peek never sees the end of stream behind bytes
-            # that are still unread, so ask poll() whether the peer has shut down.
-            if _peer_shut_down(self.fd):
+            # Nothing new: a peek never sees the end of stream behind bytes still unread,
+            # but epoll reports the peer's shutdown (EPOLLRDHUP).
+            if events & HANGUP_EVENTS:
                 self._fail("eof_in_hello")
-            elif self._unix:
-                self._loop.remove_reader(self.fd)
-                self._rearm = self._loop.call_later(UNIX_REARM, self._on_rearm)
+            else:
+                self._wait(READ_EVENTS)
             return
         try:
             outcome = self._parser.feed(memoryview(data)[self._seen :])
@@ -153,40 +152,60 @@ class HelloReader:
             return
         self._seen = len(data)
         if isinstance(outcome, NeedMore):
-            if self._unix:
-                # poll() on a unix socket ignores SO_RCVLOWAT: look again shortly instead.
-                self._loop.remove_reader(self.fd)
-                self._rearm = self._loop.call_later(UNIX_REARM, self._on_rearm)
-            else:
+            if not self._unix:
+                # Readable again only once the missing bytes are all there: no spinning.
                 self._lowat = True
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT,
                                      len(data) + outcome.at_least)
+            self._wait(READ_EVENTS)
             return
         self._stop_waiting()
         self._worker.dispatch(self.sock, self.conn, outcome)
 
+    def _wait(self, mask: int) -> None:
+        if self._unix and self._seen:
+            # poll() on a unix socket ignores SO_RCVLOWAT: watch only for a hang-up, and
+            # look again shortly.
+            mask = EPOLLRDHUP
+            if self._rearm is None:
+                self._rearm = self._loop.call_later(UNIX_REARM, self._on_rearm)
+        if not self._registered:
+            self._registered = True
+            self._poller.register(self.fd, mask, self._on_event)
+            self._timer = self._loop.call_at(self.conn.start + self._worker.client_hello_timeout,
+                                             self._on_timeout)
+        else:
+            self._poller.modify(self.fd, mask)
+
     def _on_rearm(self) -> None:
         self._rearm = None
-        self._loop.add_reader(self.fd, self._on_readable)
+        self._poller.modify(self.fd, READ_EVENTS)
 
     def _on_timeout(self) -> None:
         self._timer = None
         self._fail("client_hello_timeout")
 
-    def _stop_waiting(self) -> None:
-        self._loop.remove_reader(self.fd)
+    def _cancel_timers(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self._rearm is not None:
             self._rearm.cancel()
             self._rearm = None
+
+    def _stop_waiting(self) -> None:
+        """The socket lives on (relay or TLS): out of the poller, options back to normal."""
+        if self._registered:
+            self._poller.unregister(self.fd)
+        self._cancel_timers()
         if self._lowat:
             # The relay and TLS read whatever is there: back to the default.
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     def _fail(self, reason: str) -> None:
-        self._stop_waiting()
+        if self._registered:
+            self._poller.forget(self.fd)
+        self._cancel_timers()
         self.sock.close()
         self._worker.finish(self.conn, reason)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sniport.config import Passthrough
+from sniport.net.poller import EPOLLOUT
 from sniport.net.relay import SpliceRelay
 from sniport.net.upstream import Target, UpstreamConnect, targets_for
 from sniport.wire import proxyproto
@@ -76,9 +77,8 @@ class PassthroughConnection:
         self.relay: SpliceRelay | None = None
 
     def start(self) -> None:
-        if self._sock.family != socket.AF_UNIX:
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._connect = UpstreamConnect(self._loop, self._rt.targets,
+        # The client socket has TCP_NODELAY from its listener (binding.tune_listener).
+        self._connect = UpstreamConnect(self._loop, self._worker.poller, self._rt.targets,
                                         self._rt.block.connect_timeout, self._connected)
         self._connect.start()
 
@@ -122,27 +122,32 @@ class PassthroughConnection:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-                self._loop.remove_writer(self._up.fileno())
+                self._worker.poller.unregister(self._up.fileno())
             self._start_relay()
         elif self._timer is None:
             # A fresh connection's send buffer takes ~200 bytes at once; this is the rare case.
-            self._loop.add_writer(self._up.fileno(), self._send_header)
+            self._worker.poller.register(self._up.fileno(), EPOLLOUT, self._header_writable)
             self._timer = self._loop.call_later(self._rt.block.connect_timeout,
                                                 self._header_timeout)
+
+    def _header_writable(self, events: int) -> None:
+        self._send_header()
 
     def _header_timeout(self) -> None:
         self._timer = None
         assert self._up is not None
-        self._loop.remove_writer(self._up.fileno())
+        self._worker.poller.forget(self._up.fileno())
         self._end("upstream_timeout")
 
     def _start_relay(self) -> None:
         assert self._up is not None
-        self.relay = SpliceRelay(self._loop, self._worker.pipes, self._sock, self._up,
-                                 self._rt.block.idle_timeout, self._relay_done)
+        self.relay = SpliceRelay(self._loop, self._worker.poller, self._worker.pipes,
+                                 self._sock, self._up, self._rt.block.idle_timeout,
+                                 self._relay_done)
         self.relay.start()
 
     def _relay_done(self, reason: str, up: int, down: int) -> None:
+        self.relay = None  # no cycle left for the garbage collector
         self._conn.up = up
         self._conn.down = down
         self._worker.finish(self._conn, reason)

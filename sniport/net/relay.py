@@ -11,9 +11,12 @@ Rules:
   other once every byte before it is delivered; the relay ends when both directions have.
 - Pipes come from a pool and are held only while bytes are in flight, so an idle connection
   costs its two sockets and nothing more (DESIGN.md "Performance notes").
-- Reads go on until EAGAIN: uvloop stops a watcher after an error event without telling us
-  (DESIGN.md "uvloop add_reader trap"), so a callback may not leave bytes unread.
-- Readers and writers are removed before a socket is closed: fd numbers are reused.
+- The sockets are watched by the worker's own epoll set (net/poller.py), which reports
+  errors and hang-ups to us instead of silently stopping the watch as uvloop's add_reader
+  does (DESIGN.md "uvloop add_reader trap"). Reads go on until a short read (the socket
+  is drained; level-triggered epoll calls again if it was not).
+- One registration per socket for the relay's life; only its interest changes (EPOLLIN
+  while its data is wanted, EPOLLOUT while bytes wait to be written to it).
 - No byte passes for ``idle_timeout``: both sockets are closed.
 """
 
@@ -25,6 +28,8 @@ import fcntl
 import os
 import socket
 from collections.abc import Callable
+
+from sniport.net.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Poller
 
 PIPE_SIZE = 1 << 20  # bytes one splice may move (bench/relay_compare.py: 1 MiB costs least)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -69,18 +74,7 @@ class PipePool:
 class _Flow:
     """One direction of a relay: ``src`` -> pipe -> ``dst``."""
 
-    __slots__ = (
-        "count",
-        "dst",
-        "dst_name",
-        "eof",
-        "on_readable",
-        "on_writable",
-        "pending",
-        "pipe",
-        "src",
-        "src_name",
-    )
+    __slots__ = ("src", "dst", "pipe", "pending", "eof", "count", "src_name", "dst_name")
 
     def __init__(self, src: int, dst: int, src_name: str, dst_name: str) -> None:
         self.src = src
@@ -91,8 +85,10 @@ class _Flow:
         self.pending = 0  # bytes in the pipe not yet written to dst
         self.eof = False
         self.count = 0
-        self.on_readable: Callable[[], None] = _noop
-        self.on_writable: Callable[[], None] = _noop
+
+    @property
+    def reading(self) -> bool:
+        return not self.eof and not self.pending
 
 
 RelayDone = Callable[[str, int, int], None]  # (how it ended, bytes client->up, bytes up->client)
@@ -106,27 +102,27 @@ class SpliceRelay:
         "_idle_timeout",
         "_last",
         "_loop",
+        "_masks",
         "_on_done",
         "_pool",
+        "_poller",
         "_timer",
         "_up",
         "_upstream",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pool: PipePool, client: socket.socket,
-                 upstream: socket.socket, idle_timeout: float, on_done: RelayDone) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, poller: Poller, pool: PipePool,
+                 client: socket.socket, upstream: socket.socket, idle_timeout: float,
+                 on_done: RelayDone) -> None:
         self._loop = loop
+        self._poller = poller
         self._pool = pool
         self._client = client
         self._upstream = upstream
         cfd, ufd = client.fileno(), upstream.fileno()
         self._up = _Flow(cfd, ufd, "client", "upstream")
         self._down = _Flow(ufd, cfd, "upstream", "client")
-        up, down = self._up, self._down
-        up.on_readable = lambda: self._pump(up)
-        down.on_readable = lambda: self._pump(down)
-        up.on_writable = lambda: self._flush(up)
-        down.on_writable = lambda: self._flush(down)
+        self._masks = [EPOLLIN, EPOLLIN]  # interest of [client fd, upstream fd]
         self._idle_timeout = idle_timeout
         self._timer: asyncio.TimerHandle | None = None
         self._last = 0.0
@@ -135,21 +131,71 @@ class SpliceRelay:
 
     def start(self) -> None:
         self._last = self._loop.time()
-        self._loop.add_reader(self._up.src, self._up.on_readable)
-        self._loop.add_reader(self._down.src, self._down.on_readable)
         self._timer = self._loop.call_at(self._last + self._idle_timeout, self._check_idle)
+        self._poller.register(self._up.src, EPOLLIN, self._on_client)
+        self._poller.register(self._down.src, EPOLLIN, self._on_upstream)
+        # The client's first bytes (its ClientHello) are waiting already: send them now
+        # rather than one poll cycle later.
+        self._pump(self._up)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _on_client(self, events: int) -> None:
+        self._on_event(events, self._up, self._down)
+
+    def _on_upstream(self, events: int) -> None:
+        self._on_event(events, self._down, self._up)
+
+    def _on_event(self, events: int, out: _Flow, into: _Flow) -> None:
+        """``out`` reads from this socket, ``into`` writes to it."""
+        self._last = self._loop.time()
+        if events & EPOLLOUT and into.pending:
+            self._flush(into)
+            if self._closed:
+                return
+        if events & (EPOLLIN | EPOLLHUP | EPOLLERR) and out.reading:
+            self._pump(out)  # the read reports the end of stream or the error itself
+            return
+        if events & (EPOLLHUP | EPOLLERR) and not self._closed:
+            # A hang-up or an error on a socket nothing is reading: the peer is gone for
+            # good, and level-triggered epoll would report it again and again.
+            sock = self._client if out is self._up else self._upstream
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._fail(out.src_name, OSError(err, os.strerror(err)))
+            elif into.pending:
+                self.close(f"{out.src_name}_closed")  # what waits for it cannot be delivered
+            else:
+                # Closed both ways after its own end of stream: stop watching it (level-
+                # triggered epoll would repeat the hang-up); a later write to it fails
+                # with EPIPE and ends the relay, the other side's end of stream ends it.
+                self._masks[0 if out is self._up else 1] = -1
+                self._poller.unregister(out.src)
+
+    def _watch(self, fd: int) -> None:
+        """Set the interest of ``fd`` from what its two flows need now."""
+        up, down = self._up, self._down
+        if fd == up.src:
+            mask = (EPOLLIN if up.reading else 0) | (EPOLLOUT if down.pending else 0)
+            index = 0
+        else:
+            mask = (EPOLLIN if down.reading else 0) | (EPOLLOUT if up.pending else 0)
+            index = 1
+        if mask != self._masks[index] and self._masks[index] >= 0:  # -1: no longer watched
+            self._masks[index] = mask
+            self._poller.modify(fd, mask)
+
+    # -- moving bytes ---------------------------------------------------------------------
 
     def close(self, reason: str) -> None:
         """End the relay now (drain deadline, shutdown): both sockets are closed."""
         if self._closed:
             return
         self._closed = True
-        loop = self._loop
         if self._timer is not None:
             self._timer.cancel()
         for flow in (self._up, self._down):
-            loop.remove_reader(flow.src)
-            loop.remove_writer(flow.dst)
+            self._poller.forget(flow.src)
             if flow.pipe is not None:
                 if flow.pending:
                     os.close(flow.pipe[0])
@@ -162,7 +208,6 @@ class SpliceRelay:
         self._on_done(reason, self._up.count, self._down.count)
 
     def _pump(self, f: _Flow) -> None:
-        self._last = self._loop.time()
         pool = self._pool
         while True:
             if f.pending == 0:
@@ -185,6 +230,8 @@ class SpliceRelay:
                     return
                 f.pending = n
                 f.count += n
+            else:
+                n = pool.size  # flushing what was left: then read on
             assert f.pipe is not None
             try:
                 m = os.splice(f.pipe[0], f.dst, f.pending, flags=SPLICE_FLAGS)
@@ -196,12 +243,17 @@ class SpliceRelay:
             f.pending -= m
             if f.pending:
                 # The destination is full: stop reading the source until it drains.
-                self._loop.remove_reader(f.src)
-                self._loop.add_writer(f.dst, f.on_writable)
+                self._watch(f.src)
+                self._watch(f.dst)
+                return
+            if n < pool.size:
+                # A short read means the socket is (almost surely) drained: skip the read
+                # that would only say EAGAIN. Level-triggered epoll calls again if not.
+                pool.put(f.pipe)
+                f.pipe = None
                 return
 
     def _flush(self, f: _Flow) -> None:
-        self._last = self._loop.time()
         assert f.pipe is not None
         try:
             m = os.splice(f.pipe[0], f.dst, f.pending, flags=SPLICE_FLAGS)
@@ -212,15 +264,15 @@ class SpliceRelay:
             return
         f.pending -= m
         if f.pending == 0:
-            self._loop.remove_writer(f.dst)
             self._pool.put(f.pipe)
             f.pipe = None
-            self._loop.add_reader(f.src, f.on_readable)
+            self._watch(f.dst)
+            self._watch(f.src)
+            self._pump(f)  # more may have arrived while we waited
 
     def _end_of_stream(self, f: _Flow) -> None:
         # Everything read before the end is already written (pending == 0): pass it on.
         f.eof = True
-        self._loop.remove_reader(f.src)
         try:
             (self._upstream if f is self._up else self._client).shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -229,10 +281,15 @@ class SpliceRelay:
                 return
         if self._up.eof and self._down.eof:
             self.close("eof")
+            return
+        self._watch(f.src)
 
     def _fail(self, side: str, exc: OSError) -> None:
         if exc.errno in (errno.ECONNRESET, errno.EPIPE):
-            self.close(f"{side}_reset")
+            sent_all = self._up.eof if side == "client" else self._down.eof
+            # A side that had finished sending (its FIN came through) and then resets is a
+            # TLS server closing without reading the client's close_notify: a normal end.
+            self.close("eof" if sent_all else f"{side}_reset")
         else:
             self.close(f"{side}_error: {exc.strerror}")
 
@@ -243,9 +300,3 @@ class SpliceRelay:
             self.close("idle_timeout")
         else:
             self._timer = self._loop.call_at(deadline, self._check_idle)
-
-
-
-
-def _noop() -> None:
-    pass

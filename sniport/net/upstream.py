@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sniport.addresses import Address, TcpAddress, UnixAddress, resolve
+from sniport.net.poller import EPOLLERR, EPOLLHUP, EPOLLOUT, Poller
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,7 @@ class UpstreamConnect:
     __slots__ = (
         "_index",
         "_loop",
+        "_poller",
         "_on_done",
         "_reason",
         "_sock",
@@ -66,9 +68,10 @@ class UpstreamConnect:
         "_timer",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, targets: Sequence[Target],
-                 timeout: float, on_done: ConnectDone) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, poller: Poller,
+                 targets: Sequence[Target], timeout: float, on_done: ConnectDone) -> None:
         self._loop = loop
+        self._poller = poller
         self._targets = targets
         self._timeout = timeout
         self._on_done = on_done
@@ -91,32 +94,41 @@ class UpstreamConnect:
                 self._on_done(None, None, self._reason)
                 return
             target = self._targets[self._index]
-            sock = socket.socket(target.family, socket.SOCK_STREAM)
-            sock.setblocking(False)
+            # Non-blocking from birth: no separate fcntl/ioctl.
+            sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             err = sock.connect_ex(target.sockaddr)
             if err == 0:
                 self._success(sock, target)
                 return
+            if err == errno.EINPROGRESS and _established(sock):
+                # On loopback (and often a LAN) the handshake is done by the time connect()
+                # returns: no need to wait for writability (saves a poll cycle per connection).
+                self._success(sock, target)
+                return
             if err == errno.EINPROGRESS:
                 self._sock = sock
-                self._loop.add_writer(sock.fileno(), self._on_writable)
+                self._poller.register(sock.fileno(), EPOLLOUT, self._on_event)
                 self._timer = self._loop.call_later(self._timeout, self._on_timeout)
                 return
             sock.close()
             self._reason = _REASONS.get(err, f"upstream_error: {errno.errorcode.get(err, err)}")
 
-    def _on_writable(self) -> None:
+    def _on_event(self, events: int) -> None:
+        # Writable, or an error (EPOLLERR: refused, unreachable): SO_ERROR tells which.
         sock = self._sock
-        assert sock is not None
+        if sock is None:
+            return
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err == 0:
-            self._loop.remove_writer(sock.fileno())
+        if err == 0 and not events & (EPOLLERR | EPOLLHUP):
+            self._poller.unregister(sock.fileno())
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
             self._sock = None
             self._success(sock, self._targets[self._index])
             return
+        if err == 0:
+            err = errno.ECONNRESET
         self._reason = _REASONS.get(err, f"upstream_error: {errno.errorcode.get(err, err)}")
         self._drop()
         self._next()
@@ -132,7 +144,7 @@ class UpstreamConnect:
             self._timer.cancel()
             self._timer = None
         if self._sock is not None:
-            self._loop.remove_writer(self._sock.fileno())
+            self._poller.forget(self._sock.fileno())
             self._sock.close()
             self._sock = None
 
@@ -141,6 +153,14 @@ class UpstreamConnect:
             # Relayed bytes are already coalesced by the client; do not add Nagle delay.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._on_done(sock, target, "")
+
+
+def _established(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False  # ENOTCONN: still connecting
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
 
 
 def _ignore(sock: socket.socket | None, target: Target | None, reason: str) -> None:

@@ -16,6 +16,8 @@ Rules:
 
 from __future__ import annotations
 
+import re
+import struct
 from dataclasses import dataclass
 
 MAX_HELLO_BYTES = 16 * 1024
@@ -31,6 +33,7 @@ EXT_SERVER_NAME = 0  # RFC 6066 section 3
 EXT_ALPN = 16  # RFC 7301 section 3.1
 EXT_SUPPORTED_VERSIONS = 43  # RFC 8446 section 4.2.1
 NAME_TYPE_HOST_NAME = 0
+_PRINTABLE = re.compile(rb"[\x21-\x7e]+")
 
 
 class MalformedHello(Exception):
@@ -41,7 +44,7 @@ class MalformedHello(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ is several times slower
 class Hello:
     """A complete ClientHello. ``size`` counts the record bytes that carried it."""
 
@@ -52,7 +55,7 @@ class Hello:
     size: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NeedMore:
     """The hello is incomplete; at least ``at_least`` more bytes must arrive."""
 
@@ -194,7 +197,79 @@ class _Reader:
 
 
 def parse_client_hello_body(body: memoryview, size: int) -> Hello:
-    """Parse the ClientHello body (RFC 8446 section 4.1.2; RFC 5246 section 7.4.1.2)."""
+    """Parse the ClientHello body (RFC 8446 section 4.1.2; RFC 5246 section 7.4.1.2).
+
+    A well-formed hello, the case of every connection, takes the fast path; anything it
+    does not recognise goes through the careful path, which names what is wrong."""
+    hello = _fast_path(bytes(body), size)
+    return hello if hello is not None else _careful_path(body, size)
+
+
+def _fast_path(b: bytes, size: int) -> Hello | None:
+    """Plain indexing, no error reporting: None as soon as anything is unusual."""
+    end = len(b)
+    if end < 35:
+        return None
+    pos = 35 + b[34]  # legacy_version(2) random(32) session_id<0..32>
+    if b[34] > 32 or pos + 2 > end:
+        return None
+    n = (b[pos] << 8) | b[pos + 1]  # cipher_suites
+    if n < 2 or n & 1:
+        return None
+    pos += 2 + n
+    if pos >= end or b[pos] < 1:  # compression_methods
+        return None
+    pos += 1 + b[pos]
+    if pos + 2 > end:
+        return None
+    if ((b[pos] << 8) | b[pos + 1]) != end - pos - 2:  # the extensions fill the rest
+        return None
+    pos += 2
+    sni: str | None = None
+    alpn: tuple[str, ...] = ()
+    versions: tuple[int, ...] = ()
+    seen: set[int] = set()
+    while pos < end:
+        if pos + 4 > end:
+            return None
+        ext_type = (b[pos] << 8) | b[pos + 1]
+        length = (b[pos + 2] << 8) | b[pos + 3]
+        pos += 4
+        stop = pos + length
+        if stop > end or ext_type in seen:
+            return None
+        seen.add(ext_type)
+        if ext_type == EXT_SERVER_NAME:
+            # One host_name, the list filling the extension (RFC 6066 section 3).
+            if (length < 6 or ((b[pos] << 8) | b[pos + 1]) != length - 2 or b[pos + 2] != 0
+                    or ((b[pos + 3] << 8) | b[pos + 4]) != length - 5):
+                return None
+            raw = b[pos + 5 : stop]
+            if _PRINTABLE.fullmatch(raw) is None:
+                return None
+            sni = raw.decode("ascii")
+        elif ext_type == EXT_ALPN:
+            if length < 3 or ((b[pos] << 8) | b[pos + 1]) != length - 2:
+                return None
+            names: list[str] = []
+            i = pos + 2
+            while i < stop:
+                k = b[i]
+                if k == 0 or i + 1 + k > stop:
+                    return None
+                names.append(b[i + 1 : i + 1 + k].decode("latin-1"))
+                i += 1 + k
+            alpn = tuple(names)
+        elif ext_type == EXT_SUPPORTED_VERSIONS:
+            k = b[pos] if length else 0
+            if length < 3 or k != length - 1 or k & 1:
+                return None
+            versions = struct.unpack(f"!{k // 2}H", b[pos + 1 : stop])
+        pos = stop
+    return Hello(sni, alpn, versions, (b[0] << 8) | b[1], size)
+
+
+def _careful_path(body: memoryview, size: int) -> Hello:
     r = _Reader(body, "ClientHello")
     legacy_version = r.uint(2)
     if r.left() < 32:
@@ -214,23 +289,31 @@ def parse_client_hello_body(body: memoryview, size: int) -> Hello:
     if r.left() == 0:
         # A TLS 1.0-1.2 hello may end here: no extensions at all.
         return Hello(None, (), (), legacy_version, size)
-    exts = _Reader(r.vector(2, "extensions"), "extensions")
+    block = bytes(r.vector(2, "extensions"))
     if r.left():
         raise MalformedHello("bytes after the extensions")
+    # The extension walk is the per-connection hot spot: plain indexing on bytes.
     seen: set[int] = set()
-    while exts.left():
-        ext_type = exts.uint(2)
-        data = exts.vector(2, f"extension {ext_type}")
+    pos, end = 0, len(block)
+    while pos < end:
+        if pos + 4 > end:
+            raise MalformedHello("extensions truncated")
+        ext_type = (block[pos] << 8) | block[pos + 1]
+        length = (block[pos + 2] << 8) | block[pos + 3]
+        pos += 4
+        if pos + length > end:
+            raise MalformedHello(f"extension {ext_type} overruns extensions")
         if ext_type in seen:
             # RFC 8446 section 4.2: no more than one extension of the same type.
             raise MalformedHello(f"extension {ext_type} repeated")
         seen.add(ext_type)
         if ext_type == EXT_SERVER_NAME:
-            sni = _parse_server_name(data)
+            sni = _parse_server_name(memoryview(block)[pos : pos + length])
         elif ext_type == EXT_ALPN:
-            alpn = _parse_alpn(data)
+            alpn = _parse_alpn(memoryview(block)[pos : pos + length])
         elif ext_type == EXT_SUPPORTED_VERSIONS:
-            versions = _parse_supported_versions(data)
+            versions = _parse_supported_versions(memoryview(block)[pos : pos + length])
+        pos += length
     return Hello(sni, alpn, versions, legacy_version, size)
 
 
@@ -254,7 +337,7 @@ def _parse_server_name(data: memoryview) -> str | None:
             raise MalformedHello("empty host_name")
         raw = bytes(name)
         # The HostName is ASCII (A-labels for internationalised names); no NUL or controls.
-        if any(b <= 0x20 or b >= 0x7F for b in raw):
+        if _PRINTABLE.fullmatch(raw) is None:
             raise MalformedHello("host_name is not printable ASCII")
         host = raw.decode("ascii")
     return host
@@ -281,4 +364,4 @@ def _parse_supported_versions(data: memoryview) -> tuple[int, ...]:
     lst = outer.vector(1, "supported_versions list")
     if outer.left() or len(lst) < 2 or len(lst) % 2:
         raise MalformedHello("supported_versions length mismatch")
-    return tuple(int.from_bytes(lst[i : i + 2], "big") for i in range(0, len(lst), 2))
+    return struct.unpack(f"!{len(lst) // 2}H", lst)
