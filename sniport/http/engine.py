@@ -497,6 +497,9 @@ class HttpConnection(asyncio.Protocol):
         self.bytes_out = 0
         self.requests = 0
         self.upgraded_to: Callable[[bytes], None] | None = None  # tunnel takes the bytes
+        self._corked = 0
+        self._wbuf: list[bytes] = []
+        self._after_feed: list[Callable[[], None]] = []
         self._upgrade_buffer = b""
 
     # -- transport events -----------------------------------------------------------------
@@ -521,6 +524,7 @@ class HttpConnection(asyncio.Protocol):
         if self.parser is None:
             self._upgrade_buffer += data  # after an Upgrade head: the tunnel's, if one comes
             return
+        self._corked += 1  # the answers to what this data holds leave in one write
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -540,6 +544,46 @@ class HttpConnection(asyncio.Protocol):
                 self._fail_request(400, "bad_request")
         except httptools.HttpParserError as exc:
             self._fail_request(400, f"bad_request: {exc}")
+        finally:
+            self.uncork()
+
+    def cork(self) -> None:
+        """Hold writes until ``uncork``: a response head and its body, or the answers to
+        pipelined requests, go out as one TLS record and one send, not several."""
+        self._corked += 1
+
+    def uncork(self) -> None:
+        self._corked -= 1
+        if not self._corked:
+            if self._after_feed:
+                callbacks, self._after_feed = self._after_feed, []
+                for callback in callbacks:
+                    callback()
+            if self._wbuf:
+                self._flush()
+
+    def after_feed(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the data being parsed now is parsed to its end (at once if
+        nothing is being parsed). A request failed meanwhile drops it."""
+        if self._corked:
+            self._after_feed.append(callback)
+        else:
+            callback()
+
+    def _flush(self) -> None:
+        wbuf = self._wbuf
+        data = wbuf[0] if len(wbuf) == 1 else b"".join(wbuf)
+        wbuf.clear()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _close(self) -> None:
+        """Close after what is written (including anything corked) has gone out."""
+        if self._wbuf:
+            self._flush()
+        if self.transport is not None:
+            self.transport.close()
 
     def eof_received(self) -> bool | None:
         self._end_reason = "eof"
@@ -688,7 +732,7 @@ class HttpConnection(asyncio.Protocol):
             self.closing = True
             self.active = None
             assert self.transport is not None
-            self.transport.abort() if ex.head_sent else self.transport.close()
+            self.transport.abort() if ex.head_sent else self._close()
             return
         if ex.close_after or self.closing:
             self.closing = True
@@ -728,12 +772,19 @@ class HttpConnection(asyncio.Protocol):
         self.closing = True
         self.parser = None
         req = self._req or Request(time.monotonic())
+        self._after_feed.clear()
         if self.active is not None:
+            active = self.active
+            if active.on_abort is not None:
+                # The handler drops what it holds (an upstream connection that got part of
+                # this request) and sends nothing more; the answer is the 400 below.
+                on_abort, active.on_abort = active.on_abort, None
+                on_abort()
             if not self.active.head_sent and self.active.request is req:
                 self.active.close_after = True
                 self.active.error(status, reason)
             elif self.transport is not None:
-                self.transport.close()  # a response is under way: only a close is honest
+                self._close()  # a response is under way: only a close is honest
             return
         ex = Exchange(self, req)
         ex.close_after = True
@@ -756,7 +807,7 @@ class HttpConnection(asyncio.Protocol):
             transport.resume_reading()
         req = self._req
         if req is None or req.body is None or req.complete:
-            transport.close()  # nothing of the client's is left unread
+            self._close()  # nothing of the client's is left unread
             return
         req.body.drop()
         self._set_read_deadline("linger", LINGER)
@@ -782,6 +833,9 @@ class HttpConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         self.bytes_out += len(data)
+        if self._corked:
+            self._wbuf.append(bytes(data) if isinstance(data, memoryview) else data)
+            return
         transport.write(data)
 
     async def drain(self) -> None:
@@ -862,6 +916,6 @@ class HttpConnection(asyncio.Protocol):
             self._end_reason = reason
         self.closing = True
         if reason == "linger_timeout":
-            transport.close()  # the reason stays the one that started the linger
+            self._close()  # the reason stays the one that started the linger
         else:
             transport.abort()

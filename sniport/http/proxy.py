@@ -102,7 +102,7 @@ class ProxyExchange:
     __slots__ = ("route", "ex", "app", "loop", "req", "head", "chunked_body", "tried", "up",
                  "conn", "connecting", "status", "headers", "responded", "done", "body_sent",
                  "body_done", "stale_retried", "reading_paused", "timer", "deadline",
-                 "keep_alive", "framed", "last_reason", "tunnel")
+                 "keep_alive", "framed", "last_reason", "tunnel", "pending_head")
 
     def __init__(self, route: ProxyRoute, ex: Exchange, rest: str, app: SiteApp) -> None:
         self.route = route
@@ -123,10 +123,10 @@ class ProxyExchange:
             req.headers, client_ip=client_ip, trusted=route.trusts(client_ip),
             scheme=ex.conn.scheme, host=None, upgrade=upgrade, forwarded=cfg.forwarded,
             set_headers=route.set_headers, remove=route.remove)
-        if req.body is not None:
-            headers.append((b"content-length", str(req.content_length).encode())
-                           if req.content_length is not None
-                           else (b"transfer-encoding", b"chunked"))
+        if req.content_length is not None:  # also "Content-Length: 0" on an empty POST
+            headers.append((b"content-length", str(req.content_length).encode()))
+        elif req.body is not None:
+            headers.append((b"transfer-encoding", b"chunked"))
         self.head = (f"{req.method} {target} HTTP/1.1\r\n".encode("latin-1"), headers)
         self.tried: list[Upstream] = []
         self.up: Upstream | None = None
@@ -146,12 +146,23 @@ class ProxyExchange:
         self.framed = False  # the response has a Content-Length or chunks
         self.last_reason = ""
         self.tunnel: Tunnel | None = None
+        self.pending_head: tuple[int, int | None, list[tuple[bytes, bytes]]] | None = None
 
     # -- choosing and connecting ----------------------------------------------------------
 
     def start(self) -> None:
         self.ex.on_abort = self._client_gone
-        self._next_upstream()
+        if self.req.body is not None:
+            # Wait until the bytes that came with the head are parsed: a request whose
+            # body is broken right there (a smuggling attempt) gets its 400 and nothing
+            # of it reaches the upstream.
+            self.ex.conn.after_feed(self._begin)
+        else:
+            self._next_upstream()
+
+    def _begin(self) -> None:
+        if not self.done:
+            self._next_upstream()
 
     def _next_upstream(self) -> None:
         up = self.route.pick(self.loop.time(), self.tried)
@@ -159,7 +170,9 @@ class ProxyExchange:
             if not self.tried:
                 self._fail(502, "no_live_upstream")
             else:
-                status = 504 if "timeout" in self.last_reason else 502
+                # 504 only when the application did not answer in time; an upstream that
+                # cannot be reached (refused, connect timeout) is a 502.
+                status = 504 if self.last_reason == "upstream_timeout" else 502
                 self._fail(status, self.last_reason)
             return
         self.tried.append(up)
@@ -200,10 +213,19 @@ class ProxyExchange:
     def _use(self, conn: UpstreamConn) -> None:
         up = self.up
         assert up is not None
+        if conn.closed or conn.transport.is_closing():
+            # Closed between the connect and now (reset at accept): nothing was sent.
+            conn.close()
+            self.last_reason = "upstream_closed_before_request"
+            up.failed(self.loop.time(), self.last_reason)
+            self._next_upstream()
+            return
         self.conn = conn
         conn.begin(self)
         up.active += 1
         line, headers = self.head
+        if self.route.cfg.host == "upstream":
+            headers = [(b"host", up.host_header), *(h for h in headers if h[0] != b"host")]
         conn.transport.write(line + serialize(headers) + b"\r\n")
         self._arm(self.route.cfg.timeout)
         body = self.req.body
@@ -263,8 +285,10 @@ class ProxyExchange:
         self.framed = length is not None or chunked or status in (204, 304)
         if chunked:
             length = None
-        raw = client_response_headers(self.headers, upgrade=False)
-        self.ex.start(status, [], length, raw)
+        # The head goes to the client with the first body bytes, or at the end of this read
+        # from the upstream: a body broken in the same read is still a clean 502.
+        self.pending_head = (status, length, client_response_headers(self.headers,
+                                                                     upgrade=False))
         if self.req.method == "HEAD":
             # httptools would wait for a body that never comes (httptools#47): the message
             # ends here, and this connection is not reused.
@@ -273,10 +297,18 @@ class ProxyExchange:
             return
         self._arm(self.route.cfg.read_timeout)
 
+    def _send_head(self) -> None:
+        if self.pending_head is not None:
+            status, length, raw = self.pending_head
+            self.pending_head = None
+            self.ex.start(status, [], length, raw)
+
     def on_body(self, body: bytes) -> None:
         ex = self.ex
         if self.done:
             return
+        if self.pending_head is not None:
+            self._send_head()
         ex.write(body)
         self.deadline = self.loop.time() + self.route.cfg.read_timeout
         if not ex.writable and not self.reading_paused:
@@ -348,6 +380,14 @@ class ProxyExchange:
         else:
             self._fail(502, self.last_reason)
 
+    def cork(self) -> None:
+        self.ex.conn.cork()
+
+    def uncork(self) -> None:
+        if self.pending_head is not None and not self.done:
+            self._send_head()
+        self.ex.conn.uncork()
+
     def upstream_paused(self) -> None:
         self.ex.conn.pause_body()
 
@@ -357,6 +397,7 @@ class ProxyExchange:
     # -- endings --------------------------------------------------------------------------
 
     def _complete(self) -> None:
+        self._send_head()
         self.done = True
         self._disarm()
         conn, self.conn = self.conn, None
@@ -365,7 +406,9 @@ class ProxyExchange:
             up.active -= 1
             up.succeeded()
             if self.keep_alive and self.framed and self.body_done and not self.reading_paused:
-                up.release(conn, self.loop)
+                # Pooled once the read that completed it is parsed to its end: a stray
+                # byte after the response means an unknown state, and a close.
+                conn.release_when_clean(self.loop)
             else:
                 conn.close()
         self.ex.on_resume = None
@@ -376,6 +419,7 @@ class ProxyExchange:
         if self.done:
             return
         self.done = True
+        self.pending_head = None
         self._disarm()
         self._drop_conn()
         if self.ex.head_sent:
@@ -387,6 +431,7 @@ class ProxyExchange:
 
     def _abort(self, reason: str) -> None:
         self.done = True
+        self.pending_head = None
         self._disarm()
         self._drop_conn()
         self.ex.note = reason
@@ -413,8 +458,12 @@ class ProxyExchange:
 
     def _arm(self, delay: float) -> None:
         self.deadline = self.loop.time() + delay
-        if self.timer is None:
-            self.timer = self.loop.call_at(self.deadline, self._on_timer)
+        timer = self.timer
+        if timer is not None and timer.when() <= self.deadline:
+            return  # it fires first and looks at the deadline then
+        if timer is not None:
+            timer.cancel()
+        self.timer = self.loop.call_at(self.deadline, self._on_timer)
 
     def _disarm(self) -> None:
         if self.timer is not None:

@@ -43,6 +43,8 @@ class ResponseHandler(Protocol):
     def upstream_lost(self) -> None: ...
     def upstream_paused(self) -> None: ...
     def upstream_resumed(self) -> None: ...
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
 
 
 class UpstreamConn(asyncio.Protocol):
@@ -57,6 +59,9 @@ class UpstreamConn(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.raw: Callable[[bytes], None] | None = None  # a tunnel takes the bytes as they are
+        self._feeding = False
+        self._release_loop: asyncio.AbstractEventLoop | None = None  # pool me after the feed
+        self._stray = False  # a message began after the one that was asked for
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -66,7 +71,17 @@ class UpstreamConn(asyncio.Protocol):
             self.idle_timer.cancel()
             self.idle_timer = None
         self.handler = handler
+        self._stray = False
         self.parser = httptools.HttpResponseParser(self)
+
+    def release_when_clean(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The response is complete: back to the pool, once the current read is parsed to
+        its end and held nothing more (or now, outside a read)."""
+        self.handler = None
+        if self._feeding:
+            self._release_loop = loop
+        else:
+            self.upstream.release(self, loop)
 
     def close(self) -> None:
         if not self.closed:
@@ -99,6 +114,8 @@ class UpstreamConn(asyncio.Protocol):
             self.upstream.drop_idle(self)
             self.close()
             return
+        handler.cork()  # a response head and its body reach the client in one write
+        self._feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -111,6 +128,15 @@ class UpstreamConn(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             if self.handler is not None:
                 self.handler.upstream_failed(f"bad_response: {exc}")
+        finally:
+            self._feeding = False
+            handler.uncork()
+            loop, self._release_loop = self._release_loop, None
+            if loop is not None:
+                if self._stray or self.closed:
+                    self.close()  # bytes nobody asked for: not a known state
+                else:
+                    self.upstream.release(self, loop)
 
     def eof_received(self) -> bool | None:
         return None
@@ -134,6 +160,10 @@ class UpstreamConn(asyncio.Protocol):
             self.handler.upstream_resumed()
 
     # -- httptools callbacks, passed on ---------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.handler is None:
+            self._stray = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.handler is not None:
@@ -350,4 +380,10 @@ class _Probe:
         pass
 
     def upstream_resumed(self) -> None:
+        pass
+
+    def cork(self) -> None:
+        pass
+
+    def uncork(self) -> None:
         pass

@@ -32,13 +32,18 @@ _FORWARDING = frozenset({
 _RESPONSE_REPLACED = frozenset({b"server", b"date"})
 
 
+_NONE: frozenset[bytes] = frozenset()
+
+
 def connection_listed(headers: Iterable[Header]) -> frozenset[bytes]:
     """The field names that the Connection header lists (RFC 9110 section 7.6.1)."""
-    names: set[bytes] = set()
+    names: set[bytes] | None = None
     for name, value in headers:
         if name == b"connection":
+            if names is None:
+                names = set()
             names.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return frozenset(names)
+    return _NONE if names is None else frozenset(names)
 
 
 def _forwarded_node(ip: str) -> str:
@@ -70,8 +75,10 @@ def upstream_request_headers(
             if trusted:
                 old[name] = old[name] + b", " + value if name in old else value
             continue
-        if name == b"expect":
-            continue  # sniport answers 100-continue itself when it forwards the body
+        if name == b"expect" or name == b"content-length":
+            # Framing is the proxy's own (it sets Content-Length or chunked itself);
+            # sniport answers 100-continue itself when it forwards the body.
+            continue
         out.append((name, value))
     if host is not None:
         out.insert(0, (b"host", host))
@@ -107,7 +114,7 @@ def upstream_request_headers(
 def client_response_headers(headers: Sequence[Header], *, upgrade: bool) -> list[Header]:
     """The upstream's response headers the client receives, without framing fields.
     Names keep the upstream's spelling."""
-    listed = connection_listed((n.lower(), v) for n, v in headers)
+    listed = connection_listed([(n.lower(), v) for n, v in headers if len(n) == 10])
     out: list[Header] = []
     upgrade_value = b""
     for name, value in headers:
@@ -125,4 +132,4 @@ def client_response_headers(headers: Sequence[Header], *, upgrade: bool) -> list
 
 
 def serialize(headers: Iterable[Header]) -> bytes:
-    return b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    return b"".join([b"%s: %s\r\n" % header for header in headers])
