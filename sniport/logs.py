@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import IO, Any
@@ -53,10 +54,32 @@ class AccessLog:
         if self.target == "stderr":
             self._file = sys.stderr
             return
-        new = open(self.target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        try:
+            new = open(self.target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            if self._file is None:
+                raise
+            diag.error("access log %s: cannot reopen: %s; still writing to the old file",
+                       self.target, exc.strerror)
+            return
         old, self._file = self._file, new
         if old is not None and old is not sys.stderr:
             old.close()
+
+    def give_to(self, user: str, group: str) -> None:
+        """Make the log file owned by the workers' user, so that they can reopen it."""
+        if not (user or group) or self.target in ("stderr", "off") or os.geteuid() != 0:
+            return
+        import grp
+        import pwd
+
+        try:
+            uid = pwd.getpwnam(user).pw_uid if user else -1
+            gid = grp.getgrnam(group).gr_gid if group else (
+                pwd.getpwnam(user).pw_gid if user else -1)
+            os.chown(self.target, uid, gid)
+        except (KeyError, OSError) as exc:
+            diag.warning("access log %s: cannot give it to %s: %s", self.target, user, exc)
 
     def close(self) -> None:
         if self._file is not None and self._file is not sys.stderr:

@@ -8,7 +8,9 @@ and so that ``check`` and ``run`` fail on exactly the same problems.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +99,17 @@ def build_runtime(loaded: LoadedConfig) -> Runtime:
                                         "(requests will get 404)"))
         app = SiteApp(site, table, handlers)
         sites[site.name] = SiteRuntime(site, context, app, cert)
+    server = config.server
+    try:
+        if server.user:
+            pwd.getpwnam(server.user)
+    except KeyError:
+        problems.append(Problem(source, "server.user", f"no such user: {server.user!r}"))
+    try:
+        if server.group:
+            grp.getgrnam(server.group)
+    except KeyError:
+        problems.append(Problem(source, "server.group", f"no such group: {server.group!r}"))
     if problems:
         raise ConfigError(problems)
     return Runtime(loaded, table, passthrough, sites, warnings)

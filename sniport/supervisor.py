@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from sniport import __version__
-from sniport.addresses import Address
+from sniport.addresses import Address, UnixAddress
 from sniport.config import ConfigError, Listen, LoadedConfig
 from sniport.logs import AccessLog, diag
 from sniport.net.binding import BindError, BoundListener, bind_one, tune_listener
@@ -111,6 +111,8 @@ class Master:
         self.pid_file: Path | None = None
         self.status_file: Path | None = None
         self.exit_code = 0
+        self._reload_again = False
+        self._upgraded_keys: set[str] = set()
 
     # -- start ----------------------------------------------------------------------------
 
@@ -149,6 +151,7 @@ class Master:
             sock = socket.socket(fileno=int(fd_text))
             os.set_inheritable(sock.fileno(), False)
             found[key] = sock
+            self._upgraded_keys.add(key)  # its socket file is ours now, to remove at exit
         return found
 
     def _wanted(self, runtime: Runtime) -> list[tuple[str, Listen]]:
@@ -166,7 +169,14 @@ class Master:
             sock = inherited.pop(key, None)
             if sock is not None:
                 sock.setblocking(False)
-                self.listeners[key] = BoundListener(entry.address, sock)
+                inode = None
+                if key in self._upgraded_keys and isinstance(entry.address, UnixAddress) \
+                        and not entry.address.abstract:
+                    with contextlib.suppress(OSError):
+                        st = os.lstat(entry.address.path)
+                        inode = (st.st_dev, st.st_ino)
+                # systemd's sockets keep inode None: their files are systemd's business.
+                self.listeners[key] = BoundListener(entry.address, sock, inode)
                 new.append(key)
                 continue
             try:
@@ -265,6 +275,11 @@ class Master:
         elif signum == signal.SIGUSR1:
             if self.access_log is not None:
                 self.access_log.reopen()
+                server = (self.current or self.pending or self.generations[-1]).runtime \
+                    .loaded.config.server
+                # Workers that dropped privileges reopen the file the master just made:
+                # it must be theirs (nginx does the same).
+                self.access_log.give_to(server.user, server.group)
             self._signal_workers(signal.SIGUSR1)
             diag.info("log files reopened")
         elif signum == signal.SIGUSR2:
@@ -353,6 +368,10 @@ class Master:
                 _kill(w.pid, signal.SIGTERM)
         server = gen.runtime.loaded.config.server
         addresses = ", ".join(str(self.listeners[k].address) for k in gen.keys)
+        self._close_unused()
+        if not old:
+            self._write_pid()
+        self._write_status()  # the files first: whoever reads the log line finds them fresh
         if old:
             diag.info("reloaded %s (generation %d); %d old worker(s) draining",
                       gen.runtime.loaded.source, gen.number,
@@ -360,15 +379,18 @@ class Master:
         else:
             diag.info("sniport %s (%d worker(s)) serving %s on %s", __version__,
                       worker_count(server.workers), gen.runtime.loaded.source, addresses)
-            self._write_pid()
             if self._parent_master:
                 # An upgrade: we serve, so the master that exec'd us drains and exits.
                 diag.info("upgrade: telling the old master %d to stop", self._parent_master)
                 _kill(self._parent_master, signal.SIGTERM)
                 self._parent_master = 0
-        self._close_unused()
-        self._write_status()
         notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving generation {gen.number}")
+        self._reload_if_asked()
+
+    def _reload_if_asked(self) -> None:
+        if self._reload_again and not self.stopping:
+            self._reload_again = False
+            self.reload()
 
     def _abandon(self, gen: Generation, reason: str) -> None:
         self.pending = None
@@ -384,6 +406,7 @@ class Master:
         diag.error("reload failed: %s; still serving generation %d", reason,
                    self.current.number)
         notify("READY=1")
+        self._reload_if_asked()
 
     def _reap(self) -> None:
         while True:
@@ -456,8 +479,8 @@ class Master:
         if self.stopping:
             return
         if self.pending is not None:
-            # A reload is under way: this one runs after it (the signal stays queued).
-            self._signals.append(signal.SIGHUP)
+            # A reload is under way: this one runs once it has ended (queued, not lost).
+            self._reload_again = True
             return
         notify("RELOADING=1")
         diag.info("reloading %s", self.config_label)
@@ -575,8 +598,9 @@ class Master:
             diag.warning("pid file %s: %s", self.pid_file, exc.strerror)
 
     def _write_status(self) -> None:
-        if self.status_file is None or (self.current is None and self.pending is None):
-            return
+        if (self.status_file is None or self._handed_over
+                or (self.current is None and self.pending is None)):
+            return  # after a hand-over, the status file is the new master's
         gen = self.current or self.pending
         assert gen is not None
         status = {

@@ -34,6 +34,7 @@ from sniport.runtime import Runtime, SiteRuntime
 from sniport.wire.alerts import UNRECOGNIZED_NAME
 from sniport.wire.clienthello import Hello, NotTLS
 
+SSL_SHUTDOWN_TIMEOUT = 1.0
 FD_RESERVE = 128  # descriptors kept for listeners, logs, pooled pipes and upstream connects
 
 
@@ -197,13 +198,17 @@ class Worker:
             proto = HttpConnection(self.loop, site.app, self.limits, self.request_log,
                                    sni=conn.sni, client=conn.client, scheme="https",
                                    on_close=closed, client_ip=conn.ip)
-            proto.closing = self.draining  # accepted before the drain: one request, then close
+            if self.draining:  # accepted before the drain: one request, then close
+                proto.closing = True
             made.append(proto)
             return proto
 
         try:
             await self.loop.connect_accepted_socket(
-                protocol, sock, ssl=site.context, ssl_handshake_timeout=self.handshake_timeout)
+                protocol, sock, ssl=site.context, ssl_handshake_timeout=self.handshake_timeout,
+                # A close sends close_notify and waits this long for the client's: not the
+                # 30 s default, or every graceful stop would wait on lazy clients.
+                ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT)
         except asyncio.CancelledError:
             sock.close()
             self.finish(conn, "shutdown")
@@ -220,6 +225,8 @@ class Worker:
             return
         if conn in self.live:  # else it ended already, during connection_made
             conn.handler = _HttpHandle(made[0])
+            if self.draining:  # the drain began during the handshake
+                made[0].begin_drain()
 
     # -- ending ---------------------------------------------------------------------------
 

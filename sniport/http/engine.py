@@ -381,6 +381,7 @@ class Exchange:
                 self.close_after = True  # HTTP/1.0: the end of the body is the close
         if self.close_after or self.conn.closing:
             self.close_after = True
+            self.conn.close_announced = True
             parts.append(b"Connection: close\r\n")
         elif self.request.version == "1.0":
             parts.append(b"Connection: keep-alive\r\n")
@@ -498,6 +499,7 @@ class HttpConnection(asyncio.Protocol):
         self.requests = 0
         self.upgraded_to: Callable[[bytes], None] | None = None  # tunnel takes the bytes
         self._corked = 0
+        self.close_announced = False  # a response said "Connection: close"
         self._wbuf: list[bytes] = []
         self._after_feed: list[Callable[[], None]] = []
         self._upgrade_buffer = b""
@@ -632,9 +634,9 @@ class HttpConnection(asyncio.Protocol):
     # -- httptools callbacks --------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self.closing or self._lingering:
-            # "Connection: close" went out (or is going): a request after it is not
-            # answered (RFC 9112 section 9.6).
+        if self.close_announced or self._lingering:
+            # "Connection: close" went out: a request after it is not answered
+            # (RFC 9112 section 9.6).
             raise _StopParsing
         self._req = Request(time.monotonic())
         self._url = []
@@ -813,11 +815,15 @@ class HttpConnection(asyncio.Protocol):
         self._set_read_deadline("linger", LINGER)
 
     def begin_drain(self) -> None:
-        """Graceful stop: an idle connection closes now, a busy one after its response."""
+        """Graceful stop: a busy connection closes after its response, an idle keep-alive
+        one now (its client retries elsewhere, RFC 9112 section 9.3.1.1). A connection that
+        has not sent its first request yet gets it answered, with "Connection: close": its
+        client has nothing to retry on (bounded by header_timeout and drain_timeout)."""
         self.closing = True
-        if self.active is None and self._req is None and self.transport is not None:
+        if (self.active is None and self._req is None and self.requests
+                and self.transport is not None):
             self._end_reason = "drain"
-            self.transport.close()
+            self._close()
 
     def take_upgrade_buffer(self) -> bytes:
         """The client's bytes after an Upgrade request's head, for the tunnel."""

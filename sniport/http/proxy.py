@@ -140,7 +140,7 @@ class ProxyExchange:
         self.body_done = req.body is None
         self.stale_retried = False
         self.reading_paused = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer = False  # watched by the loop's _Watchdog
         self.deadline = 0.0
         self.keep_alive = False
         self.framed = False  # the response has a Content-Length or chunks
@@ -458,28 +458,24 @@ class ProxyExchange:
 
     def _arm(self, delay: float) -> None:
         self.deadline = self.loop.time() + delay
-        timer = self.timer
-        if timer is not None and timer.when() <= self.deadline:
-            return  # it fires first and looks at the deadline then
-        if timer is not None:
-            timer.cancel()
-        self.timer = self.loop.call_at(self.deadline, self._on_timer)
+        if not self.timer:
+            self.timer = True
+            _watchdog(self.loop).watch(self)
 
     def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.timer:
+            self.timer = False
+            _watchdog(self.loop).forget(self)
 
-    def _on_timer(self) -> None:
-        self.timer = None
+    def expired(self, now: float) -> None:
+        """The watchdog's tick found ``deadline`` passed."""
         if self.done:
+            self._disarm()
             return
-        now = self.loop.time()
         if self.reading_paused:
             self.deadline = now + self.route.cfg.read_timeout  # the client is the slow one
-        if now < self.deadline:
-            self.timer = self.loop.call_at(self.deadline, self._on_timer)
             return
+        self._disarm()
         if not self.responded:
             self.last_reason = "upstream_timeout"
             if self.up is not None:
@@ -489,6 +485,45 @@ class ProxyExchange:
             self._fail(504, "upstream_timeout")
         else:
             self._abort("upstream_read_timeout")
+
+
+class _Watchdog:
+    """The deadlines of the exchanges in flight, checked on one coarse timer (every
+    ``TICK``) instead of a timer per request: setting a deadline is then an attribute
+    write and a set insert, not a timer allocation, and timeouts hold to within a tick."""
+
+    TICK = 0.1
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.watched: set[ProxyExchange] = set()
+        self.handle: asyncio.TimerHandle | None = None
+
+    def watch(self, px: ProxyExchange) -> None:
+        self.watched.add(px)
+        if self.handle is None:
+            self.handle = self.loop.call_later(self.TICK, self._tick)
+
+    def forget(self, px: ProxyExchange) -> None:
+        self.watched.discard(px)
+
+    def _tick(self) -> None:
+        self.handle = None
+        now = self.loop.time()
+        for px in [px for px in self.watched if px.deadline <= now]:
+            px.expired(now)
+        if self.watched:
+            self.handle = self.loop.call_later(self.TICK, self._tick)
+
+
+_watchdogs: dict[asyncio.AbstractEventLoop, _Watchdog] = {}
+
+
+def _watchdog(loop: asyncio.AbstractEventLoop) -> _Watchdog:
+    dog = _watchdogs.get(loop)
+    if dog is None:
+        dog = _watchdogs[loop] = _Watchdog(loop)
+    return dog
 
 
 def _connect_reason(exc: BaseException) -> str:

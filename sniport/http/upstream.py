@@ -72,7 +72,10 @@ class UpstreamConn(asyncio.Protocol):
             self.idle_timer = None
         self.handler = handler
         self._stray = False
-        self.parser = httptools.HttpResponseParser(self)
+        if self.parser is None:
+            # One parser for the connection's life: llhttp is ready for the next message
+            # once one completes, and a connection is only reused after a clean completion.
+            self.parser = httptools.HttpResponseParser(self)
 
     def release_when_clean(self, loop: asyncio.AbstractEventLoop) -> None:
         """The response is complete: back to the pool, once the current read is parsed to

@@ -52,6 +52,9 @@ def server_context(cert: str, key: str, *, tickets: bool = True) -> ssl.SSLConte
     if not tickets:
         ctx.options |= ssl.OP_NO_TICKET
         ctx.num_tickets = 0
+    missing = [p for p in (cert, key) if not os.path.exists(p)]
+    if missing:
+        raise TlsError("; ".join(f"cannot read {p}: no such file" for p in missing))
     try:
         ctx.load_cert_chain(cert, key)
     except FileNotFoundError as exc:

@@ -1,0 +1,176 @@
+"""Privileges with real processes (the tests run as root): ``user = "nobody"`` workers run as
+nobody while the master stays root and re-reads root-only keys on reload; an unknown user
+never leads to serving as root, and the log says why; log reopening works after the drop.
+
+Each test prints how many requests it sent ("[ops] name: N requests").
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import Pki
+from ops_helpers import (
+    PT_HOST,
+    SITE_HOST,
+    Ops,
+    access_lines,
+    children,
+    config_text,
+    echo_backend,
+    get_body,
+    gids,
+    pt_who,
+    status_field,
+    uids,
+    wait_until,
+)
+
+NOBODY = pwd.getpwnam("nobody")
+
+
+@pytest.fixture
+def ops(tmp_path: Path) -> Iterator[Ops]:
+    with Ops(tmp_path) as o:
+        yield o
+
+
+def report(name: str, requests: int) -> None:
+    print(f"\n[ops] {name}: {requests} requests")
+
+
+def root_only_cert(pki: Pki, tmp_path: Path) -> tuple[Path, Path]:
+    """The site's certificate and key, readable by root only (mode 0600, owner root)."""
+    chain, key = pki.cert(SITE_HOST)
+    out = (tmp_path / "site.pem", tmp_path / "site.key")
+    for src, dst in zip((chain, key), out, strict=True):
+        shutil.copyfile(src, dst)
+        os.chmod(dst, 0o600)
+    return out
+
+
+def assert_dropped(pid: int) -> None:
+    assert uids(pid) == [NOBODY.pw_uid] * 4, (pid, uids(pid))
+    assert gids(pid) == [NOBODY.pw_gid] * 4, (pid, gids(pid))
+    assert status_field(pid, "Groups") == [str(NOBODY.pw_gid)]
+    assert status_field(pid, "CapEff") == ["0000000000000000"]
+
+
+def test_workers_run_as_nobody_master_stays_root(ops: Ops, pki: Pki, tmp_path: Path) -> None:
+    assert os.geteuid() == 0, "these tests run as root"
+    backend = echo_backend(pki, ops)
+    cert = root_only_cert(pki, tmp_path)
+
+    def cfg(body: str) -> str:
+        return config_text(state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=cert,
+                           body=body, workers=2, backend_port=backend.port,
+                           server_extra='user = "nobody"')
+
+    path = ops.write_config(cfg("v1"))
+    master = ops.start(path)
+    ctx = pki.client_context()
+    workers = ops.track_workers(master)
+    assert uids(master.pid) == [0, 0, 0, 0]
+    assert len(workers) == 2
+    for w in workers:
+        assert_dropped(w)
+    assert get_body(ctx, port=master.port) == b"v1"
+    assert pt_who(ctx, master.port) == PT_HOST
+    # A reload: the master (root) reads the root-only key again; new workers drop too.
+    ops.write_config(cfg("v2"))
+    mark = master.mark()
+    master.signal(signal.SIGHUP)
+    master.wait_log(r"reloaded \S+ \(generation 2\)", start=mark)
+    new = master.wait_generation(2)
+    ops.pids.update(new)
+    assert not set(new) & set(workers)
+    for w in new:
+        assert_dropped(w)
+    wait_until(lambda: get_body(ctx, port=master.port) == b"v2", 5.0, "v2")
+    assert set(new) <= set(children(master.pid))
+    report("test_workers_run_as_nobody_master_stays_root", 3)
+
+
+def test_unknown_user_never_serves(ops: Ops, pki: Pki, tmp_path: Path) -> None:
+    path = ops.write_config(config_text(state_dir=tmp_path / "state", listen=["127.0.0.1:0"],
+                                        cert=pki.cert(SITE_HOST), workers=2,
+                                        server_extra='user = "no-such-user-sniport"'))
+    master = ops.start(path, serving=False)
+    code = master.wait_exit(15.0)
+    log = master.log.text()
+    assert code == 1, log
+    # The user is checked with the rest of the config: nothing is started at all.
+    assert master.log.count(r"error: .*server\.user: no such user: 'no-such-user-sniport'") \
+        == 1, log
+    assert " serving " not in log
+    assert not master.pid_file.exists()
+    report("test_unknown_user_never_serves", 0)
+
+
+def test_reload_to_an_unknown_user_keeps_the_old_workers(ops: Ops, pki: Pki,
+                                                         tmp_path: Path) -> None:
+    cert = root_only_cert(pki, tmp_path)
+
+    def cfg(user: str, body: str) -> str:
+        return config_text(state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=cert,
+                           body=body, workers=2, server_extra=f'user = "{user}"')
+
+    path = ops.write_config(cfg("nobody", "v1"))
+    master = ops.start(path)
+    ctx = pki.client_context()
+    workers = ops.track_workers(master)
+    ops.write_config(cfg("no-such-user-sniport", "v2"))
+    mark = master.mark()
+    master.signal(signal.SIGHUP)
+    master.wait_log(r"ERROR reload failed \(1 problem\(s\)\); still serving the previous "
+                    r"config", start=mark)
+    # Refused with the rest of the config: no worker of a new generation ever started.
+    assert master.log.count(r"ERROR reload: .*server\.user: no such user: "
+                            r"'no-such-user-sniport'") == 1
+    assert master.workers() == workers
+    for w in workers:
+        assert_dropped(w)
+    for _ in range(5):
+        assert get_body(ctx, port=master.port) == b"v1"
+    report("test_reload_to_an_unknown_user_keeps_the_old_workers", 5)
+
+
+def test_sigusr1_reopens_the_access_log_after_the_drop(ops: Ops, pki: Pki,
+                                                       tmp_path: Path) -> None:
+    """As logrotate does it on a server: /var/log/sniport is root's (0755), the workers run
+    as nobody; after the move and SIGUSR1 the new file gets the workers' lines."""
+    logs = Path(tempfile.mkdtemp(prefix="sniport-ops-logs-", dir="/tmp"))
+    ops.closers.append(lambda: shutil.rmtree(logs))
+    os.chmod(logs, 0o755)
+    access, rotated = logs / "access.log", logs / "access.log.1"
+    path = ops.write_config(config_text(state_dir=tmp_path / "state", listen=["127.0.0.1:0"],
+                                        cert=pki.cert(SITE_HOST), workers=1, access_log=access,
+                                        server_extra='user = "nobody"'))
+    master = ops.start(path)
+    ctx = pki.client_context()
+    assert get_body(ctx, port=master.port, path="/before") == b"v1"
+    wait_until(lambda: len(access_lines(access, "req")) == 1, 5.0, "the first request line")
+    os.rename(access, rotated)
+    mark = master.mark()
+    master.signal(signal.SIGUSR1)
+    master.wait_log(r"INFO log files reopened", start=mark)
+    sent = 1
+    for _ in range(3):
+        assert get_body(ctx, port=master.port, path="/after") == b"v1"
+        sent += 1
+    report("test_sigusr1_reopens_the_access_log_after_the_drop", sent)
+    try:
+        wait_until(lambda: len(access_lines(access, "req")) == 3, 3.0,
+                   "3 request lines in the new access.log")
+    except TimeoutError:
+        pytest.fail(f"new access.log: {access_lines(access, 'req')}; moved file: "
+                    f"{[r['path'] for r in access_lines(rotated, 'req')]}; log:\n"
+                    f"{master.log.text()}")
+    assert [r["path"] for r in access_lines(rotated, "req")] == ["/before"]
