@@ -43,6 +43,7 @@ def targets_for(upstreams: Sequence[Address]) -> list[Target]:
 
 _REASONS = {
     errno.ECONNREFUSED: "upstream_refused",
+    errno.ECONNRESET: "upstream_reset",
     errno.ENOENT: "upstream_refused",  # unix socket file missing: nobody listens
     errno.EAGAIN: "upstream_busy",  # unix socket backlog full
     errno.ETIMEDOUT: "upstream_timeout",
@@ -100,11 +101,13 @@ class UpstreamConnect:
             if err == 0:
                 self._success(sock, target)
                 return
-            if err == errno.EINPROGRESS and _established(sock):
-                # On loopback (and often a LAN) the handshake is done by the time connect()
+            if err == errno.EINPROGRESS:
+                # On loopback (and often a LAN) the handshake is over by the time connect()
                 # returns: no need to wait for writability (saves a poll cycle per connection).
-                self._success(sock, target)
-                return
+                err = _connect_state(sock)
+                if err == 0:
+                    self._success(sock, target)
+                    return
             if err == errno.EINPROGRESS:
                 self._sock = sock
                 self._poller.register(sock.fileno(), EPOLLOUT, self._on_event)
@@ -155,12 +158,14 @@ class UpstreamConnect:
         self._on_done(sock, target, "")
 
 
-def _established(sock: socket.socket) -> bool:
+def _connect_state(sock: socket.socket) -> int:
+    """0 when connected, EINPROGRESS while connecting, else the error it ended with."""
     try:
         sock.getpeername()
     except OSError:
-        return False  # ENOTCONN: still connecting
-    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        # Not connected: still connecting, or failed (SO_ERROR says; reading it clears it).
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.EINPROGRESS
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
 
 def _ignore(sock: socket.socket | None, target: Target | None, reason: str) -> None:
