@@ -52,6 +52,7 @@ def server_context(cert: str, key: str, *, tickets: bool = True) -> ssl.SSLConte
     if not tickets:
         ctx.options |= ssl.OP_NO_TICKET
         ctx.num_tickets = 0
+        _session_cache_off(ctx)
     missing = [p for p in (cert, key) if not os.path.exists(p)]
     if missing:
         raise TlsError("; ".join(f"cannot read {p}: no such file" for p in missing))
@@ -66,6 +67,39 @@ def server_context(cert: str, key: str, *, tickets: bool = True) -> ssl.SSLConte
             raise TlsError(f"the key {key} does not match the certificate {cert}") from None
         raise TlsError(f"cannot load {cert} / {key}: {exc.reason or exc}") from None
     return ctx
+
+
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_SESS_CACHE_OFF = 0
+
+
+def _session_cache_off(ctx: ssl.SSLContext) -> None:
+    """No TLS 1.2 session-ID resumption either: SSL_CTX_set_session_cache_mode(OFF).
+
+    The stdlib has no API for it, so this reaches the SSL_CTX behind the SSLContext (the
+    first field after the object header, in CPython's _ssl.c) and checks it is the right
+    pointer by reading the options back through OpenSSL before changing anything. If the
+    check fails, it changes nothing and says so."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            lib = next(line.split()[-1] for line in maps if "libssl.so" in line)
+        libssl = ctypes.CDLL(lib)
+        libssl.SSL_CTX_get_options.restype = ctypes.c_uint64
+        libssl.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+        libssl.SSL_CTX_ctrl.restype = ctypes.c_long
+        libssl.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long,
+                                        ctypes.c_void_p]
+        pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+        if not pointer or libssl.SSL_CTX_get_options(pointer) != int(ctx.options):
+            raise RuntimeError("SSL_CTX not found where expected")
+        libssl.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
+    except (StopIteration, OSError, AttributeError, RuntimeError, ValueError) as exc:
+        from sniport.logs import diag
+
+        diag.warning("tls_session_tickets = false: TLS 1.2 session IDs may still resume "
+                     "(cannot turn the session cache off: %s)", exc)
 
 
 def certificate_names(cert: str) -> list[str]:
