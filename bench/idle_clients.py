@@ -4,8 +4,13 @@ Usage: idle_clients.py --port P --sni NAME --cafile CA [--count 5000] [--concurr
 
 Opens the connections (at most ``--concurrency`` handshakes in flight), verifies each peer's
 certificate against CA and NAME, then prints one JSON line ``{"ok": n, "failed": m, "errors":
-{...}, "seconds": s}``. After that it answers each ``status`` line on stdin with ``{"open": n}``
-(connections the peer has not closed) and closes everything when stdin ends.
+{...}, "seconds": s}``. After that it reads commands on stdin, one a line:
+
+- ``status``: answers ``{"open": n}`` (connections the peer has not closed);
+- ``open N``: opens N more the same way and answers like the first batch, plus ``"held"`` (all
+  connections held now), so that one server can be measured at growing counts (--scaling).
+
+It closes everything when stdin ends.
 
 Runs on uvloop: plain asyncio's SSL transport costs the *client* far more memory per connection.
 The soft open-file limit is raised to the hard one (20,000 on the bench machines).
@@ -51,19 +56,29 @@ async def hold(args: argparse.Namespace) -> int:
                 return
             held.append(pair)
 
-    start = time.monotonic()
-    await asyncio.gather(*(one() for _ in range(args.count)))
-    print(json.dumps({"ok": len(held), "failed": sum(errors.values()), "errors": dict(errors),
-                      "seconds": round(time.monotonic() - start, 3)}), flush=True)
+    async def batch(count: int) -> None:
+        errors.clear()
+        before = len(held)
+        start = time.monotonic()
+        await asyncio.gather(*(one() for _ in range(count)))
+        print(json.dumps({"ok": len(held) - before, "failed": sum(errors.values()),
+                          "errors": dict(errors), "seconds": round(time.monotonic() - start, 3),
+                          "held": len(held)}), flush=True)
 
+    await batch(args.count)
     loop = asyncio.get_running_loop()
     while True:
         line = await loop.run_in_executor(None, sys.stdin.readline)
         if not line:
             break
-        if line.strip() == "status":
+        words = line.split()
+        if words == ["status"]:
             still = sum(1 for r, w in held if not r.at_eof() and not w.is_closing())
             print(json.dumps({"open": still}), flush=True)
+        elif len(words) == 2 and words[0] == "open" and words[1].isdigit():
+            await batch(int(words[1]))
+        else:
+            print(json.dumps({"error": f"unknown command {line.strip()!r}"}), flush=True)
     for _, w in held:
         w.close()
     return 0

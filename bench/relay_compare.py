@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib.metadata
+import inspect
 import json
 import os
 import resource
@@ -193,7 +194,16 @@ async def relay_splice(client: socket.socket, upstream: socket.socket,
     probe = actual.get()
     actual.put(probe)
     actual.close()
-    relay = SpliceRelay(loop, pool, client, upstream, 3600.0, on_done)
+    # sniport's relay watches its sockets either through the loop's add_reader or (newer)
+    # through the worker's own epoll set, a Poller passed in: build what it asks for.
+    poller: Any = None
+    if "poller" in inspect.signature(SpliceRelay.__init__).parameters:
+        from sniport.net.poller import Poller  # type: ignore[import-not-found,unused-ignore]
+
+        poller = Poller(loop)
+        relay = cast(Any, SpliceRelay)(loop, poller, pool, client, upstream, 3600.0, on_done)
+    else:
+        relay = cast(Any, SpliceRelay)(loop, pool, client, upstream, 3600.0, on_done)
     relay.start()
     try:
         reason, up, down = await done
@@ -203,6 +213,8 @@ async def relay_splice(client: socket.socket, upstream: socket.socket,
     finally:
         relay.close("cancelled")  # a no-op once it has ended by itself
         pool.close()
+        if poller is not None:
+            poller.close()
 
 
 # ---------------------------------------------------------------------------------------------

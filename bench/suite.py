@@ -6,29 +6,33 @@ Run it through ``bench/run`` (which installs nginx, the stream module, wrk and c
 What one run does:
 
 1. a scratch directory with an ECDSA P-256 CA and leaf certificates (pass.test, static.test,
-   app.test), the passthrough backend's files (/small 100 B, /big = --bulk-size) and a private
-   hosts file;
+   app.test), the passthrough backend's files (/small 100 B, /big = --bulk-size), static.test's
+   root (/1k.bin, 1024 bytes) and a private hosts file;
 2. the nginx configs of ../shared/bench-reference (vendored in bench/nginx/) rendered with a
    private prefix per instance, run as ``nginx -p RUN -c RUN/nginx.conf -e RUN/error.log``;
-3. the TLS passthrough backend (backend-pass.conf), a separate nginx shared by both servers;
-4. rounds: in each, the nginx seed setup and sniport (the equivalent config), ALTERNATING (the
-   order flips every round), each started fresh, checked (right certificate, right content),
-   then measured;
-5. bench/relay_compare.py (splice vs transport relay), unless --no-relay;
-6. bench/RESULTS.md (--out), plus logs and raw JSON in bench/out/<stamp>/.
+3. two backends shared by both servers, each a separate nginx with 1 worker: the TLS
+   passthrough target (backend-pass.conf) and the 100-byte HTTP app (backend-app.conf);
+4. rounds: in each, for each worker count of --workers (nginx worker_processes = sniport
+   [server].workers), the nginx seed setup and sniport (the equivalent config, see
+   ``sniport_config``) ALTERNATING (the order flips every round and between worker counts),
+   each started fresh, checked (right certificate subject and DER, TLS 1.3 with
+   TLS_AES_256_GCM_SHA384 over X25519, no session ticket and no resumption, right content on
+   every route), then measured. The memory measures (M6p, M6t) each get a server of their own,
+   started just for them; M1-M5 share one;
+5. with --scaling, a second pass: M3 and M4 at 1, 64 and 1,000 concurrent connections, M6
+   (passthrough and terminated) at 1,000, 4,000 and 8,000 idle connections held at once on
+   one fresh server (the connections are added, the RSS read at each count);
+6. bench/relay_compare.py (splice vs transport relay), unless --no-relay;
+7. bench/RESULTS.md (--out), plus logs and raw JSON in bench/out/<stamp>/.
 
 Server cost is the utime+stime of the server's own processes (master + workers, for nginx
 and sniport alike: the process we started and every process below it) from /proc/PID/stat
-before and after a run, never the load generator's or the backend's. Memory is the VmRSS sum
-of the same processes.
+before and after a run, never the load generator's or the backends'. Memory is the VmRSS sum
+of the same processes. wrk's socket errors and non-2xx responses are counted and reported,
+and the bytes wrk read per response are checked against the size of the right answer.
 
 Measures are a registry (MEASURES), each a function ``(Session, Server) -> Sample`` with its
-metrics and its exact command. M1, M2 and M6p (passthrough) are built. M3, M4, M5 and M6t
-(terminated) are declared but not built yet; adding one means: its function, the terminated
-sites in ``sniport_config`` (static.test and app.test, as in http-servers.inc), the app
-backend (backend-app.conf on PORTS.app_backend) started next to the passthrough backend, and
-a check of static.test and app.test next to ``check_passthrough``. ``--workers`` already
-sets both servers' worker count.
+metrics and its exact command; the issue 6 targets are in TARGETS.
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import hashlib
 import http.client
 import importlib.metadata
+import itertools
 import json
 import os
 import re
@@ -51,7 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,13 +71,33 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 TEMPLATES = BENCH / "nginx"
 VENV_PY = ROOT / ".venv" / "bin" / "python"
-SNIPORT = ROOT / ".venv" / "bin" / "sniport"
+# sniport runs from a copy of its source taken at the start of the run (Lab.snapshot): others
+# may edit the working tree meanwhile, and every round must measure the same code.
+SNIPORT_SRC = ROOT / "sniport"
 TICK = os.sysconf("SC_CLK_TCK")
 GIB = 1 << 30
 PASS_HOST = "pass.test"
 SMALL_BODY = (b"sniport-bench /small: 100 bytes through the passthrough, exactly. "
               b"0123456789abcdef0123456789abcdef!\n")
 assert len(SMALL_BODY) == 100
+STATIC_HOST = "static.test"
+STATIC_PATH = "/1k.bin"
+STATIC_BODY = bytes(range(256)) * 4  # 1 KiB, every byte value: a wrong byte shows
+APP_HOST = "app.test"
+APP_PATH = "/"
+
+
+def _app_body() -> bytes:
+    """The app backend's fixed answer, from bench/nginx/backend-app.conf itself."""
+    text = (TEMPLATES / "backend-app.conf").read_text()
+    found = re.search(r'return 200 "([^"]*)";', text)
+    if found is None:
+        raise RuntimeError("bench/nginx/backend-app.conf: no `return 200 \"...\";`")
+    return found.group(1).replace("\\n", "\n").encode()
+
+
+APP_BODY = _app_body()
+assert len(APP_BODY) == 100, len(APP_BODY)
 
 
 @dataclass(frozen=True)
@@ -265,9 +291,9 @@ class Lab:
             while left > 0:
                 f.write(block[:min(left, len(block))])
                 left -= len(block)
-        www = self.dir / "www"  # static.test's root (terminated measures, later)
+        www = self.dir / "www"  # static.test's root
         www.mkdir()
-        (www / "1k.html").write_bytes(b"<!doctype html>" + b"x" * (1024 - 16) + b"\n")
+        (www / STATIC_PATH.lstrip("/")).write_bytes(STATIC_BODY)
         self.hosts_file.write_text("127.0.0.1 localhost\n::1 localhost\n"
                                    f"127.0.0.1 {' '.join(hosts)}\n")
 
@@ -317,13 +343,14 @@ class Server:
         self.port = port
         self.run = run
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] | None = None
         self.log_path = run / "stderr.log"
 
     def start(self) -> None:
         ensure_free([self.port])
         self.run.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, env=self.env,
                                          stdout=log, stderr=log, cwd=self.run,
                                          start_new_session=True)
         try:
@@ -396,14 +423,15 @@ class Nginx(Server):
 
 
 class Sniport(Server):
-    def __init__(self, label: str, port: int, run: Path, workers: int) -> None:
+    def __init__(self, label: str, port: int, run: Path, workers: int, lab: Path) -> None:
         super().__init__(label, port, run)
         run.mkdir(parents=True, exist_ok=True)
         (run / "state").mkdir(exist_ok=True)
         self.workers = workers
         self.config = run / "sniport.toml"
-        self.config.write_text(sniport_config(workers, run / "state"))
-        self.command = [str(SNIPORT), "run", "-c", str(self.config)]
+        self.config.write_text(sniport_config(workers, run / "state", lab))
+        self.command = [str(VENV_PY), "-m", "sniport", "run", "-c", str(self.config)]
+        self.env = snapshot_env(lab)
 
     def ready(self) -> None:  # the master and its workers
         wait_for(lambda: len(self.pids()) >= 1 + self.workers, 20,
@@ -414,27 +442,49 @@ class Sniport(Server):
                 if re.search(r"Traceback|ERROR|CRITICAL|Error:|exception|died", line)]
 
 
-def sniport_config(workers: int, state_dir: Path | str) -> str:
-    """The sniport equivalent of nginx-seed.conf's passthrough part. The terminated sites
-    (static.test, app.test) join here with the terminated measures (M3-M5, M6t)."""
+def sniport_config(workers: int, state_dir: Path | str, lab: Path | str) -> str:
+    """The sniport equivalent of nginx-seed.conf + http-servers.inc: pass.test passed
+    through, static.test and app.test terminated with the same certificates."""
     return f"""\
-# sniport's side of the bench: the passthrough half of nginx-seed.conf
+# sniport's side of the bench: the equivalent of nginx-seed.conf + http-servers.inc
 [server]
 listen = ["127.0.0.1:{PORTS.sniport}"]
 workers = {workers}                   # nginx: worker_processes {workers}
-max_connections = 9000        # per worker; M6 holds 5,000 (nginx: worker_connections 19000)
+max_connections = 9000        # per worker; M6 holds up to 8,000 (nginx: worker_connections 19000)
 access_log = "off"            # nginx: access_log off, and its stream logs nothing by default
 log_level = "warning"
 state_dir = "{state_dir}"     # pid file; never the system's /var/lib/sniport
 drain_timeout = "5s"
+tls_session_tickets = false   # nginx: ssl_session_tickets off; ssl_session_cache off; NumTickets 0
+header_timeout = "60s"        # nginx: client_header_timeout 60s (M6 holds connections, no request)
+keepalive_timeout = "75s"     # nginx: keepalive_timeout 75s
 
 [[passthrough]]
 name = "pass"
 hosts = ["{PASS_HOST}"]
 upstreams = ["127.0.0.1:{PORTS.pass_backend}"]
 
+[[site]]
+name = "static"
+hosts = ["{STATIC_HOST}"]
+tls = {{ cert = "{lab}/pki/{STATIC_HOST}.crt", key = "{lab}/pki/{STATIC_HOST}.key" }}
+
+  [[site.route]]
+  path = "/"
+  static = {{ root = "{lab}/www" }}   # nginx: root {lab}/www
+
+[[site]]
+name = "app"
+hosts = ["{APP_HOST}"]
+tls = {{ cert = "{lab}/pki/{APP_HOST}.crt", key = "{lab}/pki/{APP_HOST}.key" }}
+
+  [[site.route]]
+  path = "/"
+  # nginx: upstream app_backend {{ server 127.0.0.1:{PORTS.app_backend}; keepalive 64; }}
+  proxy = {{ upstreams = ["http://127.0.0.1:{PORTS.app_backend}"], keepalive = 64 }}
+
 [default]
-to = "reject"
+to = "site:static"            # nginx: any other name reaches the http servers (static.test first)
 """
 
 
@@ -442,9 +492,16 @@ to = "reject"
 # Checks: each route answers correctly (right certificate, right content) through a server
 
 
+_CONTEXTS: dict[Path, ssl.SSLContext] = {}
+
+
 def _client_context(lab: Lab) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(lab.ca_file))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    """One client context per lab: a session can only be offered again through the context
+    that made it."""
+    ctx = _CONTEXTS.get(lab.dir)
+    if ctx is None:
+        ctx = _CONTEXTS[lab.dir] = ssl.create_default_context(cafile=str(lab.ca_file))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     return ctx
 
 
@@ -459,12 +516,15 @@ class Answer:
     version: str | None
     cipher: str | None
     ticket: bool
+    session: ssl.SSLSession | None
+    reused: bool
 
 
 def _https(lab: Lab, port: int, host: str, method: str, path: str,
-           headers: dict[str, str] | None = None) -> Answer:
+           headers: dict[str, str] | None = None,
+           session: ssl.SSLSession | None = None) -> Answer:
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-    with _client_context(lab).wrap_socket(raw, server_hostname=host) as tls:
+    with _client_context(lab).wrap_socket(raw, server_hostname=host, session=session) as tls:
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         tls.sendall(f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
                     f"{extra}\r\n".encode())
@@ -472,9 +532,10 @@ def _https(lab: Lab, port: int, host: str, method: str, path: str,
         while chunk := tls.recv(1 << 16):
             data += chunk
         cipher = tls.cipher()
+        got = tls.session  # after reading: TLS 1.3 tickets arrive after the handshake
         answer_tls = (tls.getpeercert(binary_form=True), tls.version(),
-                      cipher[0] if cipher else None,
-                      tls.session is not None and tls.session.has_ticket)
+                      cipher[0] if cipher else None, got is not None and got.has_ticket,
+                      got, bool(tls.session_reused))
     head, sep, body = bytes(data).partition(b"\r\n\r\n")
     if not sep:
         raise http.client.HTTPException(f"no complete response head in {len(data)} bytes")
@@ -485,20 +546,53 @@ def _https(lab: Lab, port: int, host: str, method: str, path: str,
     return Answer(status, fields, body, *answer_tls)
 
 
+def tls_brief(lab: Lab, port: int, host: str) -> dict[str, str]:
+    """What ``openssl s_client -brief`` saw: protocol, suite, group, signature, subject."""
+    cmd = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", host,
+           "-brief", "-CAfile", str(lab.ca_file), "-verify_return_error",
+           "-verify_hostname", host]
+    done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=20, check=False)
+    facts = {"exit": str(done.returncode)}
+    for line in (done.stdout + done.stderr).splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            facts.setdefault(key.strip(), value.strip())
+    return facts
+
+
+def check_tls(lab: Lab, port: int, host: str, a: Answer) -> list[str]:
+    """The handshake of ``a`` and one by openssl s_client: the certificate we issued for
+    ``host``, TLS 1.3, TLS_AES_256_GCM_SHA384, X25519, ECDSA, no ticket."""
+    bad = []
+    if a.cert_der != lab.certs_der[host]:
+        bad.append(f"{host}: the certificate is not the one issued for {host}")
+    if a.version != "TLSv1.3":
+        bad.append(f"{host}: {a.version} negotiated, not TLSv1.3")
+    if a.cipher != "TLS_AES_256_GCM_SHA384":
+        bad.append(f"{host}: cipher {a.cipher}, not TLS_AES_256_GCM_SHA384")
+    if a.ticket:
+        bad.append(f"{host}: a session ticket was issued (tickets must be off)")
+    f = tls_brief(lab, port, host)
+    want = {"Protocol version": "TLSv1.3", "Ciphersuite": "TLS_AES_256_GCM_SHA384",
+            "Peer certificate": f"CN = {host}", "Signature type": "ECDSA",
+            "Verification": "OK"}
+    for key, value in want.items():
+        if f.get(key) != value:
+            bad.append(f"{host}: openssl s_client saw {key} {f.get(key)!r}, not {value!r} "
+                       f"(exit {f['exit']})")
+    if not f.get("Server Temp Key", "").startswith("X25519"):
+        bad.append(f"{host}: key exchange {f.get('Server Temp Key')!r}, not X25519")
+    return bad
+
+
 def check_passthrough(lab: Lab, port: int) -> list[str]:
     """pass.test through ``port``: the backend's own certificate (verified, and the very DER
     we issued), TLS 1.3 without a session ticket, /small exactly, /big's length and tail."""
     bad: list[str] = []
     try:
         a = _https(lab, port, PASS_HOST, "GET", "/small")
-        if a.cert_der != lab.certs_der[PASS_HOST]:
-            bad.append("pass.test: the certificate is not the backend's")
-        if a.version != "TLSv1.3":
-            bad.append(f"pass.test: {a.version} negotiated, not TLSv1.3")
-        if a.cipher != "TLS_AES_256_GCM_SHA384":
-            bad.append(f"pass.test: cipher {a.cipher}, not TLS_AES_256_GCM_SHA384")
-        if a.ticket:
-            bad.append("pass.test: a session ticket was issued (tickets must be off)")
+        bad += check_tls(lab, port, PASS_HOST, a)
         if a.status != 200 or a.body != SMALL_BODY:
             bad.append(f"pass.test/small: status {a.status}, {len(a.body)} bytes, "
                        f"{'right' if a.body == SMALL_BODY else 'WRONG'} content")
@@ -517,6 +611,58 @@ def check_passthrough(lab: Lab, port: int) -> list[str]:
     except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
         bad.append(f"pass.test: {type(exc).__name__}: {exc}")
     return bad
+
+
+def check_terminated(lab: Lab, port: int) -> list[str]:
+    """static.test and app.test through ``port``: each site's own certificate, TLS as in
+    check_tls, the exact content, and a second handshake offering the first one's session
+    that is NOT resumed (every handshake full)."""
+    bad: list[str] = []
+    try:
+        a = _https(lab, port, STATIC_HOST, "GET", STATIC_PATH)
+        bad += check_tls(lab, port, STATIC_HOST, a)
+        if a.status != 200 or a.body != STATIC_BODY:
+            bad.append(f"static.test{STATIC_PATH}: status {a.status}, {len(a.body)} bytes, "
+                       f"{'right' if a.body == STATIC_BODY else 'WRONG'} content")
+        if a.headers.get("content-length") != str(len(STATIC_BODY)):
+            bad.append(f"static.test{STATIC_PATH}: Content-Length "
+                       f"{a.headers.get('content-length')}, not {len(STATIC_BODY)}")
+        again = _https(lab, port, STATIC_HOST, "GET", STATIC_PATH, session=a.session)
+        if again.reused:
+            bad.append("static.test: a second connection RESUMED the first one's session "
+                       "(resumption must be off: every handshake full)")
+        if again.ticket:
+            bad.append("static.test: a session ticket was issued on the second connection")
+        b = _https(lab, port, APP_HOST, "GET", APP_PATH)
+        bad += check_tls(lab, port, APP_HOST, b)
+        if b.status != 200 or b.body != APP_BODY:
+            bad.append(f"app.test{APP_PATH}: status {b.status}, {len(b.body)} bytes, "
+                       f"{'right' if b.body == APP_BODY else 'WRONG'} content")
+    except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
+        bad.append(f"terminated sites: {type(exc).__name__}: {exc}")
+    return bad
+
+
+CHECKED = ("pass.test (the backend's certificate) and static.test, app.test (their own "
+           "certificates): the DER we issued, subject CN = the name, verified against our CA; "
+           "TLSv1.3, TLS_AES_256_GCM_SHA384, X25519, ECDSA (Python ssl and openssl s_client); no "
+           "session ticket; a second static.test handshake offering the first session is not "
+           "resumed; pass.test /small 100 B exact, /big length and tail; static.test "
+           f"{STATIC_PATH} 1024 B exact; app.test {APP_PATH} the app's 100 B exact")
+
+
+def check_app_backend(port: int) -> list[str]:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", APP_PATH, headers={"Host": APP_HOST})
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+    except (OSError, http.client.HTTPException) as exc:
+        return [f"app backend: {type(exc).__name__}: {exc}"]
+    if resp.status != 200 or body != APP_BODY:
+        return [f"app backend: status {resp.status}, {len(body)} bytes"]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,20 +691,24 @@ class Metric:
     fmt: str = "{:.3f}"
 
 
+COUNTS = ("errors", "non-2xx")  # metrics that are tallies of things gone wrong, not rates
+
+
 @dataclass(frozen=True)
 class Measure:
     key: str
     title: str
     metrics: tuple[Metric, ...]
     command: Callable[[Session, str], str]  # the exact command, for RESULTS.md
-    run: Callable[[Session, Server], Sample] | None  # None: declared, not built yet
-    why_not: str = ""
+    run: Callable[[Session, Server], Sample]
+    fresh: bool = False  # memory: on a server of its own, started just for it
+    settle_slack: int = 0  # fds per worker the server may keep after it (upstream keepalive)
 
 
-def settle(server: Server, baseline_fds: int, timeout: float = 15.0) -> None:
+def settle(server: Server, baseline_fds: int, slack: int = 0, timeout: float = 15.0) -> None:
     """Wait until the server has closed what the last measure opened."""
     with contextlib.suppress(BenchError):
-        wait_for(lambda: fd_count(server.pids()) <= baseline_fds + 2, timeout,
+        wait_for(lambda: fd_count(server.pids()) <= baseline_fds + 2 + slack, timeout,
                  f"{server.label} to close its connections")
     time.sleep(0.2)
 
@@ -595,20 +745,28 @@ def m1_bulk(session: Session, server: Server) -> Sample:
                    "stime_s": round(s1 - s0, 2)}, problems)
 
 
-def wrk_command(session: Session, port: str) -> list[str]:
+def wrk_command(session: Session, port: str, host: str, path: str, *, close: bool,
+                connections: int | None = None) -> list[str]:
     a = session.args
-    return ["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"',
-            str(session.lab.hosts_file), "wrk", f"-t{a.wrk_threads}", f"-c{a.wrk_connections}",
-            f"-d{a.wrk_duration}s", "-H", "Connection: close",
-            f"https://{PASS_HOST}:{port}/small"]
+    conns = connections or a.wrk_connections
+    cmd = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"',
+           str(session.lab.hosts_file), "wrk", f"-t{min(a.wrk_threads, conns)}", f"-c{conns}",
+           f"-d{a.wrk_duration}s"]
+    if close:
+        cmd += ["-H", "Connection: close"]
+    return [*cmd, f"https://{host}:{port}{path}"]
+
+
+_BINARY = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
 
 
 def parse_wrk(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
-    if m := re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", text):
+    if m := re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m), ([\d.]+)([KMGT]?B) read", text):
         out["requests"] = int(m.group(1))
         scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[m.group(3)]
         out["seconds"] = float(m.group(2)) * scale
+        out["bytes_read"] = round(float(m.group(4)) * _BINARY[m.group(5)])
     if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
                       text):
         for k, v in zip(("connect", "read", "write", "timeout"), m.groups(), strict=True):
@@ -620,12 +778,17 @@ def parse_wrk(text: str) -> dict[str, float]:
     return out
 
 
-def m2_new_conns(session: Session, server: Server) -> Sample:
+def run_wrk(session: Session, server: Server, host: str, path: str, body_len: int, *,
+            close: bool, connections: int | None = None) -> Sample:
+    """wrk against ``server``: the rate, the server's CPU per request (or per connection
+    with ``close``), wrk's socket errors and non-2xx responses, and a check that the bytes
+    read per response fit the right answer (body + a head of 60-800 bytes)."""
     pids = server.pids()
-    cmd = wrk_command(session, str(server.port))
+    cmd = wrk_command(session, str(server.port), host, path, close=close,
+                      connections=connections)
     u0, s0 = cpu_split(pids)
     done = subprocess.run(cmd, capture_output=True, text=True,
-                          timeout=session.args.wrk_duration + 60, check=False)
+                          timeout=session.args.wrk_duration + 90, check=False)
     time.sleep(0.2)
     u1, s1 = cpu_split(pids)
     cpu = (u1 - u0) + (s1 - s0)
@@ -641,17 +804,27 @@ def m2_new_conns(session: Session, server: Server) -> Sample:
             f"{k[4:]} {int(v)}" for k, v in w.items() if k.startswith("err_") and v))
     if non2xx:
         problems.append(f"wrk: {non2xx} responses neither 2xx nor 3xx")
-    requests = w.get("requests", 0)
-    return Sample({"conn/s": w.get("rps", 0.0),
-                   "CPU-ms/conn": cpu * 1000 / requests if requests else 0.0,
-                   "errors": errors, "non-2xx": non2xx},
-                  {"wrk": w, "utime_s": round(u1 - u0, 2), "stime_s": round(s1 - s0, 2),
-                   "wrk_stdout": done.stdout}, problems)
+    requests = int(w.get("requests", 0))
+    per_response = w.get("bytes_read", 0) / requests if requests else 0.0
+    if requests and not body_len + 60 <= per_response <= body_len + 800:
+        problems.append(f"wrk read {per_response:.0f} bytes per response; the right answer "
+                        f"is {body_len} bytes of body and a head: wrong content?")
+    if close:
+        metrics = {"conn/s": w.get("rps", 0.0),
+                   "CPU-ms/conn": cpu * 1e3 / requests if requests else 0.0}
+    else:
+        metrics = {"req/s": w.get("rps", 0.0),
+                   "CPU-us/req": cpu * 1e6 / requests if requests else 0.0}
+    metrics |= {"errors": errors, "non-2xx": non2xx}
+    return Sample(metrics, {"wrk": w, "bytes_per_response": round(per_response),
+                            "utime_s": round(u1 - u0, 2), "stime_s": round(s1 - s0, 2),
+                            "wrk_stdout": done.stdout}, problems)
 
 
-def idle_command(session: Session, port: str) -> list[str]:
-    return [str(VENV_PY), str(BENCH / "idle_clients.py"), "--port", port, "--sni", PASS_HOST,
-            "--cafile", str(session.lab.ca_file), "--count", str(session.args.idle_count)]
+def idle_command(session: Session, port: str, sni: str, count: int | None = None) -> list[str]:
+    return [str(VENV_PY), str(BENCH / "idle_clients.py"), "--port", port, "--sni", sni,
+            "--cafile", str(session.lab.ca_file), "--count",
+            str(count or session.args.idle_count)]
 
 
 def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
@@ -664,69 +837,144 @@ def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
     return proc.stdout.readline()
 
 
-def m6_idle_pass(session: Session, server: Server) -> Sample:
-    count = session.args.idle_count
+def _ask(proc: subprocess.Popen[str], line: str, timeout: float) -> dict[str, Any]:
+    assert proc.stdin is not None
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    got: dict[str, Any] = json.loads(_readline(proc, timeout) or "{}")
+    return got
+
+
+def idle_steps(session: Session, server: Server, sni: str,
+               counts: Sequence[int]) -> list[Sample]:
+    """Hold idle TLS connections to ``sni`` (handshake done, no request), growing to each of
+    ``counts`` in turn on the same server; at each, RSS of the server's processes minus RSS
+    before the first, per connection held."""
     pids = server.pids()
     fds0 = fd_count(pids)
     rss0 = rss_kib(pids)
-    proc = subprocess.Popen(idle_command(session, str(server.port)), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    problems: list[str] = []
+    proc = subprocess.Popen(idle_command(session, str(server.port), sni, counts[0]),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    samples: list[Sample] = []
     try:
-        line = _readline(proc, 120)
-        opened = json.loads(line) if line else {"ok": 0, "failed": count,
-                                                 "errors": {"client died": 1}}
-        time.sleep(1.0)  # let the server finish what the last handshakes started
-        rss1 = rss_kib(pids)
-        fds1 = fd_count(pids)
+        for i, count in enumerate(counts):
+            if i == 0:
+                line = _readline(proc, 180)
+                batch = json.loads(line) if line else {}
+            else:
+                batch = _ask(proc, f"open {count - counts[i - 1]}", 180)
+            if not batch:
+                samples.append(Sample({}, {"wanted": count}, [
+                    f"the idle client died before holding {count}: "
+                    f"{(proc.stderr.read() if proc.stderr else '')[-500:]}"]))
+                break
+            time.sleep(1.0)  # let the server finish what the last handshakes started
+            rss1 = rss_kib(pids)
+            fds1 = fd_count(pids)
+            status = _ask(proc, "status", 30)
+            held = int(batch.get("held", batch.get("ok", 0)))
+            problems = []
+            if batch.get("failed"):
+                problems.append(f"{batch['failed']} of {count - (counts[i - 1] if i else 0)} "
+                                f"new connections failed: {batch.get('errors')}")
+            still = int(status.get("open", -1))
+            if still != held:
+                problems.append(f"only {still} of {held} connections still open when RSS "
+                                "was read")
+            # per connection the server still holds: one it closed has freed its memory
+            n = min(held, still) if still >= 0 else held
+            samples.append(Sample(
+                {"KiB/conn": (rss1 - rss0) / n if n else 0.0},
+                {"wanted": count, "connections": held, "still_open": still,
+                 "rss_before_kib": rss0, "rss_after_kib": rss1, "fds_before": fds0,
+                 "fds_after": fds1, "handshake_seconds": batch.get("seconds")}, problems))
         assert proc.stdin is not None
-        proc.stdin.write("status\n")
-        proc.stdin.flush()
-        status = json.loads(_readline(proc, 30) or "{}")
         proc.stdin.close()
         proc.wait(60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    ok = int(opened.get("ok", 0))
-    if opened.get("failed"):
-        problems.append(f"{opened['failed']} of {count} connections failed: "
-                        f"{opened.get('errors')}")
-    still = int(status.get("open", -1))
-    if still != ok:
-        problems.append(f"only {still} of {ok} connections still open when RSS was read")
     settle(server, fds0)
-    return Sample({"KiB/conn": (rss1 - rss0) / ok if ok else 0.0},
-                  {"rss_before_kib": rss0, "rss_after_kib": rss1, "connections": ok,
-                   "fds_before": fds0, "fds_after": fds1, "handshake_seconds":
-                   opened.get("seconds"), "still_open": still}, problems)
+    return samples
 
 
 def _cmd(build: Callable[[Session, str], list[str]]) -> Callable[[Session, str], str]:
     return lambda s, port: shlex.join(build(s, port))
 
 
+def _wrk_measure(host: str, path: str, body: bytes, *, close: bool
+                 ) -> tuple[Callable[[Session, str], str], Callable[[Session, Server], Sample]]:
+    def command(s: Session, port: str) -> str:
+        return shlex.join(wrk_command(s, port, host, path, close=close))
+
+    def run(s: Session, server: Server) -> Sample:
+        return run_wrk(s, server, host, path, len(body), close=close)
+
+    return command, run
+
+
+def _idle_measure(sni: str) -> tuple[Callable[[Session, str], str],
+                                     Callable[[Session, Server], Sample]]:
+    def command(s: Session, port: str) -> str:
+        return shlex.join(idle_command(s, port, sni))
+
+    def run(s: Session, server: Server) -> Sample:
+        return idle_steps(s, server, sni, [s.args.idle_count])[0]
+
+    return command, run
+
+
+RATE_REQ = (Metric("req/s", "req/s", False, "{:.0f}"), Metric("CPU-us/req", "us", True, "{:.1f}"),
+            Metric("errors", "", True, "{:.0f}"), Metric("non-2xx", "", True, "{:.0f}"))
+RATE_CONN = (Metric("conn/s", "conn/s", False, "{:.0f}"), Metric("CPU-ms/conn", "ms", True),
+             Metric("errors", "", True, "{:.0f}"), Metric("non-2xx", "", True, "{:.0f}"))
+KIB = (Metric("KiB/conn", "KiB", True, "{:.1f}"),)
+
 MEASURES: tuple[Measure, ...] = (
-    Measure("M6p", "M6 memory per idle passthrough connection",
-            (Metric("KiB/conn", "KiB", True, "{:.1f}"),), _cmd(idle_command), m6_idle_pass),
     Measure("M1", "M1 bulk passthrough (1 GiB)",
             (Metric("MB/s", "MB/s", False, "{:.0f}"), Metric("CPU-s/GiB", "s", True)),
             _cmd(curl_command), m1_bulk),
-    Measure("M2", "M2 new passthrough connections",
-            (Metric("conn/s", "conn/s", False, "{:.0f}"),
-             Metric("CPU-ms/conn", "ms", True), Metric("errors", "", True, "{:.0f}"),
-             Metric("non-2xx", "", True, "{:.0f}")),
-            _cmd(wrk_command), m2_new_conns),
-    Measure("M3", "M3 static 1 KiB, keep-alive", (Metric("CPU-us/req", "us", True),),
-            lambda s, p: "", None, "not built in the bench yet (passthrough only)"),
-    Measure("M4", "M4 reverse proxy, keep-alive", (Metric("CPU-us/req", "us", True),),
-            lambda s, p: "", None, "not built in the bench yet (passthrough only)"),
-    Measure("M5", "M5 TLS handshake + 1 request", (Metric("CPU-ms/conn", "ms", True),),
-            lambda s, p: "", None, "not built in the bench yet (passthrough only)"),
-    Measure("M6t", "M6 memory per idle terminated connection", (Metric("KiB/conn", "KiB",
-            True),), lambda s, p: "", None, "not built in the bench yet (passthrough only)"),
+    Measure("M2", "M2 new passthrough connections", RATE_CONN,
+            *_wrk_measure(PASS_HOST, "/small", SMALL_BODY, close=True)),
+    Measure("M3", "M3 static 1 KiB, keep-alive", RATE_REQ,
+            *_wrk_measure(STATIC_HOST, STATIC_PATH, STATIC_BODY, close=False)),
+    Measure("M4", "M4 reverse proxy to a 100-byte upstream, keep-alive", RATE_REQ,
+            *_wrk_measure(APP_HOST, APP_PATH, APP_BODY, close=False), settle_slack=64),
+    Measure("M5", "M5 terminated new connections (TLS handshake + 1 request)", RATE_CONN,
+            *_wrk_measure(STATIC_HOST, STATIC_PATH, STATIC_BODY, close=True)),
+    Measure("M6p", "M6 memory per idle passthrough connection", KIB, *_idle_measure(PASS_HOST),
+            fresh=True),
+    Measure("M6t", "M6 memory per idle terminated connection", KIB,
+            *_idle_measure(STATIC_HOST), fresh=True),
 )
+# Run order on the shared server: M4 last, its upstream keep-alive connections stay open.
+RUN_ORDER = ("M6p", "M6t", "M1", "M2", "M3", "M5", "M4")
+
+
+@dataclass(frozen=True)
+class Target:
+    text: str
+    bound: float
+    upper: bool  # the ratio must be <= bound (else >=)
+    workers: int | None = None  # only with this many workers
+
+
+TARGETS: dict[tuple[str, str], Target] = {
+    ("M1", "CPU-s/GiB"): Target("<= 0.70", 0.70, True),
+    ("M2", "CPU-ms/conn"): Target("<= 1.00", 1.00, True),
+    ("M3", "CPU-us/req"): Target("<= 0.80", 0.80, True),
+    ("M4", "CPU-us/req"): Target("<= 0.90", 0.90, True),
+    ("M5", "CPU-ms/conn"): Target("<= 1.00", 1.00, True),
+    ("M6p", "KiB/conn"): Target("<= 0.25", 0.25, True),
+    ("M6t", "KiB/conn"): Target("<= 0.85", 0.85, True),
+    ("M1", "MB/s"): Target(">= 1.00 with 2 workers", 1.0, False, 2),
+    ("M2", "conn/s"): Target(">= 1.00 with 2 workers", 1.0, False, 2),
+    ("M3", "req/s"): Target(">= 1.00 with 2 workers", 1.0, False, 2),
+    ("M4", "req/s"): Target(">= 1.00 with 2 workers", 1.0, False, 2),
+    ("M5", "conn/s"): Target(">= 1.00 with 2 workers", 1.0, False, 2),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -736,86 +984,150 @@ MEASURES: tuple[Measure, ...] = (
 @dataclass
 class Record:
     measure: str
-    server: str
+    server: str  # "nginx" or "sniport"
+    workers: int
     round: int
     sample: Sample
+    scale: int = 0  # scaling pass: wrk connections or idle connections held
 
 
 @dataclass
 class Outcome:
     records: list[Record] = field(default_factory=list)
+    scaling: list[Record] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-    checks: list[str] = field(default_factory=list)
+    checks: list[tuple[str, str]] = field(default_factory=list)  # (server, result)
     log_lines: list[tuple[str, str]] = field(default_factory=list)  # (server, line)
+    loads: list[float] = field(default_factory=list)  # 1-min loadavg before each measure
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def running(server: Server) -> Iterator[Server]:
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def loadavg() -> str:
+    return Path("/proc/loadavg").read_text().strip()
 
 
-def make_server(name: str, session: Session, rnd: int) -> Server:
-    run = session.out / "run" / f"{name}-{rnd}"
-    workers = session.args.workers
+def make_server(name: str, session: Session, workers: int, rnd: int, tag: str) -> Server:
+    run = session.out / "run" / f"{name}-w{workers}-r{rnd + 1}-{tag}"
     if name == "nginx":
         conf = session.lab.render("nginx-seed.conf", run, workers,
                                   listen=f"unix:{run}/https.sock")
         return Nginx("nginx seed", PORTS.seed, run, conf, workers)
-    return Sniport("sniport", PORTS.sniport, run, workers)
+    return Sniport("sniport", PORTS.sniport, run, workers, session.lab.dir)
 
 
-def server_session(session: Session, name: str, rnd: int, measures: Sequence[Measure],
-                   outcome: Outcome) -> None:
-    server = make_server(name, session, rnd)
-    log(f"round {rnd + 1}: starting {server.label}: {shlex.join(server.command)}")
-    with running(server):
-        bad = check_passthrough(session.lab, server.port)
-        outcome.checks.append(f"round {rnd + 1}, {server.label}: "
-                              + ("; ".join(bad) if bad else "pass.test ok (backend's "
-                                 "certificate, TLSv1.3 TLS_AES_256_GCM_SHA384, no ticket, "
-                                 "/small 100 B exact, /big length and tail)"))
+# A job: (measure key, what it runs on a started server -> [(scale, sample)], settle slack)
+Job = tuple[str, Callable[[Server], list[tuple[int, Sample]]], int]
+
+
+def server_instance(session: Session, name: str, workers: int, rnd: int, tag: str,
+                    jobs: Sequence[Job], outcome: Outcome, into: list[Record]) -> None:
+    """Start one server, check every route, run ``jobs`` on it, stop it; record everything."""
+    server = make_server(name, session, workers, rnd, tag)
+    where = f"round {rnd + 1}, {workers} worker(s), {server.label}"
+    log(f"{where} [{tag}]: starting: {tidy(shlex.join(server.command), session)}")
+    server.start()
+    try:
+        bad = check_passthrough(session.lab, server.port) + check_terminated(session.lab,
+                                                                              server.port)
+        outcome.checks.append((server.label, "; ".join(bad) if bad else "ok"))
         if bad:
-            outcome.problems += [f"round {rnd + 1}, {server.label}, check: {b}" for b in bad]
-            log(f"  check FAILED: {bad}; skipping its measures this round")
+            outcome.problems += [f"{where}, check: {b}" for b in bad]
+            log(f"  check FAILED: {bad}; skipping its measures")
             return
         pids0 = set(server.pids())
-        for m in measures:
-            assert m.run is not None
+        for key, job, slack in jobs:
             fds0 = fd_count(server.pids())
-            sample = m.run(session, server)
-            outcome.records.append(Record(m.key, name, rnd, sample))
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in sample.metrics.items())
-            log(f"  {m.key} {server.label}: {shown}"
-                + (f"  PROBLEMS: {sample.problems}" if sample.problems else ""))
-            outcome.problems += [f"round {rnd + 1}, {server.label}, {m.key}: {p}"
-                                 for p in sample.problems]
+            load = float(loadavg().split()[0])
+            outcome.loads.append(load)
+            for scale, sample in job(server):
+                sample.raw["loadavg_1m"] = load
+                into.append(Record(key, name, workers, rnd, sample, scale))
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in sample.metrics.items())
+                at = f" @{scale}" if scale else ""
+                log(f"  {key}{at} {server.label}: {shown}"
+                    + (f"  PROBLEMS: {sample.problems}" if sample.problems else ""))
+                outcome.problems += [f"{where}, {key}{at}: {p}" for p in sample.problems]
             if not server.alive():
-                outcome.problems.append(f"round {rnd + 1}, {server.label} DIED during {m.key} "
-                                        f"(exit {server.proc.returncode if server.proc else '?'}"
-                                        f"); log tail:\n{server.log_tail()}")
+                outcome.problems.append(
+                    f"{where} DIED during {key} (exit "
+                    f"{server.proc.returncode if server.proc else '?'}); log tail:\n"
+                    f"{server.log_tail()}")
                 return
             gone = pids0 - set(server.pids())
             if gone:  # a worker died (and may have been replaced): its CPU time is lost too
-                outcome.problems.append(f"round {rnd + 1}, {server.label}: process(es) "
-                                        f"{sorted(gone)} exited during {m.key}; log tail:\n"
-                                        f"{server.log_tail()}")
+                outcome.problems.append(f"{where}: process(es) {sorted(gone)} exited during "
+                                        f"{key}; log tail:\n{server.log_tail()}")
                 pids0 = set(server.pids())
-            settle(server, fds0)
-    code = server.proc.returncode if server.proc else None
-    if name == "sniport" and code not in (0, -signal.SIGTERM):
-        outcome.problems.append(f"round {rnd + 1}, sniport exit status {code} on SIGTERM")
-    lines = server.problems()
-    outcome.log_lines += [(server.label, line) for line in lines]
-    if name == "sniport":  # an error line from sniport is sniport misbehaving
-        outcome.problems += [f"round {rnd + 1}, sniport log: {line}" for line in lines]
+            settle(server, fds0, slack * workers)
+    finally:
+        server.stop()
+        code = server.proc.returncode if server.proc else None
+        if name == "sniport" and code not in (0, -signal.SIGTERM):
+            outcome.problems.append(f"{where}: sniport exit status {code} on SIGTERM")
+        lines = server.problems()
+        outcome.log_lines += [(server.label, line) for line in lines]
+        if name == "sniport":  # an error line from sniport is sniport misbehaving
+            outcome.problems += [f"{where}, sniport log: {line}" for line in lines]
+
+
+def main_jobs(session: Session, measures: Sequence[Measure]) -> list[tuple[str, list[Job]]]:
+    """(tag, jobs) per server start: each fresh measure alone, the others together."""
+    def job(m: Measure) -> Job:
+        return (m.key, lambda server: [(0, m.run(session, server))], m.settle_slack)
+
+    by_key = {m.key: m for m in measures}
+    ordered = [by_key[k] for k in RUN_ORDER if k in by_key]
+    groups = [(m.key, [job(m)]) for m in ordered if m.fresh]
+    shared = [job(m) for m in ordered if not m.fresh]
+    if shared:
+        groups.append(("shared", shared))
+    return groups
+
+
+def scaling_jobs(session: Session, measures: Sequence[Measure]) -> list[tuple[str, list[Job]]]:
+    a = session.args
+    conns = [int(x) for x in a.scaling_connections.split(",")]
+    idle = [int(x) for x in a.scaling_idle.split(",")]
+    keys = {m.key for m in measures}
+    groups: list[tuple[str, list[Job]]] = []
+
+    def idle_job(sni: str) -> Callable[[Server], list[tuple[int, Sample]]]:
+        def run(server: Server) -> list[tuple[int, Sample]]:
+            return list(zip(idle, idle_steps(session, server, sni, idle), strict=False))
+        return run
+
+    def wrk_job(host: str, path: str, body: bytes,
+                c: int) -> Callable[[Server], list[tuple[int, Sample]]]:
+        def run(server: Server) -> list[tuple[int, Sample]]:
+            return [(c, run_wrk(session, server, host, path, len(body), close=False,
+                                connections=c))]
+        return run
+
+    for key, sni in (("M6p", PASS_HOST), ("M6t", STATIC_HOST)):
+        if key in keys:
+            groups.append((f"scaling-{key}", [(key, idle_job(sni), 0)]))
+    wrk_jobs: list[Job] = []
+    for key, host, path, body, slack in (("M3", STATIC_HOST, STATIC_PATH, STATIC_BODY, 0),
+                                         ("M4", APP_HOST, APP_PATH, APP_BODY, 64)):
+        if key in keys:
+            wrk_jobs += [(key, wrk_job(host, path, body, c), slack) for c in conns]
+    if wrk_jobs:
+        groups.append(("scaling-wrk", wrk_jobs))
+    return groups
+
+
+def run_pass(session: Session, servers: Sequence[str], workers_list: Sequence[int], runs: int,
+             groups: Sequence[tuple[str, list[Job]]], outcome: Outcome,
+             into: list[Record]) -> None:
+    for rnd in range(runs):
+        for wi, workers in enumerate(workers_list):
+            order = list(servers) if (rnd + wi) % 2 == 0 else list(reversed(servers))
+            for name in order:
+                for tag, jobs in groups:
+                    server_instance(session, name, workers, rnd, tag, jobs, outcome, into)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -827,7 +1139,33 @@ def sh(cmd: str) -> str:
     return (done.stdout + done.stderr).strip()
 
 
-def machine() -> dict[str, str]:
+def sniport_digest(package: Path = SNIPORT_SRC) -> str:
+    """A digest of sniport's source files (the package directory ``package``)."""
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".html", ".typed"):
+            h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def snapshot_dir(lab: Path) -> Path:
+    return lab / "src"
+
+
+def snapshot_env(lab: Path) -> dict[str, str]:
+    """The environment that makes ``python -m sniport`` import the snapshot (PYTHONPATH comes
+    before the venv's editable-install finder)."""
+    return {**os.environ, "PYTHONPATH": str(snapshot_dir(lab))}
+
+
+def snapshot(lab: Path) -> str:
+    """Copy sniport's source as it is now into the lab; returns its digest."""
+    dest = snapshot_dir(lab) / "sniport"
+    shutil.copytree(SNIPORT_SRC, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return sniport_digest(dest)
+
+
+def machine(lab: Path) -> dict[str, str]:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "?")
@@ -842,14 +1180,17 @@ def machine() -> dict[str, str]:
         "nginx": sh("nginx -v").replace("nginx version: ", ""),
         "wrk": sh("wrk -v | head -1").split(" Copyright")[0],
         "curl": sh("curl -V | head -1"),
+        "openssl": sh("openssl version").split(" (")[0],
         "python": sys.version.split()[0],
         "uvloop": importlib.metadata.version("uvloop"),
         "openssl (python)": ssl.OPENSSL_VERSION,
-        "sniport": (sh(f"{SNIPORT} --version") + " @ " + sh(f"git -C {ROOT} rev-parse --short "
-                    "HEAD") + (" + uncommitted changes" if sh(f"git -C {ROOT} status "
-                               "--porcelain -- sniport") else "")),
+        "sniport": (sh(f"PYTHONPATH={snapshot_dir(lab)} {VENV_PY} -m sniport --version")
+                    + " @ " + sh(f"git -C {ROOT} rev-parse --short HEAD")
+                    + (" + uncommitted changes" if sh(f"git -C {ROOT} status --porcelain -- "
+                                                      "sniport") else "")),
+        "sniport digest": sniport_digest(snapshot_dir(lab) / "sniport"),
         "RLIMIT_NOFILE hard": sh("ulimit -Hn"),
-        "loadavg": Path("/proc/loadavg").read_text().strip(),
+        "loadavg": loadavg(),
     }
 
 
@@ -862,20 +1203,27 @@ def _stats(values: list[float], fmt: str) -> str:
     return f"{fmt.format(med)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
-def _values(outcome: Outcome, key: str, server: str, metric: str) -> list[float]:
-    return [r.sample.metrics[metric] for r in outcome.records
-            if r.measure == key and r.server == server and metric in r.sample.metrics]
+def _values(records: Sequence[Record], key: str, server: str, workers: int, metric: str,
+            scale: int = 0) -> list[float]:
+    return [r.sample.metrics[metric] for r in records
+            if r.measure == key and r.server == server and r.workers == workers
+            and r.scale == scale and metric in r.sample.metrics]
 
 
-def ratio(outcome: Outcome, key: str, metric: str) -> float | None:
-    n, s = _values(outcome, key, "nginx", metric), _values(outcome, key, "sniport", metric)
+def ratio(records: Sequence[Record], key: str, workers: int, metric: str,
+          scale: int = 0) -> float | None:
+    n = _values(records, key, "nginx", workers, metric, scale)
+    s = _values(records, key, "sniport", workers, metric, scale)
     if not n or not s or statistics.median(n) == 0:
         return None
     return statistics.median(s) / statistics.median(n)
 
 
-TARGETS = {("M1", "CPU-s/GiB"): "<= 0.70", ("M2", "CPU-ms/conn"): "<= 1.00",
-           ("M6p", "KiB/conn"): "<= 0.25"}
+def verdict(target: Target, r: float | None) -> str:
+    if r is None:
+        return "-"
+    met = r <= target.bound if target.upper else r >= target.bound
+    return f"{'met' if met else '**NOT met**'} ({r:.2f})"
 
 
 def tidy(text: str, session: Session | None = None) -> str:
@@ -886,9 +1234,182 @@ def tidy(text: str, session: Session | None = None) -> str:
     return text.replace(str(ROOT) + "/", "")
 
 
-def report(session: Session, outcome: Outcome, info: dict[str, str], measures: list[Measure],
-           relay_md: str, argv: list[str], elapsed: float) -> str:
+def _raw_json(sample: Sample) -> str:
+    raw = {k: v for k, v in sample.raw.items() if k != "wrk_stdout"}
+    return json.dumps(raw, separators=(",", ":"))
+
+
+def summary_table(outcome: Outcome, measures: Sequence[Measure],
+                  workers_list: Sequence[int]) -> list[str]:
+    head = "| measure |"
+    rule = "|---|"
+    for w in workers_list:
+        head += f" nginx, {w}w | sniport, {w}w | ratio {w}w |"
+        rule += "---|---|---|"
+    head += " issue 6 target | " + " / ".join(f"{w}w" for w in workers_list) + " |"
+    rule += "---|---|"
+    lines = [head, rule]
+    recs = outcome.records
+    for m in measures:
+        for metric in m.metrics:
+            if metric.name in COUNTS:
+                continue
+            better = "lower is better" if metric.lower_is_better else "higher is better"
+            row = f"| {m.title}: {metric.name} ({better}) |"
+            for w in workers_list:
+                r = ratio(recs, m.key, w, metric.name)
+                row += (f" {_stats(_values(recs, m.key, 'nginx', w, metric.name), metric.fmt)} |"
+                        f" {_stats(_values(recs, m.key, 'sniport', w, metric.name), metric.fmt)}"
+                        f" | {'-' if r is None else f'{r:.2f}'} |")
+            target = TARGETS.get((m.key, metric.name))
+            if target is None:
+                row += " | |"
+            else:
+                row += f" {target.text} | " + " / ".join(
+                    verdict(target, ratio(recs, m.key, w, metric.name))
+                    if target.workers in (None, w) else "n/a" for w in workers_list) + " |"
+            lines.append(row)
+        if any(x.name in COUNTS for x in m.metrics):
+            row = f"| {m.title}: wrk socket errors / non-2xx, sum of rounds |"
+            for w in workers_list:
+                cells = []
+                for srv in ("nginx", "sniport"):
+                    e = sum(_values(recs, m.key, srv, w, "errors"))
+                    n = sum(_values(recs, m.key, srv, w, "non-2xx"))
+                    cells.append(f"{e:.0f} / {n:.0f}")
+                row += f" {cells[0]} | {cells[1]} | |"
+            lines.append(row + " 0 / 0 | |")
+    return lines
+
+
+def net_of_handshakes(outcome: Outcome, key: str, server: str, workers: int,
+                      conns: int) -> list[float]:
+    """CPU-us per request of the scaling runs minus ``conns`` handshakes at the median M5
+    cost of the same server and worker count (an estimate; empty without M5 figures)."""
+    m5 = _values(outcome.records, "M5", server, workers, "CPU-ms/conn")
+    if not m5:
+        return []
+    per_conn_s = statistics.median(m5) / 1e3
+    out = []
+    for x in outcome.scaling:
+        if (x.measure, x.server, x.workers, x.scale) != (key, server, workers, conns):
+            continue
+        requests = x.sample.raw.get("wrk", {}).get("requests", 0)
+        cpu = x.sample.raw.get("utime_s", 0.0) + x.sample.raw.get("stime_s", 0.0)
+        if requests:
+            out.append(max(cpu - conns * per_conn_s, 0.0) * 1e6 / requests)
+    return out
+
+
+def scaling_section(session: Session, outcome: Outcome, measures: Sequence[Measure],
+                    workers_list: Sequence[int]) -> list[str]:
     a = session.args
+    recs = outcome.scaling
+    keys = [m.key for m in measures]
+    conns = [int(x) for x in a.scaling_connections.split(",")]
+    idle = [int(x) for x in a.scaling_idle.split(",")]
+    lines = ["## Scaling (issue 6 item 4)", "",
+             f"{a.scaling_runs} round(s), medians with the (min-max) spread; same servers, "
+             "checks and order rules as above. M3/M4: wrk with -c1, -c64, -c1000 for "
+             f"{a.wrk_duration}s (-t = min(2, connections)); the server's CPU includes the TLS "
+             "handshakes of wrk's connections at the start (1,000 of them at -c1000): the "
+             "\"without handshakes\" columns subtract connections x the same server's median "
+             "M5 CPU-ms per connection (1 and 2 workers alike), an estimate. M6: one "
+             "fresh server per kind; the idle connections are added to the ones already held "
+             f"({' -> '.join(f'{n:,}' for n in idle)}) and RSS is read at each count, minus "
+             "RSS before the first; KiB/conn = that delta / connections the server still "
+             "held then. nginx seed holds "
+             "3 descriptors per terminated connection (client, stream -> unix socket, the http "
+             "side) and 2 per passthrough one, against worker_rlimit_nofile 20000 per worker; "
+             f"the hard RLIMIT_NOFILE here is {sh('ulimit -Hn')}.", ""]
+    for key, host in (("M3", STATIC_HOST), ("M4", APP_HOST)):
+        if key not in keys:
+            continue
+        title = next(m.title for m in measures if m.key == key)
+        lines += [f"### {title}, by concurrent connections", "",
+                  "```", tidy(shlex.join(wrk_command(session, "PORT", host, STATIC_PATH
+                                                     if key == "M3" else APP_PATH,
+                                                     close=False, connections=9999)),
+                              session).replace("9999", "C"), "```", "",
+                  "| workers | connections | nginx req/s | sniport req/s | nginx CPU-us/req | "
+                  "sniport CPU-us/req | CPU ratio sniport / nginx | without handshakes (est.): "
+                  "nginx; sniport CPU-us/req, ratio | wrk errors / non-2xx (nginx; sniport) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for w in workers_list:
+            for c in conns:
+                r = ratio(recs, key, w, "CPU-us/req", c)
+                errs = "; ".join(
+                    f"{sum(_values(recs, key, s, w, 'errors', c)):.0f} / "
+                    f"{sum(_values(recs, key, s, w, 'non-2xx', c)):.0f}"
+                    for s in ("nginx", "sniport"))
+                cells = [_stats(_values(recs, key, s, w, metric, c), fmt)
+                         for metric, fmt in (("req/s", "{:.0f}"), ("CPU-us/req", "{:.1f}"))
+                         for s in ("nginx", "sniport")]
+                net = [net_of_handshakes(outcome, key, s, w, c) for s in ("nginx", "sniport")]
+                net_text = "-"
+                if net[0] and net[1]:
+                    net_text = (f"{_stats(net[0], '{:.1f}')}; {_stats(net[1], '{:.1f}')}, "
+                                f"{statistics.median(net[1]) / statistics.median(net[0]):.2f}")
+                lines.append(f"| {w} | {c:,} | {' | '.join(cells)} | "
+                             f"{'-' if r is None else f'{r:.2f}'} | {net_text} | {errs} |")
+        lines.append("")
+    for key, sni in (("M6p", PASS_HOST), ("M6t", STATIC_HOST)):
+        if key not in keys:
+            continue
+        title = next(m.title for m in measures if m.key == key)
+        lines += [f"### {title}, by connections held", "",
+                  "```", tidy(shlex.join(idle_command(session, "PORT", sni, idle[0])), session)
+                  + "   # then on stdin: " + ", ".join(
+                      f"'open {n - p}'" for p, n in itertools.pairwise(idle)),
+                  "```", "",
+                  "| workers | connections | nginx KiB/conn | sniport KiB/conn | ratio "
+                  "sniport / nginx | nginx RSS delta MiB | sniport RSS delta MiB | connections "
+                  "opened / still open when RSS was read (nginx; sniport) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for w in workers_list:
+            for n in idle:
+                rr = ratio(recs, key, w, "KiB/conn", n)
+                mine = {s: [x for x in recs if x.measure == key and x.server == s
+                            and x.workers == w and x.scale == n] for s in ("nginx", "sniport")}
+                delta = {s: _stats([(x.sample.raw["rss_after_kib"]
+                                     - x.sample.raw["rss_before_kib"]) / 1024 for x in xs
+                                    if "rss_after_kib" in x.sample.raw], "{:.1f}")
+                         for s, xs in mine.items()}
+                held = "; ".join(
+                    _stats([float(x.sample.raw.get("connections", 0)) for x in xs], "{:.0f}")
+                    + " / " + _stats([float(x.sample.raw.get("still_open", 0)) for x in xs],
+                                     "{:.0f}") for xs in mine.values())
+                kib = [_stats(_values(recs, key, s, w, "KiB/conn", n), "{:.1f}")
+                       for s in ("nginx", "sniport")]
+                lines.append(f"| {w} | {n:,} | {kib[0]} | {kib[1]} | "
+                             f"{'-' if rr is None else f'{rr:.2f}'} | {delta['nginx']} | "
+                             f"{delta['sniport']} | {held} |")
+        lines.append("")
+    lines += ["### Scaling runs, raw", "",
+              "| measure | workers | server | round | scale | metrics | raw |",
+              "|---|---|---|---|---|---|---|"]
+    for x in sorted(recs, key=lambda x: (x.measure, x.workers, x.server, x.scale, x.round)):
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in x.sample.metrics.items())
+        lines.append(f"| {x.measure} | {x.workers} | {x.server} | {x.round + 1} | {x.scale:,} | "
+                     f"{shown} | {_raw_json(x.sample)} |")
+    return [*lines, ""]
+
+
+def report(session: Session, outcome: Outcome, info: dict[str, str], measures: list[Measure],
+           relay_md: str, argv: list[str], elapsed: float, end_info: dict[str, str]) -> str:
+    a = session.args
+    workers_list = a.workers_list
+    loads = outcome.loads
+    load_text = (f"1-min load average before each measure: min {min(loads):.2f}, median "
+                 f"{statistics.median(loads):.2f}, max {max(loads):.2f} over {len(loads)} "
+                 "measures" if loads else "no measure ran")
+    changed = (f" (its working tree at the start, copied to $SCRATCH/src and run from there "
+               f"for the whole run: source digest {info['sniport digest']}; "
+               + ("the working tree changed during the run, to digest "
+                  f"{end_info['sniport digest']}, not measured here)" if
+                  info["sniport digest"] != end_info["sniport digest"] else
+                  "the working tree was unchanged at the end)"))
+    wtext = " and ".join(str(w) for w in workers_list)
     lines = [
         "# sniport vs the blog post's nginx setup",
         "",
@@ -897,90 +1418,99 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
         "the ratios and CPU per unit much less.",
         "",
         f"- command: `{shlex.join(['bench/run', *argv])}` ({elapsed:.0f} s wall)",
-        f"- date: {info['date']}",
+        f"- date: {info['date']} (end: {end_info['date']})",
         f"- machine: {info['nproc']} cores ({info['cpu']}), kernel {info['kernel']}, "
-        f"{info['memory']} RAM, RLIMIT_NOFILE hard {info['RLIMIT_NOFILE hard']}; /proc/loadavg "
-        f"at the start `{info['loadavg']}`, at the end "
-        f"`{Path('/proc/loadavg').read_text().strip()}`"
-        " (other work on the box shows here: it moves rates more than CPU per unit)",
+        f"{info['memory']} RAM, RLIMIT_NOFILE hard {info['RLIMIT_NOFILE hard']}",
+        f"- load: /proc/loadavg at the start `{info['loadavg']}`, at the end "
+        f"`{end_info['loadavg']}`; {load_text} (the box is shared: other work shows here, and "
+        "moves rates much more than CPU per unit)",
         f"- software: nginx {info['nginx']}, {info['wrk']}, {info['curl'].split(' (')[0]}, "
-        f"Python {info['python']}, uvloop {info['uvloop']}, {info['openssl (python)']}, "
-        f"{info['sniport']}",
-        f"- servers: nginx seed setup (bench/nginx/nginx-seed.conf: stream + ssl_preread, "
-        f"master + {a.workers} worker) on 127.0.0.1:{PORTS.seed}; sniport (master + "
-        f"{a.workers} worker, config below) on 127.0.0.1:{PORTS.sniport}; both pass pass.test "
-        "to the same TLS backend, a "
-        f"separate nginx (bench/nginx/backend-pass.conf, 1 worker) on 127.0.0.1:"
-        f"{PORTS.pass_backend}",
-        "- TLS (end to end with the backend, identical for both): TLS 1.3 only, "
-        "TLS_AES_256_GCM_SHA384, ECDSA P-256 certificates, session tickets and cache off "
-        "(checked before each round: no ticket issued)",
-        f"- method: {a.runs} rounds; in each, both servers are started fresh, checked, and "
-        "measured one after the other, the order flipping every round (nginx first in round "
-        "1); figures are medians with the (min-max) spread. Server CPU = utime+stime of the "
-        "server's own processes from /proc/PID/stat (master + workers, for both), before and "
-        "after each run; memory = VmRSS sum of the same processes.",
+        f"{info['openssl']}, Python {info['python']}, uvloop {info['uvloop']}, "
+        f"{info['openssl (python)']}, {info['sniport']}{changed}",
+        f"- servers, with {wtext} worker(s) each (nginx worker_processes = sniport "
+        "[server].workers): the nginx seed setup (bench/nginx/nginx-seed.conf + "
+        "http-servers.inc: stream + ssl_preread on 127.0.0.1:"
+        f"{PORTS.seed}, pass.test relayed to the backend, everything else over a unix socket to "
+        "`http` servers with `ssl`: static.test a static root, app.test `proxy_pass` with "
+        "upstream keepalive 64) and sniport (config below) on 127.0.0.1:"
+        f"{PORTS.sniport}. Shared backends, each a separate nginx with 1 worker: the TLS "
+        f"passthrough target (bench/nginx/backend-pass.conf) on 127.0.0.1:{PORTS.pass_backend}"
+        ", the 100-byte app (bench/nginx/backend-app.conf) on 127.0.0.1:"
+        f"{PORTS.app_backend}",
+        "- TLS, identical for both (and the passthrough backend): TLS 1.3, "
+        "TLS_AES_256_GCM_SHA384, X25519, ECDSA P-256 certificates, session tickets and caches "
+        "off (nginx: ssl_session_tickets off, ssl_session_cache off, NumTickets 0; sniport: "
+        "tls_session_tickets = false); access logs off on both",
+        f"- method: {a.runs} round(s); in each, for each worker count, both servers are "
+        "started fresh, checked, and measured one after the other, the order flipping every "
+        "round and between worker counts; the memory measures (M6) each on a server started "
+        "just for them, M1-M5 on one more start. Figures are medians with the (min-max) "
+        "spread. Server CPU = utime+stime of the server's own processes from /proc/PID/stat "
+        "(master + workers, for both), before and after each run; memory = VmRSS sum of the "
+        "same processes. wrk: -t2 -c64 -d3s unless said otherwise; its socket errors and "
+        "non-2xx responses are listed, and the bytes it read per response are checked against "
+        "the right answer's size.",
         "",
         "- server commands ($OUT = bench/out/<stamp>, where the logs and rendered configs "
         "stay; $SCRATCH = the scratch directory with the certificates and files, removed at "
-        "the end): `nginx -p $OUT/run/nginx-N -c $OUT/run/nginx-N/nginx.conf -e "
-        "$OUT/run/nginx-N/error.log -g 'daemon off;'` (N = round), `.venv/bin/sniport run -c "
-        "$OUT/run/sniport-N/sniport.toml`; the backend: `nginx -p $OUT/run/backend-pass ...`",
+        "the end): `nginx -p $OUT/run/nginx-wW-rN-TAG -c $OUT/run/nginx-wW-rN-TAG/nginx.conf "
+        "-e $OUT/run/nginx-wW-rN-TAG/error.log -g 'daemon off;'` (W = workers, N = round, "
+        "TAG = M6p, M6t, shared or scaling-*), `PYTHONPATH=$SCRATCH/src .venv/bin/python -m "
+        "sniport run -c $OUT/run/sniport-wW-rN-TAG/sniport.toml`; the backends: `nginx -p "
+        "$OUT/run/backend-pass ...`, `nginx -p $OUT/run/backend-app ...`",
         "",
-        "## Summary: sniport / nginx (medians)",
+        "## Summary: sniport / nginx (medians; ratios of medians)",
         "",
-        "| measure | nginx seed | sniport | sniport / nginx | issue 6 target |",
-        "|---|---|---|---|---|",
+        *summary_table(outcome, measures, workers_list),
+        "",
+        "Reference figures (../shared/bench-reference/README.md, 2026-11-26, 1 worker, nginx "
+        "seed): M1 0.73 CPU-s/GiB, M2 0.205 CPU-ms/conn, M3 33 CPU-us/req, M4 35 CPU-us/req, "
+        "M5 0.535 CPU-ms/conn, M6 15.7 KiB per idle passthrough and 39.0 KiB per idle "
+        "terminated connection.",
+        "",
     ]
     for m in measures:
-        for metric in m.metrics:
-            if metric.name in ("errors", "non-2xx"):
-                continue
-            n = _values(outcome, m.key, "nginx", metric.name)
-            s = _values(outcome, m.key, "sniport", metric.name)
-            rs = ratio(outcome, m.key, metric.name)
-            better = "lower is better" if metric.lower_is_better else "higher is better"
-            lines.append(f"| {m.title}: {metric.name} ({better}) | "
-                         f"{_stats(n, metric.fmt)} | {_stats(s, metric.fmt)} | "
-                         f"{'-' if rs is None else f'{rs:.2f}'} | "
-                         f"{TARGETS.get((m.key, metric.name), '')} |")
-    for m in MEASURES:
-        if m.run is None:
-            lines.append(f"| {m.title} | - | - | not measured: {m.why_not} | |")
-    lines += ["", "Reference figures (../shared/bench-reference/README.md, 2026-11-26, 1 worker):"
-              " nginx seed M1 0.73 CPU-s/GiB, M2 0.205 CPU-ms/conn, M6 15.7 KiB per idle "
-              "passthrough connection.", ""]
-
-    for m in measures:
-        lines += [f"## {m.title}", ""]
-        lines.append("Command (PORT = "
-                     f"{PORTS.seed} for nginx, {PORTS.sniport} for sniport):")
-        lines += ["", "```", tidy(m.command(session, "PORT"), session), "```", ""]
-        header = "| server | round | " + " | ".join(x.name for x in m.metrics) + " | raw |"
-        lines += [header, "|" + "---|" * (len(m.metrics) + 3)]
+        lines += [f"## {m.title}", "",
+                  f"Command (PORT = {PORTS.seed} for nginx, {PORTS.sniport} for sniport):",
+                  "", "```", tidy(m.command(session, "PORT"), session), "```", ""]
+        header = ("| workers | server | round | " + " | ".join(x.name for x in m.metrics)
+                  + " | raw |")
+        lines += [header, "|" + "---|" * (len(m.metrics) + 4)]
         for r in sorted((r for r in outcome.records if r.measure == m.key),
-                        key=lambda r: (r.server, r.round)):
-            raw = {k: v for k, v in r.sample.raw.items() if k != "wrk_stdout"}
+                        key=lambda r: (r.workers, r.server, r.round)):
             vals = " | ".join(x.fmt.format(r.sample.metrics.get(x.name, float("nan")))
                               for x in m.metrics)
-            lines.append(f"| {r.server} | {r.round + 1} | {vals} | "
-                         f"{json.dumps(raw, separators=(',', ':'))} |")
+            lines.append(f"| {r.workers} | {r.server} | {r.round + 1} | {vals} | "
+                         f"{_raw_json(r.sample)} |")
         lines.append("")
-        for metric in m.metrics:
-            rr = ratio(outcome, m.key, metric.name)
-            if rr is not None and metric.name not in ("errors", "non-2xx"):
-                lines.append(f"- ratio sniport / nginx, {metric.name}: **{rr:.2f}**")
+        for w in workers_list:
+            for metric in m.metrics:
+                rr = ratio(outcome.records, m.key, w, metric.name)
+                if rr is not None and metric.name not in COUNTS:
+                    lines.append(f"- {w} worker(s), ratio sniport / nginx, {metric.name}: "
+                                 f"**{rr:.2f}**")
         lines.append("")
 
-    lines += ["## Checks before measuring", ""]
-    lines += [f"- {c}" for c in outcome.checks]
+    if a.scaling:
+        lines += scaling_section(session, outcome, measures, workers_list)
+
+    lines += ["## Checks before measuring", "",
+              f"At every server start, before its measures: {CHECKED}.", ""]
+    tally: dict[tuple[str, str], int] = {}
+    for label, result in outcome.checks:
+        tally[(label, result)] = tally.get((label, result), 0) + 1
+    lines += [f"- {label}: {n} start(s): {result}" for (label, result), n in sorted(tally.items())]
     lines += ["", "## Problems seen", ""]
     if outcome.problems:
-        lines += [f"- {p}" for p in outcome.problems]
+        mine = [p for p in outcome.problems if ", sniport" in p or "sniport log" in p]
+        theirs = [p for p in outcome.problems if p not in mine]
+        lines += ["sniport:", ""] + ([f"- {p}" for p in mine] or ["- none"]) + [""]
+        lines += ["nginx, the backends and the bench:", ""]
+        lines += [f"- {p}" for p in theirs] or ["- none"]
     else:
         lines.append("- none: every check passed, no wrk socket errors, no non-2xx responses, "
-                     "no failed idle connections, no sniport error line (nginx's error-level "
-                     "log lines, if any, are in the next section)")
+                     "no wrong-sized responses, no failed idle connections, no sniport error "
+                     "line (nginx's error-level log lines, if any, are in the next section)")
     lines += ["", "## Error-level lines in the servers' logs", ""]
     groups: dict[tuple[str, str], list[str]] = {}
     for label, line in outcome.log_lines:
@@ -992,7 +1522,11 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
     for (label, _), found in sorted(groups.items()):
         lines.append(f"- {label}: {len(found)} line(s) like `{found[0]}`")
     lines += ["", "## sniport config used", "", "```toml",
-              sniport_config(a.workers, "$OUT/run/sniport-N/state").rstrip(),
+              sniport_config(workers_list[0], "$OUT/run/sniport-wW-rN-TAG/state",
+                             "$SCRATCH").rstrip().replace(
+                  f"workers = {workers_list[0]}                   # nginx: worker_processes "
+                  f"{workers_list[0]}", "workers = W                   # nginx: "
+                  "worker_processes W"),
               "```", ""]
     if relay_md:
         lines += [relay_md.rstrip(), ""]
@@ -1003,17 +1537,36 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
 # main
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated numbers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: numbers >= 1")
+    return values
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3, help="rounds (medians over them); default 3")
-    p.add_argument("--measures", default="M1,M2,M6p",
-                   help="comma-separated; built: M1, M2, M6p (default all three)")
+    p.add_argument("--quick", action="store_true", help="1 round (and 1 scaling round)")
+    p.add_argument("--measures", default=",".join(m.key for m in MEASURES),
+                   help="comma-separated, of " + ", ".join(m.key for m in MEASURES)
+                   + " (default all)")
     p.add_argument("--servers", default="nginx,sniport", help="default nginx,sniport")
-    p.add_argument("--workers", type=int, default=1, help="worker processes of both servers "
-                   "(nginx worker_processes, sniport [server].workers); default 1")
+    p.add_argument("--workers", default="1,2", type=_int_list,
+                   help="worker counts, each measured (nginx worker_processes = sniport "
+                   "[server].workers); default 1,2")
+    p.add_argument("--scaling", action="store_true",
+                   help="also the scaling pass: M3, M4 at --scaling-connections; M6p, M6t at "
+                   "--scaling-idle")
+    p.add_argument("--scaling-runs", type=int, default=0, help="default: --runs")
+    p.add_argument("--scaling-connections", default="1,64,1000")
+    p.add_argument("--scaling-idle", default="1000,4000,8000")
     p.add_argument("--bulk-size", type=int, default=GIB, help="M1 bytes; default 1 GiB")
     p.add_argument("--idle-count", type=int, default=5000, help="M6 connections; default 5000")
-    p.add_argument("--wrk-duration", type=int, default=3, help="M2 seconds; default 3")
+    p.add_argument("--wrk-duration", type=int, default=3, help="wrk seconds; default 3")
     p.add_argument("--wrk-threads", type=int, default=2)
     p.add_argument("--wrk-connections", type=int, default=64)
     p.add_argument("--no-relay", action="store_true", help="skip bench/relay_compare.py")
@@ -1021,7 +1574,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default=str(BENCH / "RESULTS.md"),
                    help="markdown report; '-' for stdout only; default bench/RESULTS.md")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.runs = 1
+        args.scaling_runs = args.scaling_runs or 1
+    args.scaling_runs = args.scaling_runs or args.runs
+    args.workers_list = sorted(set(args.workers))
+    idle = _int_list(args.scaling_idle)
+    if idle != sorted(idle):
+        p.error("--scaling-idle: increasing counts (connections are added)")
+    _int_list(args.scaling_connections)
+    return args
+
+
+def start_backend(lab: Lab, out: Path, template: str, label: str, port: int) -> Nginx:
+    run = out / "run" / template.removesuffix(".conf")
+    conf = lab.render(template, run, 1)
+    backend = Nginx(label, port, run, conf, 1)
+    backend.start()
+    return backend
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1034,12 +1605,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown measure(s) {unknown}; known: {list(by_key)}", file=sys.stderr)
         return 2
-    not_built = [k for k in keys if by_key[k].run is None]
-    if not_built:
-        print(f"not built yet: {not_built} ({by_key[not_built[0]].why_not})", file=sys.stderr)
-        return 2
-    measures = [m for m in MEASURES if m.key in keys]  # registry order: M6 first, on a fresh
-    servers = [s.strip() for s in args.servers.split(",") if s.strip()]  # server
+    measures = [m for m in MEASURES if m.key in keys]
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     if not set(servers) <= {"nginx", "sniport"}:
         print("--servers: nginx and/or sniport", file=sys.stderr)
         return 2
@@ -1053,33 +1620,40 @@ def main(argv: list[str] | None = None) -> int:
     out = BENCH / "out" / stamp
     out.mkdir(parents=True)
     scratch = Path(tempfile.mkdtemp(prefix="sniport-bench-"))
-    backend: Server | None = None
+    backends: list[Server] = []
     try:
-        info = machine()
-        log(f"scratch {scratch}; logs and raw data in {out}")
+        digest = snapshot(scratch)
+        info = machine(scratch)
+        log(f"scratch {scratch}; logs and raw data in {out}; load {info['loadavg']}; sniport "
+            f"{info['sniport']}, source digest {digest}, run from {snapshot_dir(scratch)}")
         lab = Lab(scratch, args.bulk_size)
-        lab.build([PASS_HOST, "static.test", "app.test"])
+        lab.build([PASS_HOST, STATIC_HOST, APP_HOST])
         session = Session(lab, args, out)
-        log(f"lab ready: certificates, /small, /big = {args.bulk_size} bytes")
+        log(f"lab ready: certificates, /small, /big = {args.bulk_size} bytes, {STATIC_PATH}")
 
-        conf = lab.render("backend-pass.conf", out / "run" / "backend-pass", 1)
-        backend = Nginx("passthrough backend", PORTS.pass_backend, out / "run" / "backend-pass",
-                        conf, 1)
-        backend.start()
+        backends.append(start_backend(lab, out, "backend-pass.conf", "passthrough backend",
+                                      PORTS.pass_backend))
         direct = check_passthrough(lab, PORTS.pass_backend)
         if direct:
             raise BenchError(f"the passthrough backend itself fails its check: {direct}")
+        backends.append(start_backend(lab, out, "backend-app.conf", "app backend",
+                                      PORTS.app_backend))
+        direct = check_app_backend(PORTS.app_backend)
+        if direct:
+            raise BenchError(f"the app backend itself fails its check: {direct}")
 
         outcome = Outcome()
-        for rnd in range(args.runs):
-            order = servers if rnd % 2 == 0 else list(reversed(servers))
-            for name in order:
-                server_session(session, name, rnd, measures, outcome)
-        if not backend.alive():
-            outcome.problems.append("the passthrough backend died during the bench")
-        outcome.log_lines += [(backend.label, x) for x in backend.problems()]
-        backend.stop()
-        backend = None
+        run_pass(session, servers, args.workers_list, args.runs, main_jobs(session, measures),
+                 outcome, outcome.records)
+        if args.scaling:
+            run_pass(session, servers, args.workers_list, args.scaling_runs,
+                     scaling_jobs(session, measures), outcome, outcome.scaling)
+        for backend in backends:
+            if not backend.alive():
+                outcome.problems.append(f"the {backend.label} died during the bench")
+            outcome.log_lines += [(backend.label, x) for x in backend.problems()]
+            backend.stop()
+        backends = []
 
         relay_md = ""
         if not args.no_relay:
@@ -1087,21 +1661,28 @@ def main(argv: list[str] | None = None) -> int:
             done = subprocess.run([str(VENV_PY), str(BENCH / "relay_compare.py"),
                                    "--runs", str(args.runs), "--bytes", str(args.relay_bytes),
                                    "--ports", f"{PORTS.relay_a},{PORTS.relay_b}",
-                                   "--markdown"], capture_output=True, text=True, check=False)
+                                   "--markdown"], capture_output=True, text=True, check=False,
+                                  env=snapshot_env(scratch))
             (out / "relay_compare.stderr").write_text(done.stderr)
             if done.returncode != 0:
                 outcome.problems.append(f"relay_compare.py exit {done.returncode}: "
                                         f"{done.stderr.strip()[-2000:]}")
             relay_md = done.stdout
 
+        end_info = {"date": sh("date -u"), "loadavg": loadavg(),
+                    "sniport digest": sniport_digest()}
+
+        def dump(records: list[Record]) -> list[dict[str, Any]]:
+            return [{"measure": r.measure, "server": r.server, "workers": r.workers,
+                     "round": r.round, "scale": r.scale, "metrics": r.sample.metrics,
+                     "raw": r.sample.raw, "problems": r.sample.problems} for r in records]
+
         (out / "raw.json").write_text(json.dumps(
-            {"machine": info, "records": [
-                {"measure": r.measure, "server": r.server, "round": r.round,
-                 "metrics": r.sample.metrics, "raw": r.sample.raw,
-                 "problems": r.sample.problems} for r in outcome.records],
-             "problems": outcome.problems, "checks": outcome.checks}, indent=1))
+            {"machine": info, "end": end_info, "records": dump(outcome.records),
+             "scaling": dump(outcome.scaling), "problems": outcome.problems,
+             "checks": outcome.checks, "loads": outcome.loads}, indent=1))
         text = report(session, outcome, info, measures, relay_md, argv,
-                      time.monotonic() - t_start)
+                      time.monotonic() - t_start, end_info)
         if args.out == "-":
             print(text)
         else:
@@ -1115,7 +1696,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"error: {exc}")
         return 1
     finally:
-        if backend is not None:
+        for backend in backends:
             backend.stop()
         if args.keep:
             log(f"scratch kept: {scratch}")

@@ -379,9 +379,12 @@ def bulk(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     with open(www / "huge.bin", "wb") as f:
         f.truncate(BULK_SIZE)  # sparse: reads as zeros, costs no disk
     (www / "a.txt").write_bytes(SMALL["a.txt"])
+    # One worker: the tests count descriptors after a warm-up request, and libuv opens a
+    # reserve descriptor (/dev/null, for EMFILE) in each worker on its first connection.
     config = f"""
 [server]
 listen = ["127.0.0.1:0"]
+workers = 1
 [[site]]
 name = "bulk"
 hosts = ["{HOST}"]

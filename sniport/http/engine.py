@@ -348,7 +348,7 @@ class Exchange:
     # -- writing --------------------------------------------------------------------------
 
     def _head(self, status: int, headers: list[tuple[str, str]], length: int | None,
-              raw: list[tuple[bytes, bytes]] | None = None) -> bytes:
+              raw: list[tuple[bytes, bytes]] | None = None, block: bytes = b"") -> bytes:
         self.status = status
         remove = self.remove_headers
         parts = [status_line(status)]
@@ -365,6 +365,8 @@ class Exchange:
                 if remove and bname.lower() in remove:
                     continue
                 parts.append(bname + b": " + bvalue + b"\r\n")
+        if block:  # header lines encoded once by the handler (the caller checked remove)
+            parts.append(block)
         if self.add_headers:
             parts.append(self.add_headers)
         if status == 101:  # the upgrade's own Connection/Upgrade are in the headers
@@ -388,12 +390,15 @@ class Exchange:
         parts.append(b"\r\n")
         return b"".join(parts)
 
-    def respond(self, status: int, headers: list[tuple[str, str]], body: bytes = b"") -> None:
-        """The whole response at once (Content-Length set here; no body for HEAD/304/204)."""
+    def respond(self, status: int, headers: list[tuple[str, str]], body: bytes = b"",
+                block: bytes = b"") -> None:
+        """The whole response at once (Content-Length set here; no body for HEAD/304/204).
+        ``block``: header lines already encoded, for handlers that send the same ones often;
+        only when ``remove_headers`` is empty."""
         if self.head_sent:
             self.abort()
             return
-        head = self._head(status, headers, len(body))
+        head = self._head(status, headers, len(body), None, block)
         self.head_sent = True
         self.ttfb = time.monotonic()
         if self.is_head or status in (204, 304) or status < 200:

@@ -51,6 +51,11 @@ MEMORY_BUDGET = 32 * 1024 * 1024  # per worker, for the contents of small files
 META_ENTRIES = 4096
 CHUNK = 256 * 1024
 SIBLING_TTL = 1.0  # seconds a precompressed sibling's absence is remembered
+STAT_VALID = 1.0  # seconds a path's file is served without a new stat (nginx: open_file_cache)
+HITS = 1024  # paths remembered per static route
+# Request headers that take a response off the plain 200 path.
+_NOT_PLAIN = frozenset({b"if-match", b"if-unmodified-since", b"if-none-match",
+                        b"if-modified-since", b"range"})
 ENCODINGS = (("br", ".br"), ("gzip", ".gz"))
 
 
@@ -69,6 +74,7 @@ class FileMeta:
     data: bytes | None = None  # the contents, for small files
     siblings: dict[str, FileMeta | None] | None = None  # encoding -> precompressed file
     siblings_at: float = 0.0
+    block: bytes = b""  # the header lines of a plain 200, encoded once (see _plain_block)
 
 
 def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -106,6 +112,9 @@ class StaticFiles:
         self._root_prefix = self.root.rstrip("/") + "/"
         self._meta: OrderedDict[str, FileMeta] = OrderedDict()
         self._index = list(cfg.index)
+        # Request path -> (its file, when it was stat'ed): a path asked again within
+        # STAT_VALID skips decoding, checks and stat. Only files found are remembered.
+        self._hits: dict[str, tuple[FileMeta, float]] = {}
 
     # -- entry point ----------------------------------------------------------------------
 
@@ -121,6 +130,11 @@ class StaticFiles:
                    use_fallback: bool = True) -> bool:
         """Serve ``rest``; False (and nothing sent) when ``status`` != 200 and it is missing,
         so that an error page that does not exist falls back to the plain error."""
+        now = ex.conn.loop.time()
+        hit = self._hits.get(rest)
+        if hit is not None and now - hit[1] < STAT_VALID:
+            self._send(ex, app, hit[0], status)
+            return True
         try:
             segments = path_segments(rest if rest.startswith("/") else "/" + rest)
         except BadPath as exc:
@@ -167,6 +181,9 @@ class StaticFiles:
         if not meta.inside:
             diag.warning("static: %s leads outside the root %s", fs_path, self.root)
             return self._missing(ex, app, status, False)
+        if len(self._hits) >= HITS:
+            self._hits.clear()
+        self._hits[rest] = (meta, now)
         self._send(ex, app, meta, status)
         return True
 
@@ -288,6 +305,14 @@ class StaticFiles:
     def _send(self, ex: Exchange, app: SiteApp, meta: FileMeta, status: int) -> None:
         req = ex.request
         meta, coding, vary = self._variant(ex, meta)
+        if (status == 200 and not ex.remove_headers and meta.size <= SMALL_FILE
+                and not any(name in _NOT_PLAIN for name, _ in req.headers)):
+            # The common case: a whole small file, no conditions. Headers encoded once.
+            data = self._contents(ex, meta)
+            if data is not None:
+                block = meta.block or self._plain_block(meta, coding, vary)
+                ex.respond(200, [], data, block)
+            return
         headers = [("Content-Type", meta.ctype), ("Last-Modified", meta.last_modified),
                    ("ETag", meta.etag)]
         if vary:
@@ -332,20 +357,9 @@ class StaticFiles:
             headers.append(("Content-Range",
                             f"bytes {byte_range.start}-{byte_range.end}/{meta.size}"))
         if meta.size <= SMALL_FILE:
-            data = meta.data or _memory.get(meta.key)
-            if data is None:
-                try:
-                    with open(meta.path, "rb") as f:
-                        data = f.read(SMALL_FILE + 1)
-                except OSError as exc:
-                    self._unreadable(ex, meta, exc)
-                    return
-                if len(data) != meta.size:  # changed under us: serve what stat said next time
-                    self._meta.pop(meta.path, None)
-                    ex.error(503, "file_changed")
-                    return
-                _memory.put(meta.key, data)
-            ex.respond(status, headers, data[start : start + length])
+            data = self._contents(ex, meta)
+            if data is not None:
+                ex.respond(status, headers, data[start : start + length])
             return
         try:
             fd = os.open(meta.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -358,6 +372,40 @@ class StaticFiles:
             ex.end()
             return
         _FileSender(ex, fd, start, length).pump()
+
+    def _contents(self, ex: Exchange, meta: FileMeta) -> bytes | None:
+        """A small file's bytes, from memory when they are there; None if an error was
+        answered instead."""
+        data = _memory.get(meta.key)
+        if data is not None:
+            return data
+        try:
+            with open(meta.path, "rb") as f:
+                data = f.read(SMALL_FILE + 1)
+        except OSError as exc:
+            self._unreadable(ex, meta, exc)
+            return None
+        if len(data) != meta.size:  # changed under us: serve what stat says next time
+            self._meta.pop(meta.path, None)
+            self._hits.clear()
+            ex.error(503, "file_changed")
+            return None
+        _memory.put(meta.key, data)
+        return data
+
+    @staticmethod
+    def _plain_block(meta: FileMeta, coding: str | None, vary: bool) -> bytes:
+        lines = [f"Content-Type: {meta.ctype}", f"Last-Modified: {meta.last_modified}",
+                 f"ETag: {meta.etag}"]
+        if vary:
+            lines.append("Vary: Accept-Encoding")
+        if coding:
+            lines.append(f"Content-Encoding: {coding}")
+        lines.append("Accept-Ranges: bytes")
+        block = "".join(line + "\r\n" for line in lines).encode("latin-1")
+        if not vary:  # with siblings the block depends on the request: not kept
+            meta.block = block
+        return block
 
     def _unreadable(self, ex: Exchange, meta: FileMeta, exc: OSError) -> None:
         diag.warning("static: cannot read %s: %s", meta.path, exc.strerror)
