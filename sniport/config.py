@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -275,6 +276,21 @@ def _header_value(value: str) -> str:
     return value
 
 
+def _header_map(v: dict[str, str]) -> dict[str, str]:
+    for name, value in v.items():
+        _header_name(name)
+        _header_value(value)
+    return v
+
+
+def _header_names(v: list[str]) -> list[str]:
+    return [_header_name(n) for n in v]
+
+
+HeaderMap = Annotated[dict[str, str], AfterValidator(_header_map)]
+HeaderNames = Annotated[list[str], AfterValidator(_header_names)]
+
+
 def _http_upstream(value: Any) -> HttpUpstream:
     try:
         return parse_http_upstream(value)
@@ -311,32 +327,19 @@ class ProxyHandler(_Model):
     host: Literal["client", "upstream"] = "client"
     strip_prefix: bool = False
     forwarded: bool = False
-    request_headers: dict[str, str] = {}
-    remove_request_headers: list[str] = []
+    request_headers: HeaderMap = {}
+    remove_request_headers: HeaderNames = []
     max_fails: int = Field(default=3, ge=0)  # 0: never marked down by failures
     fail_timeout: Duration = 10.0
     health: HealthCheck | None = None
     verify: bool = True
     ca: str = ""
 
-    @field_validator("request_headers")
-    @classmethod
-    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
-        for name, value in v.items():
-            _header_name(name)
-            _header_value(value)
-        return v
-
-    @field_validator("remove_request_headers")
-    @classmethod
-    def _remove(cls, v: list[str]) -> list[str]:
-        return [_header_name(n) for n in v]
-
 
 class SiteRoute(_Model):
     path: str = Field(min_length=1)
-    headers: dict[str, str] = {}
-    remove_headers: list[str] = []
+    headers: HeaderMap = {}
+    remove_headers: HeaderNames = []
     max_body_size: Size = 0
     static: StaticHandler | None = None
     redirect: RedirectHandler | None = None
@@ -357,19 +360,6 @@ class SiteRoute(_Model):
         if not v.startswith("/"):
             raise ValueError(f"{v!r}: a route path starts with /")
         return v
-
-    @field_validator("headers")
-    @classmethod
-    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
-        for name, value in v.items():
-            _header_name(name)
-            _header_value(value)
-        return v
-
-    @field_validator("remove_headers")
-    @classmethod
-    def _remove(cls, v: list[str]) -> list[str]:
-        return [_header_name(n) for n in v]
 
     @property
     def handler(self) -> StaticHandler | RedirectHandler | RespondHandler | ProxyHandler:

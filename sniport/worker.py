@@ -346,6 +346,7 @@ def worker_main(runtime: Runtime, bound: list[BoundListener], http_bound: list[B
                 signal.SIGUSR2, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     server = runtime.loaded.config.server
+    _fixed_mmap_threshold()  # before the drop: it imports ctypes, which "nobody" may not read
     try:
         drop(server.user, server.group)
     except PrivilegeError as exc:
@@ -358,7 +359,6 @@ def worker_main(runtime: Runtime, bound: list[BoundListener], http_bound: list[B
     # young generation is collected less often than the default 700 allocations.
     gc.freeze()
     gc.set_threshold(10_000, 50, 100)
-    _fixed_mmap_threshold()
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
