@@ -1468,6 +1468,9 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
         "M5 0.535 CPU-ms/conn, M6 15.7 KiB per idle passthrough and 39.0 KiB per idle "
         "terminated connection.",
         "",
+        "Where sniport's time goes, for the targets not met, and what would close the gap: "
+        "[bench/PROFILES.md](PROFILES.md) (py-spy and strace profiles, written by hand).",
+        "",
     ]
     for m in measures:
         lines += [f"## {m.title}", "",
