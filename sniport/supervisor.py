@@ -579,9 +579,6 @@ class Master:
         self._upgrade_child = pid
         diag.info("upgrade: new master %d started", pid)
 
-    def handed_over(self) -> None:
-        self._handed_over = True
-
     def _set_inheritable(self, value: bool) -> None:
         for b in self.listeners.values():
             os.set_inheritable(b.sock.fileno(), value)

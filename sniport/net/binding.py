@@ -67,22 +67,6 @@ def tune_listener(sock: socket.socket, first_bytes_within: float) -> None:
                     max(1, int(first_bytes_within + 0.999)))
 
 
-def bind_all(entries: list[Listen]) -> list[BoundListener]:
-    """Bind every entry; on any failure close what was bound and raise with every reason."""
-    bound: list[BoundListener] = []
-    errors: list[str] = []
-    for entry in entries:
-        try:
-            bound.append(bind_one(entry))
-        except BindError as exc:
-            errors.append(str(exc))
-    if errors:
-        for b in bound:
-            b.close()
-        raise BindError("\n".join(errors))
-    return bound
-
-
 def bind_one(entry: Listen) -> BoundListener:
     addr = entry.address
     if isinstance(addr, TcpAddress):
