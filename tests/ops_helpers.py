@@ -905,3 +905,8 @@ def running_load(load: Load) -> Iterator[Load]:
         yield load
     finally:
         load.stop()
+
+
+def report(name: str, requests: int) -> None:
+    """Every operations test says how many requests it sent (issue 5 asks for it)."""
+    print(f"\n[ops] {name}: {requests} requests")

@@ -12,7 +12,6 @@ import pwd
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,22 +27,13 @@ from ops_helpers import (
     get_body,
     gids,
     pt_who,
+    report,
     status_field,
     uids,
     wait_until,
 )
 
 NOBODY = pwd.getpwnam("nobody")
-
-
-@pytest.fixture
-def ops(tmp_path: Path) -> Iterator[Ops]:
-    with Ops(tmp_path) as o:
-        yield o
-
-
-def report(name: str, requests: int) -> None:
-    print(f"\n[ops] {name}: {requests} requests")
 
 
 def root_only_cert(pki: Pki, tmp_path: Path) -> tuple[Path, Path]:

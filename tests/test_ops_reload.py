@@ -12,7 +12,6 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from ops_helpers import (
     echo_backend,
     free_port,
     get_body,
+    report,
     run_cli,
     running_load,
     short_unix_path,
@@ -41,16 +41,6 @@ from ops_helpers import (
     wait_requests,
     wait_until,
 )
-
-
-@pytest.fixture
-def ops(tmp_path: Path) -> Iterator[Ops]:
-    with Ops(tmp_path) as o:
-        yield o
-
-
-def report(name: str, requests: int) -> None:
-    print(f"\n[ops] {name}: {requests} requests")
 
 
 def wait_body(pki: Pki, port: int, want: str, previous: str, timeout: float = 5.0,

@@ -14,7 +14,6 @@ import socket
 import stat
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,19 +31,10 @@ from ops_helpers import (
     echo_backend,
     free_port,
     get_body,
+    report,
     short_unix_path,
     wait_gone,
 )
-
-
-@pytest.fixture
-def ops(tmp_path: Path) -> Iterator[Ops]:
-    with Ops(tmp_path) as o:
-        yield o
-
-
-def report(name: str, requests: int) -> None:
-    print(f"\n[ops] {name}: {requests} requests")
 
 
 def inode(path: str) -> tuple[int, int]:

@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,20 +27,11 @@ from ops_helpers import (
     config_text,
     free_port,
     get_body,
+    report,
     short_unix_path,
 )
 
 UNITS = ROOT / "contrib" / "systemd"
-
-
-@pytest.fixture
-def ops(tmp_path: Path) -> Iterator[Ops]:
-    with Ops(tmp_path) as o:
-        yield o
-
-
-def report(name: str, requests: int) -> None:
-    print(f"\n[ops] {name}: {requests} requests")
 
 
 def test_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:

@@ -11,10 +11,8 @@ import os
 import signal
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from helpers import Pki
 from ops_helpers import (
     PT_HOST,
@@ -33,12 +31,6 @@ from ops_helpers import (
     wait_gone,
     wait_until,
 )
-
-
-@pytest.fixture
-def ops(tmp_path: Path) -> Iterator[Ops]:
-    with Ops(tmp_path) as o:
-        yield o
 
 
 class ClientLoop:

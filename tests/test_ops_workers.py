@@ -12,12 +12,10 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
 
-import pytest
 from helpers import Pki
 from ops_helpers import (
     PYTHON,
@@ -34,21 +32,12 @@ from ops_helpers import (
     get_body,
     open_paths,
     ppid,
+    report,
     run_cli,
     wait_until,
 )
 
 import sniport
-
-
-@pytest.fixture
-def ops(tmp_path: Path) -> Iterator[Ops]:
-    with Ops(tmp_path) as o:
-        yield o
-
-
-def report(name: str, requests: int) -> None:
-    print(f"\n[ops] {name}: {requests} requests")
 
 
 def test_two_workers_and_a_killed_one_is_replaced(ops: Ops, pki: Pki, tmp_path: Path) -> None:
