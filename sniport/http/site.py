@@ -68,17 +68,20 @@ class SiteApp:
         self.site = site
         self.name = site.name
         self._table = table
-        self._hosts: dict[str, bool] = {}
+        self._hosts: dict[bytes, tuple[str, bool]] = {}  # raw Host value -> (name, served)
         self.routes = [CompiledRoute(r, handler_factory(r)) for r in site.route]
         self._routes = sorted(self.routes, key=lambda r: len(r.prefix), reverse=True)
         self._error_pages = dict(site.error_pages)
 
-    def serves(self, host: str) -> bool:
-        known = self._hosts.get(host)
+    def host(self, raw: bytes) -> tuple[str, bool]:
+        """The name in a Host header value, and whether this site serves it (cached: the
+        same few values come with every request)."""
+        known = self._hosts.get(raw)
         if known is None:
             if len(self._hosts) >= HOST_CACHE:
-                self._hosts.clear()  # names from the network: bounded
-            known = self._hosts[host] = self._table.decide(host).block is self.site
+                self._hosts.clear()  # values from the network: bounded
+            name = host_of(raw.decode("latin-1"))
+            known = self._hosts[raw] = (name, self._table.decide(name).block is self.site)
         return known
 
     def match(self, path: str) -> CompiledRoute | None:
@@ -89,15 +92,20 @@ class SiteApp:
 
     def handle(self, ex: Exchange) -> None:
         req = ex.request
-        hosts = [v for k, v in req.headers if k == b"host"]
-        if len(hosts) > 1 or (not hosts and req.version == "1.1"):
+        raw: bytes | None = None
+        repeated = False
+        for name, value in req.headers:
+            if name == b"host":
+                repeated = raw is not None
+                raw = value
+        if repeated or (raw is None and req.version == "1.1"):
             ex.close_after = True
             self.fail(ex, 400, "missing_or_repeated_host")
             return
-        if hosts:
-            host = host_of(hosts[0].decode("latin-1"))
+        if raw is not None:
+            host, served = self.host(raw)
             req.host = host
-            if not self.serves(host):
+            if not served:
                 self.fail(ex, 421, f"misdirected: {host}")
                 return
         if not req.path.startswith("/"):
