@@ -19,6 +19,9 @@ Rules:
   (house rule 6).
 - Every wait has a deadline: header_timeout (request head, and between body bytes),
   keepalive_timeout (idle between requests, and a client that stops reading).
+- Writes are corked while a read from the client (or, for the proxy, from the upstream) is
+  parsed: what it produces leaves as one TLS record and one send. A response after
+  "Connection: close" is never produced (RFC 9112 section 9.6).
 """
 
 from __future__ import annotations
