@@ -59,6 +59,9 @@ def status_line(status: int) -> bytes:
     return line
 
 
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS",
+                                    "PATCH", "TRACE", "CONNECT")}
+
 _date_second = -1
 _date_header = b""
 
@@ -80,11 +83,12 @@ class App(Protocol):
 
 
 class Limits:
-    __slots__ = ("header_timeout", "keepalive_timeout")
+    __slots__ = ("header_timeout", "keepalive_timeout", "shortest")
 
     def __init__(self, header_timeout: float, keepalive_timeout: float) -> None:
         self.header_timeout = header_timeout
         self.keepalive_timeout = keepalive_timeout
+        self.shortest = min(header_timeout, keepalive_timeout)
 
 
 class BodyTooLarge(Exception):
@@ -672,11 +676,13 @@ class HttpConnection(asyncio.Protocol):
         req = self._req
         assert req is not None and self.parser is not None
         parser = self.parser
-        req.method = parser.get_method().decode("ascii", "replace")
+        method = parser.get_method()
+        req.method = _METHODS.get(method) or method.decode("ascii", "replace")
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive()
         req.upgrade = parser.should_upgrade()
-        target = b"".join(self._url).decode("latin-1")
+        url = self._url
+        target = (url[0] if len(url) == 1 else b"".join(url)).decode("latin-1")
         req.target = target
         path, _, query = target.partition("?")
         req.path, req.query = path, query
@@ -899,9 +905,14 @@ class HttpConnection(asyncio.Protocol):
         self._arm(self._write_deadline)
 
     def _arm(self, when: float) -> None:
+        """Make sure the timer fires by ``when``. It is never set further than the shortest
+        timeout away, so the usual deadlines (now + a timeout) are always later than it and
+        need no timer operation at all: a keep-alive request costs two float writes, not a
+        cancel and a new timer (the timer wakes up at most once per shortest timeout)."""
         if self._timer is None or when < self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()
+            when = min(when, self.loop.time() + self.limits.shortest)
             self._timer_at = when
             self._timer = self.loop.call_at(when, self._on_timer)
 
