@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,12 +243,16 @@ class Sniport:
 
 
 def start_sniport(config_text: str, tmp: Path, *, name: str = "sniport.toml",
-                  args: tuple[str, ...] = ()) -> Sniport:
+                  args: tuple[str, ...] = (), prefix: Sequence[str] = (),
+                  env: Mapping[str, str] | None = None) -> Sniport:
+    """Run ``python -m sniport run`` on ``config_text`` and wait for its "serving" line;
+    ``prefix`` goes before the command (e.g. setpriv), ``env`` replaces the environment."""
     config = tmp / name
     config.write_text(config_text)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sniport", "run", "-c", str(config), *args],
+        [*prefix, sys.executable, "-m", "sniport", "run", "-c", str(config), *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp,
+        env=dict(env) if env is not None else None,
     )
     s = Sniport(proc, config, [])
     try:

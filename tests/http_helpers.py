@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trustme
-from helpers import ROOT, Pki, Sniport
+from helpers import ROOT, Pki, Sniport, start_sniport
 
 TIMEOUT = 10.0  # seconds: the upper bound of every single wait in these tests
 PYTHON = sys.executable
@@ -37,22 +37,8 @@ PYTHON = sys.executable
 
 def launch(config_text: str, tmp: Path, *, prefix: Sequence[str] = (),
            name: str = "sniport.toml", env: Mapping[str, str] | None = None) -> Sniport:
-    """Like helpers.start_sniport, with ``prefix`` before the command (e.g. setpriv)."""
-    config = tmp / name
-    config.write_text(config_text)
-    proc = subprocess.Popen(
-        [*prefix, PYTHON, "-m", "sniport", "run", "-c", str(config)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp,
-        env=dict(env) if env is not None else None,
-    )
-    s = Sniport(proc, config, [])
-    try:
-        m = s.wait_log(r"serving \S+ on ([^\n]+)")
-    except TimeoutError:
-        s.stop()
-        raise
-    s.addresses = [a.strip() for a in m.group(1).split(",")]
-    return s
+    """helpers.start_sniport, with ``prefix`` before the command (e.g. setpriv)."""
+    return start_sniport(config_text, tmp, name=name, prefix=prefix, env=env)
 
 
 def no_dac_override_prefix() -> list[str]:

@@ -146,9 +146,6 @@ class Request:
                 return v.decode("latin-1")
         return None
 
-    def header_count(self, name: bytes) -> int:
-        return sum(1 for k, _ in self.headers if k == name)
-
 
 class BodySink(Protocol):
     """Where a pushed request body goes (the reverse proxy): chunks as they arrive."""
