@@ -1,12 +1,15 @@
-"""The ``sniport`` command: run | check | routes.
+"""The ``sniport`` command line: run, check, routes, reload, stop, status, upgrade.
 
-Job: find and load the config, report problems, start serving. This is the only module that
-prints errors and exits (DESIGN.md house rule 5); everything else raises typed errors.
+Job: find and load the config, report problems, start serving, and talk to a running master
+(through its pid and status files). This is the only module that prints errors and exits
+(DESIGN.md house rule 5); everything else raises typed errors. No traceback reaches a user:
+an unexpected error is one line naming it (``SNIPORT_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -14,14 +17,27 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from sniport import __version__
-from sniport.config import ConfigError, LoadedConfig, load
-from sniport.defaults import embedded_config
+from sniport.config import ConfigError, parse_file
+from sniport.defaults import parse_embedded
 from sniport.routing import explain
 from sniport.runtime import Runtime, build_runtime
 
 SEARCH_PATH = (Path("sniport.toml"), Path("/etc/sniport/sniport.toml"))
+RELOAD_WAIT = 60.0  # seconds `sniport reload` waits for the outcome by default
+
+DESCRIPTION = """\
+sniport: many sites on one port. It reads the TLS ClientHello of each new connection and,
+by its server name, passes the connection through untouched or terminates TLS and serves
+the site (static files, reverse proxy, redirects)."""
+
+EPILOG = """\
+Without -c, the config is ./sniport.toml, then /etc/sniport/sniport.toml; with neither,
+`sniport run` serves the embedded default (https://localhost:8443/, self-signed).
+Signals to the master: HUP reload, TERM/QUIT graceful stop, INT fast stop,
+USR1 reopen log files, USR2 upgrade."""
 
 
 class CliError(Exception):
@@ -38,32 +54,50 @@ def find_config(explicit: str | None) -> Path | None:
     return None
 
 
-def load_runtime(explicit: str | None) -> Runtime:
+def _existing_config(explicit: str | None) -> Path | None:
+    """Like ``find_config``, but a file named with -c must exist: say so plainly."""
     path = find_config(explicit)
-    loaded: LoadedConfig = embedded_config() if path is None else load(path)
-    return build_runtime(loaded)
+    if path is not None and explicit and not path.exists():
+        raise CliError(f"config file {path} does not exist")
+    return path
+
+
+def prepare(path: Path | None, listen: list[str], *, check_only: bool) -> Runtime:
+    """The runtime of the config at ``path`` (None: the embedded default): the one code
+    path of ``check``, ``run`` and every reload. Raises ConfigError with every problem."""
+    if path is None:
+        loaded, problems = parse_embedded(listen)
+    else:
+        loaded, problems = parse_file(path, listen)
+    return build_runtime(loaded, problems, check_only=check_only)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    runtime = load_runtime(args.config)
+    runtime = prepare(_existing_config(args.config), args.listen, check_only=True)
     for warning in runtime.warnings:
         print(f"warning: {warning}")
     config = runtime.loaded.config
     print(f"{runtime.loaded.source}: ok")
+    for note in runtime.notes:
+        print(f"note: {note}")
     print("listeners:")
     for entry in config.server.listen:
         print(f"  {entry.address}")
+    if config.server.http_listen:
+        print("http listeners (308 to https:// for site hosts, 404 otherwise):")
+        for entry in config.server.http_listen:
+            print(f"  {entry.address}")
     print("routes:")
     for name, route in runtime.table.entries():
         print(f"  {name:<40} -> {route.label}")
     print(f"  {'(no server name)':<40} -> {runtime.table.decide(None).label}")
     print(f"  {'(any other name)':<40} -> {config.default.to}")
-    print(f"  {'(not TLS)':<40} -> {runtime.table.non_tls().label}")
+    print(f"  {'(not TLS)':<40} -> {config.default.non_tls}")
     return 0
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
-    runtime = load_runtime(args.config)
+    runtime = prepare(_existing_config(args.config), [], check_only=True)
     table = runtime.table
     if args.host is None:
         for name, route in table.entries():
@@ -79,13 +113,17 @@ def cmd_routes(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from sniport.supervisor import Master, StartError
 
-    path = find_config(args.config)
+    path = _existing_config(args.config)
+    resolved = path.resolve() if path is not None else None
+    listen = list(args.listen)
 
-    def loader() -> LoadedConfig:
-        return embedded_config() if path is None else load(path)
+    def runtime() -> Runtime:
+        return prepare(resolved, listen, check_only=False)
 
-    argv = ["run"] + (["-c", str(path.resolve())] if path is not None else [])
-    master = Master(loader, str(path) if path else "<embedded default>", argv)
+    argv = ["run"] + (["-c", str(resolved)] if resolved is not None else [])
+    for address in listen:
+        argv += ["--listen", address]
+    master = Master(runtime, str(path) if path else "<embedded default>", argv)
     try:
         return master.run()
     except StartError as exc:
@@ -97,18 +135,21 @@ def _pid_file(explicit: str | None) -> Path:
     a config too broken to run still names its pid file, so that reload and stop work."""
     from sniport.net.tls import default_state_dir
 
-    path = find_config(explicit)
+    path = _existing_config(explicit)
     server: dict[str, object] = {}
     if path is not None:
         try:
             text = path.read_text()
-        except (OSError, UnicodeDecodeError):
-            text = ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") \
+                from None
         try:
             server = tomllib.loads(text).get("server", {})
         except tomllib.TOMLDecodeError:
             # Not TOML any more (an edit in progress): the two keys, line by line.
             server = dict(re.findall(r'(?m)^\s*(state_dir|pid_file)\s*=\s*"([^"]*)"', text))
+        if not isinstance(server, dict):
+            server = {}
     state = str(server.get("state_dir") or default_state_dir())
     pid_file = str(server.get("pid_file", "{state_dir}/sniport.pid"))
     if not pid_file:
@@ -116,25 +157,60 @@ def _pid_file(explicit: str | None) -> Path:
     return Path(pid_file.replace("{state_dir}", state))
 
 
-def _signal_master(args: argparse.Namespace, sig: signal.Signals) -> int:
+def _master(args: argparse.Namespace) -> tuple[int, Path]:
     from sniport.supervisor import StartError, read_pid
 
+    pid_file = _pid_file(args.config)
     try:
-        pid = read_pid(_pid_file(args.config))
+        return read_pid(pid_file), pid_file
     except StartError as exc:
         raise CliError(str(exc)) from None
-    os.kill(pid, sig)
-    return pid
+
+
+def _status(pid_file: Path) -> dict[str, Any]:
+    try:
+        status = json.loads(pid_file.with_suffix(".status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    pid = _signal_master(args, signal.SIGHUP)
-    print(f"reload signalled to master {pid}; its log says how it went")
-    return 0
+    """SIGHUP, then wait for the master's verdict on *this* reload: the first outcome that
+    began after the signal was sent (the master stamps it with the system-wide monotonic
+    clock), so a reload already under way, or one asked for by someone else before us, is
+    never mistaken for ours."""
+    pid, pid_file = _master(args)
+    sent = time.monotonic()
+    os.kill(pid, signal.SIGHUP)
+    if args.no_wait:
+        print(f"reload signalled to master {pid}")
+        return 0
+    deadline = sent + args.timeout
+    while time.monotonic() < deadline:
+        status = _status(pid_file)
+        outcome = status.get("last_reload") or {}
+        if isinstance(outcome, dict) and float(outcome.get("started", 0)) >= sent:
+            if outcome.get("ok"):
+                print(f"reloaded: {outcome.get('result')}")
+                return 0
+            for problem in outcome.get("problems") or []:
+                print(f"error: {problem}", file=sys.stderr)
+            raise CliError(f"reload failed: {outcome.get('result')}")
+        if status.get("stopping"):
+            raise CliError(f"master {pid} is stopping; the reload was not done")
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            raise CliError(f"master {pid} exited before the reload finished") from None
+        time.sleep(0.05)
+    raise CliError(f"no outcome from master {pid} within {args.timeout:g}s; "
+                   "its log says how the reload went")
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    pid = _signal_master(args, signal.SIGUSR2)
+    pid, _ = _master(args)
+    os.kill(pid, signal.SIGUSR2)
     print(f"upgrade signalled to master {pid}")
     return 0
 
@@ -142,7 +218,8 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     from sniport.supervisor import wait_gone
 
-    pid = _signal_master(args, signal.SIGTERM)
+    pid, _ = _master(args)
+    os.kill(pid, signal.SIGTERM)
     if args.no_wait:
         return 0
     if wait_gone(pid, args.timeout):
@@ -151,9 +228,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
     raise CliError(f"master {pid} is still running after {args.timeout:g}s")
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    import json
+def _when(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(stamp))
 
+
+def cmd_status(args: argparse.Namespace) -> int:
     from sniport.supervisor import StartError, read_pid
 
     pid_file = _pid_file(args.config)
@@ -162,11 +241,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     except StartError as exc:
         print(str(exc))
         return 3  # LSB: not running
-    status_file = pid_file.with_suffix(".status.json")
-    try:
-        status = json.loads(status_file.read_text())
-    except (OSError, ValueError):
-        status = {}
+    status = _status(pid_file)
     loaded = status.get("loaded_at")
     print(f"master:     {pid}")
     print(f"workers:    {' '.join(map(str, status.get('workers', []))) or '?'}")
@@ -174,42 +249,68 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"draining:   {' '.join(map(str, status['draining_workers']))}")
     print(f"config:     {status.get('config', '?')}")
     if loaded:
-        when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(loaded))
-        print(f"loaded:     {when} (generation {status.get('generation', '?')})")
+        print(f"loaded:     {_when(loaded)} (generation {status.get('generation', '?')})")
     print(f"listeners:  {', '.join(status.get('listeners', [])) or '?'}")
+    outcome = status.get("last_reload")
+    if isinstance(outcome, dict):
+        verdict = "ok" if outcome.get("ok") else "FAILED"
+        print(f"last reload: {_when(float(outcome.get('at', 0)))} {verdict}: "
+              f"{outcome.get('result')}")
+        for problem in outcome.get("problems") or []:
+            print(f"  {problem}")
+    else:
+        print("last reload: none since start")
+    if status.get("stopping"):
+        print(f"stopping:   {status['stopping']}")
     return 0
 
 
+COMMANDS = (
+    ("run", cmd_run, "serve in the foreground"),
+    ("check", cmd_check, "validate the config and the files it names; list every problem"),
+    ("routes", cmd_routes, "show which block a server name reaches, and why"),
+    ("reload", cmd_reload, "reload the running master's config (SIGHUP) and wait for the "
+                           "outcome"),
+    ("stop", cmd_stop, "stop the running master gracefully (SIGTERM) and wait"),
+    ("status", cmd_status, "show the running master, its workers, config and last reload"),
+    ("upgrade", cmd_upgrade, "start a new master on the same sockets (SIGUSR2)"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sniport", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="sniport", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"sniport {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, func, text in (
-        ("run", cmd_run, "serve in the foreground"),
-        ("check", cmd_check, "validate the config; list every problem"),
-        ("routes", cmd_routes, "show which block a server name reaches, and why"),
-        ("reload", cmd_reload, "reload the config of the running master (SIGHUP)"),
-        ("stop", cmd_stop, "stop the running master gracefully (SIGTERM) and wait"),
-        ("status", cmd_status, "show the running master, its workers and config"),
-        ("upgrade", cmd_upgrade, "start a new master on the same sockets (SIGUSR2)"),
-    ):
-        p = sub.add_parser(name, help=text)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, func, text in COMMANDS:
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         p.add_argument("-c", "--config", help="config file (default ./sniport.toml, then "
                        "/etc/sniport/sniport.toml)")
         p.set_defaults(func=func)
+        if name in ("run", "check"):
+            p.add_argument("--listen", action="append", default=[], metavar="ADDRESS",
+                           help="listen here instead of [server] listen (repeatable), "
+                                "e.g. 127.0.0.1:9443")
         if name == "stop":
             p.add_argument("--timeout", type=float, default=60.0,
                            help="seconds to wait for the master to exit")
             p.add_argument("--no-wait", action="store_true", help="do not wait")
+        if name == "reload":
+            p.add_argument("--timeout", type=float, default=RELOAD_WAIT,
+                           help="seconds to wait for the outcome")
+            p.add_argument("--no-wait", action="store_true",
+                           help="signal the master and return at once")
         if name == "routes":
             p.add_argument("host", nargs="?", help="a server name ('' for none)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        args = build_parser().parse_args(argv)
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -220,6 +321,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`sniport check | head -1`): nothing more to say to it.
+        # Python would report the failed flush of stdout at exit: point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except Exception as exc:
+        if os.environ.get("SNIPORT_DEBUG"):
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (a bug in sniport; "
+              "SNIPORT_DEBUG=1 shows where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -123,7 +123,23 @@ def _cidr(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return net
 
 
+def _positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise ValueError("must be more than 0")
+    return seconds
+
+
+def _at_least_a_second(seconds: float) -> float:
+    if seconds < 1:
+        raise ValueError("must be at least 1s")
+    return seconds
+
+
+# Every duration key is one of these, so that what 0 means is decided per key (and written
+# in the README): ``Duration`` allows 0 where the key documents 0 as "off"/"at once";
+# ``PositiveDuration`` bounds a wait that 0 would turn into an instant failure.
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 UpstreamAddress = Annotated[Address, BeforeValidator(_address)]
 ListenAddress = Annotated[Address, BeforeValidator(_listen_address)]
@@ -179,11 +195,11 @@ class Server(_Model):
     workers: Annotated[int | Literal["auto"], BeforeValidator(_workers_value)] = "auto"
     max_connections: int = Field(default=4096, ge=1)
     max_connections_per_ip: int = Field(default=0, ge=0)
-    client_hello_timeout: Duration = 10.0
-    handshake_timeout: Duration = 10.0
-    header_timeout: Duration = 15.0
-    keepalive_timeout: Duration = 75.0
-    drain_timeout: Duration = 30.0
+    client_hello_timeout: PositiveDuration = 10.0
+    handshake_timeout: PositiveDuration = 10.0
+    header_timeout: PositiveDuration = 15.0
+    keepalive_timeout: Duration = 75.0  # 0: no keep-alive (as nginx's keepalive_timeout 0)
+    drain_timeout: Duration = 30.0  # 0: a stop or reload closes open connections at once
     trusted_proxies: list[Cidr] = []
     user: str = ""
     group: str = ""
@@ -193,13 +209,6 @@ class Server(_Model):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     tls_session_tickets: bool = True
-
-    @field_validator("client_hello_timeout")
-    @classmethod
-    def _positive(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("must be more than 0")
-        return v
 
 
 class Block(_Model):
@@ -215,8 +224,8 @@ class Block(_Model):
 class Passthrough(Block):
     upstreams: list[UpstreamAddress] = Field(min_length=1)
     proxy_protocol: Literal["off", "v1", "v2"] = "off"
-    connect_timeout: Duration = 5.0
-    idle_timeout: Duration = 3600.0
+    connect_timeout: PositiveDuration = 5.0
+    idle_timeout: Duration = 3600.0  # 0: no idle limit (a relay closes only when a side does)
 
 
 class TlsFiles(_Model):
@@ -303,8 +312,10 @@ ProxyUpstream = Annotated[HttpUpstream, BeforeValidator(_http_upstream)]
 
 class HealthCheck(_Model):
     path: str = "/"
-    interval: Duration = 5.0
-    timeout: Duration = 2.0
+    # A check a second per upstream per worker is already plenty; less would be a load test.
+    interval: Annotated[float, BeforeValidator(parse_duration),
+                        AfterValidator(_at_least_a_second)] = 5.0
+    timeout: PositiveDuration = 2.0
     expect: int = Field(default=200, ge=100, le=599)
 
     @field_validator("path")
@@ -318,19 +329,19 @@ class HealthCheck(_Model):
 class ProxyHandler(_Model):
     upstreams: list[ProxyUpstream] = Field(min_length=1)
     lb: Literal["round_robin", "least_conn"] = "round_robin"
-    connect_timeout: Duration = 5.0
-    timeout: Duration = 60.0  # to the response head
-    read_timeout: Duration = 60.0  # between response body bytes
-    idle_timeout: Duration = 3600.0  # upgraded tunnels (WebSocket)
+    connect_timeout: PositiveDuration = 5.0
+    timeout: PositiveDuration = 60.0  # to the response head
+    read_timeout: PositiveDuration = 60.0  # between response body bytes
+    idle_timeout: Duration = 3600.0  # upgraded tunnels (WebSocket); 0: no idle limit
     keepalive: int = Field(default=32, ge=0)  # idle connections per upstream per worker
-    keepalive_timeout: Duration = 60.0
+    keepalive_timeout: Duration = 60.0  # 0: no idle connection is kept (as keepalive = 0)
     host: Literal["client", "upstream"] = "client"
     strip_prefix: bool = False
     forwarded: bool = False
     request_headers: HeaderMap = {}
     remove_request_headers: HeaderNames = []
     max_fails: int = Field(default=3, ge=0)  # 0: never marked down by failures
-    fail_timeout: Duration = 10.0
+    fail_timeout: PositiveDuration = 10.0
     health: HealthCheck | None = None
     verify: bool = True
     ca: str = ""
@@ -464,17 +475,35 @@ class LoadedConfig:
     config: Config
     source: str  # the file it came from, or "<embedded default>"
     warnings: list[Problem] = field(default_factory=list)
+    # Sections ("server", "default") that did not validate: their defaults stand in, so
+    # checks that read them (log files, users) are skipped rather than run on a guess.
+    invalid: frozenset[str] = frozenset()
 
 
-def load(path: str | Path) -> LoadedConfig:
+def load(path: str | Path, listen: Sequence[str] = ()) -> LoadedConfig:
+    """The config in ``path``, or ConfigError listing every problem."""
+    loaded, problems = parse_file(path, listen)
+    if problems:
+        raise ConfigError(problems)
+    return loaded
+
+
+def parse_file(path: str | Path, listen: Sequence[str] = ()) -> tuple[LoadedConfig, list[Problem]]:
+    """Like ``load``, but returns the problems with what could be validated, so that the
+    checks of the files a config names (certificates, logs) still run: ``check`` lists every
+    problem in one pass. ``listen`` replaces ``[server] listen`` (``run --listen``)."""
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as exc:
-        raise ConfigError([Problem(str(path), "", f"cannot read: {exc.strerror}")]) from None
+        return _empty(str(path)), [Problem(str(path), "", f"cannot read: {exc.strerror}")]
     except UnicodeDecodeError as exc:
-        raise ConfigError([Problem(str(path), "", f"not UTF-8: {exc}")]) from None
-    return loads(text, str(path))
+        return _empty(str(path)), [Problem(str(path), "", f"not UTF-8: {exc}")]
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        return _empty(str(path)), [Problem(str(path), "", f"TOML syntax: {exc}")]
+    return parse(with_listen(raw, listen), str(path))
 
 
 def loads(text: str, source: str) -> LoadedConfig:
@@ -485,13 +514,36 @@ def loads(text: str, source: str) -> LoadedConfig:
     return from_dict(raw, source)
 
 
+def with_listen(raw: Mapping[str, Any], listen: Sequence[str]) -> Mapping[str, Any]:
+    """``raw`` with ``[server] listen`` replaced by ``listen`` (when it is not empty)."""
+    if not listen:
+        return raw
+    server = raw.get("server")
+    server = dict(server) if isinstance(server, Mapping) else {}
+    server["listen"] = list(listen)
+    return {**raw, "server": server}
+
+
+def _empty(source: str) -> LoadedConfig:
+    return LoadedConfig(Config.model_construct(), source)
+
+
 _SECTIONS: dict[str, type[_Model]] = {"server": Server, "default": Default}
 _ARRAYS: dict[str, type[_Model]] = {"passthrough": Passthrough, "site": Site}
 
 
 def from_dict(raw: Mapping[str, Any], source: str) -> LoadedConfig:
+    """The validated config, or ConfigError listing every problem."""
+    loaded, problems = parse(raw, source)
+    if problems:
+        raise ConfigError(problems)
+    return loaded
+
+
+def parse(raw: Mapping[str, Any], source: str) -> tuple[LoadedConfig, list[Problem]]:
     """Validate section by section and block by block, so that the checks across blocks
-    still run over every block that is valid on its own: one pass reports everything."""
+    still run over every block that is valid on its own: one pass reports everything.
+    Returns what is valid (sections and blocks that failed are left out) and the problems."""
     problems = [Problem(source, p, "not supported yet") for p in _unsupported_keys(raw)]
     parts: dict[str, Any] = {}
     for key, value in raw.items():
@@ -515,13 +567,12 @@ def from_dict(raw: Mapping[str, Any], source: str) -> LoadedConfig:
         elif (key,) not in NOT_SUPPORTED_YET:  # reported once, as not supported yet
             problems.append(Problem(source, key, "unknown key"))
     config = Config.model_construct(**parts)
+    invalid = frozenset(k for k in _SECTIONS if k in raw and k not in parts)
     # Blocks refused above still exist as far as [default] is concerned: no second problem.
     named = {f"{kind}:{b.get('name')}" for kind in _ARRAYS
              for b in _as_list(raw.get(kind)) if isinstance(b, Mapping)}
     problems += [Problem(source, p, r) for p, r in _cross_checks(config, named)]
-    if problems:
-        raise ConfigError(_dedupe(problems))
-    return LoadedConfig(config, source)
+    return LoadedConfig(config, source, invalid=invalid), _dedupe(problems)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -533,9 +584,24 @@ def _validate(model: type[_Model], value: Mapping[str, Any], loc: tuple[str | in
     try:
         return model.model_validate(value)
     except ValidationError as exc:
+        errors = exc.errors()
         problems.extend(Problem(source, _toml_path((*loc, *e["loc"]), raw), _reason(e))
-                        for e in exc.errors())
+                        for e in errors)
+    # Salvage what is valid: without the keys that failed, the section or block may still
+    # validate, and then the files it names (certificates, logs) are checked in this same
+    # pass. The problems above stand; a salvaged config is never served.
+    bad = {e["loc"][0] for e in errors if e["loc"]}
+    if len(bad) < len(errors) or not bad.isdisjoint(_REQUIRED_FOR_SALVAGE):
         return None
+    try:
+        return model.model_validate({k: v for k, v in value.items() if k not in bad})
+    except ValidationError:
+        return None
+
+
+# Keys without which a block means nothing: a block whose name or hosts failed is not
+# salvaged (its checks across blocks would only add noise).
+_REQUIRED_FOR_SALVAGE = frozenset({"name", "hosts"})
 
 
 def _dedupe(problems: list[Problem]) -> list[Problem]:

@@ -6,10 +6,11 @@ https://localhost:8443/ with a self-signed certificate, answering the built-in w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
-from sniport.config import LoadedConfig, from_dict
+from sniport.config import LoadedConfig, Problem, from_dict, parse, with_listen
 
 SOURCE = "<embedded default>"
 
@@ -19,7 +20,17 @@ def welcome_page() -> str:
 
 
 def embedded_config() -> LoadedConfig:
-    raw: dict[str, Any] = {
+    return from_dict(_raw(), SOURCE)
+
+
+def parse_embedded(listen: Sequence[str] = ()) -> tuple[LoadedConfig, list[Problem]]:
+    """The embedded default, with ``[server] listen`` replaced by ``listen`` if given
+    (``sniport run --listen``), and the problems of that replacement."""
+    return parse(with_listen(_raw(), listen), SOURCE)
+
+
+def _raw() -> dict[str, Any]:
+    return {
         "server": {"listen": ["127.0.0.1:8443"]},
         "site": [{
             "name": "welcome",
@@ -33,4 +44,3 @@ def embedded_config() -> LoadedConfig:
         }],
         "default": {"to": "site:welcome"},
     }
-    return from_dict(raw, SOURCE)

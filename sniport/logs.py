@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
+from pathlib import Path
 from typing import IO, Any
 
 diag = logging.getLogger("sniport")
@@ -29,13 +31,96 @@ def setup_diagnostics(level: str) -> None:
     root.propagate = False
 
 
-def _text_value(value: Any) -> str:
+# A value is written bare only when it is made of these (addresses, names, numbers, reason
+# codes); anything else, above all what came from the network (SNI, ALPN, Host), is quoted
+# and escaped as a JSON string, so no byte of a client's can forge a field or a line.
+_BARE = re.compile(r"[A-Za-z0-9._:/@,\[\]+*-]+\Z")
+
+
+def text_field(value: Any) -> str:
+    """A ``key=value`` field of a text log line (see ``_BARE``)."""
     if value is None or value == "":
         return "-"
     text = str(value)
-    if " " in text or '"' in text or "=" in text:
-        return json.dumps(text)
-    return text
+    if _BARE.match(text):
+        return text
+    return json.dumps(text)
+
+
+_CLF_ESCAPES = {c: f"\\x{c:02X}" for c in [*range(0x20), *range(0x7F, 0x100)]}
+_CLF_ESCAPES[ord('"')] = '\\"'
+_CLF_ESCAPES[ord("\\")] = "\\\\"
+
+
+def clf_quoted(value: str | None) -> str:
+    """A field of the combined log format, quoted as nginx does: ``"`` and ``\\`` escaped with
+    a backslash, control characters and bytes above 0x7E as ``\\xHH``; ``"-"`` when empty."""
+    if not value:
+        return '"-"'
+    return '"' + value.translate(_CLF_ESCAPES) + '"'
+
+
+class LogFileError(Exception):
+    """The access log file cannot be opened: the message says why, for a problem line."""
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """The directories above ``path`` that do not exist yet, outermost first."""
+    missing = []
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    return missing[::-1]
+
+
+def check_access_log(target: str) -> str | None:
+    """What ``open_access_log`` would do with ``target``, without changing anything:
+    None if it would work, a note (starting "will create") if it creates a directory,
+    raises LogFileError if it would fail. ``check`` calls this; run and reload open."""
+    if target in ("stderr", "off"):
+        return None
+    path = Path(target)
+    if path.is_dir():
+        raise LogFileError(f"{target} is a directory; access_log names a file")
+    if path.exists():
+        try:
+            with open(path, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise LogFileError(f"cannot open {target}: {exc.strerror}") from None
+        return None
+    missing = _missing_dirs(path)
+    existing = missing[0].parent if missing else path.parent
+    if not existing.is_dir():
+        raise LogFileError(f"cannot create {target}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LogFileError(f"cannot create {missing[0] if missing else target}: "
+                           f"{existing} is not writable")
+    if missing:
+        return f"will create the directory {missing[-1]}"
+    return None
+
+
+def open_access_log(target: str, fmt: str) -> AccessLog:
+    """The access log, opened: a missing directory above a log file is created (0755, as
+    Caddy does; the systemd unit's LogsDirectory= makes /var/log/sniport for the README's
+    example). Raises LogFileError with the reason."""
+    if target not in ("stderr", "off"):
+        path = Path(target)
+        if path.is_dir():
+            raise LogFileError(f"{target} is a directory; access_log names a file")
+        for directory in _missing_dirs(path):
+            try:
+                directory.mkdir(mode=0o755)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise LogFileError(f"cannot create {directory}: {exc.strerror}") from None
+    try:
+        return AccessLog(target, fmt)
+    except OSError as exc:
+        raise LogFileError(f"cannot open {target}: {exc.strerror}") from None
 
 
 class AccessLog:
@@ -104,6 +189,6 @@ class AccessLog:
             line = json.dumps({"time": stamp, "kind": kind, **fields}, separators=(",", ":"))
         else:
             line = f"{stamp} {kind} " + " ".join(
-                f"{k}={_text_value(v)}" for k, v in fields.items()
+                f"{k}={text_field(v)}" for k, v in fields.items()
             )
         self.write_line(line)

@@ -29,16 +29,16 @@ import sys
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sniport import __version__
 from sniport.addresses import Address, UnixAddress
-from sniport.config import ConfigError, Listen, LoadedConfig
-from sniport.logs import AccessLog, diag
+from sniport.config import ConfigError, Listen
+from sniport.logs import diag
 from sniport.net.binding import BindError, BoundListener, bind_one, tune_listener
-from sniport.runtime import Runtime, build_runtime
+from sniport.runtime import Runtime
 from sniport.systemd import activated_sockets, notify
 
 READY_TIMEOUT = 15.0  # seconds new workers have to report ready before a reload is given up
@@ -51,6 +51,10 @@ PARENT_ENV = "SNIPORT_UPGRADE_FROM"  # the pid of that master, told to stop once
 
 class StartError(Exception):
     """The master cannot start: the message says why (cli.py prints it)."""
+
+
+class SpawnError(Exception):
+    """A worker could not be forked (EAGAIN, ENOMEM): the message says why."""
 
 
 @dataclass
@@ -89,9 +93,25 @@ def listener_key(address: Address) -> str:
     return str(address)
 
 
+@dataclass
+class ReloadOutcome:
+    """What the last reload did, for ``sniport reload`` (which waits for it) and ``status``.
+    ``started`` is CLOCK_MONOTONIC (the same clock in every process of the machine) at the
+    moment the reload began reading the config: a reload requested at time T is answered by
+    the first outcome with ``started >= T``."""
+
+    started: float
+    finished: float
+    at: float  # wall clock, for people
+    ok: bool
+    result: str  # one line: "generation 3 serving" or why it failed
+    problems: list[str] = field(default_factory=list)
+    generation: int = 0
+
+
 class Master:
-    def __init__(self, loader: Any, config_label: str, argv: list[str]) -> None:
-        self._loader = loader  # () -> LoadedConfig, raises ConfigError
+    def __init__(self, prepare: Any, config_label: str, argv: list[str]) -> None:
+        self._prepare = prepare  # () -> Runtime (files opened), raises ConfigError
         self.config_label = config_label
         self._argv = argv  # to exec ourselves for an upgrade
         self.listeners: dict[str, BoundListener] = {}
@@ -107,19 +127,19 @@ class Master:
         self._upgrade_child = 0
         self._handed_over = False
         self._parent_master = int(os.environ.pop(PARENT_ENV, "0") or 0)
-        self.access_log: AccessLog | None = None
         self.pid_file: Path | None = None
         self.status_file: Path | None = None
         self.exit_code = 0
         self._reload_again = False
         self._upgraded_keys: set[str] = set()
+        self.last_reload: ReloadOutcome | None = None
+        self._reload_started = 0.0  # monotonic start of the reload under way
 
     # -- start ----------------------------------------------------------------------------
 
     def start(self) -> Runtime:
-        loaded: LoadedConfig = self._loader()
-        runtime = build_runtime(loaded)
-        server = loaded.config.server
+        runtime: Runtime = self._prepare()
+        server = runtime.loaded.config.server
         from sniport.logs import setup_diagnostics
 
         setup_diagnostics(server.log_level)
@@ -131,10 +151,10 @@ class Master:
         except BindError as exc:
             for b in self.listeners.values():
                 b.close()
+            runtime.close()
             raise StartError(str(exc)) from None
         for sock in inherited.values():
             sock.close()  # passed to us but not in the config
-        self.access_log = AccessLog(server.access_log, server.log_format)
         self._paths(runtime)
         return runtime
 
@@ -211,9 +231,11 @@ class Master:
                     signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        gen = self._new_generation(runtime)
-        self.pending = gen
         try:
+            try:
+                self.pending = self._new_generation(runtime)
+            except SpawnError as exc:
+                raise StartError(str(exc)) from None
             return self._loop()
         finally:
             self._cleanup()
@@ -273,13 +295,14 @@ class Master:
         elif signum == signal.SIGINT:
             self.stop(fast=True)
         elif signum == signal.SIGUSR1:
-            if self.access_log is not None:
-                self.access_log.reopen()
-                server = (self.current or self.pending or self.generations[-1]).runtime \
-                    .loaded.config.server
-                # Workers that dropped privileges reopen the file the master just made:
-                # it must be theirs (nginx does the same).
-                self.access_log.give_to(server.user, server.group)
+            for gen in self.generations:
+                log = gen.runtime.access_log
+                if log is not None:
+                    log.reopen()
+                    server = gen.runtime.loaded.config.server
+                    # Workers that dropped privileges reopen the file the master just
+                    # made: it must be theirs (nginx does the same).
+                    log.give_to(server.user, server.group)
             self._signal_workers(signal.SIGUSR1)
             diag.info("log files reopened")
         elif signum == signal.SIGUSR2:
@@ -294,9 +317,27 @@ class Master:
         gen.ready_deadline = time.monotonic() + READY_TIMEOUT
         self.generations.append(gen)
         count = worker_count(runtime.loaded.config.server.workers)
-        for slot in range(count):
-            self._spawn(gen, slot)
+        try:
+            for slot in range(count):
+                self._spawn(gen, slot)
+        except SpawnError:
+            # All or nothing: the workers that did start go, and so does the generation.
+            for w in gen.workers.values():
+                _kill(w.pid, signal.SIGKILL)
+                if w.ready_fd >= 0:
+                    os.close(w.ready_fd)
+                    w.ready_fd = -1
+            gen.draining = True
+            if not gen.workers:
+                self._forget(gen)
+            raise
         return gen
+
+    def _forget(self, gen: Generation) -> None:
+        """A generation without workers left: its files close, its listeners may too."""
+        self.generations.remove(gen)
+        gen.runtime.close()
+        self._close_unused()
 
     def _spawn(self, gen: Generation, slot: int) -> None:
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
@@ -304,8 +345,14 @@ class Master:
         listen_keys = {listener_key(e.address) for e in server.listen}
         bound = [self.listeners[k] for k in gen.keys if k in listen_keys]
         http_bound = [self.listeners[k] for k in gen.keys if k not in listen_keys]
-        assert self.access_log is not None
-        pid = os.fork()
+        access_log = gen.runtime.access_log
+        assert access_log is not None
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(ready_r)
+            os.close(ready_w)
+            raise SpawnError(f"cannot start a worker: {exc.strerror}") from None
         if pid == 0:  # the worker
             code = 1
             try:
@@ -313,7 +360,7 @@ class Master:
                 self._close_in_child(keep={id(b) for b in bound + http_bound})
                 from sniport.worker import worker_main
 
-                code = worker_main(gen.runtime, bound, http_bound, self.access_log,
+                code = worker_main(gen.runtime, bound, http_bound, access_log,
                                    self._life_r, ready_w)
             except BaseException:
                 traceback.print_exc()
@@ -385,6 +432,8 @@ class Master:
                 _kill(self._parent_master, signal.SIGTERM)
                 self._parent_master = 0
         notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving generation {gen.number}")
+        if old:
+            self._reload_done(True, f"generation {gen.number} serving", gen=gen.number)
         self._reload_if_asked()
 
     def _reload_if_asked(self) -> None:
@@ -406,6 +455,7 @@ class Master:
         diag.error("reload failed: %s; still serving generation %d", reason,
                    self.current.number)
         notify("READY=1")
+        self._reload_done(False, f"{reason}; still serving generation {self.current.number}")
         self._reload_if_asked()
 
     def _reap(self) -> None:
@@ -446,8 +496,7 @@ class Master:
                 diag.error("worker %d died (%s) after %.1fs; restarting in %.1fs", pid, cause,
                            lived, delay)
             if gen.draining and not gen.workers:
-                self.generations.remove(gen)
-                self._close_unused()
+                self._forget(gen)
             self._write_status()
             return
 
@@ -457,7 +506,13 @@ class Master:
             for slot, when in list(gen.respawn_at.items()):
                 if now >= when and not gen.draining and not self.stopping:
                     del gen.respawn_at[slot]
-                    self._spawn(gen, slot)
+                    try:
+                        self._spawn(gen, slot)
+                    except SpawnError as exc:
+                        delay = gen.backoff.get(slot, BACKOFF_MIN)
+                        gen.backoff[slot] = min(delay * 2, BACKOFF_MAX)
+                        gen.respawn_at[slot] = now + delay
+                        diag.error("%s; trying again in %.1fs", exc, delay)
 
     def _all_workers(self) -> list[WorkerProc]:
         return [w for g in self.generations for w in g.workers.values()]
@@ -476,6 +531,9 @@ class Master:
     # -- reload ---------------------------------------------------------------------------
 
     def reload(self) -> None:
+        """Everything the new config needs is built, opened and bound before anything that
+        serves is touched (``self._prepare`` runs the same code as ``check``); any failure
+        leaves the running generation as it was and is recorded for ``sniport reload``."""
         if self.stopping:
             return
         if self.pending is not None:
@@ -483,35 +541,44 @@ class Master:
             self._reload_again = True
             return
         notify("RELOADING=1")
+        self._reload_started = time.monotonic()
         diag.info("reloading %s", self.config_label)
+        serving = f"still serving generation {self.current.number}" if self.current else ""
         try:
-            loaded = self._loader()
-            runtime = build_runtime(loaded)
+            runtime: Runtime = self._prepare()
         except ConfigError as exc:
             for problem in exc.problems:
                 diag.error("reload: %s", problem)
             diag.error("reload failed (%d problem(s)); still serving the previous config",
                        len(exc.problems))
             notify("READY=1")
+            self._reload_done(False, f"{len(exc.problems)} problem(s) in the config; {serving}",
+                              [str(p) for p in exc.problems])
             return
         except Exception as exc:  # a bug must not take the running service down
             diag.exception("reload failed: %s; still serving the previous config", exc)
             notify("READY=1")
+            self._reload_done(False, f"unexpected {type(exc).__name__}: {exc}; {serving}")
             return
         for warning in runtime.warnings:
             diag.warning("%s", warning)
         try:
             self._bind(runtime, {})
-        except BindError as exc:
+            self.pending = self._new_generation(runtime)
+        except (BindError, SpawnError) as exc:
+            if not any(g.runtime is runtime for g in self.generations):
+                runtime.close()
+            self._close_unused()
             diag.error("reload failed: %s; still serving the previous config", exc)
             notify("READY=1")
+            self._reload_done(False, f"{exc}; {serving}")
             return
-        server = runtime.loaded.config.server
-        if self.access_log is not None and (
-                self.access_log.target, self.access_log.json) != (
-                server.access_log, server.log_format == "json"):
-            self.access_log = AccessLog(server.access_log, server.log_format)
-        self.pending = self._new_generation(runtime)
+
+    def _reload_done(self, ok: bool, result: str, problems: list[str] | None = None,
+                     gen: int = 0) -> None:
+        self.last_reload = ReloadOutcome(self._reload_started, time.monotonic(), time.time(),
+                                         ok, result, problems or [], gen)
+        self._write_status()
 
     def _close_unused(self) -> None:
         used = {k for g in self.generations for k in g.keys}
@@ -541,6 +608,7 @@ class Master:
             self._kill_all(signal.SIGTERM)
         for gen in self.generations:
             gen.respawn_at.clear()
+        self._write_status()
 
     def _cleanup(self) -> None:
         self._kill_all(signal.SIGKILL)
@@ -555,8 +623,8 @@ class Master:
                 if path is not None and _owned_pid_file(path):
                     with contextlib.suppress(OSError):
                         path.unlink()
-        if self.access_log is not None:
-            self.access_log.close()
+        for gen in self.generations:
+            gen.runtime.close()
         diag.info("stopped")
 
     # -- upgrade --------------------------------------------------------------------------
@@ -611,6 +679,8 @@ class Master:
                                        for w in g.workers.values()),
             "listeners": [str(self.listeners[k].address) for k in gen.keys
                           if k in self.listeners],
+            "stopping": self.stopping,
+            "last_reload": asdict(self.last_reload) if self.last_reload else None,
         }
         with contextlib.suppress(OSError):
             self.status_file.parent.mkdir(parents=True, exist_ok=True)

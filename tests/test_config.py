@@ -162,9 +162,9 @@ def test_site_defaults_match_design() -> None:
     ('"1.5s"', 1.5), ('"250ms"', 0.25), ("7", 7.0), ("2.5", 2.5), ('"0s"', 0.0), ("0", 0.0),
 ])
 def test_durations(value: str, seconds: float) -> None:
-    config = ok(PASSTHROUGH + f"connect_timeout = {value}\nidle_timeout = {value}\n")
-    assert config.passthrough[0].connect_timeout == seconds
+    config = ok(PASSTHROUGH + f"idle_timeout = {value}\n" + f"[server]\ndrain_timeout = {value}\n")
     assert config.passthrough[0].idle_timeout == seconds
+    assert config.server.drain_timeout == seconds
 
 
 BAD_DURATION = 'is not a duration: write "10s", "500ms", "2m", "1h" or seconds'

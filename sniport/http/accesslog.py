@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from sniport.logs import AccessLog
+from sniport.logs import AccessLog, clf_quoted, text_field
 
 if TYPE_CHECKING:
     from sniport.http.engine import Exchange, HttpConnection
@@ -18,12 +18,6 @@ if TYPE_CHECKING:
 
 def _clf_time() -> str:
     return time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime())
-
-
-def _quoted(value: str | None) -> str:
-    if not value:
-        return '"-"'
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class RequestLog:
@@ -53,12 +47,12 @@ class RequestLog:
             return
         ip = conn.client.rsplit(":", 1)[0].strip("[]") if conn.client != "unix" else "unix"
         request_line = f"{req.method} {req.target} HTTP/{req.version}"
-        line = (f'{ip} - - [{_clf_time()}] {_quoted(request_line)} {ex.status} {ex.sent} '
-                f'{_quoted(req.header(b"referer"))} {_quoted(req.header(b"user-agent"))} '
-                f'sni={conn.sni or "-"} host={req.header(b"host") or "-"} '
+        line = (f'{ip} - - [{_clf_time()}] {clf_quoted(request_line)} {ex.status} {ex.sent} '
+                f'{clf_quoted(req.header(b"referer"))} {clf_quoted(req.header(b"user-agent"))} '
+                f'sni={text_field(conn.sni)} host={text_field(req.header(b"host"))} '
                 f'ttfb={ttfb if ttfb is not None else "-"} total={total}')
         if ex.upstream:
-            line += f" upstream={ex.upstream}"
+            line += f" upstream={text_field(ex.upstream)}"
         if ex.note:
-            line += f" note={_quoted(ex.note)}"
+            line += f" note={clf_quoted(ex.note)}"
         self._log.write_line(line)

@@ -7,6 +7,9 @@ covers; generate, cache and reuse a self-signed certificate for ``tls = "self-si
 Rules:
 - TLS 1.2 and 1.3 only; for 1.2 only forward-secret AEAD ciphers (ECDHE), the Mozilla
   "intermediate" profile without its DHE suites (they need a DH parameter file).
+- Key exchange groups X25519, P-256, P-384, as Mozilla's intermediate profile (OpenSSL would
+  also offer X448 and P-521, which auditors flag); the stdlib has no API for the list, so it
+  is set through OpenSSL itself (``_ssl_ctx_call``), checked, and warned about if it fails.
 - ALPN offers ``http/1.1`` only (HTTP/2 is not built).
 - Session resumption on unless ``tls_session_tickets = false``; then no tickets at all,
   including TLS 1.3 (``num_tickets = 0``: OpenSSL 3 issues tickets unless told not to).
@@ -34,6 +37,7 @@ TLS12_CIPHERS = ":".join([
     "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
     "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
 ])
+GROUPS = b"X25519:P-256:P-384"
 SELF_SIGNED_DAYS = 365
 SELF_SIGNED_RENEW_DAYS = 30
 
@@ -49,19 +53,19 @@ def server_context(cert: str, key: str, *, tickets: bool = True) -> ssl.SSLConte
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     ctx.set_alpn_protocols(["http/1.1"])
+    _set_groups(ctx)
     if not tickets:
         ctx.options |= ssl.OP_NO_TICKET
         ctx.num_tickets = 0
         _session_cache_off(ctx)
-    missing = [p for p in (cert, key) if not os.path.exists(p)]
-    if missing:
-        raise TlsError("; ".join(f"cannot read {p}: no such file" for p in missing))
+    unreadable = [f"{p}: {why}" for p in (cert, key) if (why := _unreadable(p))]
+    if unreadable:
+        raise TlsError("; ".join(f"cannot read {what}" for what in unreadable))
     try:
         ctx.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        raise TlsError(f"cannot read {exc.filename}: no such file") from None
-    except PermissionError as exc:
-        raise TlsError(f"cannot read {exc.filename}: permission denied") from None
+    except OSError as exc:
+        raise TlsError(f"cannot read {exc.filename or cert}: "
+                       f"{(exc.strerror or str(exc)).lower()}") from None
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
             raise TlsError(f"the key {key} does not match the certificate {cert}") from None
@@ -69,17 +73,29 @@ def server_context(cert: str, key: str, *, tickets: bool = True) -> ssl.SSLConte
     return ctx
 
 
+def _unreadable(path: str) -> str:
+    """Why ``path`` cannot be read as a PEM file ("" if it can be tried)."""
+    if not os.path.exists(path):
+        return "no such file"
+    if os.path.isdir(path):
+        return "is a directory, not a PEM file"
+    if not os.access(path, os.R_OK):
+        return "permission denied"
+    return ""
+
+
 _SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_CTRL_SET_GROUPS_LIST = 92
 _SSL_SESS_CACHE_OFF = 0
 
 
-def _session_cache_off(ctx: ssl.SSLContext) -> None:
-    """No TLS 1.2 session-ID resumption either: SSL_CTX_set_session_cache_mode(OFF).
+def _ssl_ctx_call(ctx: ssl.SSLContext, cmd: int, larg: int, parg: bytes | None) -> int:
+    """``SSL_CTX_ctrl(ctx, cmd, larg, parg)`` on the SSL_CTX behind ``ctx``.
 
-    The stdlib has no API for it, so this reaches the SSL_CTX behind the SSLContext (the
-    first field after the object header, in CPython's _ssl.c) and checks it is the right
-    pointer by reading the options back through OpenSSL before changing anything. If the
-    check fails, it changes nothing and says so."""
+    The stdlib has no API for a few settings, so this reaches the SSL_CTX behind the
+    SSLContext (the first field after the object header, in CPython's _ssl.c) and checks it
+    is the right pointer by reading the options back through OpenSSL before changing
+    anything. Raises RuntimeError (and changes nothing) if the check fails."""
     import ctypes
 
     try:
@@ -90,21 +106,50 @@ def _session_cache_off(ctx: ssl.SSLContext) -> None:
         libssl.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
         libssl.SSL_CTX_ctrl.restype = ctypes.c_long
         libssl.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long,
-                                        ctypes.c_void_p]
+                                        ctypes.c_char_p]
         pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
-        if not pointer or libssl.SSL_CTX_get_options(pointer) != int(ctx.options):
-            raise RuntimeError("SSL_CTX not found where expected")
-        libssl.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
-    except (StopIteration, OSError, AttributeError, RuntimeError, ValueError) as exc:
+    except (StopIteration, OSError, AttributeError, ValueError) as exc:
+        raise RuntimeError(str(exc)) from None
+    if not pointer or libssl.SSL_CTX_get_options(pointer) != int(ctx.options):
+        raise RuntimeError("SSL_CTX not found where expected")
+    return int(libssl.SSL_CTX_ctrl(pointer, cmd, larg, parg))
+
+
+def _session_cache_off(ctx: ssl.SSLContext) -> None:
+    """No TLS 1.2 session-ID resumption either: SSL_CTX_set_session_cache_mode(OFF)."""
+    try:
+        _ssl_ctx_call(ctx, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
+    except RuntimeError as exc:
         from sniport.logs import diag
 
         diag.warning("tls_session_tickets = false: TLS 1.2 session IDs may still resume "
                      "(cannot turn the session cache off: %s)", exc)
 
 
+def _set_groups(ctx: ssl.SSLContext) -> None:
+    """SSL_CTX_set1_groups_list(ctx, "X25519:P-256:P-384"): returns 1 on success."""
+    try:
+        if _ssl_ctx_call(ctx, _SSL_CTRL_SET_GROUPS_LIST, 0, GROUPS) != 1:
+            raise RuntimeError("OpenSSL refused the list")
+    except RuntimeError as exc:
+        from sniport.logs import diag
+
+        diag.warning("TLS groups: cannot limit them to %s (%s); OpenSSL's defaults apply",
+                     GROUPS.decode(), exc)
+
+
 def certificate_names(cert: str) -> list[str]:
-    """The DNS names of the leaf certificate (subjectAltName; the CN only if there is none)."""
-    leaf = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+    """The DNS names of the leaf certificate (subjectAltName; the CN only if there is none).
+    Raises TlsError when the file cannot be read or holds no PEM certificate."""
+    why = _unreadable(cert)
+    if why:
+        raise TlsError(f"cannot read {cert}: {why}")
+    try:
+        leaf = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+    except OSError as exc:
+        raise TlsError(f"cannot read {cert}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise TlsError(f"{cert} holds no PEM certificate: {exc}") from None
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         return [n.lower().rstrip(".") for n in san.value.get_values_for_type(x509.DNSName)]
@@ -138,10 +183,15 @@ def self_signed(state_dir: Path, site: str, hosts: list[str]) -> tuple[str, str]
     cert_path = directory / f"{site}-{tag}.pem"
     key_path = directory / f"{site}-{tag}.key"
     if cert_path.exists() and key_path.exists():
-        leaf = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        left = leaf.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
-        if left > datetime.timedelta(days=SELF_SIGNED_RENEW_DAYS):
-            return str(cert_path), str(key_path)
+        try:
+            leaf = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+        except (OSError, ValueError, x509.ExtensionNotFound):
+            leaf = None  # unreadable, or made by a version without the key identifiers
+        if leaf is not None:
+            left = leaf.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+            if left > datetime.timedelta(days=SELF_SIGNED_RENEW_DAYS):
+                return str(cert_path), str(key_path)
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
@@ -161,17 +211,27 @@ def self_signed(state_dir: Path, site: str, hosts: list[str]) -> tuple[str, str]
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]),
                        critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        # RFC 5280 sections 4.2.1.1 and 4.2.1.2: strict validators want both identifiers,
+        # even on a self-signed certificate (where they name the same key).
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()),
+                       critical=False)
         .sign(key, hashes.SHA256())
     )
     tmp_key = key_path.with_suffix(".key.tmp")
     tmp_cert = cert_path.with_suffix(".pem.tmp")
     # Written beside the final names, then renamed: a crash never leaves half a file.
-    fd = os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM,
-                                  serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    tmp_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    os.replace(tmp_key, key_path)
-    os.replace(tmp_cert, cert_path)
+    try:
+        fd = os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        tmp_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        os.replace(tmp_key, key_path)
+        os.replace(tmp_cert, cert_path)
+    except OSError as exc:
+        raise TlsError(f"cannot write the self-signed certificate into {directory}: "
+                       f"{exc.strerror}") from None
     return str(cert_path), str(key_path)
