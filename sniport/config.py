@@ -351,7 +351,9 @@ class SiteRoute(_Model):
     path: str = Field(min_length=1)
     headers: HeaderMap = {}
     remove_headers: HeaderNames = []
-    max_body_size: Size = 0
+    # None: the handler's default (proxy: no limit, bodies stream to the application; the
+    # others take no body: 1 MiB, nginx's client_max_body_size). 0: no limit.
+    max_body_size: Size | None = None
     static: StaticHandler | None = None
     redirect: RedirectHandler | None = None
     respond: RespondHandler | None = None

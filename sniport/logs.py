@@ -21,6 +21,30 @@ from typing import IO, Any
 diag = logging.getLogger("sniport")
 
 
+class Throttle:
+    """At most one diagnostic line a second per key: an event that repeats (EMFILE, a bug
+    hit by every connection) is logged, with how often it happened, without flooding."""
+
+    __slots__ = ("_last", "_suppressed")
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def allow(self, key: str) -> str | None:
+        """None to stay quiet; else a suffix for the line ("" or " (and N more)")."""
+        now = time.monotonic()
+        if now - self._last.get(key, -2.0) < 1.0:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        more = self._suppressed.pop(key, 0)
+        return f" (and {more} more in the last second)" if more else ""
+
+
+throttle = Throttle()
+
+
 def setup_diagnostics(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(

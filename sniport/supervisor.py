@@ -208,9 +208,8 @@ class Master:
             for key in new:
                 self.listeners.pop(key).close()
             raise BindError("\n".join(errors))
-        hello_timeout = runtime.loaded.config.server.client_hello_timeout
         for key in new:
-            tune_listener(self.listeners[key].sock, hello_timeout)
+            tune_listener(self.listeners[key].sock)
         return new
 
     def _paths(self, runtime: Runtime) -> None:

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import gc
 import os
-import resource
 import socket
 import ssl
 from typing import Any
@@ -23,9 +22,10 @@ from sniport.http.accesslog import RequestLog
 from sniport.http.engine import HttpConnection, Limits
 from sniport.http.handlers import HttpsRedirectApp
 from sniport.http.site import lifecycle
-from sniport.logs import AccessLog, diag
+from sniport.logs import AccessLog, diag, throttle
 from sniport.net.binding import BoundListener
 from sniport.net.conn import ConnRecord
+from sniport.net.descriptors import LEDGER, MOST_PER_CONNECTION, RESERVE, soft_limit
 from sniport.net.listener import RESOURCE_PAUSE, HelloReader, Listener
 from sniport.net.passthrough import PassthroughConnection
 from sniport.net.poller import Poller
@@ -35,19 +35,16 @@ from sniport.wire.alerts import UNRECOGNIZED_NAME
 from sniport.wire.clienthello import Hello, NotTLS
 
 SSL_SHUTDOWN_TIMEOUT = 1.0
-FD_RESERVE = 128  # descriptors kept for listeners, logs, pooled pipes and upstream connects
 
 
 def connection_cap(configured: int) -> tuple[int, str | None]:
-    """``max_connections`` lowered to what RLIMIT_NOFILE allows; each may hold two fds."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    allowed = max(1, (soft - FD_RESERVE) // 2)
+    """``max_connections`` lowered to what RLIMIT_NOFILE allows at two descriptors each (a
+    passthrough connection's two sockets). The descriptor ledger (net/descriptors.py) then
+    counts what connections really hold, pipes included, and pauses accepting before the
+    limit: the connection cap alone would let stalled relays run the process out."""
+    soft = soft_limit()
+    LEDGER.limit = max(MOST_PER_CONNECTION, soft - RESERVE)
+    allowed = max(1, (soft - RESERVE) // 2)
     if configured > allowed:
         return allowed, (f"max_connections = {configured} lowered to {allowed}: RLIMIT_NOFILE "
                          f"is {soft} and a passthrough connection holds two descriptors")
@@ -81,6 +78,7 @@ class Worker:
         tcp_ports = [b.address.port for b in bound if isinstance(b.address, TcpAddress)]
         self._redirect_app = HttpsRedirectApp(self.table, tcp_ports[0] if tcp_ports else None)
         self._accepting = False
+        self._full = False  # accepting paused at max_connections or the descriptor budget
         self._resource_timer: asyncio.TimerHandle | None = None
         self.draining = False
         self._drained: asyncio.Future[None] | None = None
@@ -115,8 +113,9 @@ class Worker:
                               sni=None, client="", scheme="http", on_close=_ignore_close)
 
     def at_capacity(self) -> bool:
-        if len(self.live) < self.max_connections:
+        if len(self.live) < self.max_connections and LEDGER.room_for_a_connection():
             return False
+        self._full = True
         for listener in self.listeners:
             listener.pause()  # resumed by finish() when a connection ends
         return True
@@ -131,6 +130,7 @@ class Worker:
     def _resume_after_pause(self) -> None:
         self._resource_timer = None
         if self._accepting and len(self.live) < self.max_connections:
+            self._full = False
             for listener in self.listeners:
                 listener.resume()
 
@@ -145,6 +145,7 @@ class Worker:
                 self._log(conn, "per_ip_limit")
                 return
             self.per_ip[ip] = count + 1
+        LEDGER.take()  # the client's socket, given back in finish()
         self.live.add(conn)
         reader = HelloReader(self, sock, conn, listener.bound.is_unix)
         conn.handler = reader
@@ -231,7 +232,10 @@ class Worker:
     # -- ending ---------------------------------------------------------------------------
 
     def finish(self, conn: ConnRecord, reason: str) -> None:
+        if conn not in self.live:
+            return  # ended already: one log line, one descriptor given back
         self.live.discard(conn)
+        LEDGER.give()
         conn.handler = None
         if self.per_ip_limit and conn.ip:
             left = self.per_ip[conn.ip] - 1
@@ -242,8 +246,9 @@ class Worker:
         self._log(conn, reason)
         if self._drained is not None and not self.live and not self._drained.done():
             self._drained.set_result(None)
-        if (self._accepting and self._resource_timer is None
-                and len(self.live) == self.max_connections - 1):
+        if (self._full and self._accepting and self._resource_timer is None
+                and len(self.live) < self.max_connections and LEDGER.room_for_a_connection()):
+            self._full = False
             for listener in self.listeners:
                 listener.resume()
 
@@ -431,8 +436,14 @@ def _fixed_mmap_threshold() -> None:
 
 
 def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """An exception no callback caught: logged, at most once a second per kind (a fault
+    that every connection meets must not fill the disk with tracebacks)."""
     exc = context.get("exception")
+    message = context.get("message")
+    suffix = throttle.allow(f"loop:{type(exc).__name__ if exc else message}")
+    if suffix is None:
+        return
     if exc is not None:
-        diag.error("event loop: %s", context.get("message"), exc_info=exc)
+        diag.error("event loop: %s%s", message, suffix, exc_info=exc)
     else:
-        diag.error("event loop: %s", context.get("message"))
+        diag.error("event loop: %s%s", message, suffix)

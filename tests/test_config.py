@@ -138,7 +138,7 @@ def test_site_defaults_match_design() -> None:
     for route in site.route:
         assert route.headers == {}
         assert route.remove_headers == []
-        assert route.max_body_size == 0
+        assert route.max_body_size is None  # the handler's default (1 MiB unless proxy)
     assert static.static is not None
     assert static.static.root == "/var/www/html"
     assert static.static.index == ["index.html"]

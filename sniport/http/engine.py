@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 
+from sniport.deadlines import deadlines_for
 from sniport.wire.httprules import http_date
 
 if TYPE_CHECKING:
@@ -42,6 +43,11 @@ if TYPE_CHECKING:
 
 MAX_TARGET = 8 * 1024
 MAX_HEADER_BYTES = 16 * 1024
+# httptools keeps a header that has not ended (an endless value) in its own buffer, out of
+# on_header's sight: bytes fed while a head is unfinished are counted too, and past this
+# the request is refused (431) before that buffer grows further.
+MAX_HEAD_BYTES = MAX_TARGET + MAX_HEADER_BYTES + 1024
+WRITE_HIGH_WATER = 64 * 1024  # corked bytes after which a streaming handler waits
 BODY_HIGH_WATER = 256 * 1024  # buffered request body bytes before reading pauses
 LINGER = 2.0  # seconds to read and drop input before closing after an error response
 SERVER = b"sniport"
@@ -83,12 +89,14 @@ class App(Protocol):
 
 
 class Limits:
-    __slots__ = ("header_timeout", "keepalive_timeout", "shortest")
+    """The connection timeouts of ``[server]``. ``keepalive_timeout = 0`` means no
+    keep-alive: every response says "Connection: close" (nginx's ``keepalive_timeout 0``)."""
+
+    __slots__ = ("header_timeout", "keepalive_timeout")
 
     def __init__(self, header_timeout: float, keepalive_timeout: float) -> None:
         self.header_timeout = header_timeout
         self.keepalive_timeout = keepalive_timeout
-        self.shortest = min(header_timeout, keepalive_timeout)
 
 
 class BodyTooLarge(Exception):
@@ -340,7 +348,7 @@ class Exchange:
         self.ttfb = 0.0
         self.add_headers = b""  # pre-encoded "Name: value\r\n" lines of the route
         self.remove_headers: frozenset[bytes] = frozenset()  # lower-case names
-        self.close_after = not request.keep_alive
+        self.close_after = not request.keep_alive or not conn.limits.keepalive_timeout
         self.on_resume: Callable[[], None] | None = None  # the transport can take more
         self.on_abort: Callable[[], None] | None = None  # the client went away
         self.route_name = ""
@@ -432,10 +440,12 @@ class Exchange:
 
     @property
     def writable(self) -> bool:
-        """False while the client is not reading fast enough: stop and wait for on_resume."""
+        """False while the client is not reading fast enough, or while what is corked is
+        already a buffer's worth: stop and wait for ``on_resume`` (DESIGN.md: memory per
+        slow client is bounded by buffers, never by the size of what is sent)."""
         conn = self.conn
-        return not conn.write_paused and conn.transport is not None \
-            and not conn.transport.is_closing()
+        return not conn.write_paused and conn.wbuf_size < WRITE_HIGH_WATER \
+            and conn.transport is not None and not conn.transport.is_closing()
 
     async def drain(self) -> None:
         await self.conn.drain()
@@ -494,13 +504,19 @@ class HttpConnection(asyncio.Protocol):
         self.active: Exchange | None = None
         self.closing = False
         self.write_paused = False
-        self._read_paused = 0  # bit 1: pipelined request waiting, bit 2: body backpressure
+        # Why reading is paused: bit 1 a pipelined request waits, bit 2 body backpressure,
+        # bit 4 a later request was bad and is answered once the earlier ones are.
+        self._read_paused = 0
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._read_deadline = 0.0  # 0: no read deadline
-        self._read_kind = ""
+        self._read_deadline = 0.0  # 0: no read deadline (or suspended, see _read_kind)
+        self._read_kind = ""  # what the client owes: header, body, keepalive, linger
         self._write_deadline = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._deadlines = deadlines_for(loop)
+        self.deadline = 0.0  # the earlier of the two, as Deadlines sees it
+        self.deadline_slot = 0
+        self._in_head = False  # a request head has begun and not ended
+        self._head_fed = 0  # bytes fed to the parser while a head was unfinished
+        self._deferred_error: tuple[int, str, Request] | None = None
         self._lingering = False
         self._end_reason = "eof"
         self.bytes_in = 0
@@ -510,6 +526,7 @@ class HttpConnection(asyncio.Protocol):
         self._corked = 0
         self.close_announced = False  # a response said "Connection: close"
         self._wbuf: list[bytes] = []
+        self.wbuf_size = 0
         self._after_feed: list[Callable[[], None]] = []
         self._upgrade_buffer = b""
 
@@ -538,6 +555,11 @@ class HttpConnection(asyncio.Protocol):
         self._corked += 1  # the answers to what this data holds leave in one write
         try:
             self.parser.feed_data(data)
+            if self._in_head:
+                self._head_fed += len(data)
+                if self._head_fed > MAX_HEAD_BYTES:
+                    self._in_head = False
+                    self._fail_request(431, "headers_too_large")
         except httptools.HttpParserUpgrade as exc:
             # llhttp stops at the end of an Upgrade request's head: the rest is the new
             # protocol's, kept for the handler that accepts the upgrade.
@@ -572,6 +594,12 @@ class HttpConnection(asyncio.Protocol):
                     callback()
             if self._wbuf:
                 self._flush()
+                # A streaming handler that stopped because the cork held a buffer's worth
+                # goes on now, unless the transport itself asked us to pause.
+                active = self.active
+                if (active is not None and active.on_resume is not None
+                        and not self.write_paused and self.transport is not None):
+                    active.on_resume()
 
     def after_feed(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the data being parsed now is parsed to its end (at once if
@@ -585,6 +613,7 @@ class HttpConnection(asyncio.Protocol):
         wbuf = self._wbuf
         data = wbuf[0] if len(wbuf) == 1 else b"".join(wbuf)
         wbuf.clear()
+        self.wbuf_size = 0
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
@@ -603,9 +632,8 @@ class HttpConnection(asyncio.Protocol):
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._read_deadline = self._write_deadline = 0.0
+        self._deadlines.clear(self)
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_exception(ClientGone())
@@ -651,6 +679,8 @@ class HttpConnection(asyncio.Protocol):
         self._url = []
         self._header_bytes = 0
         self._target_bytes = 0
+        self._in_head = True
+        self._head_fed = 0
         self._set_read_deadline("header", self.limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
@@ -672,10 +702,16 @@ class HttpConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         req = self._req
         assert req is not None and self.parser is not None
+        self._in_head = False
         parser = self.parser
         method = parser.get_method()
         req.method = _METHODS.get(method) or method.decode("ascii", "replace")
         req.version = parser.get_http_version()
+        if req.version not in ("1.1", "1.0"):
+            # HTTP/0.9 has no headers (no Host, no framing) and "HTTP/2.0" in a request
+            # line is not HTTP/1: RFC 9110 section 15.6.6, 505 and close.
+            self._refuse = (505, f"http_version_not_supported: {req.version}")
+            raise ValueError("unsupported HTTP version")
         req.keep_alive = parser.should_keep_alive()
         req.upgrade = parser.should_upgrade()
         url = self._url
@@ -776,33 +812,51 @@ class HttpConnection(asyncio.Protocol):
                 self._resume_reading(1)
             self._start(req)
             return
+        if self._deferred_error is not None:
+            status, reason, bad = self._deferred_error
+            self._deferred_error = None
+            self._answer_error(status, reason, bad)
+            return
         if self._req is None:  # else the next request's head is arriving: its deadline holds
             self._set_read_deadline("keepalive", self.limits.keepalive_timeout)
 
     def _fail_request(self, status: int, reason: str) -> None:
-        """Bad bytes from the client: answer once if nothing is on the wire, then close."""
-        self._end_reason = reason
-        self.closing = True
+        """Bad bytes (or a head that did not come in time) from the client. Nothing after
+        them is read as a request. Requests before them are answered first, in order (RFC
+        9112 section 9.3.2); the request they belong to gets ``status`` if nothing of its
+        response is on the wire yet, else the connection closes (the only honest end)."""
         self.parser = None
         req = self._req or Request(time.monotonic())
-        self._after_feed.clear()
-        if self.active is not None:
-            active = self.active
+        req.target = req.target or b"".join(self._url).decode("latin-1")[:200]
+        active = self.active
+        if active is not None and active.request is not req:
+            self._deferred_error = (status, reason, req)
+            self._pause_reading(4)
+            self._clear_read_deadline()
+            return
+        self._end_reason = reason
+        self.closing = True
+        if active is not None:
+            self._after_feed.clear()  # the handler's own, for this request
             if active.on_abort is not None:
                 # The handler drops what it holds (an upstream connection that got part of
                 # this request) and sends nothing more; the answer is the 400 below.
                 on_abort, active.on_abort = active.on_abort, None
                 on_abort()
-            if not self.active.head_sent and self.active.request is req:
-                self.active.close_after = True
-                self.active.error(status, reason)
+            if not active.head_sent and not active.finished:
+                active.close_after = True
+                active.error(status, reason)
             elif self.transport is not None:
                 self._close()  # a response is under way: only a close is honest
             return
+        self._answer_error(status, reason, req)
+
+    def _answer_error(self, status: int, reason: str, req: Request) -> None:
+        self._end_reason = reason
+        self.closing = True
         ex = Exchange(self, req)
         ex.close_after = True
         ex.note = reason
-        req.target = req.target or b"".join(self._url).decode("latin-1")[:200]
         self.active = ex
         ex.error(status)
 
@@ -852,6 +906,7 @@ class HttpConnection(asyncio.Protocol):
         self.bytes_out += len(data)
         if self._corked:
             self._wbuf.append(bytes(data) if isinstance(data, memoryview) else data)
+            self.wbuf_size += len(data)
             return
         transport.write(data)
 
@@ -877,8 +932,13 @@ class HttpConnection(asyncio.Protocol):
         self._resume_reading(2)
 
     def _pause_reading(self, bit: int) -> None:
-        if not self._read_paused and self.transport is not None:
-            self.transport.pause_reading()
+        if not self._read_paused:
+            if self.transport is not None:
+                self.transport.pause_reading()
+            if self._read_kind in ("header", "body") and self._read_deadline:
+                # We stopped reading: the client owes nothing until we read again.
+                self._read_deadline = 0.0
+                self._update_deadline()
         self._read_paused |= bit
 
     def _resume_reading(self, bit: int) -> None:
@@ -887,51 +947,56 @@ class HttpConnection(asyncio.Protocol):
         self._read_paused &= ~bit
         if not self._read_paused and self.transport is not None and not self.closing:
             self.transport.resume_reading()
+            if self._read_kind in ("header", "body") and not self._read_deadline:
+                self._set_read_deadline(self._read_kind, self.limits.header_timeout)
 
     def _set_read_deadline(self, kind: str, delay: float) -> None:
+        """The client owes us something (a head, body bytes) within ``delay``. While reading
+        is paused by us (pipelined requests wait their turn, a handler lags behind the
+        body) the client owes nothing: the deadline starts afresh when reading resumes."""
         self._read_kind = kind
+        if self._read_paused and kind in ("header", "body"):
+            self._read_deadline = 0.0  # suspended; _resume_reading sets it
+            return
         self._read_deadline = self.loop.time() + delay
-        self._arm(self._read_deadline)
+        self._update_deadline()
 
     def _clear_read_deadline(self) -> None:
         self._read_kind = ""
         self._read_deadline = 0.0
+        self._update_deadline()
 
     def _set_write_deadline(self) -> None:
-        self._write_deadline = self.loop.time() + self.limits.keepalive_timeout
-        self._arm(self._write_deadline)
+        # A client that stops reading gets as long as an idle one (keepalive_timeout), and
+        # never less than header_timeout (keepalive_timeout may be 0: no keep-alive).
+        limits = self.limits
+        self._write_deadline = self.loop.time() + max(limits.keepalive_timeout,
+                                                      limits.header_timeout)
+        self._update_deadline()
 
-    def _arm(self, when: float) -> None:
-        """Make sure the timer fires by ``when``. It is never set further than the shortest
-        timeout away, so the usual deadlines (now + a timeout) are always later than it and
-        need no timer operation at all: a keep-alive request costs two float writes, not a
-        cancel and a new timer (the timer wakes up at most once per shortest timeout)."""
-        if self._timer is None or when < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            when = min(when, self.loop.time() + self.limits.shortest)
-            self._timer_at = when
-            self._timer = self.loop.call_at(when, self._on_timer)
+    def _update_deadline(self) -> None:
+        read, write = self._read_deadline, self._write_deadline
+        self._deadlines.set(self, read if not write or (read and read < write) else write)
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        now = self.loop.time()
+    def expired(self, now: float) -> None:
+        """Deadlines' call: the earlier of the read and write deadlines has passed."""
+        if self.transport is None:
+            return
         if self._write_deadline and now >= self._write_deadline:
             self._expire("send_timeout")
-            return
-        if self._read_deadline and now >= self._read_deadline:
+        elif self._read_deadline and now >= self._read_deadline:
             self._expire(f"{self._read_kind}_timeout")
-            return
-        pending = [d for d in (self._read_deadline, self._write_deadline) if d]
-        if pending:
-            self._arm(min(pending))
+        else:
+            self._update_deadline()
 
     def _expire(self, reason: str) -> None:
         transport = self.transport
         if transport is None:
             return
-        if reason == "header_timeout" and self.active is None:
-            # RFC 9110 section 15.5.9: 408 for a request head that did not arrive in time.
+        if reason == "header_timeout":
+            # RFC 9110 section 15.5.9: 408 for a request head that did not arrive in time
+            # (after the answers to the requests before it, if any are under way).
+            self._read_deadline = 0.0
             self._fail_request(408, reason)
             return
         if reason != "linger_timeout":

@@ -27,6 +27,7 @@ import ssl
 from typing import TYPE_CHECKING
 
 from sniport.config import ProxyHandler
+from sniport.deadlines import deadlines_for
 from sniport.http.engine import BodyTooLarge, ClientGone, Exchange
 from sniport.http.upstream import HealthChecker, Upstream, UpstreamConn, upstream_tls_context
 from sniport.logs import diag
@@ -101,8 +102,9 @@ class ProxyExchange:
 
     __slots__ = ("route", "ex", "app", "loop", "req", "head", "chunked_body", "tried", "up",
                  "conn", "connecting", "status", "headers", "responded", "done", "body_sent",
-                 "body_done", "stale_retried", "reading_paused", "timer", "deadline",
-                 "keep_alive", "framed", "last_reason", "tunnel", "pending_head")
+                 "body_done", "stale_retried", "reading_paused", "deadlines", "deadline",
+                 "deadline_slot", "keep_alive", "framed", "last_reason", "tunnel",
+                 "pending_head")
 
     def __init__(self, route: ProxyRoute, ex: Exchange, rest: str, app: SiteApp) -> None:
         self.route = route
@@ -140,8 +142,9 @@ class ProxyExchange:
         self.body_done = req.body is None
         self.stale_retried = False
         self.reading_paused = False
-        self.timer = False  # watched by the loop's _Watchdog
-        self.deadline = 0.0
+        self.deadlines = deadlines_for(self.loop)
+        self.deadline = 0.0  # to the response head, then between body bytes
+        self.deadline_slot = 0
         self.keep_alive = False
         self.framed = False  # the response has a Content-Length or chunks
         self.last_reason = ""
@@ -310,7 +313,7 @@ class ProxyExchange:
         if self.pending_head is not None:
             self._send_head()
         ex.write(body)
-        self.deadline = self.loop.time() + self.route.cfg.read_timeout
+        self._arm(self.route.cfg.read_timeout)
         if not ex.writable and not self.reading_paused:
             # The client reads slower than the upstream sends: stop reading the upstream.
             self.reading_paused = True
@@ -322,7 +325,7 @@ class ProxyExchange:
         if self.reading_paused and self.conn is not None and not self.conn.closed:
             self.reading_paused = False
             self.conn.transport.resume_reading()
-            self.deadline = self.loop.time() + self.route.cfg.read_timeout
+            self._arm(self.route.cfg.read_timeout)
 
     def on_message_complete(self) -> None:
         if self.responded and not self.done and self.tunnel is None:
@@ -457,25 +460,18 @@ class ProxyExchange:
     # -- deadlines ------------------------------------------------------------------------
 
     def _arm(self, delay: float) -> None:
-        self.deadline = self.loop.time() + delay
-        if not self.timer:
-            self.timer = True
-            _watchdog(self.loop).watch(self)
+        self.deadlines.set(self, self.loop.time() + delay)
 
     def _disarm(self) -> None:
-        if self.timer:
-            self.timer = False
-            _watchdog(self.loop).forget(self)
+        self.deadlines.clear(self)
 
     def expired(self, now: float) -> None:
-        """The watchdog's tick found ``deadline`` passed."""
+        """The worker's Deadlines found ``deadline`` passed."""
         if self.done:
-            self._disarm()
             return
         if self.reading_paused:
-            self.deadline = now + self.route.cfg.read_timeout  # the client is the slow one
+            self._arm(self.route.cfg.read_timeout)  # the client is the slow one
             return
-        self._disarm()
         if not self.responded:
             self.last_reason = "upstream_timeout"
             if self.up is not None:
@@ -485,45 +481,6 @@ class ProxyExchange:
             self._fail(504, "upstream_timeout")
         else:
             self._abort("upstream_read_timeout")
-
-
-class _Watchdog:
-    """The deadlines of the exchanges in flight, checked on one coarse timer (every
-    ``TICK``) instead of a timer per request: setting a deadline is then an attribute
-    write and a set insert, not a timer allocation, and timeouts hold to within a tick."""
-
-    TICK = 0.1
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.watched: set[ProxyExchange] = set()
-        self.handle: asyncio.TimerHandle | None = None
-
-    def watch(self, px: ProxyExchange) -> None:
-        self.watched.add(px)
-        if self.handle is None:
-            self.handle = self.loop.call_later(self.TICK, self._tick)
-
-    def forget(self, px: ProxyExchange) -> None:
-        self.watched.discard(px)
-
-    def _tick(self) -> None:
-        self.handle = None
-        now = self.loop.time()
-        for px in [px for px in self.watched if px.deadline <= now]:
-            px.expired(now)
-        if self.watched:
-            self.handle = self.loop.call_later(self.TICK, self._tick)
-
-
-_watchdogs: dict[asyncio.AbstractEventLoop, _Watchdog] = {}
-
-
-def _watchdog(loop: asyncio.AbstractEventLoop) -> _Watchdog:
-    dog = _watchdogs.get(loop)
-    if dog is None:
-        dog = _watchdogs[loop] = _Watchdog(loop)
-    return dog
 
 
 def _connect_reason(exc: BaseException) -> str:
@@ -543,15 +500,17 @@ class Tunnel:
     ``idle_timeout``. Backpressure both ways; the TLS side cannot half-close in asyncio, so
     the end of either direction ends the tunnel once what was sent is flushed."""
 
-    __slots__ = ("px", "conn", "client", "timer", "last", "closed")
+    __slots__ = ("px", "conn", "client", "closed", "deadline", "deadline_slot", "idle")
 
     def __init__(self, px: ProxyExchange, conn: UpstreamConn, first: bytes) -> None:
         self.px = px
         self.conn = conn
         self.client = px.ex.conn
         self.closed = False
-        loop = px.loop
-        self.last = loop.time()
+        self.deadline = 0.0
+        self.deadline_slot = 0
+        self.idle = px.route.cfg.idle_timeout  # 0: no idle limit
+        px.deadlines.after(self, self.idle)
         conn.raw = self.from_upstream
         self.client.upgraded_to = self.from_client
         px.ex.on_resume = self._client_resumed
@@ -560,11 +519,10 @@ class Tunnel:
         pending = self.client.take_upgrade_buffer()
         if pending:
             self.from_client(pending)
-        self.timer: asyncio.TimerHandle | None = loop.call_later(px.route.cfg.idle_timeout,
-                                                                 self._check_idle)
 
     def from_client(self, data: bytes) -> None:
-        self.last = self.px.loop.time()
+        if self.idle:
+            self.px.deadlines.after(self, self.idle)
         transport = self.conn.transport
         if transport is None or transport.is_closing():
             return
@@ -573,7 +531,8 @@ class Tunnel:
             self.client.pause_body()  # resumed by upstream_resumed
 
     def from_upstream(self, data: bytes) -> None:
-        self.last = self.px.loop.time()
+        if self.idle:
+            self.px.deadlines.after(self, self.idle)
         self.px.ex.write(data)
         if not self.px.ex.writable and not self.px.reading_paused:
             self.px.reading_paused = True
@@ -584,14 +543,9 @@ class Tunnel:
             self.px.reading_paused = False
             self.conn.transport.resume_reading()
 
-    def _check_idle(self) -> None:
-        loop = self.px.loop
-        deadline = self.last + self.px.route.cfg.idle_timeout
-        if loop.time() >= deadline:
-            self.timer = None
-            self._end("tunnel_idle_timeout")
-        else:
-            self.timer = loop.call_at(deadline, self._check_idle)
+    def expired(self, now: float) -> None:
+        """No byte either way for ``idle_timeout``."""
+        self._end("tunnel_idle_timeout")
 
     def upstream_closed(self) -> None:
         self._end("tunnel_closed_by_upstream")
@@ -599,17 +553,14 @@ class Tunnel:
     def client_closed(self) -> None:
         if not self.closed:
             self.closed = True
-            if self.timer is not None:
-                self.timer.cancel()
+            self.px.deadlines.clear(self)
             self.conn.close()
 
     def _end(self, reason: str) -> None:
         if self.closed:
             return
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.px.deadlines.clear(self)
         self.conn.close()
         px = self.px
         px.done = True

@@ -26,6 +26,9 @@ from sniport.http.static import StaticFiles
 from sniport.routing import Network, RouteTable
 
 HOST_CACHE = 1024
+# Routes that take no body (static, redirect, respond) refuse one above this unless their
+# max_body_size says otherwise: 413 and close, without reading it (nginx: 1 MiB).
+BODYLESS_LIMIT = 1024 * 1024
 
 
 class Handler(Protocol):
@@ -51,7 +54,10 @@ class CompiledRoute:
         # A header the route sets replaces the handler's own (Cache-Control, say).
         removed = {n.lower() for n in route.remove_headers} | {k.lower() for k in route.headers}
         self.remove_headers = frozenset(n.encode("latin-1") for n in removed)
-        self.max_body = route.max_body_size
+        if route.max_body_size is not None:
+            self.max_body = route.max_body_size
+        else:
+            self.max_body = 0 if route.proxy is not None else BODYLESS_LIMIT
 
 
 def host_of(value: str) -> str:
@@ -84,6 +90,16 @@ class SiteApp:
             known = self._hosts[raw] = (name, self._table.decide(name).block is self.site)
         return known
 
+    def _default_host(self, sni: str | None) -> bytes | None:
+        """The Host of a request that has none: the SNI if this site serves it, else the
+        site's first name that is not a wildcard."""
+        if sni and self._table.decide(sni).block is self.site:
+            return sni.lower().rstrip(".").encode("ascii", "replace")
+        for name in self.site.hosts:
+            if not name.startswith("*."):
+                return name.encode("ascii")
+        return None
+
     def match(self, path: str) -> CompiledRoute | None:
         for route in self._routes:
             if path.startswith(route.prefix):
@@ -102,12 +118,21 @@ class SiteApp:
             ex.close_after = True
             self.fail(ex, 400, "missing_or_repeated_host")
             return
-        if raw is not None:
-            host, served = self.host(raw)
-            req.host = host
-            if not served:
-                self.fail(ex, 421, f"misdirected: {host}")
+        if raw is None:
+            # HTTP/1.0 may omit Host: the request is for this site's own name (the one
+            # the client asked for in its SNI, else the site's first), given to it as its
+            # Host so that the rest (421 rule, proxy, logs) sees an ordinary request.
+            raw = self._default_host(ex.conn.sni)
+            if raw is None:
+                ex.close_after = True
+                self.fail(ex, 400, "missing_host")
                 return
+            req.headers.append((b"host", raw))
+        host, served = self.host(raw)
+        req.host = host
+        if not served:
+            self.fail(ex, 421, f"misdirected: {host}")
+            return
         if not req.path.startswith("/"):
             # absolute-form (RFC 9112 section 3.2.2) is for proxies; "*" is OPTIONS only.
             self.fail(ex, 400, "bad_request_target")

@@ -8,6 +8,11 @@ Rules:
 - The path is percent-decoded and normalised once (``wire.httprules.path_segments``);
   ``..``, encoded dots and slashes, backslashes and NUL are refused with 404, and so is a
   symlink whose target is outside the root: no byte from outside the root, ever.
+- What is opened is checked, not what was looked at: every open is non-blocking (a FIFO
+  swapped in does not stall the worker), then ``fstat`` must say a regular file with the
+  identity that was checked, and the kernel's own path of the open file
+  (``/proc/self/fd``) must be under the root. A symlink or FIFO swapped in between the
+  cached look and the open is refused.
 - Dotfiles answer 404 unless ``dotfiles = true``; ``/.well-known/`` (RFC 8615) is always
   served, since ACME and security.txt live there.
 - Preconditions in the order of RFC 9110 section 13.2.2, then Range (RFC 9110 section 14).
@@ -49,7 +54,7 @@ if TYPE_CHECKING:
 SMALL_FILE = 256 * 1024  # served from memory
 MEMORY_BUDGET = 32 * 1024 * 1024  # per worker, for the contents of small files
 META_ENTRIES = 4096
-CHUNK = 256 * 1024
+CHUNK = 64 * 1024  # per write of a large file: what a stalled reader can cost, with the cork
 SIBLING_TTL = 1.0  # seconds a precompressed sibling's absence is remembered
 STAT_VALID = 1.0  # seconds a path's file is served without a new stat (nginx: open_file_cache)
 HITS = 1024  # paths remembered per static route
@@ -361,10 +366,8 @@ class StaticFiles:
             if data is not None:
                 ex.respond(status, headers, data[start : start + length])
             return
-        try:
-            fd = os.open(meta.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            self._unreadable(ex, meta, exc)
+        fd = self._open(ex, meta)
+        if fd < 0:
             return
         ex.start(status, headers, length)
         if ex.is_head:
@@ -379,19 +382,57 @@ class StaticFiles:
         data = _memory.get(meta.key)
         if data is not None:
             return data
+        fd = self._open(ex, meta)
+        if fd < 0:
+            return None
         try:
-            with open(meta.path, "rb") as f:
-                data = f.read(SMALL_FILE + 1)
+            data = os.read(fd, SMALL_FILE + 1)
         except OSError as exc:
             self._unreadable(ex, meta, exc)
             return None
+        finally:
+            os.close(fd)
         if len(data) != meta.size:  # changed under us: serve what stat says next time
-            self._meta.pop(meta.path, None)
-            self._hits.clear()
+            self._forget(meta)
             ex.error(503, "file_changed")
             return None
         _memory.put(meta.key, data)
         return data
+
+    def _forget(self, meta: FileMeta) -> None:
+        self._meta.pop(meta.path, None)
+        self._hits.clear()
+
+    def _open(self, ex: Exchange, meta: FileMeta) -> int:
+        """``meta``'s file opened for reading, verified to be what was checked (see the
+        module's rules); -1 when an error was answered instead."""
+        try:
+            fd = os.open(meta.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError as exc:
+            self._unreadable(ex, meta, exc)
+            return -1
+        try:
+            st = os.fstat(fd)
+            real = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError as exc:
+            os.close(fd)
+            self._unreadable(ex, meta, exc)
+            return -1
+        if not stat.S_ISREG(st.st_mode) or not (real == self.root
+                                                 or real.startswith(self._root_prefix)):
+            os.close(fd)
+            self._forget(meta)
+            diag.warning("static: %s changed into %s since it was checked; refused",
+                         meta.path, "a path outside the root" if stat.S_ISREG(st.st_mode)
+                         else "something that is not a regular file")
+            ex.error(404, "swapped_under_us")
+            return -1
+        if _stat_key(st) != meta.key:
+            os.close(fd)
+            self._forget(meta)
+            ex.error(503, "file_changed")
+            return -1
+        return fd
 
     @staticmethod
     def _plain_block(meta: FileMeta, coding: str | None, vary: bool) -> bytes:

@@ -12,7 +12,10 @@ Rules:
   and its connection is not reused (httptools cannot be told that a message answers HEAD,
   MagicStack/httptools#47).
 - A pooled connection that the upstream closes while idle is dropped from the pool at once;
-  idle connections close after ``keepalive_timeout``.
+  idle connections close after ``keepalive_timeout`` (0: none is kept).
+- A response head is capped at ``MAX_RESPONSE_HEAD`` bytes: past it the response is a 502
+  ("upstream sent too big header", as nginx says), counted on the bytes fed to httptools,
+  since it buffers an unfinished header itself, out of our callbacks' sight.
 - State changes of an upstream (down, up) are logged once, with the reason.
 """
 
@@ -28,7 +31,11 @@ import httptools
 
 from sniport.addresses import HttpUpstream, TcpAddress, UnixAddress
 from sniport.config import ProxyHandler
+from sniport.deadlines import Deadlines, deadlines_for
 from sniport.logs import diag
+from sniport.net.descriptors import LEDGER
+
+MAX_RESPONSE_HEAD = 64 * 1024
 
 
 class ResponseHandler(Protocol):
@@ -55,21 +62,22 @@ class UpstreamConn(asyncio.Protocol):
         self.transport: Any = None
         self.parser: Any = None
         self.handler: ResponseHandler | None = None
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # while idle in the pool: keepalive_timeout
+        self.deadline_slot = 0
         self.closed = False
         self.reused = False
         self.raw: Callable[[bytes], None] | None = None  # a tunnel takes the bytes as they are
         self._feeding = False
         self._release_loop: asyncio.AbstractEventLoop | None = None  # pool me after the feed
         self._stray = False  # a message began after the one that was asked for
+        self._in_head = False  # a response head has begun and not ended
+        self._head_fed = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def begin(self, handler: ResponseHandler) -> None:
         """Take the connection for one request; a fresh parser for a fresh message."""
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+        Deadlines.clear(self)
         self.handler = handler
         self._stray = False
         if self.parser is None:
@@ -90,9 +98,7 @@ class UpstreamConn(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self.handler = None
-            if self.idle_timer is not None:
-                self.idle_timer.cancel()
-                self.idle_timer = None
+            Deadlines.clear(self)
             if self.transport is not None:
                 self.transport.close()
 
@@ -106,6 +112,7 @@ class UpstreamConn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        LEDGER.take()
 
     def data_received(self, data: bytes) -> None:
         if self.raw is not None:
@@ -121,6 +128,12 @@ class UpstreamConn(asyncio.Protocol):
         self._feeding = True
         try:
             self.parser.feed_data(data)
+            if self._in_head:
+                self._head_fed += len(data)
+                if self._head_fed > MAX_RESPONSE_HEAD and self.handler is not None:
+                    self._in_head = False
+                    self.handler.upstream_failed(
+                        f"upstream sent too big header (over {MAX_RESPONSE_HEAD // 1024} KiB)")
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args else len(data)
             if self.handler is not None:
@@ -145,10 +158,9 @@ class UpstreamConn(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        LEDGER.give()
         self.closed = True
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+        Deadlines.clear(self)
         handler, self.handler = self.handler, None
         self.upstream.drop_idle(self)
         if handler is not None:
@@ -167,14 +179,22 @@ class UpstreamConn(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self.handler is None:
             self._stray = True
+        self._in_head = True
+        self._head_fed = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.handler is not None:
             self.handler.on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         if self.handler is not None:
             self.handler.on_headers_complete()
+
+    def expired(self, now: float) -> None:
+        """Idle in the pool for ``keepalive_timeout``."""
+        self.upstream.drop_idle(self)
+        self.close()
 
     def on_body(self, body: bytes) -> None:
         if self.handler is not None:
@@ -215,16 +235,11 @@ class Upstream:
     def release(self, conn: UpstreamConn, loop: asyncio.AbstractEventLoop) -> None:
         """Back to the pool (the caller checked that its state is clean) or closed."""
         conn.handler = None
-        if conn.closed or len(self.idle) >= self.cfg.keepalive:
+        if conn.closed or len(self.idle) >= self.cfg.keepalive or not self.cfg.keepalive_timeout:
             conn.close()
             return
         self.idle.append(conn)
-        conn.idle_timer = loop.call_later(self.cfg.keepalive_timeout, self._expire, conn)
-
-    def _expire(self, conn: UpstreamConn) -> None:
-        conn.idle_timer = None
-        self.drop_idle(conn)
-        conn.close()
+        deadlines_for(loop).after(conn, self.cfg.keepalive_timeout)
 
     def drop_idle(self, conn: UpstreamConn) -> None:
         with contextlib.suppress(ValueError):

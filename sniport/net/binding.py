@@ -55,7 +55,14 @@ class BoundListener:
                     os.unlink(self.address.path)
 
 
-def tune_listener(sock: socket.socket, first_bytes_within: float) -> None:
+# Seconds the kernel holds a connection that sent nothing before accept() returns it anyway
+# (TCP_DEFER_ACCEPT; Linux rounds it to SYN-ACK retransmissions, the first after 1 s). Kept
+# short and known, because that wait is the client's too: the listener counts it into the
+# client's client_hello_timeout (net/listener.py, arrival_time).
+DEFER_ACCEPT = 1
+
+
+def tune_listener(sock: socket.socket) -> None:
     """Options set once on a TCP listener and inherited by every accepted connection:
     TCP_NODELAY (relayed and TLS records are already whole: no Nagle delay), and
     TCP_DEFER_ACCEPT, so that accept() returns when the client's first bytes (the
@@ -63,8 +70,7 @@ def tune_listener(sock: socket.socket, first_bytes_within: float) -> None:
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT,
-                    max(1, int(first_bytes_within + 0.999)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
 
 
 def bind_one(entry: Listen) -> BoundListener:

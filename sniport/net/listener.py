@@ -9,7 +9,11 @@ Rules:
 - No busy-spinning on a partial hello: a peeked socket stays readable, so TCP sockets get
   ``SO_RCVLOWAT`` set to the bytes still missing (reset to 1 before the hand-off); unix
   sockets ignore it in poll and are re-armed by a short timer instead.
-- ``client_hello_timeout`` bounds the whole wait; a silent client delays nobody else.
+- ``client_hello_timeout`` bounds the whole wait, counted from the connection's arrival as
+  far as the kernel can tell (TCP_INFO; the deferred-accept wait; time in the accept
+  backlog), not from accept(): a silent client is held for the timeout, not twice it, and
+  sockets that waited in the backlog while sniport was at its cap do not get a fresh
+  timeout each. A silent client delays nobody else.
 - At ``max_connections`` accepting pauses (the kernel's backlog holds new clients) and resumes
   as connections close; EMFILE/ENFILE pause accepting briefly instead of spinning.
 """
@@ -19,10 +23,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import struct
 from typing import TYPE_CHECKING
 
+from sniport.deadlines import deadlines_for
 from sniport.logs import diag
-from sniport.net.binding import BoundListener
+from sniport.net.binding import DEFER_ACCEPT, BoundListener
 from sniport.net.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLRDHUP
 from sniport.wire.clienthello import MAX_HELLO_BYTES, ClientHelloParser, MalformedHello, NeedMore
 
@@ -38,6 +44,27 @@ PEEK_SIZE = MAX_HELLO_BYTES + 1  # one byte more than the cap, so an oversized h
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 READ_EVENTS = EPOLLIN | EPOLLRDHUP
 HANGUP_EVENTS = EPOLLRDHUP | EPOLLHUP | EPOLLERR
+
+# struct tcp_info (linux/tcp.h): 8 bytes of u8 fields, then u32s; tcpi_last_data_recv and
+# tcpi_last_ack_recv (milliseconds since the last data / ACK received) are u32 13 and 14.
+_TCP_INFO_TIMES = struct.Struct("=52xII")
+
+
+def arrival_time(sock: socket.socket, now: float, deferred: bool) -> float:
+    """When the client's connection arrived, in event-loop time: the kernel's time since the
+    last packet received from it (TCP_INFO) — for a client that sent nothing or one burst,
+    its arrival, however long it waited in the accept backlog — less the deferred-accept
+    wait when accept() returned it without data (``deferred``). ``now`` where the kernel
+    cannot tell (unix sockets)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_TIMES.size)
+    except OSError:
+        return now
+    if len(info) < _TCP_INFO_TIMES.size:
+        return now
+    since_data, since_ack = _TCP_INFO_TIMES.unpack_from(info)
+    waited: float = min(since_data, since_ack) / 1000.0
+    return now - waited - (DEFER_ACCEPT if deferred else 0)
 
 
 class Listener:
@@ -95,10 +122,11 @@ class HelloReader:
         "_rearm",
         "_registered",
         "_seen",
-        "_timer",
         "_unix",
         "_worker",
         "conn",
+        "deadline",
+        "deadline_slot",
         "fd",
         "sock",
     )
@@ -116,7 +144,8 @@ class HelloReader:
         self._unix = unix
         self._registered = False
         self._rearm: asyncio.TimerHandle | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
+        self.deadline_slot = 0
 
     def start(self) -> None:
         self._peek(0)
@@ -170,10 +199,13 @@ class HelloReader:
             if self._rearm is None:
                 self._rearm = self._loop.call_later(UNIX_REARM, self._on_rearm)
         if not self._registered:
+            # The first wait (most hellos are complete at accept: no timer, no syscall).
             self._registered = True
-            self._poller.register(self.fd, mask, self._on_event)
-            self._timer = self._loop.call_at(self.conn.start + self._worker.client_hello_timeout,
-                                             self._on_timeout)
+            self._poller.register(self.fd, mask, self._on_event, self._crashed)
+            conn = self.conn
+            if not self._unix:
+                conn.start = arrival_time(self.sock, conn.start, deferred=self._seen == 0)
+            deadlines_for(self._loop).set(self, conn.start + self._worker.client_hello_timeout)
         else:
             self._poller.modify(self.fd, mask)
 
@@ -181,14 +213,15 @@ class HelloReader:
         self._rearm = None
         self._poller.modify(self.fd, READ_EVENTS)
 
-    def _on_timeout(self) -> None:
-        self._timer = None
+    def expired(self, now: float) -> None:
+        """``client_hello_timeout`` since the connection arrived."""
         self._fail("client_hello_timeout")
 
+    def _crashed(self, exc: BaseException) -> None:
+        self._fail(f"internal_error: {type(exc).__name__}")
+
     def _cancel_timers(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadline = 0.0
         if self._rearm is not None:
             self._rearm.cancel()
             self._rearm = None

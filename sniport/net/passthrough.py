@@ -11,12 +11,13 @@ any client byte, and its send is bounded by ``connect_timeout`` like the connect
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sniport.config import Passthrough
+from sniport.deadlines import Deadlines, deadlines_for
+from sniport.net.descriptors import LEDGER
 from sniport.net.poller import EPOLLOUT
 from sniport.net.relay import SpliceRelay
 from sniport.net.upstream import Target, UpstreamConnect, targets_for
@@ -56,9 +57,10 @@ class PassthroughConnection:
         "_rt",
         "_sni",
         "_sock",
-        "_timer",
         "_up",
         "_worker",
+        "deadline",
+        "deadline_slot",
         "relay",
     )
 
@@ -73,7 +75,8 @@ class PassthroughConnection:
         self._connect: UpstreamConnect | None = None
         self._up: socket.socket | None = None
         self._header = b""
-        self._timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # while the PROXY header waits for room (rare)
+        self.deadline_slot = 0
         self.relay: SpliceRelay | None = None
 
     def start(self) -> None:
@@ -119,22 +122,24 @@ class PassthroughConnection:
             return
         self._header = self._header[sent:]
         if not self._header:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            if self.deadline:
+                Deadlines.clear(self)
                 self._worker.poller.unregister(self._up.fileno())
             self._start_relay()
-        elif self._timer is None:
+        elif not self.deadline:
             # A fresh connection's send buffer takes ~200 bytes at once; this is the rare case.
-            self._worker.poller.register(self._up.fileno(), EPOLLOUT, self._header_writable)
-            self._timer = self._loop.call_later(self._rt.block.connect_timeout,
-                                                self._header_timeout)
+            self._worker.poller.register(self._up.fileno(), EPOLLOUT, self._header_writable,
+                                         self._crashed)
+            deadlines_for(self._loop).after(self, self._rt.block.connect_timeout)
 
     def _header_writable(self, events: int) -> None:
         self._send_header()
 
-    def _header_timeout(self) -> None:
-        self._timer = None
+    def _crashed(self, exc: BaseException) -> None:
+        self._end(f"internal_error: {type(exc).__name__}")
+
+    def expired(self, now: float) -> None:
+        """The PROXY header did not fit into the upstream within ``connect_timeout``."""
         assert self._up is not None
         self._worker.poller.forget(self._up.fileno())
         self._end("upstream_timeout")
@@ -148,6 +153,7 @@ class PassthroughConnection:
 
     def _relay_done(self, reason: str, up: int, down: int) -> None:
         self.relay = None  # no cycle left for the garbage collector
+        LEDGER.give()  # the upstream socket, closed by the relay
         self._conn.up = up
         self._conn.down = down
         self._worker.finish(self._conn, reason)
@@ -155,5 +161,6 @@ class PassthroughConnection:
     def _end(self, reason: str) -> None:
         if self._up is not None:
             self._up.close()
+            LEDGER.give()
         self._sock.close()
         self._worker.finish(self._conn, reason)

@@ -10,14 +10,17 @@ Rules:
 - Half-close passes across: end of stream from one side becomes ``shutdown(SHUT_WR)`` on the
   other once every byte before it is delivered; the relay ends when both directions have.
 - Pipes come from a pool and are held only while bytes are in flight, so an idle connection
-  costs its two sockets and nothing more (DESIGN.md "Performance notes").
+  costs its two sockets and nothing more (DESIGN.md "Performance notes"). Pipes count in
+  the worker's descriptor ledger; when none can be had (the ledger is full, or EMFILE), the
+  direction that needs one stops reading and tries again shortly: a logged wait, not a
+  crash and not a spin.
 - The sockets are watched by the worker's own epoll set (net/poller.py), which reports
   errors and hang-ups to us instead of silently stopping the watch as uvloop's add_reader
   does (DESIGN.md "uvloop add_reader trap"). Reads go on until a short read (the socket
   is drained; level-triggered epoll calls again if it was not).
 - One registration per socket for the relay's life; only its interest changes (EPOLLIN
   while its data is wanted, EPOLLOUT while bytes wait to be written to it).
-- No byte passes for ``idle_timeout``: both sockets are closed.
+- No byte passes for ``idle_timeout``: both sockets are closed (0: no idle limit).
 """
 
 from __future__ import annotations
@@ -29,10 +32,14 @@ import os
 import socket
 from collections.abc import Callable
 
+from sniport.deadlines import deadlines_for
+from sniport.logs import diag, throttle
+from sniport.net.descriptors import LEDGER
 from sniport.net.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Poller
 
 PIPE_SIZE = 1 << 20  # bytes one splice may move (bench/relay_compare.py: 1 MiB costs least)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+STARVED_RETRY = 0.05  # seconds before a direction that found no pipe tries again
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
@@ -47,9 +54,14 @@ class PipePool:
         self.size = size
 
     def get(self) -> tuple[int, int]:
+        """An empty pipe; OSError (EMFILE) when the descriptor ledger or the kernel has no
+        room for one."""
         if self._idle:
             return self._idle.pop()
+        if not LEDGER.room(2):
+            raise OSError(errno.EMFILE, "the worker's descriptor budget is used up")
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        LEDGER.take(2)
         try:
             self.size = fcntl.fcntl(w, _F_SETPIPE_SZ, self.size)
         except OSError:
@@ -61,20 +73,26 @@ class PipePool:
         if len(self._idle) < self._max_idle:
             self._idle.append(pipe)
         else:
-            os.close(pipe[0])
-            os.close(pipe[1])
+            self.discard(pipe)
+
+    @staticmethod
+    def discard(pipe: tuple[int, int]) -> None:
+        """Close a pipe (one that may still hold bytes)."""
+        os.close(pipe[0])
+        os.close(pipe[1])
+        LEDGER.give(2)
 
     def close(self) -> None:
-        for r, w in self._idle:
-            os.close(r)
-            os.close(w)
+        for pipe in self._idle:
+            self.discard(pipe)
         self._idle.clear()
 
 
 class _Flow:
     """One direction of a relay: ``src`` -> pipe -> ``dst``."""
 
-    __slots__ = ("src", "dst", "pipe", "pending", "eof", "count", "src_name", "dst_name")
+    __slots__ = ("src", "dst", "pipe", "pending", "eof", "count", "src_name", "dst_name",
+                 "starved")
 
     def __init__(self, src: int, dst: int, src_name: str, dst_name: str) -> None:
         self.src = src
@@ -85,10 +103,11 @@ class _Flow:
         self.pending = 0  # bytes in the pipe not yet written to dst
         self.eof = False
         self.count = 0
+        self.starved = False  # no pipe could be had: waiting to try again
 
     @property
     def reading(self) -> bool:
-        return not self.eof and not self.pending
+        return not self.eof and not self.pending and not self.starved
 
 
 RelayDone = Callable[[str, int, int], None]  # (how it ended, bytes client->up, bytes up->client)
@@ -98,17 +117,18 @@ class SpliceRelay:
     __slots__ = (
         "_client",
         "_closed",
+        "_deadlines",
         "_down",
         "_idle_timeout",
-        "_last",
         "_loop",
         "_masks",
         "_on_done",
         "_pool",
         "_poller",
-        "_timer",
         "_up",
         "_upstream",
+        "deadline",
+        "deadline_slot",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, poller: Poller, pool: PipePool,
@@ -124,16 +144,16 @@ class SpliceRelay:
         self._down = _Flow(ufd, cfd, "upstream", "client")
         self._masks = [EPOLLIN, EPOLLIN]  # interest of [client fd, upstream fd]
         self._idle_timeout = idle_timeout
-        self._timer: asyncio.TimerHandle | None = None
-        self._last = 0.0
+        self._deadlines = deadlines_for(loop)
+        self.deadline = 0.0
+        self.deadline_slot = 0
         self._on_done = on_done
         self._closed = False
 
     def start(self) -> None:
-        self._last = self._loop.time()
-        self._timer = self._loop.call_at(self._last + self._idle_timeout, self._check_idle)
-        self._poller.register(self._up.src, EPOLLIN, self._on_client)
-        self._poller.register(self._down.src, EPOLLIN, self._on_upstream)
+        self._deadlines.after(self, self._idle_timeout)
+        self._poller.register(self._up.src, EPOLLIN, self._on_client, self._crashed)
+        self._poller.register(self._down.src, EPOLLIN, self._on_upstream, self._crashed)
         # The client's first bytes (its ClientHello) are waiting already: send them now
         # rather than one poll cycle later.
         self._pump(self._up)
@@ -148,7 +168,8 @@ class SpliceRelay:
 
     def _on_event(self, events: int, out: _Flow, into: _Flow) -> None:
         """``out`` reads from this socket, ``into`` writes to it."""
-        self._last = self._loop.time()
+        if self._idle_timeout:
+            self._deadlines.set(self, self._loop.time() + self._idle_timeout)
         if events & EPOLLOUT and into.pending:
             self._flush(into)
             if self._closed:
@@ -192,14 +213,12 @@ class SpliceRelay:
         if self._closed:
             return
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self._deadlines.clear(self)
         for flow in (self._up, self._down):
             self._poller.forget(flow.src)
             if flow.pipe is not None:
                 if flow.pending:
-                    os.close(flow.pipe[0])
-                    os.close(flow.pipe[1])
+                    self._pool.discard(flow.pipe)
                 else:
                     self._pool.put(flow.pipe)
                 flow.pipe = None
@@ -213,7 +232,11 @@ class SpliceRelay:
             if f.pending == 0:
                 pipe = f.pipe
                 if pipe is None:
-                    pipe = f.pipe = pool.get()
+                    try:
+                        pipe = f.pipe = pool.get()
+                    except OSError as exc:  # EMFILE, ENFILE, or the ledger is full
+                        self._starve(f, exc)
+                        return
                 try:
                     n = os.splice(f.src, pipe[1], pool.size, flags=SPLICE_FLAGS)
                 except BlockingIOError:
@@ -293,10 +316,27 @@ class SpliceRelay:
         else:
             self.close(f"{side}_error: {exc.strerror}")
 
-    def _check_idle(self) -> None:
-        deadline = self._last + self._idle_timeout
-        if self._loop.time() >= deadline:
-            self._timer = None
-            self.close("idle_timeout")
-        else:
-            self._timer = self._loop.call_at(deadline, self._check_idle)
+    def expired(self, now: float) -> None:
+        """No byte either way for ``idle_timeout``."""
+        self.close("idle_timeout")
+
+    def _crashed(self, exc: BaseException) -> None:
+        self.close(f"internal_error: {type(exc).__name__}")
+
+    def _starve(self, f: _Flow, exc: OSError) -> None:
+        """No pipe for ``f`` now: stop reading its source (level-triggered epoll would call
+        again at once) and try again shortly; the bytes wait in the kernel meanwhile."""
+        suffix = throttle.allow("relay:no_pipe")
+        if suffix is not None:
+            diag.warning("relay: no pipe for a connection (%s); it waits%s",
+                         exc.strerror or exc, suffix)
+        f.starved = True
+        self._watch(f.src)
+        self._loop.call_later(STARVED_RETRY, self._unstarve, f)
+
+    def _unstarve(self, f: _Flow) -> None:
+        if self._closed:
+            return
+        f.starved = False
+        self._watch(f.src)
+        self._pump(f)

@@ -63,13 +63,13 @@ def server_context(cert: str, key: str, *, tickets: bool = True) -> ssl.SSLConte
         raise TlsError("; ".join(f"cannot read {what}" for what in unreadable))
     try:
         ctx.load_cert_chain(cert, key)
-    except OSError as exc:
-        raise TlsError(f"cannot read {exc.filename or cert}: "
-                       f"{(exc.strerror or str(exc)).lower()}") from None
-    except ssl.SSLError as exc:
+    except ssl.SSLError as exc:  # before OSError, of which it is a subclass
         if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
             raise TlsError(f"the key {key} does not match the certificate {cert}") from None
         raise TlsError(f"cannot load {cert} / {key}: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise TlsError(f"cannot read {exc.filename or cert}: "
+                       f"{(exc.strerror or str(exc)).lower()}") from None
     return ctx
 
 

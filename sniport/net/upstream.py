@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sniport.addresses import Address, TcpAddress, UnixAddress, resolve
+from sniport.deadlines import Deadlines, deadlines_for
+from sniport.logs import diag, throttle
+from sniport.net.descriptors import LEDGER
 from sniport.net.poller import EPOLLERR, EPOLLHUP, EPOLLOUT, Poller
 
 
@@ -66,7 +69,8 @@ class UpstreamConnect:
         "_sock",
         "_targets",
         "_timeout",
-        "_timer",
+        "deadline",
+        "deadline_slot",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, poller: Poller,
@@ -78,7 +82,8 @@ class UpstreamConnect:
         self._on_done = on_done
         self._index = -1
         self._sock: socket.socket | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
+        self.deadline_slot = 0
         self._reason = "no_upstream"
 
     def start(self) -> None:
@@ -95,8 +100,17 @@ class UpstreamConnect:
                 self._on_done(None, None, self._reason)
                 return
             target = self._targets[self._index]
-            # Non-blocking from birth: no separate fcntl/ioctl.
-            sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            try:
+                # Non-blocking from birth: no separate fcntl/ioctl.
+                sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: this connection cannot go on
+                suffix = throttle.allow("upstream:socket")
+                if suffix is not None:
+                    diag.warning("passthrough: cannot open a socket to %s: %s%s",
+                                 target.label, exc.strerror, suffix)
+                self._on_done(None, None, f"out_of_descriptors: {exc.strerror}")
+                return
+            LEDGER.take()  # given back by whoever closes it (here, or the passthrough)
             err = sock.connect_ex(target.sockaddr)
             if err == 0:
                 self._success(sock, target)
@@ -110,10 +124,11 @@ class UpstreamConnect:
                     return
             if err == errno.EINPROGRESS:
                 self._sock = sock
-                self._poller.register(sock.fileno(), EPOLLOUT, self._on_event)
-                self._timer = self._loop.call_later(self._timeout, self._on_timeout)
+                self._poller.register(sock.fileno(), EPOLLOUT, self._on_event, self._crashed)
+                deadlines_for(self._loop).after(self, self._timeout)
                 return
             sock.close()
+            LEDGER.give()
             self._reason = _REASONS.get(err, f"upstream_error: {errno.errorcode.get(err, err)}")
 
     def _on_event(self, events: int) -> None:
@@ -124,9 +139,7 @@ class UpstreamConnect:
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err == 0 and not events & (EPOLLERR | EPOLLHUP):
             self._poller.unregister(sock.fileno())
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            Deadlines.clear(self)
             self._sock = None
             self._success(sock, self._targets[self._index])
             return
@@ -136,19 +149,23 @@ class UpstreamConnect:
         self._drop()
         self._next()
 
-    def _on_timeout(self) -> None:
-        self._timer = None
+    def expired(self, now: float) -> None:
+        """``connect_timeout`` for this attempt: on to the next upstream."""
         self._reason = "upstream_timeout"
         self._drop()
         self._next()
 
+    def _crashed(self, exc: BaseException) -> None:
+        self._drop()
+        done, self._on_done = self._on_done, _ignore
+        done(None, None, f"internal_error: {type(exc).__name__}")
+
     def _drop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        Deadlines.clear(self)
         if self._sock is not None:
             self._poller.forget(self._sock.fileno())
             self._sock.close()
+            LEDGER.give()
             self._sock = None
 
     def _success(self, sock: socket.socket, target: Target) -> None:
@@ -171,3 +188,4 @@ def _connect_state(sock: socket.socket) -> int:
 def _ignore(sock: socket.socket | None, target: Target | None, reason: str) -> None:
     if sock is not None:
         sock.close()
+        LEDGER.give()
