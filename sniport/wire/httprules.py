@@ -1,7 +1,9 @@
 """HTTP semantics that are pure: request paths, preconditions, ranges, content negotiation.
 
-Job: the decisions a static file server makes from request header values, as functions of
-strings and numbers, so they can be table-tested without a socket.
+Job: the decisions sniport makes from a request target and header values, as functions of
+strings and numbers, so they can be table-tested without a socket: the one normal form of a
+request path that routes are matched on and upstreams receive, and what a static file
+server answers.
 
 Rules: every rule cites RFC 9110 (HTTP semantics) or RFC 3986 (URIs). A header value that
 cannot be parsed is ignored where the RFC says so (dates, ranges), never guessed at. No I/O.
@@ -55,6 +57,109 @@ def path_segments(raw_path: str) -> list[str]:
             raise BadPath("dot-dot segment")
         segments.append(seg)
     return segments
+
+
+# RFC 3986 section 2.3: unreserved = ALPHA / DIGIT / "-" / "." / "_" / "~".
+_UNRESERVED = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# Section 3.3: pchar = unreserved / pct-encoded / sub-delims / ":" / "@", and "/" between
+# segments. Sub-delims (section 2.2) are "!" / "$" / "&" / "'" / "(" / ")" / "*" / "+" / ","
+# / ";" / "=". Any other character is percent-encoded in a normalised path.
+_PATH_CHARS = _UNRESERVED | frozenset("!$&'()*+,;=:@/")
+_HEX = frozenset("0123456789abcdefABCDEF")
+# The fast path of normalize_path: segments of path characters, none empty and none starting
+# with "." (so no "//", no dot segment, no "/.well-known" either: those take the slow path),
+# and no "%". Such a path is already in normal form.
+_SEG = r"[A-Za-z0-9_~!$&'()*+,;=:@-][A-Za-z0-9._~!$&'()*+,;=:@-]*"
+_NORMAL_FAST = re.compile(rf"/(?:{_SEG}(?:/{_SEG})*/?)?").fullmatch
+
+
+def normalize_path(raw: str) -> str:
+    """The normal form of the path of an origin-form request target, or BadPath.
+
+    ``raw`` is the path (no query) as the request line carried it, decoded as latin-1, so
+    that a byte >= 0x80 is the character U+0080-U+00FF of the same number. The result is
+    what routes are matched on and what upstreams receive, so that sniport and the
+    application behind it read one path the same way:
+
+    - RFC 3986 section 6.2.2.2: escapes of unreserved characters are decoded; section
+      6.2.2.1: every other escape keeps its encoding, with upper-case hex digits.
+    - Characters not allowed in a path (section 3.3), bytes >= 0x80 among them, are
+      percent-encoded: the result is ASCII and a valid path.
+    - Repeated slashes are merged (as nginx's ``merge_slashes``), then dot segments removed
+      (section 5.2.4, also those spelt ``%2E``); ``..`` above the root is dropped.
+
+    Refused: a path not starting with "/"; an encoded slash or backslash (a path meaning one
+    thing here and another to an application that decodes them is how route rules are
+    bypassed); escapes of control characters, malformed escapes; raw control characters and
+    raw backslashes (some applications read "\\" as "/"); a dot segment carrying a ``;``
+    parameter, which Tomcat and other servlet containers resolve as a dot segment; and
+    characters beyond U+00FF, which a latin-1-decoded request line cannot hold.
+    """
+    if _NORMAL_FAST(raw) is not None:
+        return raw  # the common case: already normal, checked without allocating
+    if not raw.startswith("/"):
+        raise BadPath("not an absolute path")
+    return _remove_dot_segments(_normalize_escapes(raw))
+
+
+def _normalize_escapes(raw: str) -> str:
+    """Section 6.2.2.1 and 6.2.2.2 over the whole path, with the refusals of normalize_path."""
+    out: list[str] = []
+    i, n = 0, len(raw)
+    while i < n:
+        c = raw[i]
+        if c == "%":
+            digits = raw[i + 1 : i + 3]
+            if len(digits) < 2 or not _HEX.issuperset(digits):
+                raise BadPath("malformed percent-escape")
+            byte = int(digits, 16)
+            if byte == 0x2F:
+                raise BadPath("encoded slash")
+            if byte == 0x5C:
+                raise BadPath("encoded backslash")
+            if byte < 0x20 or byte == 0x7F:
+                raise BadPath("encoded control character")
+            decoded = chr(byte)
+            out.append(decoded if decoded in _UNRESERVED else "%" + digits.upper())
+            i += 3
+            continue
+        if c in _PATH_CHARS:
+            out.append(c)
+        elif c == "\\":
+            raise BadPath("backslash")
+        elif c < " " or c == "\x7f":
+            raise BadPath("control character")
+        elif c > "\xff":
+            raise BadPath("character beyond U+00FF: not a latin-1-decoded request line")
+        else:
+            out.append(f"%{ord(c):02X}")  # space, '"', "<", bytes >= 0x80, ...
+        i += 1
+    return "".join(out)
+
+
+def _remove_dot_segments(path: str) -> str:
+    """Merge slashes, then RFC 3986 section 5.2.4 for an absolute path (segment by segment,
+    which for a path starting with "/" gives the same result as the string algorithm)."""
+    parts = path.split("/")[1:]
+    # A trailing slash stays; so does the directory that a final "." or ".." names
+    # (section 5.2.4: "/a/." -> "/a/", "/a/b/.." -> "/a/").
+    trailing = parts[-1] in ("", ".", "..")
+    stack: list[str] = []
+    for seg in parts:
+        if seg == "" or seg == ".":
+            continue
+        if seg == "..":
+            if stack:
+                stack.pop()
+            continue
+        if ";" in seg and seg.partition(";")[0] in (".", ".."):
+            # "/..;/": an ordinary segment to RFC 3986, "/../" to servlet containers.
+            raise BadPath("dot segment with a parameter")
+        stack.append(seg)
+    if not stack:
+        return "/"
+    return "/" + "/".join(stack) + ("/" if trailing else "")
 
 
 # ------------------------------------------------------------------------------------------
