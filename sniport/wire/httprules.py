@@ -1,9 +1,10 @@
-"""HTTP semantics that are pure: request paths, preconditions, ranges, content negotiation.
+"""HTTP semantics that are pure: request paths, redirects, preconditions, ranges, content
+negotiation.
 
 Job: the decisions sniport makes from a request target and header values, as functions of
 strings and numbers, so they can be table-tested without a socket: the one normal form of a
-request path that routes are matched on and upstreams receive, and what a static file
-server answers.
+request path that routes are matched on and upstreams receive, the Location of a redirect,
+and what a static file server answers.
 
 Rules: every rule cites RFC 9110 (HTTP semantics) or RFC 3986 (URIs). A header value that
 cannot be parsed is ignored where the RFC says so (dates, ranges), never guessed at. No I/O.
@@ -16,7 +17,7 @@ import datetime
 import email.utils
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_to_bytes, urlsplit, urlunsplit
 
 # ------------------------------------------------------------------------------------------
 # Request paths
@@ -160,6 +161,99 @@ def _remove_dot_segments(path: str) -> str:
     if not stack:
         return "/"
     return "/" + "/".join(stack) + ("/" if trailing else "")
+
+
+# ------------------------------------------------------------------------------------------
+# Redirects (RFC 9110 section 10.2.2, Location; RFC 3986 section 5 for references)
+
+# RFC 3986 section 3.4: query = *( pchar / "/" / "?" ).
+_QUERY_CHARS = _PATH_CHARS | frozenset("?")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _encode(text: str, allowed: frozenset[str]) -> str:
+    """``text`` with every character outside ``allowed`` percent-encoded (upper-case hex),
+    and a "%" that does not start an escape encoded as "%25"; valid escapes are kept.
+
+    A character up to U+00FF stands for the byte of that number (the request line is decoded
+    as latin-1, so this gives back the bytes the client sent); one beyond, which only a
+    caller's own text can hold, is encoded as UTF-8 (RFC 3986 section 2.5)."""
+    if allowed.issuperset(text) and "%" not in text:
+        return text
+    text = _BAD_ESCAPE.sub("%25", text)
+    out: list[str] = []
+    for c in text:
+        if c in allowed or c == "%":
+            out.append(c)
+        elif c <= "\xff":
+            out.append(f"%{ord(c):02X}")
+        else:
+            out.extend(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+    return "".join(out)
+
+
+def redirect_target(to: str, rest: str, query: str, keep_path: bool) -> str:
+    """The Location of a ``redirect = { to, keep_path }`` route.
+
+    ``rest`` is the normalised request path after the route's prefix, ``query`` the request's
+    raw query ("" for none). With ``keep_path`` the rest goes under ``to``'s path taken as a
+    directory (an empty path counting as "/"), joined by exactly one "/", and the queries
+    are joined with "&"; ``to``'s fragment is kept.
+
+    The URL is built from its parts (RFC 3986 section 5.3), never by concatenating strings:
+    whatever ``rest`` and ``query`` hold, they cannot change the scheme or the authority of
+    an absolute ``to`` (``"https://a.example" + "@evil.com/"`` would), nor make an
+    absolute-path ``to`` a network-path reference ("//evil", section 4.2). "?", "#", "\\" and
+    any other character not allowed in a path are percent-encoded in ``rest``; characters
+    not allowed in a query, "#" among them, in ``query``.
+    """
+    if not keep_path:
+        return to
+    scheme, netloc, path, to_query, fragment = urlsplit(to)
+    if rest:
+        # A rest of "/" still adds the slash: "/old/" -> "/new/" for a route "/old".
+        path = (path or "/").rstrip("/") + "/" + _encode(rest.lstrip("/"), _PATH_CHARS)
+    elif not path and (scheme or netloc):
+        path = "/"  # RFC 9110 section 4.2.3: an empty path of an http(s) URI means "/"
+    query = _encode(query, _QUERY_CHARS)
+    joined = f"{to_query}&{query}" if to_query and query else to_query or query
+    return urlunsplit((scheme, netloc, path, joined, fragment))
+
+
+def redirect_warnings(to: str) -> list[str]:
+    """What ``sniport check`` says about a redirect target that works, but maybe not as
+    meant: an absolute URL without a path ("/" is used), and a target that is neither an
+    absolute http(s) URL nor an absolute path (a relative reference is resolved by the
+    browser against the request's URL, RFC 3986 section 5.2)."""
+    warnings: list[str] = []
+    if to != to.strip() or any(c <= " " or c == "\x7f" for c in to):
+        warnings.append(f"{to!r} contains whitespace or control characters")
+    try:
+        parts = urlsplit(to)
+    except ValueError as exc:  # "https://[::1", say: redirect_target would fail as well
+        return [*warnings, f"{to!r} is not a valid URL: {exc}"]
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https") and parts.netloc:
+        if "@" in parts.netloc:
+            # RFC 9110 section 4.2.4: userinfo in an http(s) URI is deprecated; it is how
+            # "https://trusted.example@evil.example/" misleads a reader.
+            warnings.append(f"{to!r} has a user name in its authority: browsers warn or refuse")
+        if not parts.path:
+            warnings.append(f'{to!r} has no path: "/" is used as its path')
+        return warnings
+    if to.startswith("/") and not to.startswith(("//", "/\\")):
+        return warnings  # an absolute path: same scheme and host as the request
+    if scheme in ("http", "https"):
+        why = "an http(s) URL without a host"
+    elif scheme:
+        why = f"a {scheme}: URL"
+    elif to.startswith(("//", "/\\", "\\")):
+        why = "a scheme-relative reference: its first segment is taken as a host"
+    else:
+        why = "a relative reference, resolved against the request's URL"
+    warnings.append(
+        f"{to!r} is neither an absolute http(s) URL nor an absolute path (\"/...\"): {why}")
+    return warnings
 
 
 # ------------------------------------------------------------------------------------------
