@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from sniport.wire.httprules import BadPath, normalize_path, path_segments
 
 # No deadline: the machine is shared, and timing is not what these properties are about.
-PROPS = settings(deadline=None, max_examples=300)
+PROPS = settings(deadline=None, max_examples=200)
 
 
 # ------------------------------------------------------------------------------------------

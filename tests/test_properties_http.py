@@ -19,7 +19,7 @@ from sniport.wire.httprules import (
 )
 
 # No deadline: the machine is shared, and timing is not what these properties are about.
-PROPS = settings(deadline=None, max_examples=300)
+PROPS = settings(deadline=None, max_examples=200)
 
 # ------------------------------------------------------------------------------------------
 # parse_range

@@ -17,7 +17,7 @@ from sniport.config import from_dict
 from sniport.routing import RouteTable
 
 # No deadline: building a config validates it with pydantic, and the machine is shared.
-PROPS = settings(deadline=None, max_examples=150)
+PROPS = settings(deadline=None, max_examples=100)
 
 PARENTS = ["example.com", "a.example.com", "b.example.com", "example.net", "x.a.example.com"]
 LABELS = ["a", "b", "x", "www", "_acme", "xn--bcher-kva"]
