@@ -1,7 +1,10 @@
-"""HTTP semantics that are pure: request paths, preconditions, ranges, content negotiation.
+"""HTTP semantics that are pure: request paths, redirects, preconditions, ranges, content
+negotiation.
 
-Job: the decisions a static file server makes from request header values, as functions of
-strings and numbers, so they can be table-tested without a socket.
+Job: the decisions sniport makes from a request target and header values, as functions of
+strings and numbers, so they can be table-tested without a socket: the one normal form of a
+request path that routes are matched on and upstreams receive, the Location of a redirect,
+and what a static file server answers.
 
 Rules: every rule cites RFC 9110 (HTTP semantics) or RFC 3986 (URIs). A header value that
 cannot be parsed is ignored where the RFC says so (dates, ranges), never guessed at. No I/O.
@@ -14,7 +17,7 @@ import datetime
 import email.utils
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_to_bytes, urlsplit, urlunsplit
 
 # ------------------------------------------------------------------------------------------
 # Request paths
@@ -55,6 +58,216 @@ def path_segments(raw_path: str) -> list[str]:
             raise BadPath("dot-dot segment")
         segments.append(seg)
     return segments
+
+
+# RFC 3986 section 2.3: unreserved = ALPHA / DIGIT / "-" / "." / "_" / "~".
+_UNRESERVED = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# Section 3.3: pchar = unreserved / pct-encoded / sub-delims / ":" / "@", and "/" between
+# segments. Sub-delims (section 2.2) are "!" / "$" / "&" / "'" / "(" / ")" / "*" / "+" / ","
+# / ";" / "=". Any other character is percent-encoded in a normalised path.
+_PATH_CHARS = _UNRESERVED | frozenset("!$&'()*+,;=:@/")
+# The fast path of normalize_path: segments of path characters, none empty and none starting
+# with "." (so no "//", no dot segment, no "/.well-known" either: those take the slow path),
+# and no "%". Such a path is already in normal form.
+_SEG = r"[A-Za-z0-9_~!$&'()*+,;=:@-][A-Za-z0-9._~!$&'()*+,;=:@-]*"
+_NORMAL_FAST = re.compile(rf"/(?:{_SEG}(?:/{_SEG})*/?)?").fullmatch
+
+
+def normalize_path(raw: str) -> str:
+    """The normal form of the path of an origin-form request target, or BadPath.
+
+    ``raw`` is the path (no query) as the request line carried it, decoded as latin-1, so
+    that a byte >= 0x80 is the character U+0080-U+00FF of the same number. The result is
+    what routes are matched on and what upstreams receive, so that sniport and the
+    application behind it read one path the same way:
+
+    - RFC 3986 section 6.2.2.2: escapes of unreserved characters are decoded; section
+      6.2.2.1: every other escape keeps its encoding, with upper-case hex digits.
+    - Characters not allowed in a path (section 3.3), bytes >= 0x80 among them, are
+      percent-encoded: the result is ASCII and a valid path.
+    - Repeated slashes are merged (as nginx's ``merge_slashes``), then dot segments removed
+      (section 5.2.4, also those spelt ``%2E``); ``..`` above the root is dropped.
+
+    Refused: a path not starting with "/"; an encoded slash or backslash (a path meaning one
+    thing here and another to an application that decodes them is how route rules are
+    bypassed); escapes of control characters, malformed escapes; raw control characters and
+    raw backslashes (some applications read "\\" as "/"); a dot segment carrying a ``;``
+    parameter, which Tomcat and other servlet containers resolve as a dot segment; and
+    characters beyond U+00FF, which a latin-1-decoded request line cannot hold.
+    """
+    if _NORMAL_FAST(raw) is not None:
+        return raw  # the common case: already normal, and no new string built
+    if not raw.startswith("/"):
+        raise BadPath("not an absolute path")
+    return _remove_dot_segments(_normalize_escapes(raw))
+
+
+# Raw characters normalize_path refuses: C0 controls, DEL, and "\" (read as "/" by some).
+_RAW_REFUSED = re.compile(r"[\x00-\x1f\x7f\\]")
+# The two hex digits of every escape a path may hold -> what the escape becomes: the
+# character if it is unreserved (section 6.2.2.2), else the escape with upper-case digits
+# (section 6.2.2.1). Escapes of "/", "\", C0 controls and DEL are missing: refused.
+_ESCAPES = {x + y: (chr(int(x + y, 16)) if chr(int(x + y, 16)) in _UNRESERVED
+                    else f"%{(x + y).upper()}")
+            for x in "0123456789abcdefABCDEF" for y in "0123456789abcdefABCDEF"
+            if int(x + y, 16) >= 0x20 and int(x + y, 16) not in (0x2F, 0x5C, 0x7F)}
+# Raw characters not allowed in a path, up to U+00FF, and their escapes (section 2.1).
+_ENCODE_RAW = {c: f"%{c:02X}" for c in range(0x20, 0x100)
+               if chr(c) not in _PATH_CHARS and chr(c) not in "%\\\x7f"}
+
+
+def _normalize_escapes(raw: str) -> str:
+    """Section 6.2.2.1 and 6.2.2.2 over the whole path, with the refusals of normalize_path.
+
+    Built from C-speed string operations and one comprehension over the escapes, not a loop
+    over characters: a path of 8 KiB of escapes is a client's choice."""
+    refused = _RAW_REFUSED.search(raw)
+    if refused is not None:
+        raise BadPath("backslash" if refused.group() == "\\" else "control character")
+    text = raw
+    if "%" in raw:
+        head, *escaped = raw.split("%")
+        try:
+            text = "".join([head, *[_ESCAPES[part[:2]] + part[2:] for part in escaped]])
+        except KeyError:
+            raise BadPath(_bad_escape(escaped)) from None
+    if not text.isascii() and max(text) > "\xff":
+        raise BadPath("character beyond U+00FF: not a latin-1-decoded request line")
+    # The escapes made above are left alone: "%" is not in the table.
+    return text.translate(_ENCODE_RAW)
+
+
+def _bad_escape(escaped: list[str]) -> str:
+    """Why the first escape that _ESCAPES does not know is refused."""
+    for part in escaped:
+        digits = part[:2]
+        if digits in _ESCAPES:
+            continue
+        if len(digits) < 2 or not all(c in "0123456789abcdefABCDEF" for c in digits):
+            return "malformed percent-escape"
+        byte = int(digits, 16)
+        if byte == 0x2F:
+            return "encoded slash"
+        return "encoded backslash" if byte == 0x5C else "encoded control character"
+    raise AssertionError("no bad escape")  # pragma: no cover: only called after a KeyError
+
+
+def _remove_dot_segments(path: str) -> str:
+    """Merge slashes, then RFC 3986 section 5.2.4 for an absolute path (segment by segment,
+    which for a path starting with "/" gives the same result as the string algorithm)."""
+    parts = path.split("/")[1:]
+    # A trailing slash stays; so does the directory that a final "." or ".." names
+    # (section 5.2.4: "/a/." -> "/a/", "/a/b/.." -> "/a/").
+    trailing = parts[-1] in ("", ".", "..")
+    stack: list[str] = []
+    for seg in parts:
+        if seg == "" or seg == ".":
+            continue
+        if seg == "..":
+            if stack:
+                stack.pop()
+            continue
+        if ";" in seg and seg.partition(";")[0] in (".", ".."):
+            # "/..;/": an ordinary segment to RFC 3986, "/../" to servlet containers.
+            raise BadPath("dot segment with a parameter")
+        stack.append(seg)
+    if not stack:
+        return "/"
+    return "/" + "/".join(stack) + ("/" if trailing else "")
+
+
+# ------------------------------------------------------------------------------------------
+# Redirects (RFC 9110 section 10.2.2, Location; RFC 3986 section 5 for references)
+
+# RFC 3986 section 3.4: query = *( pchar / "/" / "?" ).
+_QUERY_CHARS = _PATH_CHARS | frozenset("?")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _encode(text: str, allowed: frozenset[str]) -> str:
+    """``text`` with every character outside ``allowed`` percent-encoded (upper-case hex),
+    and a "%" that does not start an escape encoded as "%25"; valid escapes are kept.
+
+    A character up to U+00FF stands for the byte of that number (the request line is decoded
+    as latin-1, so this gives back the bytes the client sent); one beyond, which only a
+    caller's own text can hold, is encoded as UTF-8 (RFC 3986 section 2.5)."""
+    if allowed.issuperset(text) and "%" not in text:
+        return text
+    text = _BAD_ESCAPE.sub("%25", text)
+    out: list[str] = []
+    for c in text:
+        if c in allowed or c == "%":
+            out.append(c)
+        elif c <= "\xff":
+            out.append(f"%{ord(c):02X}")
+        else:
+            out.extend(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+    return "".join(out)
+
+
+def redirect_target(to: str, rest: str, query: str, keep_path: bool) -> str:
+    """The Location of a ``redirect = { to, keep_path }`` route.
+
+    ``rest`` is the normalised request path after the route's prefix, ``query`` the request's
+    raw query ("" for none). With ``keep_path`` the rest goes under ``to``'s path taken as a
+    directory (an empty path counting as "/"), joined by exactly one "/", and the queries
+    are joined with "&"; ``to``'s fragment is kept.
+
+    The URL is built from its parts (RFC 3986 section 5.3), never by concatenating strings:
+    whatever ``rest`` and ``query`` hold, they cannot change the scheme or the authority of
+    an absolute ``to`` (``"https://a.example" + "@evil.com/"`` would), nor make an
+    absolute-path ``to`` a network-path reference ("//evil", section 4.2). "?", "#", "\\" and
+    any other character not allowed in a path are percent-encoded in ``rest``; characters
+    not allowed in a query, "#" among them, in ``query``.
+    """
+    if not keep_path:
+        return to
+    scheme, netloc, path, to_query, fragment = urlsplit(to)
+    if rest:
+        # A rest of "/" still adds the slash: "/old/" -> "/new/" for a route "/old".
+        path = (path or "/").rstrip("/") + "/" + _encode(rest.lstrip("/"), _PATH_CHARS)
+    elif not path and (scheme or netloc):
+        path = "/"  # RFC 9110 section 4.2.3: an empty path of an http(s) URI means "/"
+    query = _encode(query, _QUERY_CHARS)
+    joined = f"{to_query}&{query}" if to_query and query else to_query or query
+    return urlunsplit((scheme, netloc, path, joined, fragment))
+
+
+def redirect_warnings(to: str) -> list[str]:
+    """What ``sniport check`` says about a redirect target that works, but maybe not as
+    meant: an absolute URL without a path ("/" is used), and a target that is neither an
+    absolute http(s) URL nor an absolute path (a relative reference is resolved by the
+    browser against the request's URL, RFC 3986 section 5.2)."""
+    warnings: list[str] = []
+    if to != to.strip() or any(c <= " " or c == "\x7f" for c in to):
+        warnings.append(f"{to!r} contains whitespace or control characters")
+    try:
+        parts = urlsplit(to)
+    except ValueError as exc:  # "https://[::1", say: redirect_target would fail as well
+        return [*warnings, f"{to!r} is not a valid URL: {exc}"]
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https") and parts.netloc:
+        if "@" in parts.netloc:
+            # RFC 9110 section 4.2.4: userinfo in an http(s) URI is deprecated; it is how
+            # "https://trusted.example@evil.example/" misleads a reader.
+            warnings.append(f"{to!r} has a user name in its authority: browsers warn or refuse")
+        if not parts.path:
+            warnings.append(f'{to!r} has no path: "/" is used as its path')
+        return warnings
+    if to.startswith("/") and not to.startswith(("//", "/\\")):
+        return warnings  # an absolute path: same scheme and host as the request
+    if scheme in ("http", "https"):
+        why = "an http(s) URL without a host"
+    elif scheme:
+        why = f"a {scheme}: URL"
+    elif to.startswith(("//", "/\\", "\\")):
+        why = "a scheme-relative reference: its first segment is taken as a host"
+    else:
+        why = "a relative reference, resolved against the request's URL"
+    warnings.append(
+        f"{to!r} is neither an absolute http(s) URL nor an absolute path (\"/...\"): {why}")
+    return warnings
 
 
 # ------------------------------------------------------------------------------------------
