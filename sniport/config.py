@@ -129,9 +129,9 @@ def _positive(seconds: float) -> float:
     return seconds
 
 
-def _at_least_a_second(seconds: float) -> float:
-    if seconds < 1:
-        raise ValueError("must be at least 1s")
+def _at_least_100ms(seconds: float) -> float:
+    if seconds < 0.1:
+        raise ValueError("must be at least 100ms")
     return seconds
 
 
@@ -262,6 +262,19 @@ class RedirectHandler(_Model):
     status: Literal[301, 302, 303, 307, 308] = 308
     keep_path: bool = True
 
+    @field_validator("to")
+    @classmethod
+    def _to(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            urlsplit(v)
+        except ValueError as exc:  # e.g. "https://[::1": it would fail every request
+            raise ValueError(f"{v!r} is not a valid URL: {exc}") from None
+        if any(c in v for c in "\r\n\0"):
+            raise ValueError(f"{v!r}: a redirect target may not contain CR, LF or NUL")
+        return v
+
 
 class RespondHandler(_Model):
     status: int = Field(default=200, ge=200, le=599)
@@ -312,9 +325,9 @@ ProxyUpstream = Annotated[HttpUpstream, BeforeValidator(_http_upstream)]
 
 class HealthCheck(_Model):
     path: str = "/"
-    # A check a second per upstream per worker is already plenty; less would be a load test.
+    # Ten checks a second per upstream per worker is already a lot; more is a load test.
     interval: Annotated[float, BeforeValidator(parse_duration),
-                        AfterValidator(_at_least_a_second)] = 5.0
+                        AfterValidator(_at_least_100ms)] = 5.0
     timeout: PositiveDuration = 2.0
     expect: int = Field(default=200, ge=100, le=599)
 

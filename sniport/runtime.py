@@ -40,6 +40,7 @@ from sniport.net.tls import (
     server_context,
 )
 from sniport.routing import RouteTable
+from sniport.wire.httprules import redirect_warnings
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,9 @@ def build_runtime(loaded: LoadedConfig, problems: Sequence[Problem] = (), *,
                 warnings.append(Problem(source, f"{where}.route[{i}].static.root",
                                         f"{route.static.root!r} is not a directory "
                                         "(requests will get 404)"))
+            if route.redirect is not None:
+                warnings += [Problem(source, f"{where}.route[{i}].redirect.to", text)
+                             for text in redirect_warnings(route.redirect.to)]
     trusted = list(config.server.trusted_proxies)
     handlers: dict[int, Handler] = {}  # id(route) -> its handler
     for site in config.site:

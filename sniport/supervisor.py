@@ -14,6 +14,10 @@ Rules (DESIGN.md "Operations contract"):
 - A reload is validated with the same code as ``check``; if anything fails (config, a key,
   a port, a worker that dies before it is ready), the old workers keep serving untouched.
 - A worker that dies is logged with its cause and replaced, with a growing backoff.
+- Each worker has a control socket to the master (``handover.py``): a draining worker
+  offers its quiet passthrough relays, and the master hands each to a worker of the current
+  generation when the current config routes it the same way, so that reloads do not cut
+  them; the master only passes descriptors along and never blocks on a worker.
 - Unix socket files are removed at exit only if their inode is still the one bound here,
   and never when the sockets were handed to a new master.
 """
@@ -25,6 +29,7 @@ import json
 import os
 import select
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -33,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sniport import __version__
+from sniport import __version__, handover
 from sniport.addresses import Address, UnixAddress
 from sniport.config import ConfigError, Listen
 from sniport.logs import diag
@@ -64,6 +69,7 @@ class WorkerProc:
     slot: int
     ready_fd: int
     started: float
+    control: socket.socket  # the master's end of the worker's control socket
     ready: bool = False
 
 
@@ -133,6 +139,7 @@ class Master:
         self._reload_again = False
         self._upgraded_keys: set[str] = set()
         self.last_reload: ReloadOutcome | None = None
+        self._adopt_turn = 0
         self._reload_started = 0.0  # monotonic start of the reload under way
 
     # -- start ----------------------------------------------------------------------------
@@ -208,8 +215,9 @@ class Master:
             for key in new:
                 self.listeners.pop(key).close()
             raise BindError("\n".join(errors))
-        for key in new:
-            tune_listener(self.listeners[key].sock)
+        hello_timeout = runtime.loaded.config.server.client_hello_timeout
+        for key, _ in self._wanted(runtime):
+            tune_listener(self.listeners[key].sock, hello_timeout)
         return new
 
     def _paths(self, runtime: Runtime) -> None:
@@ -254,8 +262,10 @@ class Master:
             if self.stopping and time.monotonic() >= self._stop_deadline:
                 self._kill_all(signal.SIGKILL)
             timeout = self._next_timeout()
-            fds = [self._wake_r] + [w.ready_fd for w in self._all_workers()
-                                    if not w.ready and w.ready_fd >= 0]
+            workers = self._all_workers()
+            controls = {w.control.fileno(): w for w in workers if w.control.fileno() >= 0}
+            fds = [self._wake_r, *controls] + [w.ready_fd for w in workers
+                                               if not w.ready and w.ready_fd >= 0]
             try:
                 readable, _, _ = select.select(fds, [], [], timeout)
             except InterruptedError:
@@ -264,6 +274,8 @@ class Master:
                 if fd == self._wake_r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
+                elif fd in controls:
+                    self._on_control(controls[fd])
                 else:
                     self._worker_ready(fd)
 
@@ -340,6 +352,12 @@ class Master:
 
     def _spawn(self, gen: Generation, slot: int) -> None:
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            os.close(ready_r)
+            os.close(ready_w)
+            raise SpawnError(f"cannot start a worker: {exc.strerror}") from None
         server = gen.runtime.loaded.config.server
         listen_keys = {listener_key(e.address) for e in server.listen}
         bound = [self.listeners[k] for k in gen.keys if k in listen_keys]
@@ -351,22 +369,27 @@ class Master:
         except OSError as exc:
             os.close(ready_r)
             os.close(ready_w)
+            control.close()
+            theirs.close()
             raise SpawnError(f"cannot start a worker: {exc.strerror}") from None
         if pid == 0:  # the worker
             code = 1
             try:
                 os.close(ready_r)
+                control.close()
                 self._close_in_child(keep={id(b) for b in bound + http_bound})
                 from sniport.worker import worker_main
 
                 code = worker_main(gen.runtime, bound, http_bound, access_log,
-                                   self._life_r, ready_w)
+                                   self._life_r, ready_w, theirs)
             except BaseException:
                 traceback.print_exc()
             finally:
                 os._exit(code)
         os.close(ready_w)
-        gen.workers[pid] = WorkerProc(pid, gen.number, slot, ready_r, time.monotonic())
+        theirs.close()
+        control.setblocking(False)
+        gen.workers[pid] = WorkerProc(pid, gen.number, slot, ready_r, time.monotonic(), control)
         self._write_status()
 
     def _close_in_child(self, keep: set[int]) -> None:
@@ -377,6 +400,7 @@ class Master:
         for w in self._all_workers():
             with contextlib.suppress(OSError):
                 os.close(w.ready_fd)
+            w.control.close()
         for b in self.listeners.values():
             if id(b) not in keep:
                 b.sock.close()  # not this worker's: closing our copy touches no file
@@ -479,6 +503,7 @@ class Master:
             w = gen.workers.pop(pid, None)
             if w is None:
                 continue
+            w.control.close()
             if w.ready_fd >= 0:
                 os.close(w.ready_fd)
             cause = _exit_cause(status)
@@ -526,6 +551,55 @@ class Master:
     def _kill_all(self, sig: int) -> None:
         for w in self._all_workers():
             _kill(w.pid, sig)
+
+    # -- relays moving to the current generation (handover.py) ---------------------------
+
+    def _on_control(self, w: WorkerProc) -> None:
+        for _ in range(256):  # a bounded batch per turn: other workers and signals too
+            got = handover.receive(w.control)
+            if got is None:
+                return
+            data, fds = got
+            try:
+                if not data:
+                    return  # EOF: the worker is exiting; its exit is reaped
+                self._handle_offer(w, data, fds)
+            except Exception:  # a bug here must cost one connection's move, nothing more
+                diag.exception("control message from worker %d", w.pid)
+            finally:
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)  # passed on (duplicated) or refused: ours go
+
+    def _handle_offer(self, w: WorkerProc, data: bytes, fds: list[int]) -> None:
+        try:
+            op, ident, relayed = handover.decode(data)
+        except (ValueError, TypeError) as exc:
+            diag.error("control message from worker %d refused: %s", w.pid, exc)
+            return
+        if op != "offer" or relayed is None:
+            return
+        target = self._adopter(w)
+        taken = False
+        if target is not None and self.current is not None \
+                and len(fds) == handover.DESCRIPTORS:
+            runtime = self.current.runtime
+            upstreams = {name: rt.upstream_labels for name, rt in runtime.passthrough.items()}
+            if handover.routes_the_same(runtime.table, upstreams, relayed):
+                taken = handover.send(target.control, handover.encode("adopt", ident, relayed),
+                                      fds)
+        handover.send(w.control, handover.encode("taken" if taken else "keep", ident))
+
+    def _adopter(self, sender: WorkerProc) -> WorkerProc | None:
+        """A ready worker of the current generation, not the sender's, round robin."""
+        gen = self.current
+        if gen is None or self.stopping or sender.generation == gen.number:
+            return None
+        ready = sorted((w for w in gen.workers.values() if w.ready), key=lambda w: w.slot)
+        if not ready:
+            return None
+        self._adopt_turn = (self._adopt_turn + 1) % len(ready)
+        return ready[self._adopt_turn]
 
     # -- reload ---------------------------------------------------------------------------
 

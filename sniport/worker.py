@@ -4,7 +4,9 @@ Job: own the listeners, the per-worker connection caps and the set of live conne
 one process, and write each connection's log line when it ends.
 
 Rules: every connection that is accepted ends in ``finish`` exactly once, with the reason it
-ended; bad input from one client closes that client only; the worker never blocks.
+ended, or in ``forget`` when it moved to another worker (``handover.py``), which then
+writes its line; bad input from one client closes that client only; the worker never
+blocks. The worker is ``net.conn.Owner`` for the connection code in net/.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import socket
 import ssl
 from typing import Any
 
+from sniport import handover
 from sniport.addresses import TcpAddress
+from sniport.handover import Relayed
 from sniport.http.accesslog import RequestLog
 from sniport.http.engine import HttpConnection, Limits
 from sniport.http.handlers import HttpsRedirectApp
@@ -54,7 +58,8 @@ def connection_cap(configured: int) -> tuple[int, str | None]:
 class Worker:
     def __init__(self, runtime: Runtime, bound: list[BoundListener], access_log: AccessLog,
                  loop: asyncio.AbstractEventLoop,
-                 http_bound: list[BoundListener] | None = None) -> None:
+                 http_bound: list[BoundListener] | None = None,
+                 control: socket.socket | None = None) -> None:
         self.loop = loop
         self.runtime = runtime
         self.table = runtime.table
@@ -83,10 +88,16 @@ class Worker:
         self.draining = False
         self._drained: asyncio.Future[None] | None = None
         self._lifecycle = [h for site in runtime.sites.values() for h in lifecycle(site.app)]
+        self.control = control  # to the master: relays offered, taken, adopted
+        self._offers: dict[int, PassthroughConnection] = {}
+        self._offer_ids = 0
 
     # -- accepting ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.control is not None:
+            self.control.setblocking(False)
+            self.loop.add_reader(self.control.fileno(), self._on_control)
         for handler in self._lifecycle:
             handler.start(self.loop)
         self._accepting = True
@@ -178,7 +189,7 @@ class Worker:
         if route.kind == "passthrough":
             handler = PassthroughConnection(self, sock, conn,
                                             self.runtime.passthrough[route.block.name],
-                                            conn.sni)
+                                            conn.sni, route.rule == "non_tls")
             conn.handler = handler
             handler.start()
             return
@@ -251,6 +262,94 @@ class Worker:
             self._full = False
             for listener in self.listeners:
                 listener.resume()
+
+    def forget(self, conn: ConnRecord) -> None:
+        """``conn`` moved to another worker: it is not ours any more, and its log line is
+        written where it ends."""
+        if conn not in self.live:
+            return
+        self.live.discard(conn)
+        LEDGER.give()
+        conn.handler = None
+        if self.per_ip_limit and conn.ip:
+            left = self.per_ip[conn.ip] - 1
+            if left:
+                self.per_ip[conn.ip] = left
+            else:
+                del self.per_ip[conn.ip]
+        if self._drained is not None and not self.live and not self._drained.done():
+            self._drained.set_result(None)
+
+    # -- relays moving between generations (handover.py) ---------------------------------
+
+    def offer(self, handler: PassthroughConnection, relayed: Relayed, fds: list[int]) -> bool:
+        """Offer a held relay to the master, for the new generation; False if it cannot be
+        sent (no master, its socket full): the relay then goes on here."""
+        if self.control is None:
+            return False
+        self._offer_ids += 1
+        if not handover.send(self.control, handover.encode("offer", self._offer_ids, relayed),
+                             fds):
+            return False
+        self._offers[self._offer_ids] = handler
+        return True
+
+    def _on_control(self) -> None:
+        control = self.control
+        assert control is not None
+        while True:
+            got = handover.receive(control)
+            if got is None:
+                return
+            data, fds = got
+            if not data:  # the master is gone: the lifeline says so too
+                self.loop.remove_reader(control.fileno())
+                for fd in fds:
+                    os.close(fd)
+                return
+            try:
+                op, ident, relayed = handover.decode(data)
+            except (ValueError, TypeError) as exc:
+                diag.error("control message refused: %s", exc)
+                for fd in fds:
+                    os.close(fd)
+                continue
+            if op == "adopt" and relayed is not None and len(fds) == handover.DESCRIPTORS:
+                self._adopt(relayed, fds)
+                continue
+            for fd in fds:
+                os.close(fd)
+            handler = self._offers.pop(ident, None)
+            if handler is None:
+                continue
+            if op == "taken":
+                handler.taken()
+            else:
+                handler.kept()
+
+    def _adopt(self, relayed: Relayed, fds: list[int]) -> None:
+        """A relay handed over by a worker of an older generation: it goes on here."""
+        client = socket.socket(fileno=fds[0])
+        up = socket.socket(fileno=fds[1])
+        client.setblocking(False)
+        up.setblocking(False)
+        rt = self.runtime.passthrough.get(relayed.block)
+        peer = tuple(relayed.peer) if isinstance(relayed.peer, list) else relayed.peer
+        conn = ConnRecord(peer, relayed.ip, relayed.listener, self.loop.time() - relayed.age)
+        conn.sni, conn.alpn, conn.hello_size = relayed.sni, tuple(relayed.alpn), relayed.hello
+        conn.route, conn.upstream = relayed.route, relayed.upstream
+        conn.up, conn.down = relayed.up, relayed.down
+        LEDGER.take(2)
+        self.live.add(conn)
+        if self.per_ip_limit and conn.ip:
+            self.per_ip[conn.ip] = self.per_ip.get(conn.ip, 0) + 1
+        if rt is None:  # the master checked the block exists; a bug if not
+            client.close()
+            up.close()
+            LEDGER.give()
+            self.finish(conn, "internal_error: handed a relay of an unknown block")
+            return
+        PassthroughConnection.carry_on(self, client, up, conn, rt, relayed)
 
     def _log(self, conn: ConnRecord, reason: str) -> None:
         if self.access_log.enabled:
@@ -332,7 +431,8 @@ EXIT_PRIVILEGES = 3  # the worker would not drop privileges: it refused to serve
 
 
 def worker_main(runtime: Runtime, bound: list[BoundListener], http_bound: list[BoundListener],
-                access_log: AccessLog, lifeline_fd: int, ready_fd: int) -> int:
+                access_log: AccessLog, lifeline_fd: int, ready_fd: int,
+                control: socket.socket | None = None) -> int:
     """The body of a forked worker process; returns its exit code.
 
     The event loop is created here, after the fork. Signals: SIGTERM/SIGQUIT drain, SIGINT
@@ -368,7 +468,7 @@ def worker_main(runtime: Runtime, bound: list[BoundListener], http_bound: list[B
     async def serve() -> None:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_loop_exception)
-        worker = Worker(runtime, bound, access_log, loop, http_bound)
+        worker = Worker(runtime, bound, access_log, loop, http_bound, control)
         done: asyncio.Future[None] = loop.create_future()
         tasks: list[asyncio.Task[None]] = []
 

@@ -198,7 +198,8 @@ def test_status_and_version(ops: Ops, pki: Pki, tmp_path: Path) -> None:
         return stamp, int(m.group(2))
 
     first = status()
-    assert set(first) == {"master", "workers", "config", "loaded", "listeners"}
+    assert set(first) == {"master", "workers", "config", "loaded", "listeners", "last reload"}
+    assert first["last reload"] == "none since start"
     assert first["master"] == str(master.pid)
     assert first["workers"] == " ".join(map(str, sorted(workers)))
     assert first["config"] == str(path)
@@ -219,6 +220,8 @@ def test_status_and_version(ops: Ops, pki: Pki, tmp_path: Path) -> None:
     stamp2, generation2 = loaded_at(second["loaded"])
     assert generation2 == 2
     assert stamp2 > stamp
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+ ok: generation 2 serving",
+                        second["last reload"]), second["last reload"]
     master.signal(signal.SIGTERM)
     assert master.wait_exit() == 0
     gone = run_cli("status", "-c", str(path))

@@ -9,6 +9,12 @@ Rules:
   section 15.5.20), which stops a connection reused for another name from reaching the wrong
   service. Host of no block: served only by the ``[default].to`` site, 421 elsewhere.
   HTTP/1.1 without Host, or with several: 400 (RFC 9112 section 3.2).
+- The Host value is validated as a host name before anything looks at it (RFC 9110 section
+  7.2, RFC 3986 section 3.2.2; ``hostnames.parse_host_header``): anything else is 400.
+- Routes match the normalised path (``wire.httprules.normalize_path``: unreserved escapes
+  decoded, dot segments removed, slashes merged; an encoded slash is 400), and that path is
+  what handlers, and a proxy's upstream, see: sniport and the application never disagree on
+  which path a request names.
 - The longest matching prefix wins (like nginx prefix ``location``s); the handler sees the
   path after the prefix.
 - Error responses go through the site's ``error_pages`` when one is set for the status.
@@ -20,10 +26,12 @@ import asyncio
 from typing import Protocol
 
 from sniport.config import Site, SiteRoute
+from sniport.hostnames import HostNameError, parse_host_header
 from sniport.http.engine import BodyTooLarge, Exchange
 from sniport.http.handlers import Redirect, Respond
 from sniport.http.static import StaticFiles
 from sniport.routing import Network, RouteTable
+from sniport.wire.httprules import BadPath, normalize_path
 
 HOST_CACHE = 1024
 # Routes that take no body (static, redirect, respond) refuse one above this unless their
@@ -60,15 +68,6 @@ class CompiledRoute:
             self.max_body = 0 if route.proxy is not None else BODYLESS_LIMIT
 
 
-def host_of(value: str) -> str:
-    """The name in a Host header: no port, lower case, no trailing dot."""
-    value = value.strip()
-    if value.startswith("["):
-        end = value.find("]")
-        return value[: end + 1].lower() if end > 0 else value.lower()
-    return value.partition(":")[0].lower().rstrip(".")
-
-
 class SiteApp:
     def __init__(self, site: Site, table: RouteTable, handler_factory: HandlerFactory) -> None:
         self.site = site
@@ -79,14 +78,18 @@ class SiteApp:
         self._routes = sorted(self.routes, key=lambda r: len(r.prefix), reverse=True)
         self._error_pages = dict(site.error_pages)
 
-    def host(self, raw: bytes) -> tuple[str, bool]:
-        """The name in a Host header value, and whether this site serves it (cached: the
-        same few values come with every request)."""
+    def host(self, raw: bytes) -> tuple[str, bool] | None:
+        """The name in a Host header value and whether this site serves it, or None for a
+        value that is not a host name (cached: the same few values come with every
+        request)."""
         known = self._hosts.get(raw)
         if known is None:
             if len(self._hosts) >= HOST_CACHE:
                 self._hosts.clear()  # values from the network: bounded
-            name = host_of(raw.decode("latin-1"))
+            try:
+                name, _ = parse_host_header(raw.decode("latin-1"))
+            except HostNameError:
+                return None
             known = self._hosts[raw] = (name, self._table.decide(name).block is self.site)
         return known
 
@@ -128,7 +131,12 @@ class SiteApp:
                 self.fail(ex, 400, "missing_host")
                 return
             req.headers.append((b"host", raw))
-        host, served = self.host(raw)
+        known = self.host(raw)
+        if known is None:
+            ex.close_after = True
+            self.fail(ex, 400, "bad_host")
+            return
+        host, served = known
         req.host = host
         if not served:
             self.fail(ex, 421, f"misdirected: {host}")
@@ -136,6 +144,11 @@ class SiteApp:
         if not req.path.startswith("/"):
             # absolute-form (RFC 9112 section 3.2.2) is for proxies; "*" is OPTIONS only.
             self.fail(ex, 400, "bad_request_target")
+            return
+        try:
+            req.path = normalize_path(req.path)
+        except BadPath as exc:
+            self.fail(ex, 400, f"bad_path: {exc}")
             return
         route = self.match(req.path)
         if route is None:

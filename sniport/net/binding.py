@@ -62,15 +62,17 @@ class BoundListener:
 DEFER_ACCEPT = 1
 
 
-def tune_listener(sock: socket.socket) -> None:
-    """Options set once on a TCP listener and inherited by every accepted connection:
-    TCP_NODELAY (relayed and TLS records are already whole: no Nagle delay), and
-    TCP_DEFER_ACCEPT, so that accept() returns when the client's first bytes (the
-    ClientHello, or a request head) have arrived, not one poll cycle before them."""
+def tune_listener(sock: socket.socket, hello_timeout: float) -> None:
+    """Options set on a TCP listener (at bind, and again at each reload) and inherited by
+    every accepted connection: TCP_NODELAY (relayed and TLS records are already whole: no
+    Nagle delay), and TCP_DEFER_ACCEPT, so that accept() returns when the client's first
+    bytes (the ClientHello, or a request head) have arrived, not one poll cycle before
+    them; off when ``client_hello_timeout`` is shorter than twice its wait."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
+    defer = DEFER_ACCEPT if hello_timeout >= 2 * DEFER_ACCEPT else 0
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer)
 
 
 def bind_one(entry: Listen) -> BoundListener:

@@ -6,11 +6,41 @@ by ``Worker.finish``; ``handler`` is whatever owns the socket now, so a stop can
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import asyncio
+import socket
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from sniport.handover import Relayed
+    from sniport.net.poller import Poller
+    from sniport.net.relay import PipePool
+    from sniport.wire.clienthello import Hello, NotTLS
 
 
 class Abortable(Protocol):
     def abort(self, reason: str) -> None: ...
+
+
+class Owner(Protocol):
+    """What the connection code in ``net/`` needs from the worker that owns it: its loop,
+    its poller and pipes, and where a connection goes next. The worker implements it; net/
+    never imports the worker (no import cycle, and net/ can be driven by anything that
+    keeps these promises)."""
+
+    loop: asyncio.AbstractEventLoop
+    poller: Poller
+    pipes: PipePool
+    client_hello_timeout: float
+    draining: bool
+
+    def at_capacity(self) -> bool: ...
+    def out_of_descriptors(self, exc: OSError) -> None: ...
+    def accepted(self, listener: Any, sock: socket.socket, peer: Any) -> None: ...
+    def dispatch(self, sock: socket.socket, conn: ConnRecord, outcome: Hello | NotTLS) -> None:
+        ...
+    def finish(self, conn: ConnRecord, reason: str) -> None: ...
+    def forget(self, conn: ConnRecord) -> None: ...
+    def offer(self, handler: Any, relayed: Relayed, fds: list[int]) -> bool: ...
 
 
 class ConnRecord:

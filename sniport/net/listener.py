@@ -33,8 +33,7 @@ from sniport.net.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLRDHUP
 from sniport.wire.clienthello import MAX_HELLO_BYTES, ClientHelloParser, MalformedHello, NeedMore
 
 if TYPE_CHECKING:
-    from sniport.net.conn import ConnRecord
-    from sniport.worker import Worker
+    from sniport.net.conn import ConnRecord, Owner
 
 ACCEPT_BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the loop
 RESOURCE_PAUSE = 0.1  # seconds to stop accepting when the process is out of descriptors
@@ -70,7 +69,7 @@ def arrival_time(sock: socket.socket, now: float, deferred: bool) -> float:
 class Listener:
     __slots__ = ("_active", "_loop", "_worker", "bound", "fd", "label", "sock")
 
-    def __init__(self, worker: Worker, bound: BoundListener) -> None:
+    def __init__(self, worker: Owner, bound: BoundListener) -> None:
         self.bound = bound
         self.label = str(bound.address)
         self.sock = bound.sock
@@ -131,7 +130,7 @@ class HelloReader:
         "sock",
     )
 
-    def __init__(self, worker: Worker, sock: socket.socket, conn: ConnRecord, unix: bool) -> None:
+    def __init__(self, worker: Owner, sock: socket.socket, conn: ConnRecord, unix: bool) -> None:
         self._worker = worker
         self._loop = worker.loop
         self._poller = worker.poller
@@ -204,7 +203,8 @@ class HelloReader:
             self._poller.register(self.fd, mask, self._on_event, self._crashed)
             conn = self.conn
             if not self._unix:
-                conn.start = arrival_time(self.sock, conn.start, deferred=self._seen == 0)
+                deferred = self._seen == 0 and self._worker.client_hello_timeout >= 2 * DEFER_ACCEPT
+                conn.start = arrival_time(self.sock, conn.start, deferred)
             deadlines_for(self._loop).set(self, conn.start + self._worker.client_hello_timeout)
         else:
             self._poller.modify(self.fd, mask)

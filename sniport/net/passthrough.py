@@ -7,6 +7,8 @@ the connection ended.
 Rules: the client's bytes, including the peeked ClientHello, are still unread in its socket:
 the relay sends them first, untouched (TLS is not terminated). The PROXY header goes before
 any client byte, and its send is bounded by ``connect_timeout`` like the connect itself.
+When the worker drains for a reload, a running relay is offered to the new generation once
+it is quiet (``handover.py``); until the master answers (or ``OFFER_TIMEOUT``) it is held.
 """
 
 from __future__ import annotations
@@ -17,15 +19,17 @@ from typing import TYPE_CHECKING
 
 from sniport.config import Passthrough
 from sniport.deadlines import Deadlines, deadlines_for
+from sniport.handover import Relayed
 from sniport.net.descriptors import LEDGER
 from sniport.net.poller import EPOLLOUT
 from sniport.net.relay import SpliceRelay
 from sniport.net.upstream import Target, UpstreamConnect, targets_for
 from sniport.wire import proxyproto
 
+OFFER_TIMEOUT = 5.0  # seconds a held relay waits for the master's answer, then goes on here
+
 if TYPE_CHECKING:
-    from sniport.net.conn import ConnRecord
-    from sniport.worker import Worker
+    from sniport.net.conn import ConnRecord, Owner
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +42,10 @@ class PassthroughRuntime:
     @classmethod
     def build(cls, block: Passthrough) -> PassthroughRuntime:
         return cls(block, tuple(targets_for(block.upstreams)))
+
+    @property
+    def upstream_labels(self) -> list[str]:
+        return [t.label for t in self.targets]
 
 
 def _endpoint(addr: object) -> proxyproto.Endpoint:
@@ -53,6 +61,8 @@ class PassthroughConnection:
         "_conn",
         "_connect",
         "_header",
+        "_moving",
+        "_non_tls",
         "_loop",
         "_rt",
         "_sni",
@@ -64,8 +74,8 @@ class PassthroughConnection:
         "relay",
     )
 
-    def __init__(self, worker: Worker, sock: socket.socket, conn: ConnRecord,
-                 rt: PassthroughRuntime, sni: str | None) -> None:
+    def __init__(self, worker: Owner, sock: socket.socket, conn: ConnRecord,
+                 rt: PassthroughRuntime, sni: str | None, non_tls: bool = False) -> None:
         self._worker = worker
         self._loop = worker.loop
         self._sock = sock
@@ -75,9 +85,73 @@ class PassthroughConnection:
         self._connect: UpstreamConnect | None = None
         self._up: socket.socket | None = None
         self._header = b""
-        self.deadline = 0.0  # while the PROXY header waits for room (rare)
+        self.deadline = 0.0  # the PROXY header waits for room (rare); an offer its answer
         self.deadline_slot = 0
         self.relay: SpliceRelay | None = None
+        self._moving = ""  # "": no; "wanted": offer once relaying; "offered": held, waiting
+        self._non_tls = non_tls  # routed by [default].non_tls, not by name
+
+    @classmethod
+    def carry_on(cls, worker: Owner, client: socket.socket, up: socket.socket,
+                 conn: ConnRecord, rt: PassthroughRuntime, relayed: Relayed) -> None:
+        """A relay that a draining worker handed over: go on with it here."""
+        self = cls(worker, client, conn, rt, relayed.sni, relayed.non_tls)
+        self._up = up
+        conn.handler = self
+        self.relay = SpliceRelay(self._loop, worker.poller, worker.pipes, client, up,
+                                 rt.block.idle_timeout, self._relay_done)
+        self.relay.carry_on(relayed.up, relayed.down, relayed.up_eof, relayed.down_eof)
+        if worker.draining and self.relay is not None:
+            self.drain()
+
+    # -- moving to a worker of a new config ---------------------------------------------
+
+    def drain(self) -> None:
+        """The worker drains: offer the relay to the next generation once it is quiet."""
+        if self._moving:
+            return
+        self._moving = "wanted"
+        if self.relay is not None:
+            self.relay.hold(self._offer)
+
+    def _offer(self) -> None:
+        relay = self.relay
+        assert relay is not None and self._up is not None
+        up, down, up_eof, down_eof = relay.state()
+        conn = self._conn
+        relayed = Relayed(
+            block=self._rt.block.name, non_tls=self._non_tls, sni=conn.sni,
+            alpn=list(conn.alpn), hello=conn.hello_size, route=conn.route,
+            upstream=conn.upstream, peer=list(conn.peer) if isinstance(conn.peer, tuple)
+            else str(conn.peer or ""), ip=conn.ip, listener=conn.listener, up=up, down=down,
+            age=self._loop.time() - conn.start, up_eof=up_eof, down_eof=down_eof)
+        self._moving = "offered"
+        if self._worker.offer(self, relayed, [self._sock.fileno(), self._up.fileno()]):
+            deadlines_for(self._loop).after(self, OFFER_TIMEOUT)
+        else:
+            self.kept()
+
+    def taken(self) -> None:
+        """A worker of the new generation has the connection now: let go of it here, with
+        no log line (its one line is written where it ends)."""
+        if self._moving != "offered" or self.relay is None:
+            return
+        self._moving = ""
+        Deadlines.clear(self)
+        relay, self.relay = self.relay, None
+        relay.release()
+        LEDGER.give()  # the upstream socket; the client's goes with forget()
+        self._worker.forget(self._conn)
+
+    def kept(self) -> None:
+        """The new config routes this connection elsewhere (or nobody answered): it goes on
+        here, until the connection ends or drain_timeout."""
+        if self._moving != "offered":
+            return
+        self._moving = "kept"
+        Deadlines.clear(self)
+        if self.relay is not None:
+            self.relay.resume()
 
     def start(self) -> None:
         # The client socket has TCP_NODELAY from its listener (binding.tune_listener).
@@ -139,7 +213,11 @@ class PassthroughConnection:
         self._end(f"internal_error: {type(exc).__name__}")
 
     def expired(self, now: float) -> None:
-        """The PROXY header did not fit into the upstream within ``connect_timeout``."""
+        """The PROXY header did not fit into the upstream within ``connect_timeout``; or
+        an offer got no answer within OFFER_TIMEOUT (then the relay goes on here)."""
+        if self._moving == "offered":
+            self.kept()
+            return
         assert self._up is not None
         self._worker.poller.forget(self._up.fileno())
         self._end("upstream_timeout")
@@ -150,6 +228,8 @@ class PassthroughConnection:
                                  self._sock, self._up, self._rt.block.idle_timeout,
                                  self._relay_done)
         self.relay.start()
+        if self._moving == "wanted" and self.relay is not None:
+            self.relay.hold(self._offer)
 
     def _relay_done(self, reason: str, up: int, down: int) -> None:
         self.relay = None  # no cycle left for the garbage collector

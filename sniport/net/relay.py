@@ -21,6 +21,10 @@ Rules:
 - One registration per socket for the relay's life; only its interest changes (EPOLLIN
   while its data is wanted, EPOLLOUT while bytes wait to be written to it).
 - No byte passes for ``idle_timeout``: both sockets are closed (0: no idle limit).
+- A relay can be held (``hold``) once no byte sits in its pipes, every byte still unread
+  waiting in the kernel: then its two sockets are all there is to it, and another process
+  can carry on from them (``handover.py``): ``release`` closes our copies without a
+  shutdown, ``resume`` goes on here.
 """
 
 from __future__ import annotations
@@ -118,6 +122,8 @@ class SpliceRelay:
         "_client",
         "_closed",
         "_deadlines",
+        "_held",
+        "_on_quiet",
         "_down",
         "_idle_timeout",
         "_loop",
@@ -149,6 +155,8 @@ class SpliceRelay:
         self.deadline_slot = 0
         self._on_done = on_done
         self._closed = False
+        self._held = False  # out of the poller, waiting to be released or resumed
+        self._on_quiet: Callable[[], None] | None = None  # hold() asked while bytes moved
 
     def start(self) -> None:
         self._deadlines.after(self, self._idle_timeout)
@@ -157,6 +165,75 @@ class SpliceRelay:
         # The client's first bytes (its ClientHello) are waiting already: send them now
         # rather than one poll cycle later.
         self._pump(self._up)
+
+    def carry_on(self, up: int, down: int, up_eof: bool, down_eof: bool) -> None:
+        """Start a relay that another process began: its byte counts and the directions
+        that have ended already; whatever the kernel holds is read from here on."""
+        self._up.count, self._down.count = up, down
+        self._up.eof, self._down.eof = up_eof, down_eof
+        self._deadlines.after(self, self._idle_timeout)
+        self._masks = [0, 0]
+        self._poller.register(self._up.src, 0, self._on_client, self._crashed)
+        self._poller.register(self._down.src, 0, self._on_upstream, self._crashed)
+        self._watch(self._up.src)
+        self._watch(self._down.src)
+        for flow in (self._up, self._down):
+            if flow.reading and not self._closed:
+                self._pump(flow)
+
+    # -- moving to another process ---------------------------------------------------------
+
+    def state(self) -> tuple[int, int, bool, bool]:
+        """(bytes up, bytes down, up ended, down ended), for carry_on elsewhere."""
+        return self._up.count, self._down.count, self._up.eof, self._down.eof
+
+    def _quiet(self) -> bool:
+        up, down = self._up, self._down
+        return not (up.pending or down.pending or up.starved or down.starved)
+
+    def hold(self, on_quiet: Callable[[], None]) -> None:
+        """Stop moving bytes as soon as none is in a pipe, then call ``on_quiet``."""
+        if self._closed or self._held:
+            return
+        if not self._quiet():
+            self._on_quiet = on_quiet  # checked after each event
+            return
+        self._on_quiet = None
+        self._held = True
+        for fd, index in ((self._up.src, 0), (self._down.src, 1)):
+            if self._masks[index] >= 0:
+                self._poller.unregister(fd)
+        self._deadlines.clear(self)
+        on_quiet()
+
+    def resume(self) -> None:
+        """Go on here after all (the new config routes this connection elsewhere)."""
+        if not self._held or self._closed:
+            return
+        self._held = False
+        masks, self._masks = self._masks, [0, 0]
+        for fd, index, callback in ((self._up.src, 0, self._on_client),
+                                    (self._down.src, 1, self._on_upstream)):
+            if masks[index] >= 0:
+                self._poller.register(fd, 0, callback, self._crashed)
+            else:
+                self._masks[index] = -1
+        self._watch(self._up.src)
+        self._watch(self._down.src)
+        self._deadlines.after(self, self._idle_timeout)
+        for flow in (self._up, self._down):
+            if flow.reading and not self._closed:
+                self._pump(flow)
+
+    def release(self) -> None:
+        """Another process carries on: close our copies of the sockets (a close, not a
+        shutdown: the connection lives on in the other process's descriptors)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._deadlines.clear(self)
+        self._client.close()
+        self._upstream.close()
 
     # -- events ---------------------------------------------------------------------------
 
@@ -167,6 +244,11 @@ class SpliceRelay:
         self._on_event(events, self._down, self._up)
 
     def _on_event(self, events: int, out: _Flow, into: _Flow) -> None:
+        self._move(events, out, into)
+        if self._on_quiet is not None and not self._closed and self._quiet():
+            self.hold(self._on_quiet)
+
+    def _move(self, events: int, out: _Flow, into: _Flow) -> None:
         """``out`` reads from this socket, ``into`` writes to it."""
         if self._idle_timeout:
             self._deadlines.set(self, self._loop.time() + self._idle_timeout)
@@ -215,7 +297,8 @@ class SpliceRelay:
         self._closed = True
         self._deadlines.clear(self)
         for flow in (self._up, self._down):
-            self._poller.forget(flow.src)
+            if not self._held:  # held: out of the poller already
+                self._poller.forget(flow.src)
             if flow.pipe is not None:
                 if flow.pending:
                     self._pool.discard(flow.pipe)
