@@ -28,7 +28,8 @@ from pathlib import Path
 
 from sniport.addresses import AddressError
 from sniport.config import ConfigError, LoadedConfig, Problem, Site, SiteRoute, block_path
-from sniport.http.site import Handler, SiteApp, default_handlers
+from sniport.http.contract import Handler
+from sniport.http.site import SiteApp, default_handlers
 from sniport.logs import AccessLog, LogFileError, check_access_log, open_access_log
 from sniport.net.passthrough import PassthroughRuntime
 from sniport.net.tls import (

@@ -23,9 +23,9 @@ from sniport import handover
 from sniport.addresses import TcpAddress
 from sniport.handover import Relayed
 from sniport.http.accesslog import RequestLog
-from sniport.http.engine import HttpConnection, Limits
+from sniport.http.engine import App, Exchange, HttpConnection, Limits
 from sniport.http.handlers import HttpsRedirectApp
-from sniport.http.site import lifecycle
+from sniport.http.site import SiteApp, lifecycle
 from sniport.logs import AccessLog, diag, throttle
 from sniport.net.binding import BoundListener
 from sniport.net.conn import ConnRecord
@@ -35,7 +35,7 @@ from sniport.net.passthrough import PassthroughConnection
 from sniport.net.poller import Poller
 from sniport.net.relay import PipePool
 from sniport.runtime import Runtime, SiteRuntime
-from sniport.wire.alerts import UNRECOGNIZED_NAME
+from sniport.wire.alerts import ACCESS_DENIED, UNRECOGNIZED_NAME
 from sniport.wire.clienthello import Hello, NotTLS
 
 SSL_SHUTDOWN_TIMEOUT = 1.0
@@ -173,16 +173,16 @@ class Worker:
         else:
             route = self.table.non_tls()
         conn.route = route.label
-        if route.acl is not None and not route.acl.permits(conn.ip):
-            sock.close()
+        denied = route.acl is not None and not route.acl.permits(conn.ip)
+        if denied and route.kind != "terminate":
+            # A passthrough block's client that its allow/deny lists refuse: a TLS
+            # access_denied alert (for bytes that are not TLS, just the close).
+            self._refuse(sock, conn, ACCESS_DENIED if isinstance(outcome, Hello) else b"")
             self.finish(conn, "denied")
             return
         if route.kind == "reject":
-            if isinstance(outcome, Hello):
-                # RFC 6066 section 3: unrecognized_name, fatal. Best effort, never blocks.
-                with contextlib.suppress(OSError):
-                    sock.send(UNRECOGNIZED_NAME)
-            sock.close()
+            # RFC 6066 section 3: unrecognized_name, fatal.
+            self._refuse(sock, conn, UNRECOGNIZED_NAME if isinstance(outcome, Hello) else b"")
             self.finish(conn, f"rejected_{route.rule}")
             return
         assert route.block is not None
@@ -194,20 +194,35 @@ class Worker:
             handler.start()
             return
         site = self.runtime.sites[route.block.name]
-        task = self.loop.create_task(self._terminate(sock, conn, site))
+        # A terminated site's refused client gets what nginx's `deny` gives: the handshake,
+        # then 403 (the site's error page) for its request, and a close.
+        task = self.loop.create_task(self._terminate(sock, conn, site, denied))
         conn.handler = _TaskHandle(task)
 
+    @staticmethod
+    def _refuse(sock: socket.socket, conn: ConnRecord, alert: bytes) -> None:
+        """Close a connection we will not serve, with ``alert`` first. The peeked hello is
+        read off first, so that the close is a FIN after the alert, not a reset that could
+        destroy the alert before the client reads it. Best effort, never blocks."""
+        with contextlib.suppress(OSError):
+            if conn.hello_size:
+                sock.recv(conn.hello_size)
+            if alert:
+                sock.send(alert)
+        sock.close()
+
     async def _terminate(self, sock: socket.socket, conn: ConnRecord,
-                         site: SiteRuntime) -> None:
+                         site: SiteRuntime, denied: bool = False) -> None:
         """TLS on the socket as it is (the hello still unread in it), then HTTP/1.1."""
         def closed(reason: str, bytes_in: int, bytes_out: int) -> None:
             conn.up, conn.down = bytes_in, bytes_out
-            self.finish(conn, reason)
+            self.finish(conn, "denied" if denied else reason)
 
         made: list[HttpConnection] = []
+        app: App = _Denied(site.app) if denied else site.app
 
         def protocol() -> HttpConnection:
-            proto = HttpConnection(self.loop, site.app, self.limits, self.request_log,
+            proto = HttpConnection(self.loop, app, self.limits, self.request_log,
                                    sni=conn.sni, client=conn.client, scheme="https",
                                    on_close=closed, client_ip=conn.ip)
             if self.draining:  # accepted before the drain: one request, then close
@@ -398,6 +413,20 @@ def _tls_reason(exc: BaseException) -> str:
 
 def _ignore_close(reason: str, bytes_in: int, bytes_out: int) -> None:
     pass
+
+
+class _Denied:
+    """The App of a terminated connection from a client the site's allow/deny lists refuse:
+    403 through the site's error pages, then close."""
+
+    __slots__ = ("_site",)
+
+    def __init__(self, site: SiteApp) -> None:
+        self._site = site
+
+    def handle(self, ex: Exchange) -> None:
+        ex.close_after = True
+        self._site.fail(ex, 403, "denied")
 
 
 class _TaskHandle:

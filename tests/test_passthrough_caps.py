@@ -69,12 +69,12 @@ def ask(c: RawTls) -> bytes:
 
 
 def refused(port: int, pki: Pki, source: str | None = None,
-            name: str = "vpn.example.com") -> str:
+            name: str = "vpn.example.com", answer: bytes = b"") -> str:
     sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT,
                                     source_address=(source, 0) if source else None)
     client = client_label(sock)
     sock.sendall(make_hello(client_context(pki), name))
-    assert closed_by_peer(sock) == b""
+    assert closed_by_peer(sock) == answer
     sock.close()
     return client
 
@@ -179,7 +179,10 @@ to = "passthrough:lan"
     ("127.0.0.1", "unknown.example.com", "lan"),  # [default].to is checked too
 ])
 def test_denied(acl: Sniport, pki: Pki, source: str, name: str, block: str) -> None:
-    client = refused(acl.port, pki, source=source, name=name)
+    # RFC 8446 section 6.2: a fatal access_denied alert, then the close (a FIN: the hello
+    # was read off first, so no reset can destroy the alert).
+    client = refused(acl.port, pki, source=source, name=name,
+                     answer=bytes([21, 3, 3, 0, 2, 2, 49]))
     rec = wait_conn(acl, client=client)
     assert (rec["sni"], rec["route"], rec["upstream"], rec["end"]) == (
         name, f"passthrough:{block}", "-", "denied")

@@ -31,15 +31,12 @@ import collections
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import httptools
 
 from sniport.deadlines import deadlines_for
 from sniport.wire.httprules import http_date
-
-if TYPE_CHECKING:
-    from sniport.http.accesslog import RequestLog
 
 MAX_TARGET = 8 * 1024
 MAX_HEADER_BYTES = 16 * 1024
@@ -80,6 +77,14 @@ def date_header() -> bytes:
         _date_second = now
         _date_header = b"Date: " + http_date(now).encode("ascii") + b"\r\n"
     return _date_header
+
+
+class RequestLogger(Protocol):
+    """Where a finished request's line goes (http/accesslog.py)."""
+
+    enabled: bool
+
+    def request(self, conn: HttpConnection, ex: Exchange, now: float) -> None: ...
 
 
 class App(Protocol):
@@ -482,7 +487,7 @@ class HttpConnection(asyncio.Protocol):
     """One client connection (TLS already terminated by the transport, or plain HTTP)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, app: App, limits: Limits,
-                 log: RequestLog, *, sni: str | None, client: str, scheme: str,
+                 log: RequestLogger, *, sni: str | None, client: str, scheme: str,
                  on_close: Callable[[str, int, int], None], client_ip: str = "") -> None:
         self.loop = loop
         self.app = app
@@ -519,6 +524,7 @@ class HttpConnection(asyncio.Protocol):
         self._deferred_error: tuple[int, str, Request] | None = None
         self._lingering = False
         self._end_reason = "eof"
+        self._client_done = False  # the client ended its side (EOF or close_notify)
         self.bytes_in = 0
         self.bytes_out = 0
         self.requests = 0
@@ -627,6 +633,7 @@ class HttpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self._end_reason = "eof"
+        self._client_done = True
         if self.active is not None and self.active.request.body is not None:
             self.active.request.body.fail(ClientGone())
         return None  # close our side too
@@ -648,8 +655,11 @@ class HttpConnection(asyncio.Protocol):
             if self._end_reason == "eof":
                 self._end_reason = "client_closed_mid_response"
             self._log(active)
-        if exc is not None and self._end_reason == "eof":
-            self._end_reason = f"error: {exc}"
+        if exc is not None and self._end_reason == "eof" and not (
+                self._client_done and isinstance(exc, (BrokenPipeError, ConnectionResetError))):
+            # (A client that has closed its side makes our close_notify fail with EPIPE on
+            # a unix socket, and often ECONNRESET on TCP: that is still its normal end.)
+            self._end_reason = f"error: {getattr(exc, 'strerror', None) or exc}"
         self.parser = None
         self._on_close(self._end_reason, self.bytes_in, self.bytes_out)
 

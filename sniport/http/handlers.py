@@ -18,8 +18,8 @@ from sniport.routing import RouteTable
 from sniport.wire.httprules import BadPath, normalize_path, redirect_target
 
 if TYPE_CHECKING:
+    from sniport.http.contract import ErrorResponder
     from sniport.http.engine import Exchange
-    from sniport.http.site import SiteApp
 
 
 class Redirect:
@@ -28,7 +28,7 @@ class Redirect:
         self.status = cfg.status
         self.keep_path = cfg.keep_path
 
-    def handle(self, ex: Exchange, rest: str, app: SiteApp) -> None:
+    def handle(self, ex: Exchange, rest: str, site: ErrorResponder) -> None:
         location = redirect_target(self.to, rest, ex.request.query, self.keep_path)
         ex.respond(self.status, [("Location", location),
                                  ("Content-Type", "text/plain; charset=utf-8")],
@@ -41,7 +41,7 @@ class Respond:
         self.headers = [("Content-Type", cfg.content_type)] if cfg.body else []
         self.body = cfg.body.encode()
 
-    def handle(self, ex: Exchange, rest: str, app: SiteApp) -> None:
+    def handle(self, ex: Exchange, rest: str, site: ErrorResponder) -> None:
         ex.respond(self.status, self.headers, self.body)
 
 

@@ -35,7 +35,7 @@ from sniport.routing import Acl, Network
 from sniport.wire.proxyheaders import client_response_headers, serialize, upstream_request_headers
 
 if TYPE_CHECKING:
-    from sniport.http.site import SiteApp
+    from sniport.http.contract import ErrorResponder
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -93,7 +93,7 @@ class ProxyRoute:
                 return up
         return None
 
-    def handle(self, ex: Exchange, rest: str, app: SiteApp) -> None:
+    def handle(self, ex: Exchange, rest: str, app: ErrorResponder) -> None:
         ProxyExchange(self, ex, rest, app).start()
 
 
@@ -106,7 +106,7 @@ class ProxyExchange:
                  "deadline_slot", "keep_alive", "framed", "last_reason", "tunnel",
                  "pending_head")
 
-    def __init__(self, route: ProxyRoute, ex: Exchange, rest: str, app: SiteApp) -> None:
+    def __init__(self, route: ProxyRoute, ex: Exchange, rest: str, app: ErrorResponder) -> None:
         self.route = route
         self.ex = ex
         self.app = app

@@ -22,11 +22,11 @@ Rules:
 
 from __future__ import annotations
 
-import asyncio
 from typing import Protocol
 
 from sniport.config import Site, SiteRoute
 from sniport.hostnames import HostNameError, parse_host_header
+from sniport.http.contract import Handler, WorkerHandler
 from sniport.http.engine import BodyTooLarge, Exchange
 from sniport.http.handlers import Redirect, Respond
 from sniport.http.static import StaticFiles
@@ -37,17 +37,6 @@ HOST_CACHE = 1024
 # Routes that take no body (static, redirect, respond) refuse one above this unless their
 # max_body_size says otherwise: 413 and close, without reading it (nginx: 1 MiB).
 BODYLESS_LIMIT = 1024 * 1024
-
-
-class Handler(Protocol):
-    def handle(self, ex: Exchange, rest: str, app: SiteApp) -> None: ...
-
-
-class WorkerHandler(Handler, Protocol):
-    """A handler with per-worker work: started in each worker, stopped at its end."""
-
-    def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
-    def stop(self) -> None: ...
 
 
 class CompiledRoute:

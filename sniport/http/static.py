@@ -48,8 +48,8 @@ from sniport.wire.httprules import (
 )
 
 if TYPE_CHECKING:
+    from sniport.http.contract import ErrorResponder
     from sniport.http.engine import Exchange
-    from sniport.http.site import SiteApp
 
 SMALL_FILE = 256 * 1024  # served from memory
 MEMORY_BUDGET = 32 * 1024 * 1024  # per worker, for the contents of small files
@@ -123,7 +123,7 @@ class StaticFiles:
 
     # -- entry point ----------------------------------------------------------------------
 
-    def handle(self, ex: Exchange, rest: str, app: SiteApp) -> None:
+    def handle(self, ex: Exchange, rest: str, app: ErrorResponder) -> None:
         req = ex.request
         if req.method not in ("GET", "HEAD"):
             ex.respond(405, [("Allow", "GET, HEAD"), ("Content-Type", "text/plain")],
@@ -131,7 +131,7 @@ class StaticFiles:
             return
         self.serve_path(ex, rest, app, status=200)
 
-    def serve_path(self, ex: Exchange, rest: str, app: SiteApp, status: int,
+    def serve_path(self, ex: Exchange, rest: str, app: ErrorResponder, status: int,
                    use_fallback: bool = True) -> bool:
         """Serve ``rest``; False (and nothing sent) when ``status`` != 200 and it is missing,
         so that an error page that does not exist falls back to the plain error."""
@@ -192,7 +192,7 @@ class StaticFiles:
         self._send(ex, app, meta, status)
         return True
 
-    def _missing(self, ex: Exchange, app: SiteApp, status: int, use_fallback: bool) -> bool:
+    def _missing(self, ex: Exchange, app: ErrorResponder, status: int, use_fallback: bool) -> bool:
         if status != 200:
             return False
         if use_fallback and self.cfg.fallback:
@@ -205,7 +205,7 @@ class StaticFiles:
 
     # -- directories ----------------------------------------------------------------------
 
-    def _directory(self, ex: Exchange, app: SiteApp, fs_path: str, rest: str,
+    def _directory(self, ex: Exchange, app: ErrorResponder, fs_path: str, rest: str,
                    segments: list[str]) -> None:
         req = ex.request
         if not req.path.endswith("/"):
@@ -230,7 +230,7 @@ class StaticFiles:
             return
         app.fail(ex, 403, "directory_without_index")
 
-    def _listing(self, ex: Exchange, app: SiteApp, fs_path: str) -> None:
+    def _listing(self, ex: Exchange, app: ErrorResponder, fs_path: str) -> None:
         try:
             entries = sorted(os.scandir(fs_path), key=lambda e: (not e.is_dir(), e.name))
         except OSError as exc:
@@ -307,7 +307,7 @@ class StaticFiles:
 
     # -- sending --------------------------------------------------------------------------
 
-    def _send(self, ex: Exchange, app: SiteApp, meta: FileMeta, status: int) -> None:
+    def _send(self, ex: Exchange, app: ErrorResponder, meta: FileMeta, status: int) -> None:
         req = ex.request
         meta, coding, vary = self._variant(ex, meta)
         if (status == 200 and not ex.remove_headers and meta.size <= SMALL_FILE

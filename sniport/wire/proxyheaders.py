@@ -10,9 +10,11 @@ Rules:
 - The message framing is the proxy's own on each side: Content-Length/Transfer-Encoding are
   set by the caller, never copied blindly.
 - X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host, X-Real-IP and (when asked) RFC 7239
-  Forwarded describe the client. A client's own values are replaced unless the client is a
-  trusted proxy, in which case its X-Forwarded-For/Forwarded are appended to and its other
-  values kept.
+  Forwarded describe the client. A client without an address (a unix-socket listener) adds
+  no hop to X-Forwarded-For and sends no X-Real-IP (an empty value breaks the parsers of
+  applications); Forwarded names it ``for=unknown`` (RFC 7239 section 6.3). A client's own
+  values are replaced unless the client is a trusted proxy, in which case its
+  X-Forwarded-For/Forwarded are appended to and its other values kept.
 - The upstream's Server and Date are replaced by sniport's (as nginx does by default).
 """
 
@@ -86,14 +88,17 @@ def upstream_request_headers(
         out.insert(0, (b"host", original_host))
     ip = client_ip.encode("latin-1")
     xff = old.get(b"x-forwarded-for")
-    out.append((b"x-forwarded-for", xff + b", " + ip if xff else ip))
+    if ip or xff:
+        out.append((b"x-forwarded-for", xff + b", " + ip if xff and ip else xff or ip))
     out.append((b"x-forwarded-proto", old.get(b"x-forwarded-proto") or scheme.encode()))
     fwd_host = old.get(b"x-forwarded-host") or original_host
     if fwd_host:
         out.append((b"x-forwarded-host", fwd_host))
-    out.append((b"x-real-ip", old.get(b"x-real-ip") or ip))
+    real_ip = old.get(b"x-real-ip") or ip
+    if real_ip:
+        out.append((b"x-real-ip", real_ip))
     if forwarded:
-        node = f"for={_forwarded_node(client_ip)};proto={scheme}"
+        node = f"for={_forwarded_node(client_ip) if client_ip else 'unknown'};proto={scheme}"
         if original_host:
             node += f';host="{original_host.decode("latin-1")}"'
         prior = old.get(b"forwarded")
