@@ -44,7 +44,7 @@ MAX_HEADER_BYTES = 16 * 1024
 # on_header's sight: bytes fed while a head is unfinished are counted too, and past this
 # the request is refused (431) before that buffer grows further.
 MAX_HEAD_BYTES = MAX_TARGET + MAX_HEADER_BYTES + 1024
-WRITE_HIGH_WATER = 64 * 1024  # corked bytes after which a streaming handler waits
+WRITE_HIGH_WATER = 32 * 1024  # buffered response bytes after which a streaming handler waits
 BODY_HIGH_WATER = 256 * 1024  # buffered request body bytes before reading pauses
 LINGER = 2.0  # seconds to read and drop input before closing after an error response
 SERVER = b"sniport"
@@ -541,6 +541,11 @@ class HttpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport  # type: ignore[assignment]
+        # uvloop's TLS transport buffers up to 512 KiB before it asks us to pause: a client
+        # that stops reading would hold that much. nginx holds its output buffers (tens of
+        # KiB); the kernel's socket buffer is still there to keep a fast client busy.
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER,  # type: ignore[attr-defined]
+                                          low=WRITE_HIGH_WATER // 4)
         if not self.client:
             peer = transport.get_extra_info("peername")
             self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 SMALL_FILE = 256 * 1024  # served from memory
 MEMORY_BUDGET = 32 * 1024 * 1024  # per worker, for the contents of small files
 META_ENTRIES = 4096
-CHUNK = 64 * 1024  # per write of a large file: what a stalled reader can cost, with the cork
+CHUNK = 32 * 1024  # per write of a large file: with WRITE_HIGH_WATER, what a stalled reader holds
 SIBLING_TTL = 1.0  # seconds a precompressed sibling's absence is remembered
 STAT_VALID = 1.0  # seconds a path's file is served without a new stat (nginx: open_file_cache)
 HITS = 1024  # paths remembered per static route
