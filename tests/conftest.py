@@ -9,9 +9,8 @@ import trustme
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from ops_helpers import Ops  # until the operations tests move to support.process
 from support.pki import Pki
-from support.process import Sniport, SniportWith, start_sniport
+from support.process import Ops, Sniport, SniportWith, start_sniport
 
 
 @pytest.fixture(scope="session")
