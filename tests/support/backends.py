@@ -9,6 +9,8 @@ threads of the test process.
   (see its docstring for what it answers).
 - ``WsEcho``: a WebSocket echo application.
 - ``free_port`` (nothing listens: refused) and ``Blackhole`` (connecting hangs).
+
+``stopping(servers)`` stops them at the end of a ``with`` block.
 """
 
 from __future__ import annotations
