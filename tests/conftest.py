@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -9,8 +9,8 @@ import trustme
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import Pki
-from ops_helpers import Ops
+from support.pki import Pki
+from support.process import Ops, Sniport, SniportWith, start_sniport
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +23,22 @@ def ops(tmp_path: Path) -> Iterator[Ops]:
     """The operations tests' process tracker: everything it started is killed at the end."""
     with Ops(tmp_path) as o:
         yield o
+
+
+@pytest.fixture
+def sniport_with(tmp_path: Path) -> Iterator[SniportWith]:
+    """``sniport_with(config_text, **options)``: sniport started on that config in the
+    test's tmp dir (options: ``name`` of the config file, ``args``, a command ``prefix``,
+    ``env``), serving when it returns; stopped, with whatever it started, at the end of the
+    test."""
+    started: list[Sniport] = []
+
+    def start(config_text: str, *, name: str = "sniport.toml", args: Sequence[str] = (),
+              prefix: Sequence[str] = (), env: Mapping[str, str] | None = None) -> Sniport:
+        s = start_sniport(config_text, tmp_path, name=name, args=args, prefix=prefix, env=env)
+        started.append(s)
+        return s
+
+    yield start
+    for s in reversed(started):
+        s.stop()

@@ -19,8 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Sniport
-from http_helpers import PYTHON, curl, pem_fingerprint, split_curl_output
+from support.clients import curl, split_curl_output
+from support.pki import pem_fingerprint
+from support.process import PYTHON, Sniport
 
 NOBODY = 65534
 
@@ -67,7 +68,7 @@ def test_embedded_default_serves_the_welcome_page(workdir: Path) -> None:
               if os.geteuid() == 0 else [])
     proc = subprocess.Popen([*prefix, PYTHON, "-m", "sniport", "run"], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    s = Sniport(proc, Path("<embedded default>"), [])
+    s = Sniport(proc, Path("<embedded default>"))
     try:
         m = s.wait_log(r"serving (\S+ \S+) on ([^\n]+)")
         assert m.group(1) == "<embedded default>"

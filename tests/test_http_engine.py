@@ -2,7 +2,7 @@
 Date/Server, ``Expect: 100-continue``, limits (414, 431, 413), the header and keep-alive
 timeouts, malformed framing (400 and close), clients that vanish or stop reading.
 
-Requests are written byte for byte by the test (http_helpers.HttpConn), so nothing is
+Requests are written byte for byte by the test (support.clients.HttpConn), so nothing is
 normalised or reframed by a client library; curl checks the user-visible cases.
 """
 
@@ -19,21 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import Pki, Sniport, start_sniport
-from http_helpers import (
-    PeerClosed,
-    client_ctx,
-    client_label,
-    curl_site,
-    fetch,
-    issue,
-    open_fds,
-    request_bytes,
-    rss_bytes,
-    tls_conn,
-    wait_conn,
-    wait_for,
-)
+from support.clients import PeerClosed, client_label, curl_site, fetch, request_bytes, tls_conn
+from support.configs import route, site_config, toml_lines
+from support.logs import wait_conn
+from support.pki import Pki
+from support.proc import family_rss, open_fds
+from support.process import Sniport, start_sniport
+from support.waiting import wait_until
 
 HOST = "eng.http.test"
 SMALL = {"a.txt": b"alpha\n", "b.txt": b"bravo bravo\n", "c.txt": b"charlie charlie charlie\n"}
@@ -54,36 +46,19 @@ class Setup:
 @pytest.fixture(scope="module")
 def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("http_engine")
-    chain, key = issue(pki, tmp / "certs", HOST)
+    chain, key = pki.cert(HOST, directory=tmp / "certs")
     www = tmp / "www"
     www.mkdir()
     for name, data in SMALL.items():
         (www / name).write_bytes(data)
     big = os.urandom(BIG_SIZE)
     (www / "big.bin").write_bytes(big)
-    config = f"""
-[server]
-listen = ["127.0.0.1:0"]
-header_timeout = "1s"
-keepalive_timeout = "2s"
-
-[[site]]
-name = "eng"
-hosts = ["{HOST}"]
-tls = {{ cert = "{chain}", key = "{key}" }}
-  [[site.route]]
-  path = "/"
-  static = {{ root = "{www}" }}
-  [[site.route]]
-  path = "/echo"
-  max_body_size = "1K"
-  respond = {{ status = 200, body = "posted" }}
-"""
-    s = start_sniport(config, tmp)
-    try:
+    routes = (route("/", static={"root": www})
+              + route("/echo", max_body_size="1K", respond={"status": 200, "body": "posted"}))
+    config = site_config("eng", [HOST], (chain, key), routes,
+                         server=toml_lines(header_timeout="1s", keepalive_timeout="2s"))
+    with start_sniport(config, tmp) as s:
         yield Setup(s, pki, big)
-    finally:
-        s.stop()
 
 
 def get(path: str, *, method: str = "GET",
@@ -96,7 +71,7 @@ def get(path: str, *, method: str = "GET",
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(setup: Setup) -> None:
-    with tls_conn(setup.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.port, HOST, setup.pki.client_context()) as c:
         label = client_label(c)
         for name, data in [*SMALL.items(), ("a.txt", SMALL["a.txt"])]:
             c.send(get(f"/{name}"))
@@ -112,7 +87,7 @@ def test_keep_alive_serves_several_requests_on_one_connection(setup: Setup) -> N
 
 
 def test_pipelined_requests_answered_in_order(setup: Setup) -> None:
-    with tls_conn(setup.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.port, HOST, setup.pki.client_context()) as c:
         # One write: four requests, one a HEAD whose answer must carry no body.
         c.send(get("/a.txt") + get("/b.txt", method="HEAD") + get("/c.txt") + get("/echo"))
         first, second, third, fourth = (c.response(), c.response(method="HEAD"),
@@ -133,7 +108,7 @@ def test_pipelined_requests_answered_in_order(setup: Setup) -> None:
 
 
 def test_head_has_no_body_and_the_same_length(setup: Setup) -> None:
-    with tls_conn(setup.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.port, HOST, setup.pki.client_context()) as c:
         for path, size in (("/b.txt", len(SMALL["b.txt"])), ("/big.bin", BIG_SIZE),
                            ("/echo", len(b"posted"))):
             c.send(get(path))
@@ -155,7 +130,7 @@ def test_head_has_no_body_and_the_same_length(setup: Setup) -> None:
 def test_date_and_server_headers(setup: Setup) -> None:
     for path in ("/a.txt", "/echo", "/missing"):
         before = time.time()
-        r = fetch(setup.port, HOST, client_ctx(setup.pki), path)
+        r = fetch(setup.port, HOST, setup.pki.client_context(), path)
         after = time.time()
         assert r.header("Server") == "sniport"
         assert len(r.all("Date")) == 1
@@ -180,7 +155,7 @@ def test_curl_keep_alive_reuses_the_connection(setup: Setup) -> None:
 
 
 def test_expect_100_continue_on_a_respond_route(setup: Setup) -> None:
-    with tls_conn(setup.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.port, HOST, setup.pki.client_context()) as c:
         c.send(get("/echo", method="POST", headers=[("Content-Length", "5"),
                                                      ("Expect", "100-continue")]))
         # The body is not sent yet: the server answers 100 Continue (then the final status
@@ -206,7 +181,7 @@ def test_expect_100_continue_on_a_respond_route(setup: Setup) -> None:
 
 
 def test_expect_100_continue_over_the_limit_gets_413_not_100(setup: Setup) -> None:
-    with tls_conn(setup.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.port, HOST, setup.pki.client_context()) as c:
         c.send(get("/echo", method="POST", headers=[("Content-Length", "5000"),
                                                      ("Expect", "100-continue")]))
         r = c.response(skip_1xx=False)
@@ -222,9 +197,9 @@ def test_expect_100_continue_over_the_limit_gets_413_not_100(setup: Setup) -> No
 def test_request_target_over_8_kib_gets_414(setup: Setup) -> None:
     ok_target = "/echo?" + "q" * (8192 - len("/echo?"))
     assert len(ok_target) == 8192
-    r = fetch(setup.port, HOST, client_ctx(setup.pki), ok_target)
+    r = fetch(setup.port, HOST, setup.pki.client_context(), ok_target)
     assert (r.status, r.body) == (200, b"posted")
-    with tls_conn(setup.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.port, HOST, setup.pki.client_context()) as c:
         c.send(get(ok_target + "q"))
         r = c.response()
         assert r.status == 414
@@ -241,9 +216,9 @@ def test_header_section_over_16_kib_gets_431(setup: Setup, shape: str) -> None:
         small = [(f"X-Pad-{i}", "p" * 500) for i in range(28)]  # ~14.5 KB
         large = [(f"X-Pad-{i}", "p" * 500) for i in range(36)]  # ~18.6 KB
     assert sum(len(k) + len(v) + 4 for k, v in large) > 16 * 1024
-    r = fetch(setup.port, HOST, client_ctx(setup.pki), "/echo", headers=small)
+    r = fetch(setup.port, HOST, setup.pki.client_context(), "/echo", headers=small)
     assert r.status == 200
-    with tls_conn(setup.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.port, HOST, setup.pki.client_context()) as c:
         c.send(get("/echo", headers=large))
         r = c.response()
         assert r.status == 431, f"a {shape} header section of ~17-19 KB got {r.status}"
@@ -252,10 +227,10 @@ def test_header_section_over_16_kib_gets_431(setup: Setup, shape: str) -> None:
 
 
 def test_content_length_over_max_body_size_gets_413(setup: Setup) -> None:
-    r = fetch(setup.port, HOST, client_ctx(setup.pki), "/echo", method="POST",
+    r = fetch(setup.port, HOST, setup.pki.client_context(), "/echo", method="POST",
               body=b"b" * 1024)
     assert (r.status, r.body) == (200, b"posted")
-    with tls_conn(setup.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.port, HOST, setup.pki.client_context()) as c:
         label = client_label(c)
         c.send(get("/echo", method="POST", headers=[("Content-Length", "1025")]))
         r = c.response()
@@ -267,7 +242,7 @@ def test_content_length_over_max_body_size_gets_413(setup: Setup) -> None:
 
 def test_chunked_body_growing_over_max_body_size_gets_413(setup: Setup) -> None:
     chunks = b"".join(b"200\r\n" + b"c" * 512 + b"\r\n" for _ in range(6)) + b"0\r\n\r\n"
-    with tls_conn(setup.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.port, HOST, setup.pki.client_context()) as c:
         # Head and the whole 3 KiB body in one write: the server has it all at once.
         c.send(get("/echo", method="POST", headers=[("Transfer-Encoding", "chunked")])
                + chunks + get("/a.txt"))
@@ -282,7 +257,7 @@ def test_chunked_body_growing_over_max_body_size_gets_413(setup: Setup) -> None:
 
 
 def test_header_timeout_gets_408_and_close(setup: Setup) -> None:
-    with tls_conn(setup.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.port, HOST, setup.pki.client_context()) as c:
         label = client_label(c)
         started = time.monotonic()
         c.send(b"GET /a.txt HTTP/1.1\r\nHost: eng.ht")  # half a head, then silence
@@ -296,7 +271,7 @@ def test_header_timeout_gets_408_and_close(setup: Setup) -> None:
 
 
 def test_header_timeout_also_after_a_request(setup: Setup) -> None:
-    with tls_conn(setup.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.port, HOST, setup.pki.client_context()) as c:
         c.send(get("/a.txt"))
         assert c.response().status == 200
         started = time.monotonic()
@@ -308,7 +283,7 @@ def test_header_timeout_also_after_a_request(setup: Setup) -> None:
 
 
 def test_keepalive_timeout_closes_an_idle_connection(setup: Setup) -> None:
-    with tls_conn(setup.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.port, HOST, setup.pki.client_context()) as c:
         label = client_label(c)
         c.send(get("/a.txt"))
         assert c.response().status == 200
@@ -342,7 +317,7 @@ BAD = {
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_malformed_request_gets_400_and_close(setup: Setup, case: str) -> None:
-    with tls_conn(setup.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.port, HOST, setup.pki.client_context()) as c:
         label = client_label(c)
         c.send(BAD[case] + get("/a.txt"))  # a request after it must never be answered
         r = c.response()
@@ -354,7 +329,7 @@ def test_malformed_request_gets_400_and_close(setup: Setup, case: str) -> None:
 
 
 def test_http10_without_host_is_served(setup: Setup) -> None:
-    with tls_conn(setup.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.port, HOST, setup.pki.client_context()) as c:
         c.send(b"GET /a.txt HTTP/1.0\r\n\r\n")
         r = c.response()
         assert (r.status, r.body) == (200, SMALL["a.txt"])
@@ -373,7 +348,7 @@ BULK_SIZE = 50 * 1024 * 1024
 @pytest.fixture(scope="module")
 def bulk(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("http_bulk")
-    chain, key = issue(pki, tmp / "certs", HOST)
+    chain, key = pki.cert(HOST, directory=tmp / "certs")
     www = tmp / "www"
     www.mkdir()
     with open(www / "huge.bin", "wb") as f:
@@ -381,36 +356,23 @@ def bulk(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     (www / "a.txt").write_bytes(SMALL["a.txt"])
     # One worker: the tests count descriptors after a warm-up request, and libuv opens a
     # reserve descriptor (/dev/null, for EMFILE) in each worker on its first connection.
-    config = f"""
-[server]
-listen = ["127.0.0.1:0"]
-workers = 1
-[[site]]
-name = "bulk"
-hosts = ["{HOST}"]
-tls = {{ cert = "{chain}", key = "{key}" }}
-  [[site.route]]
-  path = "/"
-  static = {{ root = "{www}" }}
-"""
-    s = start_sniport(config, tmp)
-    try:
+    config = site_config("bulk", [HOST], (chain, key), route("/", static={"root": www}),
+                         server="workers = 1")
+    with start_sniport(config, tmp) as s:
         yield Setup(s, pki, b"")
-    finally:
-        s.stop()
 
 
 def _settle_fds(pid: int, baseline: int) -> None:
-    wait_for(lambda: open_fds(pid) <= baseline, 5.0, f"sniport's descriptors back to {baseline}")
+    wait_until(lambda: open_fds(pid) <= baseline, 5.0, f"sniport's descriptors back to {baseline}")
 
 
 def test_client_disconnecting_mid_response_frees_everything(bulk: Setup) -> None:
     pid = bulk.s.proc.pid
-    assert fetch(bulk.port, HOST, client_ctx(bulk.pki), "/a.txt").status == 200
+    assert fetch(bulk.port, HOST, bulk.pki.client_context(), "/a.txt").status == 200
     baseline = open_fds(pid)
     labels = {}
     for abortive in (False, True):
-        c = tls_conn(bulk.port, HOST, client_ctx(bulk.pki))
+        c = tls_conn(bulk.port, HOST, bulk.pki.client_context())
         labels["reset" if abortive else "fin"] = client_label(c)
         c.send(get("/huge.bin"))
         head = c.head()
@@ -423,7 +385,7 @@ def test_client_disconnecting_mid_response_frees_everything(bulk: Setup) -> None
         c.close()
     # Descriptors back where they were, and the next client is served.
     _settle_fds(pid, baseline)
-    r = fetch(bulk.port, HOST, client_ctx(bulk.pki), "/a.txt")
+    r = fetch(bulk.port, HOST, bulk.pki.client_context(), "/a.txt")
     assert (r.status, r.body) == (200, SMALL["a.txt"])
     for how, label in labels.items():
         rec = wait_conn(bulk.s, client=label)
@@ -437,18 +399,18 @@ def test_client_disconnecting_mid_response_frees_everything(bulk: Setup) -> None
 
 def test_client_that_stops_reading_does_not_grow_memory(bulk: Setup) -> None:
     pid = bulk.s.proc.pid
-    assert fetch(bulk.port, HOST, client_ctx(bulk.pki), "/a.txt").status == 200
-    before = rss_bytes(pid)
-    with tls_conn(bulk.port, HOST, client_ctx(bulk.pki)) as c:
+    assert fetch(bulk.port, HOST, bulk.pki.client_context(), "/a.txt").status == 200
+    before = family_rss(pid)
+    with tls_conn(bulk.port, HOST, bulk.pki.client_context()) as c:
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         c.send(get("/huge.bin"))
         head = c.head()
         assert head.status == 200
         # Stop reading. Give sniport time to fill every buffer it is willing to fill.
         time.sleep(1.5)
-        stalled = rss_bytes(pid)
+        stalled = family_rss(pid)
         # Meanwhile others are served.
-        r = fetch(bulk.port, HOST, client_ctx(bulk.pki), "/a.txt")
+        r = fetch(bulk.port, HOST, bulk.pki.client_context(), "/a.txt")
         assert (r.status, r.body) == (200, SMALL["a.txt"])
         # Then read it all: every byte arrives, in order (the file is all zeros).
         digest = hashlib.sha256(bytes(c.buf))
@@ -462,7 +424,7 @@ def test_client_that_stops_reading_does_not_grow_memory(bulk: Setup) -> None:
             got += len(chunk)
         assert got == BULK_SIZE
         assert digest.hexdigest() == hashlib.sha256(bytes(BULK_SIZE)).hexdigest()
-        after = rss_bytes(pid)
+        after = family_rss(pid)
     grown = stalled - before
     assert grown < 40 * 1024 * 1024, f"RSS grew by {grown / 2**20:.1f} MiB while stalled"
     assert after - before < 40 * 1024 * 1024
@@ -475,7 +437,7 @@ def test_file_truncated_mid_response_closes_without_second_response(bulk: Setup)
     with open(target, "wb") as f:
         f.write(head_bytes)
         f.truncate(48 * 1024 * 1024)  # the rest sparse: zeros
-    with tls_conn(bulk.port, HOST, client_ctx(bulk.pki)) as c:
+    with tls_conn(bulk.port, HOST, bulk.pki.client_context()) as c:
         label = client_label(c)
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         c.send(get("/shrinking.bin") + get("/a.txt"))

@@ -5,31 +5,29 @@ HTTP port's redirects, and the access log (combined format and JSON).
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
-from helpers import Pki, Sniport, start_sniport
-from http_helpers import (
-    Files,
+from support.clients import (
     Response,
-    client_ctx,
     client_label,
     curl,
     curl_site,
     fetch,
-    insecure_ctx,
-    issue,
     plain_conn,
     request_bytes,
-    tcp_port,
     tls_conn,
-    wait_access,
-    wait_for,
 )
+from support.configs import route, site_config
+from support.data import Files
+from support.logs import json_log, wait_access
+from support.pki import Pki, insecure_client_context
+from support.process import Sniport, SniportWith, start_sniport
+from support.waiting import wait_until
 
 MAIN = "main.site.test"
 WWW = "www.main.site.test"
@@ -50,16 +48,16 @@ class Setup:
 
     @property
     def http_port(self) -> int:
-        return tcp_port(self.s, 1)
+        return self.s.listen_port(1)
 
 
 @pytest.fixture(scope="module")
 def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("http_site")
     certs = tmp / "certs"
-    m_chain, m_key = issue(pki, certs, MAIN, WWW)
-    o_chain, o_key = issue(pki, certs, OTHER)
-    d_chain, d_key = issue(pki, certs, DEFAULT)
+    m_chain, m_key = pki.cert(MAIN, WWW, directory=certs)
+    o_chain, o_key = pki.cert(OTHER, directory=certs)
+    d_chain, d_key = pki.cert(DEFAULT, directory=certs)
     assets = Files(tmp / "assets")
     assets.add("site.css", CSS)
     config = f"""
@@ -135,11 +133,8 @@ tls = {{ cert = "{d_chain}", key = "{d_key}" }}
 [default]
 to = "site:fallback"
 """
-    s = start_sniport(config, tmp)
-    try:
+    with start_sniport(config, tmp) as s:
         yield Setup(s, pki)
-    finally:
-        s.stop()
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,7 +148,7 @@ to = "site:fallback"
     ("/docs/api/v2", b"v2"), ("/docs/api/v2/users?x=1", b"v2"), ("/docs/api/v2x", b"v2"),
 ])
 def test_longest_prefix_wins(setup: Setup, path: str, body: bytes) -> None:
-    r = fetch(setup.port, MAIN, client_ctx(setup.pki), path)
+    r = fetch(setup.port, MAIN, setup.pki.client_context(), path)
     assert (r.status, r.body) == (200, body)
 
 
@@ -180,7 +175,7 @@ def test_longest_prefix_wins(setup: Setup, path: str, body: bytes) -> None:
 ])
 def test_host_header_against_the_site(setup: Setup, sni: str, host: str, status: int,
                                       body: bytes | None) -> None:
-    ctx = client_ctx(setup.pki) if sni != "nobody.site.test" else insecure_ctx()
+    ctx = setup.pki.client_context() if sni != "nobody.site.test" else insecure_client_context()
     r = fetch(setup.port, sni, ctx, "/", host=host)
     assert r.status == status, f"SNI {sni}, Host {host}: {r.status} {r.body!r}"
     if body is not None:
@@ -188,7 +183,7 @@ def test_host_header_against_the_site(setup: Setup, sni: str, host: str, status:
 
 
 def test_misdirected_request_then_the_right_host_on_the_same_connection(setup: Setup) -> None:
-    with tls_conn(setup.port, MAIN, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.port, MAIN, setup.pki.client_context()) as c:
         # A browser that reused this connection for another name gets 421 and may retry.
         c.send(request_bytes("/docs/", OTHER))
         r = c.response()
@@ -215,7 +210,7 @@ def _assert_route_headers(r: Response, what: str) -> None:
 
 
 def test_route_headers_and_removals_on_every_response(setup: Setup) -> None:
-    with tls_conn(setup.port, MAIN, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.port, MAIN, setup.pki.client_context()) as c:
         c.send(request_bytes("/assets/site.css", MAIN))
         ok = c.response()
         assert (ok.status, ok.body) == (200, CSS)
@@ -239,16 +234,16 @@ def test_route_headers_and_removals_on_every_response(setup: Setup) -> None:
         assert unsatisfiable.status == 416
         _assert_route_headers(unsatisfiable, "416")
     # Other routes of the site do not get them.
-    r = fetch(setup.port, MAIN, client_ctx(setup.pki), "/docs/")
+    r = fetch(setup.port, MAIN, setup.pki.client_context(), "/docs/")
     assert "cache-control" not in r.names()
     assert "strict-transport-security" not in r.names()
 
 
 def test_remove_headers_removes_server(setup: Setup) -> None:
-    r = fetch(setup.port, MAIN, client_ctx(setup.pki), "/bare")
+    r = fetch(setup.port, MAIN, setup.pki.client_context(), "/bare")
     assert (r.status, r.body) == (200, b"bare")
     assert r.all("Server") == [], f"remove_headers = [\"Server\"], yet: {r.headers}"
-    assert fetch(setup.port, MAIN, client_ctx(setup.pki), "/").header("Server") == "sniport"
+    assert fetch(setup.port, MAIN, setup.pki.client_context(), "/").header("Server") == "sniport"
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,7 +259,7 @@ def test_remove_headers_removes_server(setup: Setup) -> None:
     ("/moved/anything/else?q=1", 308, "https://new.site.test/fixed"),
 ])
 def test_redirect(setup: Setup, target: str, status: int, location: str) -> None:
-    r = fetch(setup.port, MAIN, client_ctx(setup.pki), target)
+    r = fetch(setup.port, MAIN, setup.pki.client_context(), target)
     assert r.status == status
     assert r.all("Location") == [location]
     assert r.header("Content-Length") == str(len(r.body))
@@ -278,15 +273,15 @@ def test_redirect_with_curl(setup: Setup) -> None:
 
 
 def test_respond(setup: Setup) -> None:
-    r = fetch(setup.port, MAIN, client_ctx(setup.pki), "/health")
+    r = fetch(setup.port, MAIN, setup.pki.client_context(), "/health")
     assert (r.status, r.body) == (503, b"down for maintenance")
     assert r.header("Content-Type") == "text/x-custom"
     assert r.header("Content-Length") == str(len(b"down for maintenance"))
-    r = fetch(setup.port, MAIN, client_ctx(setup.pki), "/teapot")
+    r = fetch(setup.port, MAIN, setup.pki.client_context(), "/teapot")
     assert (r.status, r.body) == (418, b"")
     assert r.header("Content-Length") == "0"
     assert r.header("Content-Type") is None
-    r = fetch(setup.port, MAIN, client_ctx(setup.pki), "/health", method="HEAD")
+    r = fetch(setup.port, MAIN, setup.pki.client_context(), "/health", method="HEAD")
     assert (r.status, r.header("Content-Length")) == (503, str(len(b"down for maintenance")))
     out = curl_site(setup.pki, setup.port, MAIN, "/health", "-w",
                     "\n%{http_code} %{content_type}")
@@ -333,7 +328,7 @@ def test_http_port_with_curl_follows_to_the_site(setup: Setup) -> None:
 def test_access_log_combined_plus_sni(setup: Setup) -> None:
     token = time.monotonic_ns()
     agent = f"log-test/{token}"
-    with tls_conn(setup.port, MAIN, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.port, MAIN, setup.pki.client_context()) as c:
         for target in (f"/docs/x?q={token}", f"/health?{token}", f"/assets/none{token}"):
             c.send(request_bytes(target, f"{MAIN}:{setup.port}",
                                  headers=[("User-Agent", agent),
@@ -361,49 +356,26 @@ def test_access_log_combined_plus_sni(setup: Setup) -> None:
     log = setup.s.log()
     assert log.count(f'"{agent}"') == 3
     # A request on the default site with no Referer and no User-Agent: dashes.
-    fetch(setup.port, DEFAULT, client_ctx(setup.pki), f"/nothing-{token}", host="x.site.test")
+    fetch(setup.port, DEFAULT, setup.pki.client_context(), f"/nothing-{token}", host="x.site.test")
     m = wait_access(setup.s, f"GET /nothing-{token} HTTP/1.1")
     assert (m.group("referer"), m.group("agent"), m.group("sni"), m.group("host")) == (
         "-", "-", DEFAULT, "x.site.test")
 
 
-def test_access_log_json(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> None:
-    tmp = tmp_path_factory.mktemp("http_json_log")
-    chain, key = issue(pki, tmp / "certs", "json.site.test")
-    config = f"""
-[server]
-listen = ["127.0.0.1:0"]
-log_format = "json"
-[[site]]
-name = "j"
-hosts = ["json.site.test"]
-tls = {{ cert = "{chain}", key = "{key}" }}
-  [[site.route]]
-  path = "/"
-  respond = {{ body = "json here" }}
-"""
-    s = start_sniport(config, tmp)
-    try:
-        with tls_conn(s.port, "json.site.test", client_ctx(pki)) as c:
-            label = client_label(c)
-            c.send(request_bytes("/a?b=c", "json.site.test", headers=[("User-Agent", "j/1")]))
-            c.response()
-            c.send(request_bytes("/h", "JSON.site.test:7", method="HEAD"))
-            c.response(method="HEAD")
-
-        def records() -> list[dict[str, object]]:
-            out = []
-            for line in s.log().splitlines():
-                if line.startswith("{"):
-                    rec = json.loads(line)
-                    if rec.get("kind") == "req":
-                        out.append(rec)
-            return out
-
-        wait_for(lambda: len(records()) >= 2, 10.0, "two JSON request lines")
-        first, second = records()[:2]
-    finally:
-        s.stop()
+def test_access_log_json(pki: Pki, tmp_path: Path, sniport_with: SniportWith) -> None:
+    cert = pki.cert("json.site.test", directory=tmp_path / "certs")
+    s = sniport_with(site_config("j", ["json.site.test"], cert,
+                                 route("/", respond={"body": "json here"}),
+                                 server='log_format = "json"'))
+    with tls_conn(s.port, "json.site.test", pki.client_context()) as c:
+        label = client_label(c)
+        c.send(request_bytes("/a?b=c", "json.site.test", headers=[("User-Agent", "j/1")]))
+        c.response()
+        c.send(request_bytes("/h", "JSON.site.test:7", method="HEAD"))
+        c.response(method="HEAD")
+    wait_until(lambda: len(json_log(s, "req")) >= 2, 10.0, "two JSON request lines")
+    first, second = json_log(s, "req")[:2]
+    s.stop()
     for rec in (first, second):
         for name in ("client", "sni", "host", "method", "path", "status", "bytes", "ttfb",
                      "total"):

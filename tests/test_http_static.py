@@ -21,21 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import Pki, Sniport
-from http_helpers import (
-    Files,
-    Response,
-    client_ctx,
-    curl_site,
-    fetch,
-    issue,
-    launch,
-    no_dac_override_prefix,
-    request_bytes,
-    run_cli,
-    split_curl_output,
-    tls_conn,
-)
+from support.clients import Response, curl_site, fetch, request_bytes, split_curl_output, tls_conn
+from support.configs import route, site_config, toml_lines
+from support.data import Files
+from support.pki import Pki
+from support.process import Sniport, no_dac_override_prefix, run_cli, start_sniport
 
 HOST = "files.static.test"
 MARKER = b"TOP-SECRET-MARKER-7f3a"  # in every file outside the roots
@@ -64,12 +54,12 @@ class Setup:
 
     def get(self, target: str, headers: tuple[tuple[str, str], ...] = (),
             method: str = "GET") -> Response:
-        return fetch(self.port, HOST, client_ctx(self.pki), target, headers=headers,
+        return fetch(self.port, HOST, self.pki.client_context(), target, headers=headers,
                      method=method)
 
     def raw(self, target: str) -> tuple[Response, bytes]:
         """A GET with ``target`` exactly as given; the response and every byte received."""
-        with tls_conn(self.port, HOST, client_ctx(self.pki)) as c:
+        with tls_conn(self.port, HOST, self.pki.client_context()) as c:
             c.send(request_bytes(target, HOST, headers=[("Connection", "close")]))
             r = c.response()
             wire = r.raw_head + r.body + c.read_to_close()
@@ -135,44 +125,25 @@ def _build_tree(tmp: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("http_static")
-    chain, key = issue(pki, tmp / "certs", HOST)
+    chain, key = pki.cert(HOST, directory=tmp / "certs")
     roots = _build_tree(tmp)
     big = os.urandom(BIG_SIZE)
     big_path = roots["www"] / "big.bin"
     big_path.write_bytes(big)
-    config = f"""
-[server]
-listen = ["127.0.0.1:0"]
-
-[[site]]
-name = "files"
-hosts = ["{HOST}"]
-tls = {{ cert = "{chain}", key = "{key}" }}
-error_pages = {{ 404 = "/404.html" }}
-  [[site.route]]
-  path = "/"
-  static = {{ root = "{roots['www']}" }}
-  [[site.route]]
-  path = "/list/"
-  static = {{ root = "{roots['listing']}", autoindex = true }}
-  [[site.route]]
-  path = "/dots/"
-  static = {{ root = "{roots['dots']}", dotfiles = true }}
-  [[site.route]]
-  path = "/spa/"
-  static = {{ root = "{roots['spa']}", fallback = "/index.html" }}
-  [[site.route]]
-  path = "/files"
-  static = {{ root = "{roots['pub']}" }}
-  [[site.route]]
-  path = "/nope/"
-  static = {{ root = "{roots['nope']}" }}
-"""
-    s = launch(config, tmp, prefix=no_dac_override_prefix())
+    routes = "".join([
+        route("/", static={"root": roots["www"]}),
+        route("/list/", static={"root": roots["listing"], "autoindex": True}),
+        route("/dots/", static={"root": roots["dots"], "dotfiles": True}),
+        route("/spa/", static={"root": roots["spa"], "fallback": "/index.html"}),
+        route("/files", static={"root": roots["pub"]}),
+        route("/nope/", static={"root": roots["nope"]}),
+    ])
+    config = site_config("files", [HOST], (chain, key), routes,
+                         site=toml_lines(error_pages={"404": "/404.html"}))
     try:
-        yield Setup(s, pki, tmp, hashlib.sha256(big).hexdigest(), big)
+        with start_sniport(config, tmp, prefix=no_dac_override_prefix()) as s:
+            yield Setup(s, pki, tmp, hashlib.sha256(big).hexdigest(), big)
     finally:
-        s.stop()
         # Let pytest clean up what the test made unreadable.
         (roots["www"] / "lockeddir").chmod(0o700)
 
@@ -536,7 +507,7 @@ def test_large_file_streams_correctly(setup: Setup) -> None:
     assert len(body) == BIG_SIZE
     assert hashlib.sha256(body).hexdigest() == setup.big_sha256
     # Twice on one connection, to check the framing after a streamed body.
-    with tls_conn(setup.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.port, HOST, setup.pki.client_context()) as c:
         c.send(request_bytes("/big.bin", HOST) + request_bytes("/data.txt", HOST))
         first, second = c.response(), c.response()
     assert hashlib.sha256(first.body).hexdigest() == setup.big_sha256

@@ -19,26 +19,29 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from helpers import Pki, Sniport, TlsBackend, start_sniport, start_tls_backend
-from http_helpers import (
-    TIMEOUT,
+from support.backends import TlsBackend, start_tls_backend
+from support.clients import (
     RawTls,
-    client_ctx,
     client_label,
     curl,
     curl_site,
-    der_fingerprint,
     fetch,
-    insecure_ctx,
-    issue,
-    peer_der,
-    pem_fingerprint,
-    run_cli,
     s_client,
     tls_conn,
     wait_closed,
-    wait_conn,
 )
+from support.configs import (
+    passthrough_block,
+    route,
+    server_table,
+    site_block,
+    site_config,
+    toml_lines,
+)
+from support.logs import wait_conn
+from support.pki import Pki, der_fingerprint, insecure_client_context, peer_der, pem_fingerprint
+from support.process import Sniport, SniportWith, run_cli, start_sniport
+from support.waiting import TIMEOUT
 
 
 @dataclass
@@ -58,53 +61,27 @@ class Setup:
 def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("http_tls")
     certs = tmp / "certs"
-    a_chain, a_key = issue(pki, certs, "site-a.tls.test", "www.site-a.tls.test")
-    w_chain, w_key = issue(pki, certs, "*.wild.tls.test")
-    r_chain, r_key = issue(pki, certs, "rsa.tls.test", rsa=True)
-    backend = start_tls_backend(pki, "pass.tls.test")
-    backend_fp = pem_fingerprint((pki.dir / "pass.tls.test.pem").read_text())
-    config = f"""
-[server]
-listen = ["127.0.0.1:0"]
-handshake_timeout = "1s"
-
-[[passthrough]]
-name = "lan"
-hosts = ["pass.tls.test"]
-upstreams = ["127.0.0.1:{backend.port}"]
-
-[[site]]
-name = "a"
-hosts = ["site-a.tls.test", "www.site-a.tls.test"]
-tls = {{ cert = "{a_chain}", key = "{a_key}" }}
-  [[site.route]]
-  path = "/"
-  respond = {{ body = "this is site a" }}
-
-[[site]]
-name = "wild"
-hosts = ["*.wild.tls.test"]
-tls = {{ cert = "{w_chain}", key = "{w_key}" }}
-  [[site.route]]
-  path = "/"
-  respond = {{ body = "this is the wildcard site" }}
-
-[[site]]
-name = "rsa"
-hosts = ["rsa.tls.test"]
-tls = {{ cert = "{r_chain}", key = "{r_key}" }}
-  [[site.route]]
-  path = "/"
-  respond = {{ body = "this is the rsa site" }}
-"""
-    s = start_sniport(config, tmp)
+    a_chain, a_key = pki.cert("site-a.tls.test", "www.site-a.tls.test", directory=certs)
+    w_chain, w_key = pki.cert("*.wild.tls.test", directory=certs)
+    r_chain, r_key = pki.cert("rsa.tls.test", rsa=True, directory=certs)
+    # No CN in the backend's subject: s_client prints the subject after the certificate,
+    # where the test looks for the backend's own answer (its name).
+    backend = start_tls_backend(pki, "pass.tls.test", common_name=False)
+    backend_fp = pem_fingerprint(backend.pem)
+    config = (
+        server_table(extra='handshake_timeout = "1s"')
+        + passthrough_block("lan", ["pass.tls.test"], [backend.address])
+        + site_block("a", ["site-a.tls.test", "www.site-a.tls.test"], (a_chain, a_key),
+                     route("/", respond={"body": "this is site a"}))
+        + site_block("wild", ["*.wild.tls.test"], (w_chain, w_key),
+                     route("/", respond={"body": "this is the wildcard site"}))
+        + site_block("rsa", ["rsa.tls.test"], (r_chain, r_key),
+                     route("/", respond={"body": "this is the rsa site"})))
     fp = {name: pem_fingerprint(chain.read_text())
           for name, chain in (("a", a_chain), ("wild", w_chain), ("rsa", r_chain))}
-    try:
+    with start_sniport(config, tmp) as s:
         yield Setup(s, pki, backend, backend_fp, fp)
-    finally:
-        s.stop()
-        backend.close()
+    backend.close()
 
 
 def curl_certs_fingerprint(out: bytes) -> str:
@@ -157,15 +134,15 @@ def test_openssl_s_client_site_and_passthrough(setup: Setup) -> None:
 
 
 def test_python_ssl_site_and_passthrough(setup: Setup) -> None:
-    ctx = client_ctx(setup.pki)
+    ctx = setup.pki.client_context()
     for host in ("site-a.tls.test", "www.site-a.tls.test"):
         with tls_conn(setup.port, host, ctx) as c:
-            assert der_fingerprint(peer_der(c)) == setup.fp["a"]
+            assert der_fingerprint(peer_der(c.sock)) == setup.fp["a"]
             c.send(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
             r = c.response()
             assert (r.status, r.body) == (200, b"this is site a")
     with tls_conn(setup.port, "pass.tls.test", ctx) as c:
-        assert der_fingerprint(peer_der(c)) == setup.backend_fp
+        assert der_fingerprint(peer_der(c.sock)) == setup.backend_fp
         c.send(b"WHO")
         assert c.read_to_close() == b"pass.tls.test"
 
@@ -176,11 +153,11 @@ def test_wildcard_certificate_covers_one_label(setup: Setup) -> None:
     body, _, certs = r.stdout.partition(b"\n")
     assert body == b"this is the wildcard site"
     assert curl_certs_fingerprint(certs) == setup.fp["wild"]
-    resp = fetch(setup.port, "b.wild.tls.test", client_ctx(setup.pki), "/")
+    resp = fetch(setup.port, "b.wild.tls.test", setup.pki.client_context(), "/")
     assert (resp.status, resp.body) == (200, b"this is the wildcard site")
     # Two labels are not one: no block claims the name, [default] rejects it.
     with pytest.raises((ssl.SSLError, ConnectionError)):
-        fetch(setup.port, "a.b.wild.tls.test", insecure_ctx(), "/")
+        fetch(setup.port, "a.b.wild.tls.test", insecure_client_context(), "/")
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,7 +165,7 @@ def test_wildcard_certificate_covers_one_label(setup: Setup) -> None:
 
 
 def _old_tls_ctx(version: ssl.TLSVersion) -> ssl.SSLContext:
-    ctx = insecure_ctx()
+    ctx = insecure_client_context()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         ctx.minimum_version = version
@@ -200,7 +177,7 @@ def _old_tls_ctx(version: ssl.TLSVersion) -> ssl.SSLContext:
 @pytest.mark.parametrize("version", ["TLSv1", "TLSv1_1"])
 def test_tls_1_0_and_1_1_refused(setup: Setup, version: str) -> None:
     ctx = _old_tls_ctx(getattr(ssl.TLSVersion, version))
-    c = RawTls(setup.port, ctx, "site-a.tls.test")
+    c = RawTls.connect(("127.0.0.1", setup.port), ctx, "site-a.tls.test")
     try:
         hello = c.hello()
         assert hello[:1] == b"\x16", "the client did not produce a ClientHello"
@@ -233,7 +210,7 @@ def test_openssl_tls_1_1_refused_tls_1_2_accepted(setup: Setup) -> None:
 def test_tls_1_2_ecdhe_works_and_non_forward_secret_refused(setup: Setup) -> None:
     for host, cipher in (("site-a.tls.test", "ECDHE-ECDSA-AES128-GCM-SHA256"),
                          ("rsa.tls.test", "ECDHE-RSA-AES256-GCM-SHA384")):
-        ctx = client_ctx(setup.pki)
+        ctx = setup.pki.client_context()
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         ctx.set_ciphers(cipher)
         with tls_conn(setup.port, host, ctx) as c:
@@ -244,7 +221,7 @@ def test_tls_1_2_ecdhe_works_and_non_forward_secret_refused(setup: Setup) -> Non
             c.send(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
             assert c.response().status == 200
     # Plain RSA key exchange (no forward secrecy), with an RSA certificate that could do it.
-    ctx = client_ctx(setup.pki)
+    ctx = setup.pki.client_context()
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers("AES128-GCM-SHA256:AES256-GCM-SHA384:AES128-SHA256")
     with pytest.raises(ssl.SSLError):
@@ -252,7 +229,7 @@ def test_tls_1_2_ecdhe_works_and_non_forward_secret_refused(setup: Setup) -> Non
 
 
 def test_tls_1_3_default_and_alpn_selects_http11(setup: Setup) -> None:
-    ctx = client_ctx(setup.pki, alpn=["h2", "http/1.1"])
+    ctx = setup.pki.client_context(alpn=["h2", "http/1.1"])
     with tls_conn(setup.port, "site-a.tls.test", ctx) as c:
         assert isinstance(c.sock, ssl.SSLSocket)
         assert c.sock.version() == "TLSv1.3"
@@ -270,14 +247,14 @@ def test_tls_1_3_default_and_alpn_selects_http11(setup: Setup) -> None:
 
 
 def test_handshake_failures_are_logged_and_isolated(setup: Setup) -> None:
-    ctx = client_ctx(setup.pki)
+    ctx = setup.pki.client_context()
     bystander = tls_conn(setup.port, "site-a.tls.test", ctx)
     try:
         bystander.send(b"GET /1 HTTP/1.1\r\nHost: site-a.tls.test\r\n\r\n")
         assert bystander.response().status == 200
 
         # A ClientHello, then bytes that are not TLS records.
-        garbage = RawTls(setup.port, ctx, "site-a.tls.test")
+        garbage = RawTls.connect(("127.0.0.1", setup.port), ctx, "site-a.tls.test")
         garbage.sock.sendall(garbage.hello() + b"\x00\xffthis is not a TLS record\r\n" * 4)
         wait_closed(garbage.sock, TIMEOUT)
         garbage_label = client_label(garbage.sock)
@@ -307,7 +284,7 @@ def test_handshake_failures_are_logged_and_isolated(setup: Setup) -> None:
 
 
 def test_handshake_timeout(setup: Setup) -> None:
-    c = RawTls(setup.port, client_ctx(setup.pki), "rsa.tls.test")
+    c = RawTls.connect(("127.0.0.1", setup.port), setup.pki.client_context(), "rsa.tls.test")
     try:
         started = time.monotonic()
         c.sock.sendall(c.hello())  # then nothing: the handshake never completes
@@ -329,34 +306,24 @@ def test_handshake_timeout(setup: Setup) -> None:
 # Self-signed certificates
 
 
-def test_self_signed_generated_covers_hosts_and_survives_restart(tmp_path: Path) -> None:
+def test_self_signed_generated_covers_hosts_and_survives_restart(
+        tmp_path: Path, sniport_with: SniportWith) -> None:
     state = tmp_path / "state"
-    config = f"""
-[server]
-listen = ["127.0.0.1:0"]
-state_dir = "{state}"
-[[site]]
-name = "dev"
-hosts = ["dev.tls.test", "www.dev.tls.test"]
-tls = "self-signed"
-  [[site.route]]
-  path = "/"
-  respond = {{ body = "dev site" }}
-"""
+    config = site_config("dev", ["dev.tls.test", "www.dev.tls.test"], "self-signed",
+                         route("/", respond={"body": "dev site"}),
+                         server=toml_lines(state_dir=state))
 
     def served_cert(s: Sniport) -> bytes:
-        with tls_conn(s.port, "www.dev.tls.test", insecure_ctx()) as c:
-            der = peer_der(c)
+        with tls_conn(s.port, "www.dev.tls.test", insecure_client_context()) as c:
+            der = peer_der(c.sock)
             c.send(b"GET / HTTP/1.1\r\nHost: www.dev.tls.test\r\n\r\n")
             r = c.response()
             assert (r.status, r.body) == (200, b"dev site")
         return der
 
-    s = start_sniport(config, tmp_path)
-    try:
-        first = served_cert(s)
-    finally:
-        s.stop()
+    s = sniport_with(config)
+    first = served_cert(s)
+    s.stop()
     files = sorted((state / "self-signed").glob("dev-*.pem"))
     assert len(files) == 1, files
     assert pem_fingerprint(files[0].read_text()) == der_fingerprint(first)
@@ -364,14 +331,12 @@ tls = "self-signed"
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sorted(san.get_values_for_type(x509.DNSName)) == ["dev.tls.test", "www.dev.tls.test"]
     # curl, verifying against the generated certificate itself, accepts it for the host.
-    s = start_sniport(config, tmp_path)
-    try:
-        second = served_cert(s)
-        r = curl_site_with_ca(s.port, "dev.tls.test", files[0])
-        assert r.returncode == 0, r.stderr
-        assert r.stdout == b"dev site"
-    finally:
-        s.stop()
+    s = sniport_with(config)
+    second = served_cert(s)
+    r = curl_site_with_ca(s.port, "dev.tls.test", files[0])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"dev site"
+    s.stop()
     assert der_fingerprint(second) == der_fingerprint(first)
     assert sorted((state / "self-signed").glob("dev-*.pem")) == files
 
@@ -386,20 +351,11 @@ def curl_site_with_ca(port: int, host: str, ca: Path) -> subprocess.CompletedPro
 
 
 def test_check_refuses_key_that_does_not_match(pki: Pki, tmp_path: Path) -> None:
-    chain, _ = issue(pki, tmp_path / "one", "mismatch.tls.test")
-    _, other_key = issue(pki, tmp_path / "two", "other.tls.test")
+    chain, _ = pki.cert("mismatch.tls.test", directory=tmp_path / "one")
+    _, other_key = pki.cert("other.tls.test", directory=tmp_path / "two")
     config = tmp_path / "sniport.toml"
-    config.write_text(f"""
-[server]
-listen = ["127.0.0.1:0"]
-[[site]]
-name = "bad"
-hosts = ["mismatch.tls.test"]
-tls = {{ cert = "{chain}", key = "{other_key}" }}
-  [[site.route]]
-  path = "/"
-  respond = {{ body = "x" }}
-""")
+    config.write_text(site_config("bad", ["mismatch.tls.test"], (chain, other_key),
+                                  route("/", respond={"body": "x"})))
     r = run_cli("check", "-c", str(config))
     assert r.returncode == 1, r.stdout + r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
@@ -410,19 +366,10 @@ tls = {{ cert = "{chain}", key = "{other_key}" }}
 
 
 def test_check_warns_naming_an_uncovered_host(pki: Pki, tmp_path: Path) -> None:
-    chain, key = issue(pki, tmp_path, "covered.tls.test")
+    chain, key = pki.cert("covered.tls.test", directory=tmp_path)
     config = tmp_path / "sniport.toml"
-    config.write_text(f"""
-[server]
-listen = ["127.0.0.1:0"]
-[[site]]
-name = "partial"
-hosts = ["covered.tls.test", "uncovered.tls.test"]
-tls = {{ cert = "{chain}", key = "{key}" }}
-  [[site.route]]
-  path = "/"
-  respond = {{ body = "x" }}
-""")
+    config.write_text(site_config("partial", ["covered.tls.test", "uncovered.tls.test"],
+                                  (chain, key), route("/", respond={"body": "x"})))
     r = run_cli("check", "-c", str(config))
     assert r.returncode == 0, r.stdout + r.stderr
     warned = [line for line in r.stdout.splitlines() if line.startswith("warning: ")]

@@ -15,23 +15,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import Pki
-from ops_helpers import (
-    PT_HOST,
-    SITE_HOST,
-    Ops,
-    access_lines,
-    children,
-    config_text,
-    echo_backend,
-    get_body,
-    gids,
-    pt_who,
-    report,
-    status_field,
-    uids,
-    wait_until,
-)
+from support.backends import echo_backend
+from support.clients import get_body, pt_who
+from support.configs import PT_HOST, SITE_HOST, ops_config
+from support.logs import json_log_file
+from support.pki import Pki
+from support.proc import children, gids, status_field, uids
+from support.process import Ops, report
+from support.waiting import wait_until
 
 NOBODY = pwd.getpwnam("nobody")
 
@@ -59,9 +50,9 @@ def test_workers_run_as_nobody_master_stays_root(ops: Ops, pki: Pki, tmp_path: P
     cert = root_only_cert(pki, tmp_path)
 
     def cfg(body: str) -> str:
-        return config_text(state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=cert,
-                           body=body, workers=2, backend_port=backend.port,
-                           server_extra='user = "nobody"')
+        return ops_config(state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=cert,
+                          body=body, workers=2, backend_port=backend.port,
+                          server_extra='user = "nobody"')
 
     path = ops.write_config(cfg("v1"))
     master = ops.start(path)
@@ -89,15 +80,15 @@ def test_workers_run_as_nobody_master_stays_root(ops: Ops, pki: Pki, tmp_path: P
 
 
 def test_unknown_user_never_serves(ops: Ops, pki: Pki, tmp_path: Path) -> None:
-    path = ops.write_config(config_text(state_dir=tmp_path / "state", listen=["127.0.0.1:0"],
-                                        cert=pki.cert(SITE_HOST), workers=2,
-                                        server_extra='user = "no-such-user-sniport"'))
+    path = ops.write_config(ops_config(state_dir=tmp_path / "state", listen=["127.0.0.1:0"],
+                                       cert=pki.cert(SITE_HOST), workers=2,
+                                       server_extra='user = "no-such-user-sniport"'))
     master = ops.start(path, serving=False)
     code = master.wait_exit(15.0)
-    log = master.log.text()
+    log = master.log()
     assert code == 1, log
     # The user is checked with the rest of the config: nothing is started at all.
-    assert master.log.count(r"error: .*server\.user: no such user: 'no-such-user-sniport'") \
+    assert master.stderr.count(r"error: .*server\.user: no such user: 'no-such-user-sniport'") \
         == 1, log
     assert " serving " not in log
     assert not master.pid_file.exists()
@@ -109,8 +100,8 @@ def test_reload_to_an_unknown_user_keeps_the_old_workers(ops: Ops, pki: Pki,
     cert = root_only_cert(pki, tmp_path)
 
     def cfg(user: str, body: str) -> str:
-        return config_text(state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=cert,
-                           body=body, workers=2, server_extra=f'user = "{user}"')
+        return ops_config(state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=cert,
+                          body=body, workers=2, server_extra=f'user = "{user}"')
 
     path = ops.write_config(cfg("nobody", "v1"))
     master = ops.start(path)
@@ -122,8 +113,8 @@ def test_reload_to_an_unknown_user_keeps_the_old_workers(ops: Ops, pki: Pki,
     master.wait_log(r"ERROR reload failed \(1 problem\(s\)\); still serving the previous "
                     r"config", start=mark)
     # Refused with the rest of the config: no worker of a new generation ever started.
-    assert master.log.count(r"ERROR reload: .*server\.user: no such user: "
-                            r"'no-such-user-sniport'") == 1
+    assert master.stderr.count(r"ERROR reload: .*server\.user: no such user: "
+                               r"'no-such-user-sniport'") == 1
     assert master.workers() == workers
     for w in workers:
         assert_dropped(w)
@@ -140,13 +131,13 @@ def test_sigusr1_reopens_the_access_log_after_the_drop(ops: Ops, pki: Pki,
     ops.closers.append(lambda: shutil.rmtree(logs))
     os.chmod(logs, 0o755)
     access, rotated = logs / "access.log", logs / "access.log.1"
-    path = ops.write_config(config_text(state_dir=tmp_path / "state", listen=["127.0.0.1:0"],
-                                        cert=pki.cert(SITE_HOST), workers=1, access_log=access,
-                                        server_extra='user = "nobody"'))
+    path = ops.write_config(ops_config(state_dir=tmp_path / "state", listen=["127.0.0.1:0"],
+                                       cert=pki.cert(SITE_HOST), workers=1, access_log=access,
+                                       server_extra='user = "nobody"'))
     master = ops.start(path)
     ctx = pki.client_context()
     assert get_body(ctx, port=master.port, path="/before") == b"v1"
-    wait_until(lambda: len(access_lines(access, "req")) == 1, 5.0, "the first request line")
+    wait_until(lambda: len(json_log_file(access, "req")) == 1, 5.0, "the first request line")
     os.rename(access, rotated)
     mark = master.mark()
     master.signal(signal.SIGUSR1)
@@ -157,10 +148,10 @@ def test_sigusr1_reopens_the_access_log_after_the_drop(ops: Ops, pki: Pki,
         sent += 1
     report("test_sigusr1_reopens_the_access_log_after_the_drop", sent)
     try:
-        wait_until(lambda: len(access_lines(access, "req")) == 3, 3.0,
+        wait_until(lambda: len(json_log_file(access, "req")) == 3, 3.0,
                    "3 request lines in the new access.log")
     except TimeoutError:
-        pytest.fail(f"new access.log: {access_lines(access, 'req')}; moved file: "
-                    f"{[r['path'] for r in access_lines(rotated, 'req')]}; log:\n"
-                    f"{master.log.text()}")
-    assert [r["path"] for r in access_lines(rotated, "req")] == ["/before"]
+        pytest.fail(f"new access.log: {json_log_file(access, 'req')}; moved file: "
+                    f"{[r['path'] for r in json_log_file(rotated, 'req')]}; log:\n"
+                    f"{master.log()}")
+    assert [r["path"] for r in json_log_file(rotated, "req")] == ["/before"]

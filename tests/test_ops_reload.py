@@ -16,31 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Pki
-from ops_helpers import (
-    PT_HOST,
-    SITE_HOST,
-    TIMEOUT,
+from support.backends import echo_backend, free_port
+from support.clients import (
     HeldHandshake,
     Load,
-    Ops,
-    ServerClosed,
+    PeerClosed,
     Stream,
-    access_lines,
-    children,
-    config_text,
-    connect,
-    echo_backend,
-    free_port,
+    connect_tls,
     get_body,
-    report,
-    run_cli,
     running_load,
-    short_unix_path,
-    wait_gone,
     wait_requests,
-    wait_until,
 )
+from support.configs import PT_HOST, SITE_HOST, ops_config, short_unix_path
+from support.logs import json_log_file
+from support.pki import Pki
+from support.proc import children, wait_gone
+from support.process import Ops, report, run_cli
+from support.waiting import TIMEOUT, wait_until
 
 
 def wait_body(pki: Pki, port: int, want: str, previous: str, timeout: float = 5.0,
@@ -56,7 +48,7 @@ def wait_body(pki: Pki, port: int, want: str, previous: str, timeout: float = 5.
         sent += 1
         try:
             body = get_body(ctx, port=port).decode()
-        except (ServerClosed, OSError) as exc:
+        except (PeerClosed, OSError) as exc:
             if failures is None:
                 raise
             failures.append(f"content check: {type(exc).__name__}: {exc}")
@@ -82,9 +74,9 @@ def test_twenty_reloads_under_load_fail_no_request(ops: Ops, pki: Pki, tmp_path:
     access = tmp_path / "access.log"
 
     def cfg(n: int) -> str:
-        return config_text(state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=cert,
-                           body=f"v{n}", workers=2, drain_timeout="2s", access_log=access,
-                           backend_port=backend.port)
+        return ops_config(state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=cert,
+                          body=f"v{n}", workers=2, drain_timeout="2s", access_log=access,
+                          backend_port=backend.port)
 
     path = ops.write_config(cfg(0))
     master = ops.start(path)
@@ -124,7 +116,7 @@ def test_twenty_reloads_under_load_fail_no_request(ops: Ops, pki: Pki, tmp_path:
           f"reload time max {max(reload_seconds):.3f}s")
     master.signal(signal.SIGTERM)
     assert master.wait_exit(TIMEOUT) == 0
-    conns = access_lines(access, "conn")
+    conns = json_log_file(access, "conn")
     # A failed request names its client address: sniport's line for that connection says
     # how sniport ended it.
     failed = [f + "".join(f"\n    sniport ended {c['client']} ({c['sni']}): end={c['end']} "
@@ -135,14 +127,14 @@ def test_twenty_reloads_under_load_fail_no_request(ops: Ops, pki: Pki, tmp_path:
     assert stats.total >= RELOADS * BETWEEN * len(set(Load.KINDS))
     for kind in ("keepalive", "close", "who", "echo"):
         assert stats.requests[kind] > 0, kind
-    log = master.log.text()
+    log = master.log()
     assert "reload failed" not in log
     assert " died " not in log
     assert "Traceback" not in log
-    assert master.log.count(r"reloaded .* \(generation \d+\)") == RELOADS
+    assert master.stderr.count(r"reloaded .* \(generation \d+\)") == RELOADS
     # Every answered request of the terminated site has its access-log line, and every
     # passthrough connection its connection line: none was lost in a drain.
-    requests = access_lines(access, "req")
+    requests = json_log_file(access, "req")
     assert len(requests) == (stats.requests["keepalive"] + stats.requests["close"] + checks
                              - len(check_failures))
     assert {r["status"] for r in requests} == {200}
@@ -157,9 +149,9 @@ def test_passthrough_stream_flows_through_reloads_until_drain_timeout(
     access = tmp_path / "access.log"
 
     def cfg(n: int) -> str:
-        return config_text(state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=cert,
-                           body=f"v{n}", workers=1, drain_timeout="2s", access_log=access,
-                           backend_port=backend.port)
+        return ops_config(state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=cert,
+                          body=f"v{n}", workers=1, drain_timeout="2s", access_log=access,
+                          backend_port=backend.port)
 
     master = ops.start(ops.write_config(cfg(1)))
     ctx = pki.client_context()
@@ -185,7 +177,7 @@ def test_passthrough_stream_flows_through_reloads_until_drain_timeout(
     try:
         stream.wait_closed(TIMEOUT)
     except TimeoutError:
-        pytest.fail(f"the stream outlived drain_timeout by far; log:\n{master.log.text()}")
+        pytest.fail(f"the stream outlived drain_timeout by far; log:\n{master.log()}")
     lived = time.monotonic() - first_reload
     assert 1.8 <= lived <= 3.5, lived
     stream.close()
@@ -199,7 +191,7 @@ def test_passthrough_stream_flows_through_reloads_until_drain_timeout(
     report("test_passthrough_stream_flows_through_reloads_until_drain_timeout", sent)
 
     def stream_line() -> list[dict[str, Any]]:
-        return [c for c in access_lines(access, "conn")
+        return [c for c in json_log_file(access, "conn")
                 if c["client"] == f"127.0.0.1:{stream.local_port}"]
 
     wait_until(lambda: len(stream_line()) == 1, 5.0, "the stream's connection line")
@@ -225,8 +217,8 @@ def test_connection_accepted_before_a_reload_gets_its_first_request_answered(
     access = tmp_path / "access.log"
 
     def cfg(n: int) -> str:
-        return config_text(state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=cert,
-                           body=f"v{n}", workers=1, drain_timeout="2s", access_log=access)
+        return ops_config(state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=cert,
+                          body=f"v{n}", workers=1, drain_timeout="2s", access_log=access)
 
     master = ops.start(ops.write_config(cfg(1)))
     ctx = pki.client_context()
@@ -265,7 +257,7 @@ def test_connection_accepted_before_a_reload_gets_its_first_request_answered(
     master.signal(signal.SIGTERM)
     master.wait_exit(TIMEOUT)
     ends = {c["client"]: f"end={c['end']} up={c['up']} down={c['down']} "
-            f"duration={c['duration']}" for c in access_lines(access, "conn")}
+            f"duration={c['duration']}" for c in json_log_file(access, "conn")}
     report(f"test_connection_accepted_before_a_reload_gets_its_first_request_answered[{phase}]",
            len(clients))
     assert outcomes == ["'HTTP/1.1 200 OK' connection_close=True body='v1' "
@@ -316,8 +308,8 @@ def broken_config(case: str, base: str, tmp_path: Path, held_port: int) -> tuple
                                   "several"])
 def test_broken_reload_changes_nothing(ops: Ops, pki: Pki, tmp_path: Path, case: str) -> None:
     cert = pki.cert(SITE_HOST)
-    base = config_text(state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=cert,
-                       body="v1", workers=2)
+    base = ops_config(state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=cert,
+                      body="v1", workers=2)
     path = ops.write_config(base)
     master = ops.start(path)
     ctx = pki.client_context()
@@ -331,8 +323,8 @@ def test_broken_reload_changes_nothing(ops: Ops, pki: Pki, tmp_path: Path, case:
     ops.write_config(text)
     mark = master.mark()
     master.reload(via_cli=True)
-    end, _ = master.wait_log(r"reload failed", start=mark)
-    log = master.log.lines()[mark:end + 1]
+    end, _ = master.stderr.wait(r"reload failed", start=mark)
+    log = master.stderr.lines()[mark:end + 1]
     for pattern in expected:
         assert any(re.search(pattern, line) for line in log), (pattern, log)
     if case not in ("port_held",):
@@ -354,7 +346,7 @@ def test_broken_reload_changes_nothing(ops: Ops, pki: Pki, tmp_path: Path, case:
     after = master.status()
     assert (after["generation"], after["loaded_at"], after["listeners"]) == (
         before["generation"], before["loaded_at"], before["listeners"])
-    assert "reloaded" not in master.log.text()
+    assert "reloaded" not in master.log()
     # Fixed, it reloads.
     ops.write_config(base.replace('body = "v1"', 'body = "v2"'))
     mark = master.mark()
@@ -368,8 +360,8 @@ def test_sighup_during_a_reload_is_queued(ops: Ops, pki: Pki, tmp_path: Path) ->
     cert = pki.cert(SITE_HOST)
 
     def cfg(n: int) -> str:
-        return config_text(state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=cert,
-                           body=f"v{n}", workers=2)
+        return ops_config(state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=cert,
+                          body=f"v{n}", workers=2)
 
     master = ops.start(ops.write_config(cfg(1)))
     sent = 0
@@ -401,8 +393,8 @@ def test_reload_binds_new_listeners_and_closes_removed_ones(
     sock = short_unix_path(tmp_path / "added.sock")
 
     def cfg(listen: list[str], body: str) -> str:
-        return config_text(state_dir=tmp_path / "state", listen=listen, cert=cert, body=body,
-                           workers=1, drain_timeout="2s")
+        return ops_config(state_dir=tmp_path / "state", listen=listen, cert=cert, body=body,
+                          workers=1, drain_timeout="2s")
 
     master = ops.start(ops.write_config(cfg([f"127.0.0.1:{port_a}"], "v1")))
     ctx = pki.client_context()
@@ -442,14 +434,14 @@ def test_reload_rereads_certificate_files(ops: Ops, pki: Pki, tmp_path: Path) ->
         return leaf.cert_chain_pems[0].bytes()
 
     first = issue()
-    path = ops.write_config(config_text(state_dir=tmp_path / "state",
-                                        listen=["127.0.0.1:0"], cert=(chain, key)))
+    path = ops.write_config(ops_config(state_dir=tmp_path / "state",
+                                       listen=["127.0.0.1:0"], cert=(chain, key)))
     master = ops.start(path)
     ctx = pki.client_context()
     handshakes = [0]
 
     def served_pem() -> bytes:
-        with connect(ctx, port=master.port) as tls:
+        with connect_tls(ctx, SITE_HOST, port=master.port) as tls:
             der = tls.getpeercert(binary_form=True)
         assert der is not None
         handshakes[0] += 1

@@ -17,24 +17,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import Pki
-from ops_helpers import (
-    SITE_HOST,
-    TIMEOUT,
-    HttpsClient,
-    Ops,
-    Stream,
-    access_lines,
-    alive,
-    children,
-    config_text,
-    echo_backend,
-    free_port,
-    get_body,
-    report,
-    short_unix_path,
-    wait_gone,
-)
+from support.backends import echo_backend, free_port
+from support.clients import HttpsClient, Stream, get_body
+from support.configs import SITE_HOST, ops_config, short_unix_path
+from support.logs import json_log_file
+from support.pki import Pki
+from support.proc import alive, children, wait_gone
+from support.process import Ops, report
+from support.waiting import TIMEOUT
 
 
 def inode(path: str) -> tuple[int, int]:
@@ -48,7 +38,7 @@ CYCLES = 20
 def test_graceful_stop_then_start_twenty_times(ops: Ops, pki: Pki, tmp_path: Path) -> None:
     port = free_port()
     sock = short_unix_path(tmp_path / "s.sock")
-    path = ops.write_config(config_text(
+    path = ops.write_config(ops_config(
         state_dir=tmp_path / "state", listen=[f"127.0.0.1:{port}", f"unix:{sock}"],
         cert=pki.cert(SITE_HOST), workers=1, drain_timeout="5s"))
     ctx = pki.client_context()
@@ -76,14 +66,14 @@ def test_graceful_stop_then_start_twenty_times(ops: Ops, pki: Pki, tmp_path: Pat
             master.signal(signal.SIGTERM)
             code = master.wait_exit()
         took = time.monotonic() - t0
-        assert code == 0, master.log.text()
+        assert code == 0, master.log()
         assert took < 2.5, f"cycle {cycle}: nothing was open, yet the stop took {took:.1f}s"
         assert not os.path.lexists(sock), f"cycle {cycle}: {sock} left behind"
         assert not master.pid_file.exists()
         assert not master.status_file.exists()
         assert not any(alive(w) for w in workers)
-        assert master.log.count(r"graceful stop: draining for up to 5s") == 1
-        assert master.log.lines()[-1].endswith("INFO stopped"), master.log.text()
+        assert master.stderr.count(r"graceful stop: draining for up to 5s") == 1
+        assert master.stderr.lines()[-1].endswith("INFO stopped"), master.log()
     assert len(pids) == CYCLES
     report("test_graceful_stop_then_start_twenty_times", sent)
 
@@ -95,7 +85,7 @@ def test_graceful_stop_closes_idle_keepalive_connections_at_once(
     wait drain_timeout for a client that keeps its pooled connection open ("silent": never
     reads it; "reads_eof": reads the close but does not close its socket)."""
     access = tmp_path / "access.log"
-    path = ops.write_config(config_text(
+    path = ops.write_config(ops_config(
         state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=pki.cert(SITE_HOST),
         drain_timeout="5s", access_log=access))
     master = ops.start(path)
@@ -113,7 +103,7 @@ def test_graceful_stop_closes_idle_keepalive_connections_at_once(
     took = time.monotonic() - t0
     idle.close()
     report(f"test_graceful_stop_closes_idle_keepalive_connections_at_once[{client}]", 1)
-    lines = access_lines(access, "conn")
+    lines = json_log_file(access, "conn")
     assert code == 0
     assert [c["end"] for c in lines] == ["drain"]
     assert took < 2.0, (f"the stop took {took:.1f}s for one idle keep-alive connection "
@@ -124,7 +114,7 @@ def test_kill_9_of_the_master_then_start(ops: Ops, pki: Pki, tmp_path: Path) -> 
     port = free_port()
     sock = short_unix_path(tmp_path / "s.sock")
     backend = echo_backend(pki, ops)
-    path = ops.write_config(config_text(
+    path = ops.write_config(ops_config(
         state_dir=tmp_path / "state", listen=[f"127.0.0.1:{port}", f"unix:{sock}"],
         cert=pki.cert(SITE_HOST), workers=2, drain_timeout="2s", backend_port=backend.port))
     ctx = pki.client_context()
@@ -161,7 +151,7 @@ def test_kill_9_of_the_master_then_start(ops: Ops, pki: Pki, tmp_path: Path) -> 
         # The old workers notice that their master is gone and exit on their own.
         took = wait_gone(workers, 5.0)
         assert took < 5.0
-        old.log.wait(r"worker: the master is gone; draining and exiting")
+        old.wait_log(r"worker: the master is gone; draining and exiting")
         if stream is not None:
             stream.wait_closed(1.0)
             stream.close()
@@ -179,12 +169,12 @@ def test_live_unix_socket_makes_the_start_fail(ops: Ops, pki: Pki, tmp_path: Pat
     other.listen(8)
     ops.closers.append(other.close)
     before = inode(sock)
-    path = ops.write_config(config_text(
+    path = ops.write_config(ops_config(
         state_dir=tmp_path / "state", listen=["127.0.0.1:0", f"unix:{sock}"],
         cert=pki.cert(SITE_HOST)))
     master = ops.start(path, serving=False)
     assert master.wait_exit() == 1
-    log = master.log.text()
+    log = master.log()
     assert f"error: listen unix:{sock}: another process is serving here" in log.splitlines()
     assert "serving" not in log.replace("another process is serving here", "")
     assert inode(sock) == before
@@ -211,13 +201,13 @@ def test_what_is_not_a_socket_is_never_deleted(ops: Ops, pki: Pki, tmp_path: Pat
     else:
         os.symlink(target, sock)
     before = inode(sock)
-    path = ops.write_config(config_text(
+    path = ops.write_config(ops_config(
         state_dir=tmp_path / "state", listen=["127.0.0.1:0", f"unix:{sock}"],
         cert=pki.cert(SITE_HOST)))
     master = ops.start(path, serving=False)
     assert master.wait_exit() == 1
     assert (f"error: listen unix:{sock}: the path exists and is not a socket; not deleting it"
-            in master.log.lines())
+            in master.stderr.lines())
     assert inode(sock) == before
     assert target.read_text() == "precious\n"
     if kind == "file":
@@ -232,7 +222,7 @@ def test_stale_socket_file_is_replaced_at_start(ops: Ops, pki: Pki, tmp_path: Pa
     leftover.close()  # the file stays, nobody accepts on it
     link = tmp_path / "old.sock"
     os.link(sock, link)  # keeps the inode number from being reused
-    path = ops.write_config(config_text(
+    path = ops.write_config(ops_config(
         state_dir=tmp_path / "state", listen=[f"unix:{sock}"], cert=pki.cert(SITE_HOST)))
     master = ops.start(path)
     assert master.addresses == [f"unix:{sock}"]
@@ -248,7 +238,7 @@ def test_stale_socket_file_is_replaced_at_start(ops: Ops, pki: Pki, tmp_path: Pa
 def test_a_file_that_replaced_our_socket_is_not_removed_at_exit(
         ops: Ops, pki: Pki, tmp_path: Path) -> None:
     sock = short_unix_path(tmp_path / "s.sock")
-    path = ops.write_config(config_text(
+    path = ops.write_config(ops_config(
         state_dir=tmp_path / "state", listen=["127.0.0.1:0", f"unix:{sock}"],
         cert=pki.cert(SITE_HOST)))
     master = ops.start(path)
@@ -262,7 +252,7 @@ def test_a_file_that_replaced_our_socket_is_not_removed_at_exit(
 
 def test_abstract_unix_socket(ops: Ops, pki: Pki, tmp_path: Path) -> None:
     name = f"sniport-ops-{uuid.uuid4().hex[:12]}"
-    path = ops.write_config(config_text(
+    path = ops.write_config(ops_config(
         state_dir=tmp_path / "state", listen=[f"unix:@{name}"], cert=pki.cert(SITE_HOST)))
     before = set(os.listdir(tmp_path))
     master = ops.start(path)
@@ -285,12 +275,12 @@ def test_tcp_port_held_by_another_process_makes_the_start_fail(
     ops.closers.append(holder.close)
     port = holder.getsockname()[1]
     sock = short_unix_path(tmp_path / "s.sock")
-    path = ops.write_config(config_text(
+    path = ops.write_config(ops_config(
         state_dir=tmp_path / "state", listen=[f"unix:{sock}", f"127.0.0.1:{port}"],
         cert=pki.cert(SITE_HOST)))
     master = ops.start(path, serving=False)
     assert master.wait_exit() == 1
     assert (f"error: listen 127.0.0.1:{port}: Address already in use (another process holds it)"
-            in master.log.lines())
+            in master.stderr.lines())
     assert not os.path.lexists(sock), "the unix socket bound before the failure is removed"
     report("test_tcp_port_held_by_another_process_makes_the_start_fail", 0)

@@ -15,21 +15,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, Pki
-from ops_helpers import (
-    PYTHON,
-    SITE_HOST,
-    SNIPORT_BIN,
-    TIMEOUT,
-    LogReader,
-    Master,
-    Ops,
-    config_text,
-    free_port,
-    get_body,
-    report,
-    short_unix_path,
-)
+from support.backends import free_port
+from support.clients import get_body
+from support.configs import SITE_HOST, ops_config, short_unix_path
+from support.pki import Pki
+from support.process import ROOT, SNIPORT_BIN, Master, Ops, report, run_command
+from support.waiting import TIMEOUT
 
 UNITS = ROOT / "contrib" / "systemd"
 
@@ -87,8 +78,8 @@ def test_notify_ready_reloading_stopping(ops: Ops, pki: Pki, tmp_path: Path, whe
         address, env_value = "\0" + name, "@" + name
     notes = Notifications(address)
     ops.closers.append(notes.sock.close)
-    path = ops.write_config(config_text(state_dir=tmp_path / "state", listen=["127.0.0.1:0"],
-                                        cert=pki.cert(SITE_HOST), workers=2))
+    path = ops.write_config(ops_config(state_dir=tmp_path / "state", listen=["127.0.0.1:0"],
+                                       cert=pki.cert(SITE_HOST), workers=2))
     master = ops.start(path, env=dict(os.environ, NOTIFY_SOCKET=env_value))
     ready = notes.next()
     assert ready["READY"] == "1"
@@ -118,9 +109,9 @@ def socket_activated(ops: Ops, listen: str, config: Path, *extra: str) -> Master
     """``systemd-socket-activate -l LISTEN -- python -m sniport run -c CONFIG``: it binds,
     waits for the first connection, then execs sniport (same pid) with the socket as fd 3."""
     proc = ops.spawn(["systemd-socket-activate", "-l", listen, *extra, "--",
-                      PYTHON, "-m", "sniport", "run", "-c", str(config)])
+                      *run_command(config)])
     assert proc.stderr is not None
-    master = Master(proc, config, ops.state_dir_of(config), LogReader(proc.stderr.fileno()))
+    master = Master(proc, config, ops.state_dir_of(config))
     master.wait_log(r"Listening on .* as 3\.")
     return master
 
@@ -144,9 +135,9 @@ def socket_inode(pid: int, fd: int) -> int:
 
 def test_socket_activation_tcp(ops: Ops, pki: Pki, tmp_path: Path) -> None:
     port = free_port()
-    path = ops.write_config(config_text(state_dir=tmp_path / "state",
-                                        listen=[f"127.0.0.1:{port}"],
-                                        cert=pki.cert(SITE_HOST), workers=2))
+    path = ops.write_config(ops_config(state_dir=tmp_path / "state",
+                                       listen=[f"127.0.0.1:{port}"],
+                                       cert=pki.cert(SITE_HOST), workers=2))
     master = socket_activated(ops, f"127.0.0.1:{port}", path)
     [held] = listening_inodes(port)
     ctx = pki.client_context()
@@ -155,7 +146,7 @@ def test_socket_activation_tcp(ops: Ops, pki: Pki, tmp_path: Path) -> None:
     answers: list[bytes] = []
     first = threading.Thread(target=lambda: answers.append(get_body(ctx, port=port)))
     first.start()
-    _, m = master.wait_log(r"serving \S+ on (.+)$")
+    m = master.wait_log(r"serving \S+ on (.+)$")
     first.join(TIMEOUT)
     assert answers == [b"v1"]
     assert m.group(1) == f"127.0.0.1:{port}"
@@ -179,8 +170,8 @@ def test_socket_activation_tcp(ops: Ops, pki: Pki, tmp_path: Path) -> None:
 
 def test_socket_activation_unix_with_a_name(ops: Ops, pki: Pki, tmp_path: Path) -> None:
     sock = short_unix_path(tmp_path / "activated.sock")
-    path = ops.write_config(config_text(state_dir=tmp_path / "state", listen=[f"unix:{sock}"],
-                                        cert=pki.cert(SITE_HOST)))
+    path = ops.write_config(ops_config(state_dir=tmp_path / "state", listen=[f"unix:{sock}"],
+                                       cert=pki.cert(SITE_HOST)))
     master = socket_activated(ops, sock, path, "--fdname=web")
     before = os.lstat(sock)
     ctx = pki.client_context()

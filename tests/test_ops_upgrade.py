@@ -13,24 +13,13 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from helpers import Pki
-from ops_helpers import (
-    PT_HOST,
-    SITE_HOST,
-    TIMEOUT,
-    Ops,
-    children,
-    config_text,
-    echo_backend,
-    free_port,
-    get_body,
-    ppid,
-    pt_who,
-    run_cli,
-    short_unix_path,
-    wait_gone,
-    wait_until,
-)
+from support.backends import echo_backend, free_port
+from support.clients import get_body, pt_who
+from support.configs import PT_HOST, SITE_HOST, ops_config, short_unix_path
+from support.pki import Pki
+from support.proc import children, ppid, wait_gone
+from support.process import Ops, run_cli
+from support.waiting import TIMEOUT, wait_until
 
 
 class ClientLoop:
@@ -84,7 +73,7 @@ def test_upgrade_hands_the_sockets_to_a_new_master(ops: Ops, pki: Pki, tmp_path:
     backend = echo_backend(pki, ops)
     port = free_port()
     sock = short_unix_path(tmp_path / "s.sock")
-    path = ops.write_config(config_text(
+    path = ops.write_config(ops_config(
         state_dir=tmp_path / "state", listen=[f"127.0.0.1:{port}", f"unix:{sock}"],
         cert=pki.cert(SITE_HOST), workers=2, drain_timeout="5s", backend_port=backend.port))
     old = ops.start(path)
@@ -96,11 +85,11 @@ def test_upgrade_hands_the_sockets_to_a_new_master(ops: Ops, pki: Pki, tmp_path:
         mark = old.mark()
         r = run_cli("upgrade", "-c", str(path))
         assert (r.returncode, r.stdout) == (0, f"upgrade signalled to master {old.pid}\n")
-        _, m = old.wait_log(r"upgrade: new master (\d+) started", start=mark)
+        m = old.wait_log(r"upgrade: new master (\d+) started", start=mark)
         new_pid = int(m.group(1))
         ops.pids.add(new_pid)
-        _, m = old.wait_log(rf"sniport\[{new_pid}\] INFO sniport \S+ \(2 worker\(s\)\) serving "
-                            r"\S+ on (.+)$", start=mark)
+        m = old.wait_log(rf"sniport\[{new_pid}\] INFO sniport \S+ \(2 worker\(s\)\) serving "
+                         r"\S+ on (.+)$", start=mark)
         assert m.group(1) == f"127.0.0.1:{port}, unix:{sock}"
         old.wait_log(rf"sniport\[{new_pid}\] INFO upgrade: telling the old master {old.pid} "
                      r"to stop", start=mark)
@@ -131,7 +120,7 @@ def test_upgrade_hands_the_sockets_to_a_new_master(ops: Ops, pki: Pki, tmp_path:
     # The new master is the one that stops now; its exit removes the socket and pid files.
     os.kill(new_pid, signal.SIGTERM)
     wait_gone([new_pid], TIMEOUT)
-    old.log.wait(rf"sniport\[{new_pid}\] INFO stopped")
+    old.wait_log(rf"sniport\[{new_pid}\] INFO stopped")
     if old.pid_file.exists():
         problems.append(f"{old.pid_file} left behind by the new master's stop")
     if os.path.lexists(sock):

@@ -16,34 +16,22 @@ from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
 
-from helpers import Pki
-from ops_helpers import (
-    PYTHON,
-    SITE_HOST,
-    SNIPORT_BIN,
-    TIMEOUT,
-    Ops,
-    Stream,
-    access_lines,
-    alive,
-    children,
-    config_text,
-    echo_backend,
-    get_body,
-    open_paths,
-    ppid,
-    report,
-    run_cli,
-    wait_until,
-)
+from support.backends import echo_backend
+from support.clients import Stream, get_body
+from support.configs import SITE_HOST, ops_config
+from support.logs import json_log_file
+from support.pki import Pki
+from support.proc import alive, children, open_paths, ppid
+from support.process import PYTHON, SNIPORT_BIN, Ops, report, run_cli
+from support.waiting import TIMEOUT, wait_until
 
 import sniport
 
 
 def test_two_workers_and_a_killed_one_is_replaced(ops: Ops, pki: Pki, tmp_path: Path) -> None:
-    path = ops.write_config(config_text(state_dir=tmp_path / "state",
-                                        listen=["127.0.0.1:0"], cert=pki.cert(SITE_HOST),
-                                        workers=2))
+    path = ops.write_config(ops_config(state_dir=tmp_path / "state",
+                                       listen=["127.0.0.1:0"], cert=pki.cert(SITE_HOST),
+                                       workers=2))
     master = ops.start(path)
     ctx = pki.client_context()
     workers = ops.track_workers(master)
@@ -90,9 +78,9 @@ def test_two_workers_and_a_killed_one_is_replaced(ops: Ops, pki: Pki, tmp_path: 
 def test_a_second_sigterm_during_the_drain_makes_it_fast(ops: Ops, pki: Pki,
                                                          tmp_path: Path) -> None:
     backend = echo_backend(pki, ops)
-    path = ops.write_config(config_text(state_dir=tmp_path / "state",
-                                        listen=["127.0.0.1:0"], cert=pki.cert(SITE_HOST),
-                                        drain_timeout="30s", backend_port=backend.port))
+    path = ops.write_config(ops_config(state_dir=tmp_path / "state",
+                                       listen=["127.0.0.1:0"], cert=pki.cert(SITE_HOST),
+                                       drain_timeout="30s", backend_port=backend.port))
     master = ops.start(path)
     workers = ops.track_workers(master)
     stream = Stream(pki.client_context(), master.port)
@@ -118,10 +106,10 @@ def test_a_second_sigterm_during_the_drain_makes_it_fast(ops: Ops, pki: Pki,
 
 def test_sigint_stops_fast(ops: Ops, pki: Pki, tmp_path: Path) -> None:
     backend = echo_backend(pki, ops)
-    path = ops.write_config(config_text(state_dir=tmp_path / "state",
-                                        listen=["127.0.0.1:0"], cert=pki.cert(SITE_HOST),
-                                        drain_timeout="30s", backend_port=backend.port,
-                                        workers=2))
+    path = ops.write_config(ops_config(state_dir=tmp_path / "state",
+                                       listen=["127.0.0.1:0"], cert=pki.cert(SITE_HOST),
+                                       drain_timeout="30s", backend_port=backend.port,
+                                       workers=2))
     master = ops.start(path)
     workers = ops.track_workers(master)
     stream = Stream(pki.client_context(), master.port)
@@ -133,8 +121,8 @@ def test_sigint_stops_fast(ops: Ops, pki: Pki, tmp_path: Path) -> None:
     stream.wait_closed(2.0)
     stream.close()
     assert took < 2.0, took
-    assert master.log.count(r"INFO fast stop") == 1
-    assert master.log.count(r"graceful stop") == 0
+    assert master.stderr.count(r"INFO fast stop") == 1
+    assert master.stderr.count(r"graceful stop") == 0
     assert not any(alive(w) for w in workers)
     assert not master.pid_file.exists()
     report("test_sigint_stops_fast", 1)
@@ -143,15 +131,15 @@ def test_sigint_stops_fast(ops: Ops, pki: Pki, tmp_path: Path) -> None:
 def test_sigusr1_reopens_the_access_log(ops: Ops, pki: Pki, tmp_path: Path) -> None:
     access = tmp_path / "access.log"
     rotated = tmp_path / "access.log.1"
-    path = ops.write_config(config_text(state_dir=tmp_path / "state",
-                                        listen=["127.0.0.1:0"], cert=pki.cert(SITE_HOST),
-                                        workers=2, access_log=access))
+    path = ops.write_config(ops_config(state_dir=tmp_path / "state",
+                                       listen=["127.0.0.1:0"], cert=pki.cert(SITE_HOST),
+                                       workers=2, access_log=access))
     master = ops.start(path)
     ctx = pki.client_context()
     workers = ops.track_workers(master)
     for _ in range(4):
         assert get_body(ctx, port=master.port, path="/before") == b"v1"
-    wait_until(lambda: len(access_lines(access, "req")) == 4, 5.0, "4 request lines")
+    wait_until(lambda: len(json_log_file(access, "req")) == 4, 5.0, "4 request lines")
     os.rename(access, rotated)  # logrotate's move
     mark = master.mark()
     master.signal(signal.SIGUSR1)
@@ -164,17 +152,17 @@ def test_sigusr1_reopens_the_access_log(ops: Ops, pki: Pki, tmp_path: Path) -> N
     wait_until(reopened, 5.0, "every worker to hold the new access.log")
     for _ in range(4):
         assert get_body(ctx, port=master.port, path="/after") == b"v1"
-    wait_until(lambda: len(access_lines(access, "req")) == 4, 5.0,
+    wait_until(lambda: len(json_log_file(access, "req")) == 4, 5.0,
                "4 request lines in the new file")
-    assert [r["path"] for r in access_lines(access, "req")] == ["/after"] * 4
-    assert [r["path"] for r in access_lines(rotated, "req")] == ["/before"] * 4
+    assert [r["path"] for r in json_log_file(access, "req")] == ["/after"] * 4
+    assert [r["path"] for r in json_log_file(rotated, "req")] == ["/before"] * 4
     report("test_sigusr1_reopens_the_access_log", 8)
 
 
 def test_status_and_version(ops: Ops, pki: Pki, tmp_path: Path) -> None:
-    path = ops.write_config(config_text(state_dir=tmp_path / "state",
-                                        listen=["127.0.0.1:0"], cert=pki.cert(SITE_HOST),
-                                        workers=2))
+    path = ops.write_config(ops_config(state_dir=tmp_path / "state",
+                                       listen=["127.0.0.1:0"], cert=pki.cert(SITE_HOST),
+                                       workers=2))
     not_running = run_cli("status", "-c", str(path))
     assert not_running.returncode == 3
     assert not_running.stdout.startswith("no running sniport found: cannot read ")

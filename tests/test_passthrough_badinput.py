@@ -12,78 +12,57 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Pki, Sniport, start_sniport
-from passthrough_helpers import (
-    TIMEOUT,
-    Backend,
-    RawTls,
-    alpn_padded_context,
-    client_context,
-    client_label,
-    closed_by_peer,
-    cpu_seconds,
-    make_hello,
-    start_backend,
-    wait_conn,
-    wait_conn_count,
-)
+from support.backends import TlsBackend, start_tls_backend
+from support.clients import RawTls, alpn_padded_context, client_label, make_hello, wait_closed
+from support.configs import passthrough_config, toml_lines
+from support.logs import wait_conn, wait_conn_count
+from support.pki import Pki
+from support.proc import cpu_seconds
+from support.process import Sniport, SniportWith, start_sniport
+from support.waiting import TIMEOUT
 
 HELLO_TIMEOUT = 0.5
 
 
 @pytest.fixture(scope="module")
-def backend(pki: Pki) -> Iterator[Backend]:
-    b = start_backend(pki, "vpn.example.com")
+def backend(pki: Pki) -> Iterator[TlsBackend]:
+    b = start_tls_backend(pki, "vpn.example.com")
     yield b
     b.close()
 
 
-def config(backend: Backend, tmp: Path) -> str:
-    return f"""
-[server]
-listen = ["127.0.0.1:0", "unix:{tmp}/in.sock"]
-client_hello_timeout = "{int(HELLO_TIMEOUT * 1000)}ms"
-
-[[passthrough]]
-name = "lan"
-hosts = ["vpn.example.com"]
-upstreams = ["{backend.address}"]
-
-[default]
-to = "reject"
-non_tls = "close"
-"""
+def config(backend: TlsBackend, tmp: Path) -> str:
+    return passthrough_config(
+        [backend.address], listen=["127.0.0.1:0", f"unix:{tmp}/in.sock"],
+        server=toml_lines(client_hello_timeout=f"{int(HELLO_TIMEOUT * 1000)}ms"),
+        extra='[default]\nto = "reject"\nnon_tls = "close"\n')
 
 
 @pytest.fixture(scope="module")
-def shared(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sniport]:
+def shared(backend: TlsBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sniport]:
     """One sniport for the tests that only look at their own connection's line."""
     tmp = tmp_path_factory.mktemp("bad")
-    s = start_sniport(config(backend, tmp), tmp)
-    yield s
-    assert s.proc.poll() is None, "sniport died"
-    s.stop()
+    with start_sniport(config(backend, tmp), tmp) as s:
+        yield s
+        assert s.proc.poll() is None, "sniport died"
 
 
 @pytest.fixture
-def sniport(backend: Backend, tmp_path: Path) -> Iterator[Sniport]:
+def sniport(backend: TlsBackend, tmp_path: Path, sniport_with: SniportWith) -> Iterator[Sniport]:
     """A fresh sniport for the tests that time things or measure its CPU."""
-    s = start_sniport(config(backend, tmp_path), tmp_path)
+    s = sniport_with(config(backend, tmp_path))
     yield s
     assert s.proc.poll() is None, "sniport died"
-    s.stop()
 
 
-def served(s: Sniport, pki: Pki, backend: Backend, within: float = 1.0) -> None:
+def served(s: Sniport, pki: Pki, backend: TlsBackend, within: float = 1.0) -> None:
     """A good client gets its answer, quickly."""
     start = time.monotonic()
-    c = RawTls.connect(("127.0.0.1", s.port), client_context(pki), "vpn.example.com")
+    c = RawTls.connect(("127.0.0.1", s.port), pki.client_context(), "vpn.example.com")
     c.send_raw(c.hello())
     c.handshake()
     assert c.peer_der() == backend.der
-    c.write(b"WHO")
-    assert c.read_to_eof() == b"vpn.example.com"
-    c.close()
+    assert c.ask_who() == b"vpn.example.com"
     took = time.monotonic() - start
     assert took < within, f"a good client took {took:.3f}s"
 
@@ -119,13 +98,13 @@ def send_and_wait_close(s: Sniport, data: bytes) -> str:
     # Closed before all was sent is fine: the log line says why.
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         sock.sendall(data)
-    assert closed_by_peer(sock) == b""
+    assert wait_closed(sock) == b""
     sock.close()
     return client
 
 
 @pytest.mark.parametrize(("data", "reason"), list(MALFORMED.values()), ids=list(MALFORMED))
-def test_malformed_hello_closes_that_connection(shared: Sniport, pki: Pki, backend: Backend,
+def test_malformed_hello_closes_that_connection(shared: Sniport, pki: Pki, backend: TlsBackend,
                                                 data: bytes, reason: str) -> None:
     client = send_and_wait_close(shared, data)
     served(shared, pki, backend)
@@ -133,7 +112,7 @@ def test_malformed_hello_closes_that_connection(shared: Sniport, pki: Pki, backe
     assert (rec["route"], rec["upstream"], rec["end"]) == ("-", "-", f"malformed_hello: {reason}")
 
 
-def test_random_bytes_are_not_tls(shared: Sniport, pki: Pki, backend: Backend) -> None:
+def test_random_bytes_are_not_tls(shared: Sniport, pki: Pki, backend: TlsBackend) -> None:
     assert RANDOM[0] != 0x16
     client = send_and_wait_close(shared, RANDOM)
     served(shared, pki, backend)
@@ -142,7 +121,7 @@ def test_random_bytes_are_not_tls(shared: Sniport, pki: Pki, backend: Backend) -
 
 
 @pytest.mark.parametrize("size", [16385, 20000])
-def test_oversized_hello_is_refused(shared: Sniport, pki: Pki, backend: Backend,
+def test_oversized_hello_is_refused(shared: Sniport, pki: Pki, backend: TlsBackend,
                                     size: int) -> None:
     hello = make_hello(alpn_padded_context(pki, size), "vpn.example.com")
     assert len(hello) == size
@@ -153,7 +132,7 @@ def test_oversized_hello_is_refused(shared: Sniport, pki: Pki, backend: Backend,
 
 
 @pytest.mark.parametrize("size", [12000, 16384])
-def test_large_hello_within_the_cap_is_routed(shared: Sniport, pki: Pki, backend: Backend,
+def test_large_hello_within_the_cap_is_routed(shared: Sniport, pki: Pki, backend: TlsBackend,
                                               size: int) -> None:
     c = RawTls.connect(("127.0.0.1", shared.port), alpn_padded_context(pki, size),
                        "vpn.example.com")
@@ -163,16 +142,14 @@ def test_large_hello_within_the_cap_is_routed(shared: Sniport, pki: Pki, backend
     c.send_raw(hello)
     c.handshake()
     assert c.peer_der() == backend.der
-    c.write(b"WHO")
-    assert c.read_to_eof() == b"vpn.example.com"
-    c.close()
+    assert c.ask_who() == b"vpn.example.com"
     rec = wait_conn(shared, client=client)
     assert (rec["hello"], rec["route"], rec["end"]) == (str(size), "passthrough:lan", "eof")
 
 
 @pytest.mark.parametrize("listener", ["tcp", "unix"])
 @pytest.mark.parametrize("how", ["close", "shutdown"])
-def test_truncated_hello_then_close_ends_at_once(sniport: Sniport, pki: Pki, backend: Backend,
+def test_truncated_hello_then_close_ends_at_once(sniport: Sniport, pki: Pki, backend: TlsBackend,
                                                  how: str, listener: str) -> None:
     """The client gives up mid-hello: sniport sees the end of stream and closes now, with
     ``eof_in_hello``, rather than waiting for client_hello_timeout."""
@@ -232,7 +209,7 @@ def test_partial_hello_held_open_costs_no_cpu_then_times_out(sniport: Sniport) -
     assert used < 0.1, f"sniport used {used:.2f}s of CPU while 5 hellos were incomplete"
     clients = [client_label(s) for s in socks]
     for sock in socks:
-        assert closed_by_peer(sock) == b""
+        assert wait_closed(sock) == b""
         sock.close()
     for client in clients:
         rec = wait_conn(sniport, client=client)
@@ -241,7 +218,7 @@ def test_partial_hello_held_open_costs_no_cpu_then_times_out(sniport: Sniport) -
 
 
 def test_silent_clients_do_not_delay_a_good_one(sniport: Sniport, pki: Pki,
-                                                backend: Backend) -> None:
+                                                backend: TlsBackend) -> None:
     silent = [socket.create_connection(("127.0.0.1", sniport.port), timeout=TIMEOUT)
               for _ in range(20)]
     silent_clients = {client_label(s) for s in silent}
@@ -255,7 +232,7 @@ def test_silent_clients_do_not_delay_a_good_one(sniport: Sniport, pki: Pki,
         assert (r["sni"], r["hello"], r["route"], r["up"], r["down"]) == ("-", "0", "-", "0", "0")
         assert HELLO_TIMEOUT <= float(r["duration"]) < HELLO_TIMEOUT + 0.5
     for sock in silent:
-        assert closed_by_peer(sock, timeout=2) == b""
+        assert wait_closed(sock, timeout=2) == b""
         sock.close()
     log = sniport.log()
     good = log.index("route=passthrough:lan")
@@ -263,7 +240,7 @@ def test_silent_clients_do_not_delay_a_good_one(sniport: Sniport, pki: Pki,
 
 
 def test_mixed_bad_clients_and_good_ones_at_once(sniport: Sniport, pki: Pki,
-                                                 backend: Backend) -> None:
+                                                 backend: TlsBackend) -> None:
     """Every kind of bad client open at the same time; good clients keep being served."""
     bad: list[socket.socket] = []
     payloads = [b"", HELLO[:1], HELLO[:100], RANDOM, with_byte(HELLO, 5, 2), HELLO[:9]]
@@ -275,7 +252,7 @@ def test_mixed_bad_clients_and_good_ones_at_once(sniport: Sniport, pki: Pki,
     for _ in range(5):
         served(sniport, pki, backend)
     for sock in bad:
-        closed_by_peer(sock, timeout=2)
+        wait_closed(sock, timeout=2)
         sock.close()
     assert sniport.proc.poll() is None
     served(sniport, pki, backend)

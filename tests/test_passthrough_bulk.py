@@ -9,51 +9,35 @@ import os
 import select
 import ssl
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from helpers import Pki, Sniport, start_sniport
-from passthrough_helpers import (
-    TIMEOUT,
-    Backend,
-    RawTls,
-    client_context,
-    client_label,
-    pattern_sha256,
-    raise_nofile,
-    start_backend,
-    wait_conn,
-    wait_conn_count,
-)
+from support.backends import TlsBackend, start_tls_backend
+from support.clients import RawTls, client_label
+from support.configs import passthrough_config
+from support.data import pattern_sha256
+from support.logs import wait_conn, wait_conn_count
+from support.pki import Pki
+from support.proc import raise_nofile
+from support.process import Sniport, SniportWith
+from support.waiting import TIMEOUT
 
 BULK = 100 * 1024 * 1024
 
 
 @pytest.fixture
-def backend(pki: Pki) -> Iterator[Backend]:
-    b = start_backend(pki, "vpn.example.com")
+def backend(pki: Pki) -> Iterator[TlsBackend]:
+    b = start_tls_backend(pki, "vpn.example.com")
     yield b
     b.close()
 
 
 @pytest.fixture
-def sniport(backend: Backend, tmp_path: Path) -> Iterator[Sniport]:
-    config = f"""
-[server]
-listen = ["127.0.0.1:0"]
-
-[[passthrough]]
-name = "lan"
-hosts = ["vpn.example.com"]
-upstreams = ["{backend.address}"]
-"""
-    s = start_sniport(config, tmp_path)
-    yield s
-    s.stop()
+def sniport(backend: TlsBackend, sniport_with: SniportWith) -> Sniport:
+    return sniport_with(passthrough_config([backend.address]))
 
 
-def test_100_mib_download_sha256(sniport: Sniport, pki: Pki, backend: Backend) -> None:
-    c = RawTls.connect(("127.0.0.1", sniport.port), client_context(pki), "vpn.example.com")
+def test_100_mib_download_sha256(sniport: Sniport, pki: Pki, backend: TlsBackend) -> None:
+    c = RawTls.connect(("127.0.0.1", sniport.port), pki.client_context(), "vpn.example.com")
     client = client_label(c.sock)
     c.send_raw(c.hello())
     c.handshake()
@@ -72,11 +56,11 @@ def test_100_mib_download_sha256(sniport: Sniport, pki: Pki, backend: Backend) -
     assert c.received > BULK
 
 
-def test_100_mib_upload_echoed_sha256(sniport: Sniport, pki: Pki, backend: Backend) -> None:
+def test_100_mib_upload_echoed_sha256(sniport: Sniport, pki: Pki, backend: TlsBackend) -> None:
     """The client sends 100 MiB while it reads the echo: both directions at once, each side
     flow-controlled by the other (a relay without backpressure would still pass; one that
     stalls a direction while the other is full would hang here)."""
-    c = RawTls.connect(("127.0.0.1", sniport.port), client_context(pki), "vpn.example.com")
+    c = RawTls.connect(("127.0.0.1", sniport.port), pki.client_context(), "vpn.example.com")
     client = client_label(c.sock)
     c.send_raw(c.hello())
     c.handshake()
@@ -128,11 +112,11 @@ def test_100_mib_upload_echoed_sha256(sniport: Sniport, pki: Pki, backend: Backe
     assert c.sent > BULK and c.received > BULK
 
 
-def test_500_concurrent_connections(sniport: Sniport, pki: Pki, backend: Backend) -> None:
+def test_500_concurrent_connections(sniport: Sniport, pki: Pki, backend: TlsBackend) -> None:
     """500 clients hold a finished handshake at the same time, then each asks and is answered."""
     count = 500
     raise_nofile(4 * count + 256)  # client and backend ends live in this process
-    ctx = client_context(pki)
+    ctx = pki.client_context()
 
     async def main() -> list[bytes]:
         barrier = asyncio.Barrier(count)
@@ -152,7 +136,7 @@ def test_500_concurrent_connections(sniport: Sniport, pki: Pki, backend: Backend
 
     answers = asyncio.run(main())
     assert answers == [b"vpn.example.com"] * count
-    assert backend.tls.connections == count
+    assert backend.connections == count
     lines = wait_conn_count(sniport, count, timeout=20, route="passthrough:lan")
     assert len(lines) == count
     assert {r["end"] for r in lines} == {"eof"}

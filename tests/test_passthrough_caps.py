@@ -5,29 +5,22 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from helpers import Pki, Sniport, start_sniport
-from passthrough_helpers import (
-    TIMEOUT,
-    Backend,
-    RawTls,
-    client_context,
-    client_label,
-    closed_by_peer,
-    make_hello,
-    readable_within,
-    run_cli,
-    start_backend,
-    wait_conn,
-)
+from support.backends import TlsBackend, start_tls_backend
+from support.clients import RawTls, client_label, make_hello, readable_within, wait_closed
+from support.configs import passthrough_block, passthrough_config, short_unix_path, toml_lines
+from support.logs import wait_conn
+from support.pki import Pki
+from support.process import Sniport, SniportWith, run_cli
+from support.waiting import TIMEOUT
 
 
 @pytest.fixture(scope="module")
-def backend(pki: Pki) -> Iterator[Backend]:
-    b = start_backend(pki, "vpn.example.com")
+def backend(pki: Pki) -> Iterator[TlsBackend]:
+    b = start_tls_backend(pki, "vpn.example.com")
     yield b
     b.close()
 
@@ -37,35 +30,19 @@ def backend(pki: Pki) -> Iterator[Backend]:
 ONE_WORKER = "workers = 1\n"
 
 
-def config(backend: Backend, server: str = "", block: str = "", listen: str = "") -> str:
-    return f"""
-[server]
-listen = ["127.0.0.1:0"{listen}]
-{server}
-
-[[passthrough]]
-name = "lan"
-hosts = ["vpn.example.com"]
-upstreams = ["{backend.address}"]
-{block}
-"""
+def config(backend: TlsBackend, server: str = "", listen: Sequence[str] = ()) -> str:
+    return passthrough_config([backend.address], server=server,
+                              listen=["127.0.0.1:0", *listen])
 
 
 def open_relay(address: tuple[str, int] | str, pki: Pki, source: str | None = None,
                name: str = "vpn.example.com") -> RawTls:
     """A client with its handshake done through sniport, holding the relay open."""
-    c = RawTls.connect(address, client_context(pki, check_hostname=False), name,
+    c = RawTls.connect(address, pki.client_context(check_hostname=False), name,
                        source=source)
     c.send_raw(c.hello())
     c.handshake()
     return c
-
-
-def ask(c: RawTls) -> bytes:
-    c.write(b"WHO")
-    answer = c.read_to_eof()
-    c.close()
-    return answer
 
 
 def refused(port: int, pki: Pki, source: str | None = None,
@@ -73,8 +50,8 @@ def refused(port: int, pki: Pki, source: str | None = None,
     sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT,
                                     source_address=(source, 0) if source else None)
     client = client_label(sock)
-    sock.sendall(make_hello(client_context(pki), name))
-    assert closed_by_peer(sock) == answer
+    sock.sendall(make_hello(pki.client_context(), name))
+    assert wait_closed(sock) == answer
     sock.close()
     return client
 
@@ -83,63 +60,57 @@ def refused(port: int, pki: Pki, source: str | None = None,
 # max_connections
 
 
-def test_max_connections_queues_the_next_clients(backend: Backend, pki: Pki,
-                                                 tmp_path: Path) -> None:
-    s = start_sniport(config(backend, ONE_WORKER + "max_connections = 5"), tmp_path)
-    try:
-        held = [open_relay(("127.0.0.1", s.port), pki) for _ in range(5)]
-        # The 6th and 7th are not refused (the kernel completes their connect) but wait.
-        waiting = []
-        for _ in range(2):
-            c = RawTls.connect(("127.0.0.1", s.port), client_context(pki), "vpn.example.com")
-            c.send_raw(c.hello())
-            waiting.append(c)
-        assert not readable_within(waiting[0].sock, 0.5)
-        assert not readable_within(waiting[1].sock, 0.01)
-        # One ends: exactly one waiting client (the first in the queue) gets in.
-        held.pop(0).close_clean()
-        waiting[0].handshake()
-        assert waiting[0].peer_der() == backend.der
-        assert not readable_within(waiting[1].sock, 0.3)
-        held.pop(0).close_clean()
-        waiting[1].handshake()
-        for c in waiting:
-            assert ask(c) == b"vpn.example.com"
-        for c in held:
-            assert ask(c) == b"vpn.example.com"
-        for c in waiting:
-            rec = wait_conn(s, client=c.label)
-            assert (rec["route"], rec["end"]) == ("passthrough:lan", "eof")
-    finally:
-        s.stop()
+def test_max_connections_queues_the_next_clients(backend: TlsBackend, pki: Pki,
+                                                 sniport_with: SniportWith) -> None:
+    s = sniport_with(config(backend, ONE_WORKER + "max_connections = 5"))
+    held = [open_relay(("127.0.0.1", s.port), pki) for _ in range(5)]
+    # The 6th and 7th are not refused (the kernel completes their connect) but wait.
+    waiting = []
+    for _ in range(2):
+        c = RawTls.connect(("127.0.0.1", s.port), pki.client_context(), "vpn.example.com")
+        c.send_raw(c.hello())
+        waiting.append(c)
+    assert not readable_within(waiting[0].sock, 0.5)
+    assert not readable_within(waiting[1].sock, 0.01)
+    # One ends: exactly one waiting client (the first in the queue) gets in.
+    held.pop(0).close_clean()
+    waiting[0].handshake()
+    assert waiting[0].peer_der() == backend.der
+    assert not readable_within(waiting[1].sock, 0.3)
+    held.pop(0).close_clean()
+    waiting[1].handshake()
+    for c in waiting:
+        assert c.ask_who() == b"vpn.example.com"
+    for c in held:
+        assert c.ask_who() == b"vpn.example.com"
+    for c in waiting:
+        rec = wait_conn(s, client=c.label)
+        assert (rec["route"], rec["end"]) == ("passthrough:lan", "eof")
 
 
 # ---------------------------------------------------------------------------------------------
 # max_connections_per_ip
 
 
-def test_max_connections_per_ip(backend: Backend, pki: Pki, tmp_path: Path) -> None:
-    s = start_sniport(config(backend, ONE_WORKER + "max_connections_per_ip = 2"),
-                      tmp_path)
-    try:
-        address = ("127.0.0.1", s.port)
-        held = [open_relay(address, pki) for _ in range(2)]
-        client = refused(s.port, pki)
-        rec = wait_conn(s, client=client)
-        assert (rec["sni"], rec["route"], rec["upstream"], rec["end"]) == (
-            "-", "-", "-", "per_ip_limit")
-        # Another address is not limited by this one's count.
-        other = open_relay(address, pki, source="127.0.0.2")
-        other2 = open_relay(address, pki, source="127.0.0.2")
-        # One of 127.0.0.1's ends: 127.0.0.1 may connect again.
-        first = held.pop(0)
-        first.close_clean()
-        wait_conn(s, client=first.label)
-        again = open_relay(address, pki)
-        for c in [*held, other, other2, again]:
-            assert ask(c) == b"vpn.example.com"
-    finally:
-        s.stop()
+def test_max_connections_per_ip(backend: TlsBackend, pki: Pki,
+                                sniport_with: SniportWith) -> None:
+    s = sniport_with(config(backend, ONE_WORKER + "max_connections_per_ip = 2"))
+    address = ("127.0.0.1", s.port)
+    held = [open_relay(address, pki) for _ in range(2)]
+    client = refused(s.port, pki)
+    rec = wait_conn(s, client=client)
+    assert (rec["sni"], rec["route"], rec["upstream"], rec["end"]) == (
+        "-", "-", "-", "per_ip_limit")
+    # Another address is not limited by this one's count.
+    other = open_relay(address, pki, source="127.0.0.2")
+    other2 = open_relay(address, pki, source="127.0.0.2")
+    # One of 127.0.0.1's ends: 127.0.0.1 may connect again.
+    first = held.pop(0)
+    first.close_clean()
+    wait_conn(s, client=first.label)
+    again = open_relay(address, pki)
+    for c in [*held, other, other2, again]:
+        assert c.ask_who() == b"vpn.example.com"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,30 +118,12 @@ def test_max_connections_per_ip(backend: Backend, pki: Pki, tmp_path: Path) -> N
 
 
 @pytest.fixture
-def acl(backend: Backend, tmp_path: Path) -> Iterator[Sniport]:
-    text = f"""
-[server]
-listen = ["127.0.0.1:0"]
-
-[[passthrough]]
-name = "lan"
-hosts = ["vpn.example.com"]
-upstreams = ["{backend.address}"]
-allow = ["127.0.0.2/32"]
-
-[[passthrough]]
-name = "both"
-hosts = ["both.example.com"]
-upstreams = ["{backend.address}"]
-allow = ["127.0.0.0/8"]
-deny = ["127.0.0.3"]
-
-[default]
-to = "passthrough:lan"
-"""
-    s = start_sniport(text, tmp_path)
-    yield s
-    s.stop()
+def acl(backend: TlsBackend, sniport_with: SniportWith) -> Sniport:
+    both = passthrough_block("both", ["both.example.com"], [backend.address],
+                             toml_lines(allow=["127.0.0.0/8"], deny=["127.0.0.3"]))
+    return sniport_with(passthrough_config(
+        [backend.address], block=toml_lines(allow=["127.0.0.2/32"]),
+        extra=both + '[default]\nto = "passthrough:lan"\n'))
 
 
 @pytest.mark.parametrize(("source", "name", "block"), [
@@ -193,11 +146,11 @@ def test_denied(acl: Sniport, pki: Pki, source: str, name: str, block: str) -> N
     ("127.0.0.1", "both.example.com", "both"),
     ("127.0.0.4", "both.example.com", "both"),
 ])
-def test_allowed(acl: Sniport, pki: Pki, backend: Backend, source: str, name: str,
+def test_allowed(acl: Sniport, pki: Pki, backend: TlsBackend, source: str, name: str,
                  block: str) -> None:
     c = open_relay(("127.0.0.1", acl.port), pki, source=source, name=name)
     client = client_label(c.sock)
-    assert ask(c) == b"vpn.example.com"
+    assert c.ask_who() == b"vpn.example.com"
     rec = wait_conn(acl, client=client)
     assert (rec["route"], rec["upstream"], rec["end"]) == (
         f"passthrough:{block}", backend.address, "eof")
@@ -207,42 +160,38 @@ def test_allowed(acl: Sniport, pki: Pki, backend: Backend, source: str, name: st
 # unix listeners and what may already be at their path
 
 
-def unix_listen(path: Path) -> str:
-    assert len(str(path)) < 100, "unix socket path too long for sockaddr_un"
-    return f', "unix:{path}"'
+def unix_listen(path: Path) -> list[str]:
+    return [f"unix:{short_unix_path(path)}"]
 
 
-def test_unix_listener_serves_and_removes_its_file(backend: Backend, pki: Pki,
-                                                   tmp_path: Path) -> None:
+def test_unix_listener_serves_and_removes_its_file(backend: TlsBackend, pki: Pki,
+                                                   tmp_path: Path,
+                                                   sniport_with: SniportWith) -> None:
     path = tmp_path / "in.sock"
-    s = start_sniport(config(backend, listen=unix_listen(path)), tmp_path)
-    try:
-        assert s.addresses == [f"127.0.0.1:{s.port}", f"unix:{path}"]
-        c = open_relay(str(path), pki)
-        assert c.peer_der() == backend.der
-        assert ask(c) == b"vpn.example.com"
-        rec = wait_conn(s, listener=f"unix:{path}")
-        assert (rec["client"], rec["route"], rec["end"]) == ("unix", "passthrough:lan", "eof")
-    finally:
-        assert s.stop() == 0
+    s = sniport_with(config(backend, listen=unix_listen(path)))
+    assert s.addresses == [f"127.0.0.1:{s.port}", f"unix:{path}"]
+    c = open_relay(str(path), pki)
+    assert c.peer_der() == backend.der
+    assert c.ask_who() == b"vpn.example.com"
+    rec = wait_conn(s, listener=f"unix:{path}")
+    assert (rec["client"], rec["route"], rec["end"]) == ("unix", "passthrough:lan", "eof")
+    assert s.stop() == 0
     assert not path.exists()
 
 
-def test_stale_socket_file_does_not_stop_the_start(backend: Backend, pki: Pki,
-                                                   tmp_path: Path) -> None:
+def test_stale_socket_file_does_not_stop_the_start(backend: TlsBackend, pki: Pki,
+                                                   tmp_path: Path,
+                                                   sniport_with: SniportWith) -> None:
     path = tmp_path / "in.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))
     stale.close()  # the file stays: what a crash leaves behind
     assert path.is_socket()
-    s = start_sniport(config(backend, listen=unix_listen(path)), tmp_path)
-    try:
-        assert ask(open_relay(str(path), pki)) == b"vpn.example.com"
-    finally:
-        s.stop()
+    sniport_with(config(backend, listen=unix_listen(path)))
+    assert open_relay(str(path), pki).ask_who() == b"vpn.example.com"
 
 
-def test_live_socket_stops_the_start(backend: Backend, tmp_path: Path) -> None:
+def test_live_socket_stops_the_start(backend: TlsBackend, tmp_path: Path) -> None:
     path = tmp_path / "in.sock"
     live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     live.bind(str(path))
@@ -264,7 +213,7 @@ def test_live_socket_stops_the_start(backend: Backend, tmp_path: Path) -> None:
         live.close()
 
 
-def test_regular_file_at_the_path_is_never_deleted(backend: Backend, tmp_path: Path) -> None:
+def test_regular_file_at_the_path_is_never_deleted(backend: TlsBackend, tmp_path: Path) -> None:
     path = tmp_path / "in.sock"
     path.write_text("precious\n")
     cfg = tmp_path / "sniport.toml"
@@ -275,14 +224,13 @@ def test_regular_file_at_the_path_is_never_deleted(backend: Backend, tmp_path: P
     assert path.read_text() == "precious\n"
 
 
-def test_socket_file_replaced_while_running_is_left_alone(backend: Backend,
-                                                          tmp_path: Path) -> None:
+def test_socket_file_replaced_while_running_is_left_alone(backend: TlsBackend,
+                                                          tmp_path: Path,
+                                                          sniport_with: SniportWith) -> None:
     """sniport removes its file at exit only if the inode is still its own."""
     path = tmp_path / "in.sock"
-    s = start_sniport(config(backend, listen=unix_listen(path)), tmp_path)
-    try:
-        os.unlink(path)
-        path.write_text("someone else's\n")
-    finally:
-        assert s.stop() == 0
+    s = sniport_with(config(backend, listen=unix_listen(path)))
+    os.unlink(path)
+    path.write_text("someone else's\n")
+    assert s.stop() == 0
     assert path.read_text() == "someone else's\n"

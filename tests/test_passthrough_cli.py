@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from passthrough_helpers import TIMEOUT, run_cli
+from support.process import run_cli
+from support.waiting import TIMEOUT
 
 import sniport
 

@@ -13,30 +13,29 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from helpers import Pki, Sniport, start_sniport
-from passthrough_helpers import (
-    TIMEOUT,
-    Backend,
+from support.backends import (
     TcpServer,
-    client_context,
-    client_label,
-    closed_by_peer,
+    TlsBackend,
     echo_handler,
-    mark,
-    recv_to_eof,
-    start_backend,
+    free_port,
     start_tcp_server,
-    wait_conn,
+    start_tls_backend,
 )
+from support.clients import client_label, recv_to_eof, wait_closed
+from support.configs import passthrough_block, server_table
+from support.logs import conn_mark, wait_conn
+from support.pki import Pki
+from support.process import Sniport, start_sniport
+from support.waiting import TIMEOUT
 
 
 @pytest.fixture(scope="module")
-def backends(pki: Pki) -> Iterator[dict[str, Backend]]:
+def backends(pki: Pki) -> Iterator[dict[str, TlsBackend]]:
     made = {
-        "lan": start_backend(pki, "vpn.example.com"),
-        "wild": start_backend(pki, "*.lan.example.com"),
-        "special": start_backend(pki, "x.lan.example.com"),
-        "fallback": start_backend(pki, "fallback.example.com"),
+        "lan": start_tls_backend(pki, "vpn.example.com"),
+        "wild": start_tls_backend(pki, "*.lan.example.com"),
+        "special": start_tls_backend(pki, "x.lan.example.com"),
+        "fallback": start_tls_backend(pki, "fallback.example.com"),
     }
     yield made
     for b in made.values():
@@ -50,77 +49,32 @@ def echo() -> Iterator[TcpServer]:
     server.close()
 
 
-def blocks(backends: dict[str, Backend], echo: TcpServer) -> str:
-    return f"""
-[[passthrough]]
-name = "lan"
-hosts = ["vpn.example.com"]
-upstreams = ["{backends["lan"].address}"]
-
-[[passthrough]]
-name = "wild"
-hosts = ["*.lan.example.com"]
-upstreams = ["{backends["wild"].address}"]
-
-[[passthrough]]
-name = "special"
-hosts = ["x.lan.example.com"]
-upstreams = ["{backends["special"].address}"]
-
-[[passthrough]]
-name = "fallback"
-hosts = ["fallback.example.com"]
-upstreams = ["{backends["fallback"].address}"]
-
-[[passthrough]]
-name = "plain"
-hosts = ["plain.example.net"]
-upstreams = ["{echo.address}"]
-"""
+def config(backends: dict[str, TlsBackend], echo: TcpServer, default: str) -> str:
+    """Every block (the backends' and "plain" to the echo server), then ``default``."""
+    blocks = [passthrough_block(name, [b.name], [b.address]) for name, b in backends.items()]
+    blocks.append(passthrough_block("plain", ["plain.example.net"], [echo.address]))
+    return server_table() + "".join(blocks) + default
 
 
 @pytest.fixture(scope="module")
-def rejecting(backends: dict[str, Backend], echo: TcpServer,
+def rejecting(backends: dict[str, TlsBackend], echo: TcpServer,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sniport]:
     """[default] rejects names it does not know and closes non-TLS connections."""
-    config = f"""
-[server]
-listen = ["127.0.0.1:0"]
-{blocks(backends, echo)}
-[default]
-to = "reject"
-non_tls = "close"
-"""
-    s = start_sniport(config, tmp_path_factory.mktemp("sniport"))
-    yield s
-    assert s.proc.poll() is None, "sniport died"
-    s.stop()
+    text = config(backends, echo, '[default]\nto = "reject"\nnon_tls = "close"\n')
+    with start_sniport(text, tmp_path_factory.mktemp("sniport")) as s:
+        yield s
+        assert s.proc.poll() is None, "sniport died"
 
 
 @pytest.fixture(scope="module")
-def defaulting(backends: dict[str, Backend], echo: TcpServer,
+def defaulting(backends: dict[str, TlsBackend], echo: TcpServer,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sniport]:
     """[default] sends unknown names to a passthrough block, non-TLS to a plain upstream."""
-    config = f"""
-[server]
-listen = ["127.0.0.1:0"]
-{blocks(backends, echo)}
-[default]
-to = "passthrough:fallback"
-non_tls = "passthrough:plain"
-"""
-    s = start_sniport(config, tmp_path_factory.mktemp("sniport"))
-    yield s
-    assert s.proc.poll() is None, "sniport died"
-    s.stop()
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
+    text = config(backends, echo,
+                  '[default]\nto = "passthrough:fallback"\nnon_tls = "passthrough:plain"\n')
+    with start_sniport(text, tmp_path_factory.mktemp("sniport")) as s:
+        yield s
+        assert s.proc.poll() is None, "sniport died"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +83,7 @@ def free_port() -> int:
 
 @pytest.mark.parametrize("host", ["vpn.example.com", "VPN.Example.COM"])
 def test_curl_gets_upstream_content_and_certificate(rejecting: Sniport, pki: Pki,
-                                                    backends: dict[str, Backend],
+                                                    backends: dict[str, TlsBackend],
                                                     host: str) -> None:
     local = free_port()
     port = rejecting.port
@@ -166,9 +120,9 @@ def s_client(port: int, pki: Pki, *name_args: str, request: bytes = b"GET /s HTT
     ("a.lan.example.com", "wild", "*.lan.example.com"),
 ])
 def test_openssl_s_client_sees_upstream_subject(rejecting: Sniport, pki: Pki,
-                                                backends: dict[str, Backend], name: str,
+                                                backends: dict[str, TlsBackend], name: str,
                                                 block: str, upstream_name: str) -> None:
-    before = mark(rejecting)
+    before = conn_mark(rejecting)
     r = s_client(rejecting.port, pki, "-servername", name)
     backend = backends[block]
     assert backend.subject_openssl() + "\n" in r.stdout, r.stdout
@@ -184,7 +138,7 @@ def test_openssl_s_client_sees_upstream_subject(rejecting: Sniport, pki: Pki,
 
 
 def test_openssl_no_servername_is_rejected_with_alert(rejecting: Sniport, pki: Pki) -> None:
-    before = mark(rejecting)
+    before = conn_mark(rejecting)
     r = s_client(rejecting.port, pki, "-noservername")
     assert "no peer certificate available" in r.stdout
     assert "tlsv1 unrecognized name" in r.stderr
@@ -196,8 +150,8 @@ def test_openssl_no_servername_is_rejected_with_alert(rejecting: Sniport, pki: P
 
 
 def test_openssl_no_servername_reaches_default_block(defaulting: Sniport, pki: Pki,
-                                                     backends: dict[str, Backend]) -> None:
-    before = mark(defaulting)
+                                                     backends: dict[str, TlsBackend]) -> None:
+    before = conn_mark(defaulting)
     r = s_client(defaulting.port, pki, "-noservername")
     assert backends["fallback"].subject_openssl() + "\n" in r.stdout
     assert "hello from fallback.example.com path=/s\n" in r.stdout
@@ -233,11 +187,11 @@ def python_who(port: int, ctx: ssl.SSLContext, server_name: str | None
     ("A.Lan.Example.Com.", "wild"),
     ("x.lan.example.com", "special"),  # the exact name wins over the wildcard
 ])
-def test_python_ssl_sni_forms(rejecting: Sniport, pki: Pki, backends: dict[str, Backend],
+def test_python_ssl_sni_forms(rejecting: Sniport, pki: Pki, backends: dict[str, TlsBackend],
                               name: str, block: str) -> None:
     # Python's host name check refuses a trailing dot; the chain is still verified, and the
     # certificate is compared with the upstream's own below.
-    ctx = client_context(pki, check_hostname=not name.endswith("."))
+    ctx = pki.client_context(check_hostname=not name.endswith("."))
     der, answer, client = python_who(rejecting.port, ctx, name)
     backend = backends[block]
     assert der == backend.der
@@ -257,7 +211,7 @@ def test_unknown_names_are_rejected_with_unrecognized_name(rejecting: Sniport, p
     raw = socket.create_connection(("127.0.0.1", rejecting.port), timeout=TIMEOUT)
     client = client_label(raw)
     with pytest.raises(ssl.SSLError) as info:
-        client_context(pki).wrap_socket(raw, server_hostname=name)
+        pki.client_context().wrap_socket(raw, server_hostname=name)
     assert info.value.reason == "TLSV1_UNRECOGNIZED_NAME"
     raw.close()
     rec = wait_conn(rejecting, client=client)
@@ -269,7 +223,7 @@ def test_python_without_sni_is_rejected(rejecting: Sniport, pki: Pki) -> None:
     raw = socket.create_connection(("127.0.0.1", rejecting.port), timeout=TIMEOUT)
     client = client_label(raw)
     with pytest.raises(ssl.SSLError) as info:
-        client_context(pki, check_hostname=False).wrap_socket(raw, server_hostname=None)
+        pki.client_context(check_hostname=False).wrap_socket(raw, server_hostname=None)
     assert info.value.reason == "TLSV1_UNRECOGNIZED_NAME"
     raw.close()
     rec = wait_conn(rejecting, client=client)
@@ -278,9 +232,9 @@ def test_python_without_sni_is_rejected(rejecting: Sniport, pki: Pki) -> None:
 
 @pytest.mark.parametrize("name", [None, "unknown.example.org", "a.b.lan.example.com"])
 def test_no_sni_and_unknown_names_reach_default_block(defaulting: Sniport, pki: Pki,
-                                                      backends: dict[str, Backend],
+                                                      backends: dict[str, TlsBackend],
                                                       name: str | None) -> None:
-    ctx = client_context(pki, check_hostname=False)
+    ctx = pki.client_context(check_hostname=False)
     der, answer, client = python_who(defaulting.port, ctx, name)
     assert der == backends["fallback"].der
     assert answer == b"fallback.example.com"
@@ -299,7 +253,7 @@ def test_non_tls_is_closed(rejecting: Sniport) -> None:
     sock = socket.create_connection(("127.0.0.1", rejecting.port), timeout=TIMEOUT)
     client = client_label(sock)
     sock.sendall(HTTP_REQUEST)
-    assert closed_by_peer(sock) == b""
+    assert wait_closed(sock) == b""
     sock.close()
     rec = wait_conn(rejecting, client=client)
     assert (rec["sni"], rec["hello"], rec["route"], rec["upstream"], rec["end"]) == (

@@ -10,23 +10,16 @@ import hashlib
 import os
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from helpers import Pki, Sniport, start_sniport
-from passthrough_helpers import (
-    TIMEOUT,
-    TcpServer,
-    client_context,
-    client_label,
-    greeter_handler,
-    make_hello,
-    pattern,
-    recv_to_eof,
-    sink_reply_handler,
-    start_tcp_server,
-    wait_conn,
-)
+from support.backends import TcpServer, greeter_handler, sink_reply_handler, start_tcp_server
+from support.clients import client_label, make_hello, recv_to_eof
+from support.configs import passthrough_block, passthrough_config
+from support.data import pattern_bytes
+from support.logs import wait_conn
+from support.pki import Pki
+from support.process import Sniport, SniportWith
+from support.waiting import TIMEOUT
 
 REPLY = 2 * 1024 * 1024
 GREETING = 1024 * 1024
@@ -47,29 +40,15 @@ def greeter() -> Iterator[TcpServer]:
 
 
 @pytest.fixture
-def sniport(sink: TcpServer, greeter: TcpServer, tmp_path: Path) -> Iterator[Sniport]:
-    config = f"""
-[server]
-listen = ["127.0.0.1:0"]
-
-[[passthrough]]
-name = "sink"
-hosts = ["sink.example.com"]
-upstreams = ["{sink.address}"]
-
-[[passthrough]]
-name = "greet"
-hosts = ["greet.example.com"]
-upstreams = ["{greeter.address}"]
-"""
-    s = start_sniport(config, tmp_path)
-    yield s
-    s.stop()
+def sniport(sink: TcpServer, greeter: TcpServer, sniport_with: SniportWith) -> Sniport:
+    return sniport_with(passthrough_config(
+        [sink.address], name="sink", hosts=["sink.example.com"],
+        extra=passthrough_block("greet", ["greet.example.com"], [greeter.address])))
 
 
 def test_client_fin_crosses_and_whole_response_arrives(sniport: Sniport, sink: TcpServer,
                                                        pki: Pki) -> None:
-    hello = make_hello(client_context(pki), "sink.example.com")
+    hello = make_hello(pki.client_context(), "sink.example.com")
     request = hello + os.urandom(1024 * 1024)
     sock = socket.create_connection(("127.0.0.1", sniport.port), timeout=TIMEOUT)
     client = client_label(sock)
@@ -79,7 +58,7 @@ def test_client_fin_crosses_and_whole_response_arrives(sniport: Sniport, sink: T
     sock.close()
     head, _, body = response.partition(b"\n")
     assert head.decode() == f"{len(request)} {hashlib.sha256(request).hexdigest()}"
-    assert body == pattern(REPLY)
+    assert body == pattern_bytes(REPLY)
     rec = wait_conn(sniport, client=client)
     assert (rec["sni"], rec["route"], rec["up"], rec["down"], rec["end"]) == (
         "sink.example.com", "passthrough:sink", str(len(request)), str(len(response)), "eof")
@@ -87,12 +66,12 @@ def test_client_fin_crosses_and_whole_response_arrives(sniport: Sniport, sink: T
 
 def test_upstream_fin_crosses_and_client_can_still_send(sniport: Sniport,
                                                         greeter: TcpServer, pki: Pki) -> None:
-    hello = make_hello(client_context(pki), "greet.example.com")
+    hello = make_hello(pki.client_context(), "greet.example.com")
     sock = socket.create_connection(("127.0.0.1", sniport.port), timeout=TIMEOUT)
     client = client_label(sock)
     sock.sendall(hello)
     # The upstream sends its greeting and shuts down its side: the client sees the end...
-    assert recv_to_eof(sock) == pattern(GREETING)
+    assert recv_to_eof(sock) == pattern_bytes(GREETING)
     # ...and its own direction is still open: what it sends now still reaches the upstream.
     after = os.urandom(256 * 1024)
     sock.sendall(after)

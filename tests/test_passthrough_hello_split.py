@@ -14,24 +14,25 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from helpers import DATA, Pki, Sniport, start_sniport, wait_until
-from passthrough_helpers import (
-    Backend,
-    RawTls,
+from support.backends import (
     TcpServer,
-    client_context,
-    client_label,
+    TlsBackend,
     recorder_handler,
-    resplit,
-    start_backend,
     start_tcp_server,
-    wait_conn,
+    start_tls_backend,
 )
+from support.clients import RawTls, client_label, resplit
+from support.configs import passthrough_block, passthrough_config
+from support.data import DATA_DIR
+from support.logs import wait_conn
+from support.pki import Pki
+from support.process import Sniport, start_sniport
+from support.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
-def backend(pki: Pki) -> Iterator[Backend]:
-    b = start_backend(pki, "vpn.example.com")
+def backend(pki: Pki) -> Iterator[TlsBackend]:
+    b = start_tls_backend(pki, "vpn.example.com")
     yield b
     b.close()
 
@@ -44,47 +45,31 @@ def recorder() -> Iterator[TcpServer]:
 
 
 @pytest.fixture(scope="module")
-def sniport(backend: Backend, recorder: TcpServer,
+def sniport(backend: TlsBackend, recorder: TcpServer,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sniport]:
     tmp_path = tmp_path_factory.mktemp("split")
-    config = f"""
-[server]
-listen = ["127.0.0.1:0", "unix:{tmp_path}/in.sock"]
-
-[[passthrough]]
-name = "lan"
-hosts = ["vpn.example.com"]
-upstreams = ["{backend.address}"]
-
-[[passthrough]]
-name = "rec"
-hosts = ["example.test"]
-upstreams = ["{recorder.address}"]
-
-[default]
-to = "passthrough:rec"
-"""
-    s = start_sniport(config, tmp_path)
-    yield s
-    assert s.proc.poll() is None, "sniport died"
-    s.stop()
+    config = passthrough_config(
+        [backend.address], listen=["127.0.0.1:0", f"unix:{tmp_path}/in.sock"],
+        extra=passthrough_block("rec", ["example.test"], [recorder.address])
+        + '[default]\nto = "passthrough:rec"\n')
+    with start_sniport(config, tmp_path) as s:
+        yield s
+        assert s.proc.poll() is None, "sniport died"
 
 
-def finish_and_ask(c: RawTls, backend: Backend) -> None:
+def finish_and_ask(c: RawTls, backend: TlsBackend) -> None:
     """The upstream completes the handshake with what sniport relayed, and answers."""
     c.handshake()
     assert c.peer_der() == backend.der
-    c.write(b"WHO")
-    assert c.read_to_eof() == b"vpn.example.com"
-    c.close()
+    assert c.ask_who() == b"vpn.example.com"
 
 
 @pytest.mark.parametrize("listener", ["tcp", "unix"])
-def test_hello_written_in_tiny_pieces(sniport: Sniport, pki: Pki, backend: Backend,
+def test_hello_written_in_tiny_pieces(sniport: Sniport, pki: Pki, backend: TlsBackend,
                                   listener: str) -> None:
     address: str | tuple[str, int] = (
         ("127.0.0.1", sniport.port) if listener == "tcp" else sniport.addresses[1][5:])
-    c = RawTls.connect(address, client_context(pki), "vpn.example.com")
+    c = RawTls.connect(address, pki.client_context(), "vpn.example.com")
     client = client_label(c.sock) if listener == "tcp" else "unix"
     hello = c.hello()
     assert len(hello) > 500
@@ -112,9 +97,9 @@ def test_hello_written_in_tiny_pieces(sniport: Sniport, pki: Pki, backend: Backe
     (2, 90, 300),  # four records
 ])
 @pytest.mark.parametrize("pause", [0.0, 0.2])
-def test_hello_split_over_records(sniport: Sniport, pki: Pki, backend: Backend,
+def test_hello_split_over_records(sniport: Sniport, pki: Pki, backend: TlsBackend,
                                   cuts: tuple[int, ...], pause: float) -> None:
-    c = RawTls.connect(("127.0.0.1", sniport.port), client_context(pki), "vpn.example.com")
+    c = RawTls.connect(("127.0.0.1", sniport.port), pki.client_context(), "vpn.example.com")
     client = client_label(c.sock)
     hello = c.hello()
     message = len(hello) - 5
@@ -155,7 +140,7 @@ REAL_HELLOS = {
 def test_real_hello_in_segments_reaches_upstream_byte_for_byte(sniport: Sniport,
                                                                recorder: TcpServer,
                                                                name: str) -> None:
-    hello = (DATA / "clienthellos" / name).read_bytes()
+    hello = (DATA_DIR / "clienthellos" / name).read_bytes()
     tail = b"\x14\x03\x03\x00\x01\x01" + f"after the hello of {name}".encode()
     sock = socket.create_connection(("127.0.0.1", sniport.port), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

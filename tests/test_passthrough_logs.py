@@ -11,74 +11,53 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Pki, Sniport, start_sniport, wait_until
-from passthrough_helpers import (
-    CONN_FIELDS,
-    TIMEOUT,
-    Backend,
-    RawTls,
-    client_context,
-    json_conn_lines,
-    start_backend,
-    wait_conn,
-)
+from support.backends import TlsBackend, start_tls_backend
+from support.clients import RawTls
+from support.configs import passthrough_config, toml_lines
+from support.logs import CONN_FIELDS, json_log, wait_conn
+from support.pki import Pki
+from support.process import Sniport, SniportWith
+from support.waiting import TIMEOUT, wait_until
 
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 
 
 @pytest.fixture(scope="module")
-def backend(pki: Pki) -> Iterator[Backend]:
-    b = start_backend(pki, "vpn.example.com")
+def backend(pki: Pki) -> Iterator[TlsBackend]:
+    b = start_tls_backend(pki, "vpn.example.com")
     yield b
     b.close()
 
 
-def config(backend: Backend, server: str = "", block: str = "") -> str:
-    return f"""
-[server]
-listen = ["127.0.0.1:0"]
-{server}
-
-[[passthrough]]
-name = "lan"
-hosts = ["vpn.example.com"]
-upstreams = ["{backend.address}"]
-{block}
-"""
-
-
-def test_idle_relay_is_closed_after_idle_timeout(backend: Backend, pki: Pki,
-                                                 tmp_path: Path) -> None:
-    s = start_sniport(config(backend, block='idle_timeout = "1s"'), tmp_path)
-    try:
-        c = RawTls.connect(("127.0.0.1", s.port), client_context(pki), "vpn.example.com")
-        start = time.monotonic()
-        c.send_raw(c.hello())
-        c.handshake()
-        # Traffic every 0.4 s for 1.2 s: each byte restarts the idle clock.
-        for i in range(4):
-            if i:
-                time.sleep(0.4)
-            sent = time.monotonic()
-            c.write(b"ping %d" % i)
-            assert c.read_exactly(6) == b"ping %d" % i
-            answered = time.monotonic()
-        # sniport's last byte moved between ``sent`` and ``answered``; then nothing for 1 s.
-        assert c.read() == b""
-        closed = time.monotonic()
-        assert closed - sent >= 0.95 and closed - answered < 1.6, (sent, answered, closed)
-        c.close()
-        rec = wait_conn(s, client=c.label)
-        assert rec["end"] == "idle_timeout"
-        # The pings kept it open past 1 s: the clock restarts on every byte.
-        assert sent - start + 0.95 <= float(rec["duration"]) < answered - start + 1.6
-    finally:
-        s.stop()
+def test_idle_relay_is_closed_after_idle_timeout(backend: TlsBackend, pki: Pki,
+                                                 sniport_with: SniportWith) -> None:
+    s = sniport_with(passthrough_config([backend.address], block='idle_timeout = "1s"'))
+    c = RawTls.connect(("127.0.0.1", s.port), pki.client_context(), "vpn.example.com")
+    start = time.monotonic()
+    c.send_raw(c.hello())
+    c.handshake()
+    # Traffic every 0.4 s for 1.2 s: each byte restarts the idle clock.
+    for i in range(4):
+        if i:
+            time.sleep(0.4)
+        sent = time.monotonic()
+        c.write(b"ping %d" % i)
+        assert c.read_exactly(6) == b"ping %d" % i
+        answered = time.monotonic()
+    # sniport's last byte moved between ``sent`` and ``answered``; then nothing for 1 s.
+    assert c.read() == b""
+    closed = time.monotonic()
+    assert closed - sent >= 0.95 and closed - answered < 1.6, (sent, answered, closed)
+    c.close()
+    rec = wait_conn(s, client=c.label)
+    assert rec["end"] == "idle_timeout"
+    # The pings kept it open past 1 s: the clock restarts on every byte.
+    assert sent - start + 0.95 <= float(rec["duration"]) < answered - start + 1.6
 
 
 def exchange(port: int, pki: Pki) -> tuple[RawTls, bytes]:
     """A full, cleanly closed TLS conversation with ALPN; every wire byte counted."""
-    c = RawTls.connect(("127.0.0.1", port), client_context(pki, alpn=["h2", "http/1.1"]),
+    c = RawTls.connect(("127.0.0.1", port), pki.client_context(alpn=["h2", "http/1.1"]),
                        "vpn.example.com")
     hello = c.hello()
     c.send_raw(hello)
@@ -90,7 +69,7 @@ def exchange(port: int, pki: Pki) -> tuple[RawTls, bytes]:
     return c, hello
 
 
-def expected_fields(s: Sniport, backend: Backend, c: RawTls, hello: bytes) -> dict[str, object]:
+def expected_fields(s: Sniport, backend: TlsBackend, c: RawTls, hello: bytes) -> dict[str, object]:
     return {
         "client": c.label,
         "listener": f"127.0.0.1:{s.port}",
@@ -105,14 +84,12 @@ def expected_fields(s: Sniport, backend: Backend, c: RawTls, hello: bytes) -> di
     }
 
 
-def test_text_log_line_has_every_field(backend: Backend, pki: Pki, tmp_path: Path) -> None:
-    s = start_sniport(config(backend), tmp_path)
-    try:
-        c, hello = exchange(s.port, pki)
-        rec = wait_conn(s, client=c.label)
-        line = next(x for x in s.log().splitlines() if f" client={c.label} " in x)
-    finally:
-        s.stop()
+def test_text_log_line_has_every_field(backend: TlsBackend, pki: Pki,
+                                       sniport_with: SniportWith) -> None:
+    s = sniport_with(passthrough_config([backend.address]))
+    c, hello = exchange(s.port, pki)
+    rec = wait_conn(s, client=c.label)
+    line = next(x for x in s.log().splitlines() if f" client={c.label} " in x)
     assert re.match(rf"{STAMP} conn client=", line), line
     assert list(rec) == CONN_FIELDS
     duration = float(rec.pop("duration"))
@@ -121,22 +98,21 @@ def test_text_log_line_has_every_field(backend: Backend, pki: Pki, tmp_path: Pat
     assert c.received > c.sent > len(hello)
 
 
-def test_json_log_one_object_per_line(backend: Backend, pki: Pki, tmp_path: Path) -> None:
-    s = start_sniport(config(backend, server='log_format = "json"'), tmp_path)
-    try:
-        c, hello = exchange(s.port, pki)
-        # And a rejected one without SNI, for null fields.
-        raw = RawTls.connect(("127.0.0.1", s.port), client_context(pki, check_hostname=False),
-                             None)
-        raw.send_raw(raw.hello())
-        with pytest.raises(ssl.SSLError, match="TLSV1_UNRECOGNIZED_NAME"):
-            raw.handshake()
-        raw.close()
-        wait_until(lambda: len(json_conn_lines(s)) == 2, timeout=TIMEOUT, what="2 JSON lines")
-        log = s.log()
-    finally:
-        s.stop()
-    lines = json_conn_lines(s)
+def test_json_log_one_object_per_line(backend: TlsBackend, pki: Pki,
+                                      sniport_with: SniportWith) -> None:
+    s = sniport_with(passthrough_config([backend.address], server='log_format = "json"'))
+    c, hello = exchange(s.port, pki)
+    # And a rejected one without SNI, for null fields.
+    raw = RawTls.connect(("127.0.0.1", s.port), pki.client_context(check_hostname=False),
+                         None)
+    raw.send_raw(raw.hello())
+    with pytest.raises(ssl.SSLError, match="TLSV1_UNRECOGNIZED_NAME"):
+        raw.handshake()
+    raw.close()
+    wait_until(lambda: len(json_log(s, "conn")) == 2, timeout=TIMEOUT, what="2 JSON lines")
+    log = s.log()
+    s.stop()
+    lines = json_log(s, "conn")
     assert not re.search(rf"{STAMP} conn ", log), "a text conn line in JSON mode"
     good = next(r for r in lines if r["client"] == c.label)
     assert list(good) == ["time", "kind", *CONN_FIELDS]
@@ -155,15 +131,14 @@ def test_json_log_one_object_per_line(backend: Backend, pki: Pki, tmp_path: Path
             assert isinstance(json.loads(line), dict)
 
 
-def test_access_log_to_a_file(backend: Backend, pki: Pki, tmp_path: Path) -> None:
+def test_access_log_to_a_file(backend: TlsBackend, pki: Pki, tmp_path: Path,
+                              sniport_with: SniportWith) -> None:
     path = tmp_path / "access.log"
-    s = start_sniport(config(backend, server=f'access_log = "{path}"'), tmp_path)
-    try:
-        c, hello = exchange(s.port, pki)
-        wait_until(lambda: path.exists() and f"client={c.label} " in path.read_text(),
-                   timeout=TIMEOUT, what="the line in the access log file")
-    finally:
-        s.stop()
+    s = sniport_with(passthrough_config([backend.address], server=toml_lines(access_log=path)))
+    c, hello = exchange(s.port, pki)
+    wait_until(lambda: path.exists() and f"client={c.label} " in path.read_text(),
+               timeout=TIMEOUT, what="the line in the access log file")
+    s.stop()
     assert " conn " not in s.log()
     (line,) = path.read_text().splitlines()
     assert re.fullmatch(

@@ -11,18 +11,14 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from helpers import Pki, Sniport, start_sniport
-from passthrough_helpers import (
-    TcpServer,
-    client_context,
-    client_label,
-    make_hello,
-    start_tcp_server,
-    wait_conn,
-)
+from support.backends import TcpServer, start_tcp_server
+from support.clients import client_label, make_hello
+from support.configs import passthrough_config
+from support.logs import wait_conn
+from support.pki import Pki
+from support.process import SniportWith
 
 LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
@@ -56,57 +52,42 @@ def upstream_silent() -> Iterator[TcpServer]:
     server.close()
 
 
-def run(tmp_path: Path, upstream: TcpServer) -> Sniport:
-    return start_sniport(f"""
-[server]
-listen = ["127.0.0.1:0"]
-workers = 1
-
-[[passthrough]]
-name = "lan"
-hosts = ["vpn.example.com"]
-upstreams = ["{upstream.address}"]
-idle_timeout = "1h"
-""", tmp_path)
+def config(upstream: TcpServer) -> str:
+    return passthrough_config([upstream.address], server="workers = 1",
+                              block='idle_timeout = "1h"')
 
 
 def test_client_reset_while_upstream_is_silent_ends_at_once(
-        pki: Pki, tmp_path: Path, upstream_silent: TcpServer) -> None:
-    s = run(tmp_path, upstream_silent)
-    try:
-        c = socket.create_connection(("127.0.0.1", s.port), timeout=5)
-        label = client_label(c)
-        c.sendall(make_hello(client_context(pki), "vpn.example.com"))
-        time.sleep(0.3)  # the relay is up and both sides idle
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-        reset_at = time.monotonic()
-        c.close()
-        rec = wait_conn(s, timeout=5, client=label)
-        assert rec["end"] == "client_reset"
-        assert time.monotonic() - reset_at < 2.0
-    finally:
-        s.stop()
+        pki: Pki, upstream_silent: TcpServer, sniport_with: SniportWith) -> None:
+    s = sniport_with(config(upstream_silent))
+    c = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+    label = client_label(c)
+    c.sendall(make_hello(pki.client_context(), "vpn.example.com"))
+    time.sleep(0.3)  # the relay is up and both sides idle
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+    reset_at = time.monotonic()
+    c.close()
+    rec = wait_conn(s, timeout=5, client=label)
+    assert rec["end"] == "client_reset"
+    assert time.monotonic() - reset_at < 2.0
 
 
 def test_upstream_reset_while_client_is_silent_ends_at_once(
-        pki: Pki, tmp_path: Path, upstream_reset: TcpServer) -> None:
-    s = run(tmp_path, upstream_reset)
-    try:
-        c = socket.create_connection(("127.0.0.1", s.port), timeout=5)
-        label = client_label(c)
-        c.sendall(make_hello(client_context(pki), "vpn.example.com"))
-        time.sleep(0.3)
-        reset_at = time.monotonic()
-        upstream_reset.done.set()  # the upstream resets; the client says nothing
-        c.settimeout(5)
-        with _ends():
-            assert c.recv(1) == b""  # sniport closed our side too
-        rec = wait_conn(s, timeout=5, client=label)
-        assert rec["end"] == "upstream_reset"
-        assert time.monotonic() - reset_at < 2.0
-        c.close()
-    finally:
-        s.stop()
+        pki: Pki, upstream_reset: TcpServer, sniport_with: SniportWith) -> None:
+    s = sniport_with(config(upstream_reset))
+    c = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+    label = client_label(c)
+    c.sendall(make_hello(pki.client_context(), "vpn.example.com"))
+    time.sleep(0.3)
+    reset_at = time.monotonic()
+    upstream_reset.done.set()  # the upstream resets; the client says nothing
+    c.settimeout(5)
+    with _ends():
+        assert c.recv(1) == b""  # sniport closed our side too
+    rec = wait_conn(s, timeout=5, client=label)
+    assert rec["end"] == "upstream_reset"
+    assert time.monotonic() - reset_at < 2.0
+    c.close()
 
 
 class _ends:
@@ -120,7 +101,7 @@ class _ends:
 
 
 def test_upstream_resetting_at_accept_ends_each_connection_with_a_reason(
-        pki: Pki, tmp_path: Path) -> None:
+        pki: Pki, sniport_with: SniportWith) -> None:
     # An upstream that resets every connection as soon as it is accepted: the relay sees the
     # error on its first read and ends with a reason, never hanging.
     def reset_at_accept(server: TcpServer, conn: socket.socket) -> None:
@@ -128,13 +109,13 @@ def test_upstream_resetting_at_accept_ends_each_connection_with_a_reason(
         conn.close()
 
     up = start_tcp_server(reset_at_accept)
-    s = run(tmp_path, up)
+    s = sniport_with(config(up))
     try:
         labels = []
         for _ in range(5):
             c = socket.create_connection(("127.0.0.1", s.port), timeout=5)
             labels.append(client_label(c))
-            c.sendall(make_hello(client_context(pki), "vpn.example.com"))
+            c.sendall(make_hello(pki.client_context(), "vpn.example.com"))
             c.settimeout(5)
             with _ends():
                 c.recv(1)

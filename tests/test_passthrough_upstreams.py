@@ -10,52 +10,32 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Pki, Sniport, start_sniport
-from passthrough_helpers import (
-    TIMEOUT,
-    Backend,
-    RawTls,
-    blackhole,
-    client_context,
-    client_label,
-    closed_by_peer,
-    make_hello,
-    refused_port,
-    start_backend,
-    wait_conn,
-)
+from support.backends import Blackhole, TlsBackend, free_port, start_tls_backend
+from support.clients import RawTls, client_label, make_hello, wait_closed
+from support.configs import passthrough_block, passthrough_config, server_table
+from support.logs import wait_conn
+from support.pki import Pki
+from support.process import Sniport, SniportWith, start_sniport
+from support.waiting import TIMEOUT
 
 
 @pytest.fixture
-def backend(pki: Pki) -> Iterator[Backend]:
-    b = start_backend(pki, "vpn.example.com")
+def backend(pki: Pki) -> Iterator[TlsBackend]:
+    b = start_tls_backend(pki, "vpn.example.com")
     yield b
     b.close()
 
 
-def passthrough_config(upstreams: list[str], extra: str = "") -> str:
-    quoted = ", ".join(f'"{u}"' for u in upstreams)
-    return f"""
-[server]
-listen = ["127.0.0.1:0"]
-
-[[passthrough]]
-name = "lan"
-hosts = ["vpn.example.com"]
-upstreams = [{quoted}]
-connect_timeout = "300ms"
-{extra}
-"""
+def config(upstreams: list[str]) -> str:
+    return passthrough_config(upstreams, block='connect_timeout = "300ms"')
 
 
 def who(port: int, pki: Pki, name: str = "vpn.example.com") -> tuple[bytes, str]:
-    c = RawTls.connect(("127.0.0.1", port), client_context(pki), name)
+    c = RawTls.connect(("127.0.0.1", port), pki.client_context(), name)
     client = client_label(c.sock)
     c.send_raw(c.hello())
     c.handshake()
-    c.write(b"WHO")
-    answer = c.read_to_eof()
-    c.close()
+    answer = c.ask_who()
     return answer, client
 
 
@@ -64,90 +44,77 @@ def refused_connection(port: int, pki: Pki) -> tuple[bytes, str, float]:
     sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
     client = client_label(sock)
     start = time.monotonic()
-    sock.sendall(make_hello(client_context(pki), "vpn.example.com"))
-    got = closed_by_peer(sock)
+    sock.sendall(make_hello(pki.client_context(), "vpn.example.com"))
+    got = wait_closed(sock)
     waited = time.monotonic() - start
     sock.close()
     return got, client, waited
 
 
-def test_failover_from_refusing_to_answering(backend: Backend, pki: Pki,
-                                             tmp_path: Path) -> None:
-    dead = refused_port()
-    s = start_sniport(passthrough_config([f"127.0.0.1:{dead}", backend.address]), tmp_path)
-    try:
+def test_failover_from_refusing_to_answering(backend: TlsBackend, pki: Pki,
+                                             sniport_with: SniportWith) -> None:
+    dead = free_port()
+    s = sniport_with(config([f"127.0.0.1:{dead}", backend.address]))
+    answer, client = who(s.port, pki)
+    assert answer == b"vpn.example.com"
+    rec = wait_conn(s, client=client)
+    assert (rec["upstream"], rec["end"]) == (backend.address, "eof")
+
+
+def test_all_refusing_closes_with_upstream_refused(pki: Pki, tmp_path: Path,
+                                                   sniport_with: SniportWith) -> None:
+    ups = [f"unix:{tmp_path}/nobody.sock", f"127.0.0.1:{free_port()}",
+           f"127.0.0.1:{free_port()}"]
+    s = sniport_with(config(ups))
+    got, client, _ = refused_connection(s.port, pki)
+    assert got == b""
+    rec = wait_conn(s, client=client)
+    assert (rec["sni"], rec["route"], rec["upstream"], rec["up"], rec["down"],
+            rec["end"]) == ("vpn.example.com", "passthrough:lan", "-", "0", "0",
+                            "upstream_refused")
+    assert s.proc.poll() is None
+
+
+def test_upstream_that_never_accepts_times_out(pki: Pki, sniport_with: SniportWith) -> None:
+    with Blackhole() as hole:
+        s = sniport_with(config([f"127.0.0.1:{hole.port}"]))
+        got, client, waited = refused_connection(s.port, pki)
+        assert got == b""
+        assert 0.28 <= waited < 1.5
+        rec = wait_conn(s, client=client)
+        assert (rec["upstream"], rec["end"]) == ("-", "upstream_timeout")
+        assert 0.28 <= float(rec["duration"]) < 1.5
+        s.stop()
+
+
+def test_failover_after_connect_timeout(backend: TlsBackend, pki: Pki,
+                                        sniport_with: SniportWith) -> None:
+    with Blackhole() as hole:
+        s = sniport_with(config([f"127.0.0.1:{hole.port}", backend.address]))
+        start = time.monotonic()
         answer, client = who(s.port, pki)
         assert answer == b"vpn.example.com"
+        assert time.monotonic() - start >= 0.28
         rec = wait_conn(s, client=client)
         assert (rec["upstream"], rec["end"]) == (backend.address, "eof")
-    finally:
+        assert float(rec["duration"]) >= 0.28
         s.stop()
 
 
-def test_all_refusing_closes_with_upstream_refused(pki: Pki, tmp_path: Path) -> None:
-    ups = [f"unix:{tmp_path}/nobody.sock", f"127.0.0.1:{refused_port()}",
-           f"127.0.0.1:{refused_port()}"]
-    s = start_sniport(passthrough_config(ups), tmp_path)
-    try:
-        got, client, _ = refused_connection(s.port, pki)
-        assert got == b""
-        rec = wait_conn(s, client=client)
-        assert (rec["sni"], rec["route"], rec["upstream"], rec["up"], rec["down"],
-                rec["end"]) == ("vpn.example.com", "passthrough:lan", "-", "0", "0",
-                                "upstream_refused")
-        assert s.proc.poll() is None
-    finally:
-        s.stop()
-
-
-def test_upstream_that_never_accepts_times_out(pki: Pki, tmp_path: Path) -> None:
-    with blackhole() as port:
-        s = start_sniport(passthrough_config([f"127.0.0.1:{port}"]), tmp_path)
-        try:
-            got, client, waited = refused_connection(s.port, pki)
-            assert got == b""
-            assert 0.28 <= waited < 1.5
-            rec = wait_conn(s, client=client)
-            assert (rec["upstream"], rec["end"]) == ("-", "upstream_timeout")
-            assert 0.28 <= float(rec["duration"]) < 1.5
-        finally:
-            s.stop()
-
-
-def test_failover_after_connect_timeout(backend: Backend, pki: Pki, tmp_path: Path) -> None:
-    with blackhole() as port:
-        s = start_sniport(passthrough_config([f"127.0.0.1:{port}", backend.address]),
-                          tmp_path)
-        try:
-            start = time.monotonic()
-            answer, client = who(s.port, pki)
-            assert answer == b"vpn.example.com"
-            assert time.monotonic() - start >= 0.28
-            rec = wait_conn(s, client=client)
-            assert (rec["upstream"], rec["end"]) == (backend.address, "eof")
-            assert float(rec["duration"]) >= 0.28
-        finally:
-            s.stop()
-
-
-def test_unix_upstream(pki: Pki, tmp_path: Path) -> None:
+def test_unix_upstream(pki: Pki, tmp_path: Path, sniport_with: SniportWith) -> None:
     path = f"{tmp_path}/up.sock"
-    b = start_backend(pki, "vpn.example.com", unix_path=path)
-    s = start_sniport(passthrough_config([f"unix:{path}"]), tmp_path)
-    try:
-        c = RawTls.connect(("127.0.0.1", s.port), client_context(pki), "vpn.example.com")
-        client = client_label(c.sock)
-        c.send_raw(c.hello())
-        c.handshake()
-        assert c.peer_der() == b.der
-        c.write(b"WHO")
-        assert c.read_to_eof() == b"vpn.example.com"
-        c.close()
-        rec = wait_conn(s, client=client)
-        assert (rec["upstream"], rec["end"]) == (f"unix:{path}", "eof")
-    finally:
-        s.stop()
-        b.close()
+    b = start_tls_backend(pki, "vpn.example.com", unix_path=path)
+    s = sniport_with(config([f"unix:{path}"]))
+    c = RawTls.connect(("127.0.0.1", s.port), pki.client_context(), "vpn.example.com")
+    client = client_label(c.sock)
+    c.send_raw(c.hello())
+    c.handshake()
+    assert c.peer_der() == b.der
+    assert c.ask_who() == b"vpn.example.com"
+    rec = wait_conn(s, client=client)
+    assert (rec["upstream"], rec["end"]) == (f"unix:{path}", "eof")
+    s.stop()
+    b.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,31 +125,17 @@ V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
 @pytest.fixture(scope="module")
 def proxied(pki: Pki, tmp_path_factory: pytest.TempPathFactory,
-            ) -> Iterator[tuple[Sniport, Backend, Backend]]:
-    v1 = start_backend(pki, "v1.example.com", expect_proxy="v1")
-    v2 = start_backend(pki, "v2.example.com", expect_proxy="v2")
-    config = f"""
-[server]
-listen = ["127.0.0.1:0", "[::1]:0"]
-
-[[passthrough]]
-name = "one"
-hosts = ["v1.example.com"]
-upstreams = ["{v1.address}"]
-proxy_protocol = "v1"
-
-[[passthrough]]
-name = "two"
-hosts = ["v2.example.com"]
-upstreams = ["{v2.address}"]
-proxy_protocol = "v2"
-
-[default]
-to = "passthrough:two"
-"""
-    s = start_sniport(config, tmp_path_factory.mktemp("proxied"))
-    yield s, v1, v2
-    s.stop()
+            ) -> Iterator[tuple[Sniport, TlsBackend, TlsBackend]]:
+    v1 = start_tls_backend(pki, "v1.example.com", expect_proxy="v1")
+    v2 = start_tls_backend(pki, "v2.example.com", expect_proxy="v2")
+    config = (server_table(["127.0.0.1:0", "[::1]:0"])
+              + passthrough_block("one", ["v1.example.com"], [v1.address],
+                                  'proxy_protocol = "v1"')
+              + passthrough_block("two", ["v2.example.com"], [v2.address],
+                                  'proxy_protocol = "v2"')
+              + '[default]\nto = "passthrough:two"\n')
+    with start_sniport(config, tmp_path_factory.mktemp("proxied")) as s:
+        yield s, v1, v2
     v1.close()
     v2.close()
 
@@ -193,26 +146,24 @@ def proxied_who(address: tuple[str, int], pki: Pki, name: str | None,
     raw = socket.socket(family, socket.SOCK_STREAM)
     raw.settimeout(TIMEOUT)
     raw.connect(address)
-    c = RawTls(raw, client_context(pki, check_hostname=name is not None), name)
+    c = RawTls(raw, pki.client_context(check_hostname=name is not None), name)
     local = raw.getsockname()[:2]
     c.send_raw(c.hello())
     c.handshake()
-    c.write(b"WHO")
-    answer = c.read_to_eof()
-    c.close()
+    answer = c.ask_who()
     return answer, (local[0], local[1])
 
 
 @pytest.mark.parametrize("family", ["127.0.0.1", "::1"])
-def test_proxy_v1_header(proxied: tuple[Sniport, Backend, Backend], pki: Pki,
+def test_proxy_v1_header(proxied: tuple[Sniport, TlsBackend, TlsBackend], pki: Pki,
                          family: str) -> None:
     s, v1, _ = proxied
-    port = s.port if family == "127.0.0.1" else int(s.addresses[1].rsplit(":", 1)[1])
-    before = len(v1.tls.proxy_headers)
+    port = s.port if family == "127.0.0.1" else s.listen_port(1)
+    before = len(v1.proxy_headers)
     answer, (ip, cport) = proxied_who((family, port), pki, "v1.example.com")
     assert answer == b"v1.example.com"
     proto = "TCP4" if family == "127.0.0.1" else "TCP6"
-    assert v1.tls.proxy_headers[before:] == [
+    assert v1.proxy_headers[before:] == [
         f"PROXY {proto} {family} {family} {cport} {port}\r\n".encode()]
     client = f"{ip}:{cport}" if proto == "TCP4" else f"[{ip}]:{cport}"
     rec = wait_conn(s, client=client)
@@ -221,11 +172,11 @@ def test_proxy_v1_header(proxied: tuple[Sniport, Backend, Backend], pki: Pki,
 
 @pytest.mark.parametrize("family", ["127.0.0.1", "::1"])
 @pytest.mark.parametrize("name", ["v2.example.com", None])
-def test_proxy_v2_header(proxied: tuple[Sniport, Backend, Backend], pki: Pki,
+def test_proxy_v2_header(proxied: tuple[Sniport, TlsBackend, TlsBackend], pki: Pki,
                          family: str, name: str | None) -> None:
     s, _, v2 = proxied
-    port = s.port if family == "127.0.0.1" else int(s.addresses[1].rsplit(":", 1)[1])
-    before = len(v2.tls.proxy_headers)
+    port = s.port if family == "127.0.0.1" else s.listen_port(1)
+    before = len(v2.proxy_headers)
     answer, (_, cport) = proxied_who((family, port), pki, name)
     assert answer == b"v2.example.com"
     packed = ipaddress.ip_address(family).packed
@@ -235,4 +186,4 @@ def test_proxy_v2_header(proxied: tuple[Sniport, Backend, Backend], pki: Pki,
         body += struct.pack("!BH", 0x02, len(name)) + name.encode()
     fam = 0x11 if family == "127.0.0.1" else 0x21  # TCP over IPv4 / IPv6
     header = V2_SIG + struct.pack("!BBH", 0x21, fam, len(body)) + body
-    assert v2.tls.proxy_headers[before:] == [header]
+    assert v2.proxy_headers[before:] == [header]

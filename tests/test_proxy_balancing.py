@@ -14,9 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from helpers import Pki, Sniport, start_sniport
-from http_helpers import TIMEOUT, Response, client_ctx, request_bytes, tls_conn, wait_for
-from proxy_helpers import HOST, App, proxy_route, site_config
+from support.backends import App, stopping
+from support.clients import Response, fetch
+from support.configs import PROXY_HOST as HOST
+from support.configs import proxy_route, proxy_site_config
+from support.pki import Pki
+from support.process import Sniport, start_sniport
+from support.waiting import TIMEOUT, wait_until
 
 
 @dataclass
@@ -26,9 +30,7 @@ class Setup:
     apps: dict[str, App]
 
     def get(self, target: str) -> Response:
-        with tls_conn(self.s.port, HOST, client_ctx(self.pki)) as c:
-            c.send(request_bytes(target, HOST))
-            return c.response()
+        return fetch(self.s.port, HOST, self.pki.client_context(), target)
 
     def served_by(self, target: str) -> str:
         r = self.get(target)
@@ -51,13 +53,8 @@ def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]
                     fail_timeout="2s"),
         proxy_route("/hc/", [apps["hc-a"].url, apps["hc-b"].url], health=health),
     ])
-    s = start_sniport(site_config(pki, tmp, routes), tmp)
-    try:
+    with stopping(apps.values()), start_sniport(proxy_site_config(pki, tmp, routes), tmp) as s:
         yield Setup(s, pki, apps)
-    finally:
-        s.stop()
-        for app in apps.values():
-            app.stop()
 
 
 def test_round_robin_alternates(setup: Setup) -> None:
@@ -72,7 +69,7 @@ def test_least_conn_prefers_the_idle_upstream(setup: Setup) -> None:
     slow: list[Response] = []
     t = threading.Thread(target=lambda: slow.append(setup.get("/lc/_/slow/1.5")))
     t.start()
-    wait_for(lambda: len(a.requests) + len(b.requests) == 1, what="slow request upstream")
+    wait_until(lambda: len(a.requests) + len(b.requests) == 1, what="slow request upstream")
     busy = "lc-a" if a.requests else "lc-b"
     idle = "lc-b" if busy == "lc-a" else "lc-a"
     during = [setup.served_by(f"/lc/quick/{i}") for i in range(6)]
@@ -121,8 +118,8 @@ def test_active_health_checks_take_an_upstream_out_and_back(setup: Setup) -> Non
         return [setup.served_by(f"/hc/{tag}/{i}") for i in range(n)]
 
     # The checks run: both applications see GET /healthz every 300ms.
-    wait_for(lambda: len(probes(a)) >= 2 and len(probes(b)) >= 2, timeout=3,
-             what="health probes at both upstreams")
+    wait_until(lambda: len(probes(a)) >= 2 and len(probes(b)) >= 2, timeout=3,
+               what="health probes at both upstreams")
     probe = next(r for r in a.requests if r.path == "/healthz")
     assert probe.method == "GET"
     assert set(served(4, "before")) == {"hc-a", "hc-b"}

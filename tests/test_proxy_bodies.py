@@ -14,18 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import Pki, Sniport, start_sniport
-from http_helpers import HttpConn, client_ctx, curl_site, request_bytes, tls_conn
-from proxy_helpers import (
-    HOST,
-    App,
-    echo_of,
-    https_client,
-    pattern,
-    pattern_sha,
-    proxy_route,
-    site_config,
-)
+from support.backends import App, echo_of, stopping
+from support.clients import HttpConn, curl_site, http_client, request_bytes, tls_conn
+from support.configs import PROXY_HOST as HOST
+from support.configs import proxy_route, proxy_site_config
+from support.data import pattern, pattern_sha256
+from support.pki import Pki
+from support.process import Sniport, start_sniport
 
 MB20 = 20 * 1024 * 1024
 
@@ -38,19 +33,16 @@ class Setup:
     tmp: Path
 
     def conn(self) -> HttpConn:
-        return tls_conn(self.s.port, HOST, client_ctx(self.pki), timeout=30)
+        return tls_conn(self.s.port, HOST, self.pki.client_context(), timeout=30)
 
 
 @pytest.fixture(scope="module")
 def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("proxy_bodies")
     app = App("bodies")
-    s = start_sniport(site_config(pki, tmp, proxy_route("/", [app.url])), tmp)
-    try:
+    with stopping([app]), start_sniport(proxy_site_config(pki, tmp, proxy_route("/", [app.url])),
+                                        tmp) as s:
         yield Setup(s, app, pki, tmp)
-    finally:
-        s.stop()
-        app.stop()
 
 
 def _send_pattern(c: HttpConn, n: int, piece: int = 1 << 20) -> None:
@@ -85,7 +77,7 @@ def test_upload_20mb_content_length(setup: Setup) -> None:
         r = c.response()
     assert r.status == 200
     echo = echo_of(r.body)
-    assert (echo["body_len"], echo["body_sha256"]) == (MB20, pattern_sha(MB20))
+    assert (echo["body_len"], echo["body_sha256"]) == (MB20, pattern_sha256(MB20))
     assert echo["chunked"] is False
     assert [v for k, v in echo["headers"] if k.lower() == "content-length"] == [str(MB20)]
 
@@ -96,11 +88,11 @@ def test_upload_20mb_chunked_with_trailers(setup: Setup) -> None:
                "Trailer: X-Sum\r\n\r\n".encode())
         for chunk in _chunked(MB20, (1, 4096, 1 << 20, 3, 300_000)):
             c.sock.sendall(chunk)
-        c.send(b"0\r\nX-Sum: " + pattern_sha(MB20).encode() + b"\r\n\r\n")
+        c.send(b"0\r\nX-Sum: " + pattern_sha256(MB20).encode() + b"\r\n\r\n")
         r = c.response()
         assert r.status == 200
         echo = echo_of(r.body)
-        assert (echo["body_len"], echo["body_sha256"]) == (MB20, pattern_sha(MB20))
+        assert (echo["body_len"], echo["body_sha256"]) == (MB20, pattern_sha256(MB20))
         assert echo["chunked"] is True  # the length was unknown: chunked to the upstream too
         assert [k.lower() for k, _ in echo["headers"]].count("transfer-encoding") == 1
         # The message ended where it should: the same connection carries the next request.
@@ -135,7 +127,7 @@ def test_upload_20mb_with_curl(setup: Setup) -> None:
     body, _, code = r.stdout.rpartition(b"\n")
     assert code == b"200"
     echo = echo_of(body)
-    assert (echo["body_len"], echo["body_sha256"]) == (MB20, pattern_sha(MB20))
+    assert (echo["body_len"], echo["body_sha256"]) == (MB20, pattern_sha256(MB20))
 
 
 def test_expect_100_continue(setup: Setup) -> None:
@@ -152,7 +144,7 @@ def test_expect_100_continue(setup: Setup) -> None:
         assert r.status == 200  # exactly one interim response, then the final one
         length = int(r.header("Content-Length") or -1)
         echo = echo_of(c._exactly(length))
-    assert (echo["body_len"], echo["body_sha256"]) == (n, pattern_sha(n))
+    assert (echo["body_len"], echo["body_sha256"]) == (n, pattern_sha256(n))
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,11 +158,11 @@ def test_download_20mb_content_length(setup: Setup) -> None:
     assert r.status == 200
     assert r.all("Content-Length") == [str(MB20)]
     assert r.all("Transfer-Encoding") == []
-    assert (len(r.body), hashlib.sha256(r.body).hexdigest()) == (MB20, pattern_sha(MB20))
+    assert (len(r.body), hashlib.sha256(r.body).hexdigest()) == (MB20, pattern_sha256(MB20))
 
 
 def test_download_20mb_chunked_with_http_client(setup: Setup) -> None:
-    conn = https_client(setup.s.port, client_ctx(setup.pki), timeout=30)
+    conn = http_client(setup.s.port, setup.pki.client_context(), HOST, timeout=30)
     try:
         conn.request("GET", f"/d/_/download/{MB20}/chunked")
         resp = conn.getresponse()
@@ -181,7 +173,7 @@ def test_download_20mb_chunked_with_http_client(setup: Setup) -> None:
         while chunk := resp.read(1 << 20):
             h.update(chunk)
             total += len(chunk)
-        assert (total, h.hexdigest()) == (MB20, pattern_sha(MB20))
+        assert (total, h.hexdigest()) == (MB20, pattern_sha256(MB20))
         # And the connection is still good for another request.
         conn.request("GET", "/d/again")
         again = conn.getresponse()
@@ -201,7 +193,7 @@ def test_download_20mb_chunked_with_curl(setup: Setup) -> None:
     with out.open("rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
-    assert h.hexdigest() == pattern_sha(MB20)
+    assert h.hexdigest() == pattern_sha256(MB20)
 
 
 def test_close_delimited_response_is_reframed(setup: Setup) -> None:
@@ -210,7 +202,7 @@ def test_close_delimited_response_is_reframed(setup: Setup) -> None:
         c.send(request_bytes(f"/d/_/download/{n}/close", HOST))
         r = c.response()
         assert r.status == 200
-        assert (len(r.body), hashlib.sha256(r.body).hexdigest()) == (n, pattern_sha(n))
+        assert (len(r.body), hashlib.sha256(r.body).hexdigest()) == (n, pattern_sha256(n))
         # The upstream's close ended its body; the client's connection was framed by
         # sniport and goes on.
         c.send(request_bytes("/d/after-close", HOST))
@@ -280,8 +272,8 @@ def test_big_request_and_response_on_one_keepalive_connection(setup: Setup) -> N
         first = c.response()
         second = c.response()
         third = c.response()
-    assert echo_of(first.body)["body_sha256"] == pattern_sha(n)
-    assert hashlib.sha256(second.body).hexdigest() == pattern_sha(n)
+    assert echo_of(first.body)["body_sha256"] == pattern_sha256(n)
+    assert hashlib.sha256(second.body).hexdigest() == pattern_sha256(n)
     assert echo_of(third.body)["target"] == "/k/3"
 
 

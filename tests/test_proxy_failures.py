@@ -16,29 +16,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from helpers import Pki, Sniport, start_sniport
-from http_helpers import (
-    TIMEOUT,
+from support.backends import App, Blackhole, echo_of, free_port, stopping
+from support.clients import (
     HttpConn,
     PeerClosed,
     Response,
-    client_ctx,
     curl_site,
+    http_client,
     request_bytes,
     tls_conn,
-    wait_for,
 )
-from proxy_helpers import (
-    HOST,
-    App,
-    Blackhole,
-    closed_port,
-    echo_of,
-    https_client,
-    pattern,
-    proxy_route,
-    site_config,
-)
+from support.configs import PROXY_HOST as HOST
+from support.configs import proxy_route, proxy_site_config
+from support.data import pattern
+from support.pki import Pki
+from support.process import Sniport, start_sniport
+from support.waiting import TIMEOUT, wait_until
 
 SMUGGLING = {
     "cl-te": b"POST /smug-cl-te/ HTTP/1.1\r\nHost: %s\r\nContent-Length: 6\r\n"
@@ -69,7 +62,7 @@ class Setup:
     blackhole: Blackhole
 
     def conn(self) -> HttpConn:
-        return tls_conn(self.s.port, HOST, client_ctx(self.pki))
+        return tls_conn(self.s.port, HOST, self.pki.client_context())
 
     def get(self, target: str, method: str = "GET", body: bytes = b"") -> Response:
         with self.conn() as c:
@@ -93,7 +86,7 @@ def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]
     apps["reset-second"] = App("reset-second")
     for case in SMUGGLING:
         apps[f"smug-{case}"] = App(f"smug-{case}")
-    dead = {"dead": closed_port(), "rg": closed_port(), "rp": closed_port()}
+    dead = {"dead": free_port(), "rg": free_port(), "rp": free_port()}
     blackhole = Blackhole()
     routes = [
         proxy_route("/stopped/", [apps["stopped"].url]),
@@ -112,14 +105,9 @@ def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]
                     connect_timeout="500ms"),
     ]
     routes += [proxy_route(f"/smug-{case}/", [apps[f"smug-{case}"].url]) for case in SMUGGLING]
-    s = start_sniport(site_config(pki, tmp, "".join(routes)), tmp)
-    try:
+    with stopping([*apps.values(), blackhole]), \
+            start_sniport(proxy_site_config(pki, tmp, "".join(routes)), tmp) as s:
         yield Setup(s, pki, apps, dead, blackhole)
-    finally:
-        s.stop()
-        for app in apps.values():
-            app.stop()
-        blackhole.close()
 
 
 def _log_names(s: Sniport, label: str, words: str) -> None:
@@ -199,7 +187,7 @@ def test_connect_timeout_goes_to_the_next_upstream(setup: Setup) -> None:
 def test_upstream_dying_mid_response_cuts_the_client_http_client(setup: Setup) -> None:
     """The application announces 200000 bytes, sends 100000, waits 0.2s, and dies (RST):
     the client gets those 100000 bytes and then the connection ends: IncompleteRead."""
-    conn = https_client(setup.s.port, client_ctx(setup.pki))
+    conn = http_client(setup.s.port, setup.pki.client_context(), HOST)
     try:
         conn.request("GET", "/die/_/die/100000/cl")
         resp = conn.getresponse()
@@ -252,7 +240,7 @@ def test_upstream_dying_mid_response_curl_reports_an_error(setup: Setup) -> None
 
 
 def test_upstream_stalling_mid_response_is_cut_after_read_timeout(setup: Setup) -> None:
-    with tls_conn(setup.s.port, HOST, client_ctx(setup.pki), timeout=5) as c:
+    with tls_conn(setup.s.port, HOST, setup.pki.client_context(), timeout=5) as c:
         t = time.monotonic()
         c.send(request_bytes("/die/_/stall/1000", HOST))
         head = c.head()
@@ -284,7 +272,7 @@ def test_malformed_upstream_response_is_502_and_pool_survives(setup: Setup, what
     assert bad.conn == pooled  # the malformed answer came on the pooled connection
     _short_error(r, 502)
     # sniport closed that connection: it is in an unknown state.
-    wait_for(lambda: pooled in app.closed_conns, what="malformed connection closed")
+    wait_until(lambda: pooled in app.closed_conns, what="malformed connection closed")
     r = setup.get(f"/bad/next-{what}")
     assert r.status == 200
     echo = echo_of(r.body)
@@ -391,7 +379,7 @@ def test_upstream_resetting_at_once_never_leaves_a_request_unanswered(setup: Set
 
     def one(i: int) -> None:
         try:
-            with tls_conn(setup.s.port, HOST, client_ctx(setup.pki), timeout=5) as c:
+            with tls_conn(setup.s.port, HOST, setup.pki.client_context(), timeout=5) as c:
                 c.send(request_bytes(f"/reset/{i}", HOST))
                 r = c.response()
             if r.status != 200:

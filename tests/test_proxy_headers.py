@@ -3,8 +3,8 @@ headers (Host, X-Forwarded-*, X-Real-IP, Forwarded, hop-by-hop fields, request_h
 remove_request_headers, strip_prefix), and what the client receives back (the route's
 headers / remove_headers, the upstream's hop-by-hop fields removed).
 
-Real sockets and real TLS: a raw HTTP/1.1 client (http_helpers) and curl, through sniport,
-to a threaded upstream application that records every request it parsed (proxy_helpers.App).
+Real sockets and real TLS: a raw HTTP/1.1 client (support.clients) and curl, through sniport,
+to a threaded upstream application that records every request it parsed (support.backends.App).
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Pki, Sniport, start_sniport
-from http_helpers import Response, client_ctx, curl_site, request_bytes, tls_conn
-from proxy_helpers import HOST, App, Rec, proxy_route, site_config
+from support.backends import App, Rec, stopping
+from support.clients import Response, curl_site, request_bytes, tls_conn
+from support.configs import PROXY_HOST as HOST
+from support.configs import proxy_route, proxy_site_config
+from support.pki import Pki
+from support.process import Sniport, start_sniport
 
 
 @dataclass
@@ -36,7 +38,7 @@ class Setup:
         """One request on a new TLS connection; the response and what the app received."""
         before = len(self.app.requests)
         port = (self.trusting if trusted else self.s).port
-        with tls_conn(port, HOST, client_ctx(self.pki)) as c:
+        with tls_conn(port, HOST, self.pki.client_context()) as c:
             c.send(request_bytes(target, host, method=method, headers=headers, body=body))
             resp = c.response(method=method)
         assert resp.status == 200, (resp.status, resp.body[:300])
@@ -68,26 +70,12 @@ def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]
     strict = App("strict", strict=True)
     routes = "".join(proxy_route(path, [app.url], **dict(keys)) for path, keys in ROUTES)
     routes += proxy_route("/strict/", [strict.url])
-    s = start_sniport(site_config(pki, tmp / "a", routes), _mkdir(tmp / "a"))
-    try:
-        trusting = start_sniport(
-            site_config(pki, tmp / "b", routes, server='trusted_proxies = ["127.0.0.1/32"]'),
-            _mkdir(tmp / "b"))
-    except BaseException:
-        s.stop()
-        raise
-    try:
+    trusted = 'trusted_proxies = ["127.0.0.1/32"]'
+    with stopping([app, strict]), \
+            start_sniport(proxy_site_config(pki, tmp / "a", routes), tmp / "a") as s, \
+            start_sniport(proxy_site_config(pki, tmp / "b", routes, server=trusted),
+                          tmp / "b") as trusting:
         yield Setup(s, trusting, app, pki, strict)
-    finally:
-        s.stop()
-        trusting.stop()
-        app.stop()
-        strict.stop()
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +110,7 @@ def test_an_llhttp_application_accepts_the_forwarded_request(setup: Setup, lengt
     """The head sniport sends must be one that llhttp-based applications (uvicorn with
     httptools, Node.js) accept: for instance a single Content-Length."""
     body = b"z" * length
-    with tls_conn(setup.s.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.s.port, HOST, setup.pki.client_context()) as c:
         c.send(request_bytes("/strict/post", HOST, method="POST", body=body,
                              headers=[("Content-Length", str(length))]))
         r = c.response()

@@ -16,20 +16,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from helpers import Pki, Sniport, start_sniport
-from http_helpers import client_ctx, curl_site, request_bytes, tls_conn
-from proxy_helpers import (
-    HOST,
-    App,
-    RssSampler,
-    echo_of,
-    pattern,
-    pattern_sha,
-    proxy_route,
-    rss,
-    site_config,
-    worker_pids,
-)
+from support.backends import App, echo_of, stopping
+from support.clients import curl_site, request_bytes, tls_conn
+from support.configs import PROXY_HOST as HOST
+from support.configs import proxy_route, proxy_site_config
+from support.data import pattern, pattern_sha256
+from support.pki import Pki
+from support.proc import RssSampler, children, rss
+from support.process import Sniport, start_sniport
 
 GIB = 1 << 30
 BOUND = 64 * 1024 * 1024  # RSS growth allowed while 1 GiB passes
@@ -51,24 +45,21 @@ class Setup:
 def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("proxy_memory")
     app = App("big")
-    s = start_sniport(site_config(pki, tmp, proxy_route("/", [app.url])), tmp)
-    try:
-        workers = worker_pids(s.proc.pid)
+    with stopping([app]), start_sniport(proxy_site_config(pki, tmp, proxy_route("/", [app.url])),
+                                        tmp) as s:
+        workers = children(s.pid)
         assert len(workers) == 1, workers
         st = Setup(s, pki, app, workers[0])
         # Warm up: buffers, TLS, the pool, both directions, so that the baseline is steady.
         r = curl_site(pki, s.port, HOST, f"/_/download/{MB16}/cl", "-o", "/dev/null")
         assert r.returncode == 0, r.stderr
-        with tls_conn(s.port, HOST, client_ctx(pki), timeout=30) as c:
+        with tls_conn(s.port, HOST, pki.client_context(), timeout=30) as c:
             c.send(f"POST /warm HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {MB16}\r\n\r\n"
                    .encode())
             for piece in pattern(MB16):
                 c.sock.sendall(piece)
             assert c.response().status == 200
         yield st
-    finally:
-        s.stop()
-        app.stop()
 
 
 def _growth(samples: list[int], base: int) -> str:
@@ -93,7 +84,7 @@ def test_1gib_download_to_a_client_that_pauses(setup: Setup) -> None:
     base = setup.baseline()
     h = hashlib.sha256()
     with RssSampler(setup.worker) as sampler, \
-            tls_conn(setup.s.port, HOST, client_ctx(setup.pki), timeout=30) as c:
+            tls_conn(setup.s.port, HOST, setup.pki.client_context(), timeout=30) as c:
         c.send(request_bytes(f"/_/download/{GIB}/cl", HOST))
         head = c.head()
         assert head.status == 200
@@ -109,14 +100,14 @@ def test_1gib_download_to_a_client_that_pauses(setup: Setup) -> None:
             if pauses and got >= pauses[0]:
                 pauses.pop(0)
                 time.sleep(1.0)  # the client stops reading; the upstream keeps sending
-    assert (got, h.hexdigest()) == (GIB, pattern_sha(GIB))
+    assert (got, h.hexdigest()) == (GIB, pattern_sha256(GIB))
     assert max(sampler.samples) - base < BOUND, _growth(sampler.samples, base)
 
 
 def test_1gib_upload_to_an_application_that_pauses(setup: Setup) -> None:
     base = setup.baseline()
     with RssSampler(setup.worker) as sampler, \
-            tls_conn(setup.s.port, HOST, client_ctx(setup.pki), timeout=30) as c:
+            tls_conn(setup.s.port, HOST, setup.pki.client_context(), timeout=30) as c:
         c.send(f"PUT /up?pause_at={GIB // 3} HTTP/1.1\r\nHost: {HOST}\r\n"
                f"Content-Length: {GIB}\r\n\r\n".encode())
         for piece in pattern(GIB):
@@ -124,5 +115,5 @@ def test_1gib_upload_to_an_application_that_pauses(setup: Setup) -> None:
         r = c.response()
     assert r.status == 200
     echo = echo_of(r.body)
-    assert (echo["body_len"], echo["body_sha256"]) == (GIB, pattern_sha(GIB))
+    assert (echo["body_len"], echo["body_sha256"]) == (GIB, pattern_sha256(GIB))
     assert max(sampler.samples) - base < BOUND, _growth(sampler.samples, base)

@@ -11,9 +11,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from helpers import Pki, Sniport, start_sniport
-from http_helpers import TIMEOUT, Response, client_ctx, request_bytes, tls_conn, wait_for
-from proxy_helpers import HOST, App, echo_of, proxy_route, site_config
+from support.backends import App, echo_of, stopping
+from support.clients import Response, fetch, request_bytes, tls_conn
+from support.configs import PROXY_HOST as HOST
+from support.configs import proxy_route, proxy_site_config
+from support.pki import Pki
+from support.process import Sniport, start_sniport
+from support.waiting import TIMEOUT, wait_until
 
 
 @dataclass
@@ -22,10 +26,8 @@ class Setup:
     pki: Pki
     apps: dict[str, App]
 
-    def get(self, target: str, **kw: object) -> Response:
-        with tls_conn(self.s.port, HOST, client_ctx(self.pki)) as c:
-            c.send(request_bytes(target, HOST, **kw))  # type: ignore[arg-type]
-            return c.response()
+    def get(self, target: str) -> Response:
+        return fetch(self.s.port, HOST, self.pki.client_context(), target)
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +44,15 @@ def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]
         proxy_route("/stale/", [apps["stale"].url]),
         proxy_route("/gone/", [apps["gone"].url]),
     ])
-    s = start_sniport(site_config(pki, tmp, routes), tmp)
-    try:
+    with stopping(apps.values()), start_sniport(proxy_site_config(pki, tmp, routes), tmp) as s:
         yield Setup(s, pki, apps)
-    finally:
-        s.stop()
-        for app in apps.values():
-            app.stop()
 
 
 def test_sequential_requests_share_one_upstream_connection(setup: Setup) -> None:
     app = setup.apps["ka"]
     n = 0
     for client in range(5):  # five client connections, four requests each
-        with tls_conn(setup.s.port, HOST, client_ctx(setup.pki)) as c:
+        with tls_conn(setup.s.port, HOST, setup.pki.client_context()) as c:
             for i in range(4):
                 body = b"x" * (i * 1000)
                 c.send(request_bytes(f"/ka/{client}/{i}?n={n}", HOST,
@@ -74,7 +71,7 @@ def test_sequential_requests_share_one_upstream_connection(setup: Setup) -> None
 def test_keepalive_zero_opens_one_connection_per_request(setup: Setup) -> None:
     app = setup.apps["ka0"]
     for _ in range(2):
-        with tls_conn(setup.s.port, HOST, client_ctx(setup.pki)) as c:
+        with tls_conn(setup.s.port, HOST, setup.pki.client_context()) as c:
             for i in range(5):
                 c.send(request_bytes(f"/ka0/{i}", HOST))
                 assert c.response().status == 200
@@ -82,7 +79,7 @@ def test_keepalive_zero_opens_one_connection_per_request(setup: Setup) -> None:
     assert app.connections == 10
     assert [r.conn for r in app.requests] == list(range(1, 11))
     # sniport closes each one after its response: none is left open.
-    wait_for(lambda: app.open == 0, what="upstream connections closed")
+    wait_until(lambda: app.open == 0, what="upstream connections closed")
 
 
 def _concurrent(setup: Setup, prefix: str, n: int, delay: float) -> list[Response]:
@@ -115,17 +112,17 @@ def test_keepalive_caps_the_idle_connections(setup: Setup) -> None:
     _concurrent(setup, "/ka2/", 4, 0.5)
     assert app.connections == 4
     # Only two may wait in the pool: the other two are closed.
-    wait_for(lambda: app.open == 2, what="two idle upstream connections left")
+    wait_until(lambda: app.open == 2, what="two idle upstream connections left")
     _concurrent(setup, "/ka2/", 4, 0.3)
     assert app.connections == 6  # the two pooled ones, and two new ones
-    wait_for(lambda: app.open == 2, what="two idle upstream connections left")
+    wait_until(lambda: app.open == 2, what="two idle upstream connections left")
 
 
 def test_idle_upstream_connections_close_after_keepalive_timeout(setup: Setup) -> None:
     app = setup.apps["kat"]
     assert setup.get("/kat/1").status == 200
     assert app.open == 1
-    wait_for(lambda: app.open == 0, timeout=3, what="idle connection closed after 500ms")
+    wait_until(lambda: app.open == 0, timeout=3, what="idle connection closed after 500ms")
     assert setup.get("/kat/2").status == 200
     assert app.connections == 2
 
@@ -149,12 +146,12 @@ def test_client_gone_mid_response_closes_the_upstream_connection(setup: Setup) -
     """The client reads 1 MiB of 100 MiB and leaves: that upstream connection is in the
     middle of a response, so it is closed, not pooled; the next request gets a new one."""
     app = setup.apps["gone"]
-    with tls_conn(setup.s.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.s.port, HOST, setup.pki.client_context()) as c:
         c.send(request_bytes(f"/gone/_/download/{100 << 20}/cl", HOST))
         assert c.head().status == 200
         while len(c.buf) < 1 << 20:
             c._fill()
-    wait_for(lambda: 1 in app.closed_conns, what="upstream connection closed")
+    wait_until(lambda: 1 in app.closed_conns, what="upstream connection closed")
     r = setup.get("/gone/next")
     assert r.status == 200
     assert echo_of(r.body)["conn"] == 2
@@ -162,11 +159,11 @@ def test_client_gone_mid_response_closes_the_upstream_connection(setup: Setup) -
 
 def test_client_gone_before_the_response_closes_the_upstream_connection(setup: Setup) -> None:
     app = setup.apps["gone"]
-    with tls_conn(setup.s.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.s.port, HOST, setup.pki.client_context()) as c:
         c.send(request_bytes("/gone/_/hang", HOST))
-        wait_for(lambda: app.requests[-1].target == "/gone/_/hang", what="request upstream")
+        wait_until(lambda: app.requests[-1].target == "/gone/_/hang", what="request upstream")
         hung = app.requests[-1].conn
-    wait_for(lambda: hung in app.closed_conns, what="upstream connection closed")
+    wait_until(lambda: hung in app.closed_conns, what="upstream connection closed")
     r = setup.get("/gone/after")
     assert r.status == 200
     assert echo_of(r.body)["conn"] not in app.closed_conns

@@ -12,9 +12,12 @@ from dataclasses import dataclass
 
 import pytest
 import trustme
-from helpers import Pki, Sniport, start_sniport
-from http_helpers import Response, client_ctx, curl_site, request_bytes, tls_conn
-from proxy_helpers import HOST, App, echo_of, proxy_route, site_config, upstream_tls_context
+from support.backends import App, echo_of, stopping
+from support.clients import Response, curl_site, fetch
+from support.configs import PROXY_HOST as HOST
+from support.configs import proxy_route, proxy_site_config
+from support.pki import Pki, server_context
+from support.process import Sniport, start_sniport
 
 
 @dataclass
@@ -24,9 +27,8 @@ class Setup:
     apps: dict[str, App]
 
     def get(self, target: str, method: str = "GET", body: bytes = b"") -> Response:
-        with tls_conn(self.s.port, HOST, client_ctx(self.pki)) as c:
-            c.send(request_bytes(target, HOST, method=method, body=body))
-            return c.response(method=method)
+        return fetch(self.s.port, HOST, self.pki.client_context(), target, method=method,
+                     body=body)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +39,11 @@ def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]
     apps = {
         "unix": App("unix", unix_path=tmp / "app.sock"),
         # Certificates for the address sniport connects to: an IP, and a name.
-        "tls-ip": App("tls-ip", tls=upstream_tls_context(pki, certs / "ip", "127.0.0.1")),
-        "tls-name": App("tls-name", tls=upstream_tls_context(pki, certs / "name", "localhost")),
-        "tls-other-ca": App("tls-other-ca", tls=upstream_tls_context(
-            pki, certs / "other", "127.0.0.1", ca=other_ca)),
+        "tls-ip": App("tls-ip", tls=server_context(pki.cert("127.0.0.1", directory=certs / "ip"))),
+        "tls-name": App("tls-name", tls=server_context(pki.cert("localhost",
+                                                                directory=certs / "name"))),
+        "tls-other-ca": App("tls-other-ca", tls=server_context(
+            Pki(other_ca, certs / "other").cert("127.0.0.1"))),
     }
     ca = str(pki.ca_file)
     name_url = f"https://localhost:{apps['tls-name'].port}"
@@ -53,13 +56,8 @@ def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]
         proxy_route("/systemstore/", [apps["tls-ip"].url], max_fails=0),
         proxy_route("/noverify/", [apps["tls-other-ca"].url], verify=False),
     ])
-    s = start_sniport(site_config(pki, tmp, routes), tmp)
-    try:
+    with stopping(apps.values()), start_sniport(proxy_site_config(pki, tmp, routes), tmp) as s:
         yield Setup(s, pki, apps)
-    finally:
-        s.stop()
-        for app in apps.values():
-            app.stop()
 
 
 def test_unix_socket_upstream(setup: Setup) -> None:

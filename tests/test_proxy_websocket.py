@@ -13,9 +13,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from helpers import Pki, Sniport, start_sniport
-from http_helpers import TIMEOUT, HttpConn, client_ctx, request_bytes, tls_conn, wait_for
-from proxy_helpers import HOST, WsEcho, proxy_route, site_config
+from support.backends import WsEcho, stopping
+from support.clients import HttpConn, request_bytes, tls_conn
+from support.configs import PROXY_HOST as HOST
+from support.configs import proxy_route, proxy_site_config
+from support.pki import Pki
+from support.process import Sniport, start_sniport
+from support.waiting import TIMEOUT, wait_until
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.sync.client import ClientConnection, connect
 
@@ -29,7 +33,7 @@ class Setup:
     def connect(self, path: str) -> ClientConnection:
         sock = socket.create_connection(("127.0.0.1", self.s.port), timeout=TIMEOUT)
         return connect(f"wss://{HOST}:{self.s.port}{path}", sock=sock,
-                       ssl=client_ctx(self.pki), server_hostname=HOST, proxy=None,
+                       ssl=self.pki.client_context(), server_hostname=HOST, proxy=None,
                        open_timeout=TIMEOUT, close_timeout=TIMEOUT, ping_interval=None,
                        max_size=None)
 
@@ -40,12 +44,8 @@ def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]
     ws = WsEcho()
     url = f"http://127.0.0.1:{ws.port}"
     routes = proxy_route("/ws/", [url]) + proxy_route("/idle/", [url], idle_timeout="1s")
-    s = start_sniport(site_config(pki, tmp, routes), tmp)
-    try:
+    with stopping([ws]), start_sniport(proxy_site_config(pki, tmp, routes), tmp) as s:
         yield Setup(s, pki, ws)
-    finally:
-        s.stop()
-        ws.stop()
 
 
 def _headers(raw: list[tuple[str, str]], name: str) -> list[str]:
@@ -66,7 +66,7 @@ def test_websocket_echo_both_ways_over_wss(setup: Setup) -> None:
         ws.close()
         assert ws.close_code == 1000
     # The close handshake went through to the application.
-    wait_for(lambda: "/ws/chat?room=1" in setup.ws.closed, what="upstream close")
+    wait_until(lambda: "/ws/chat?room=1" in setup.ws.closed, what="upstream close")
     assert setup.ws.closed["/ws/chat?room=1"] == 1000
     path, headers = setup.ws.requests[-1]
     assert path == "/ws/chat?room=1"
@@ -99,7 +99,7 @@ def test_websocket_idle_timeout_closes_the_tunnel(setup: Setup) -> None:
         idle = time.monotonic() - last
     assert 0.8 <= idle <= 3.0, f"closed after {idle:.2f}s idle; idle_timeout is 1s"
     # The upstream side of the tunnel is closed as well.
-    wait_for(lambda: "/idle/timeout" in setup.ws.closed, timeout=3, what="upstream closed")
+    wait_until(lambda: "/idle/timeout" in setup.ws.closed, timeout=3, what="upstream closed")
 
 
 def test_websocket_traffic_keeps_the_tunnel_open(setup: Setup) -> None:
@@ -115,7 +115,7 @@ def test_websocket_traffic_keeps_the_tunnel_open(setup: Setup) -> None:
 def test_upgrade_refused_by_the_upstream_is_an_ordinary_response(setup: Setup) -> None:
     """A request with Upgrade that the application answers without 101 (here: a plain HTTP
     GET with a bad WebSocket key): the client gets that answer, not a tunnel."""
-    with tls_conn(setup.s.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.s.port, HOST, setup.pki.client_context()) as c:
         c.send(request_bytes("/ws/", HOST, headers=[
             ("Connection", "Upgrade"), ("Upgrade", "websocket"),
             ("Sec-WebSocket-Version", "13"), ("Sec-WebSocket-Key", "not-a-key"),
@@ -143,7 +143,7 @@ def test_bytes_sent_with_the_upgrade_request_are_not_lost(setup: Setup) -> None:
     """A client that sends its first frame in the same write as the upgrade request: those
     bytes wait in sniport until the tunnel exists, then go through, once."""
     key = base64.b64encode(os.urandom(16)).decode()
-    with tls_conn(setup.s.port, HOST, client_ctx(setup.pki)) as c:
+    with tls_conn(setup.s.port, HOST, setup.pki.client_context()) as c:
         c.send(request_bytes("/ws/early", HOST, headers=[
             ("Connection", "Upgrade"), ("Upgrade", "websocket"),
             ("Sec-WebSocket-Version", "13"), ("Sec-WebSocket-Key", key),

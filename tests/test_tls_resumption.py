@@ -12,27 +12,18 @@ import ssl
 from pathlib import Path
 
 import pytest
-from helpers import Pki, running, start_sniport
+from support.configs import route, site_config, toml_lines
+from support.pki import Pki
+from support.process import SniportWith
 
 CONNECTIONS = 40
 
 
 def config(pki: Pki, tmp_path: Path, tickets: bool) -> str:
-    cert, key = pki.cert("resume.example.test")
-    return f"""
-[server]
-listen = ["127.0.0.1:0"]
-workers = 2
-state_dir = "{tmp_path}/state"
-tls_session_tickets = {str(tickets).lower()}
-[[site]]
-name = "s"
-hosts = ["resume.example.test"]
-tls = {{ cert = "{cert}", key = "{key}" }}
-  [[site.route]]
-  path = "/"
-  respond = {{ body = "ok" }}
-"""
+    return site_config("s", ["resume.example.test"], pki.cert("resume.example.test"),
+                       route("/", respond={"body": "ok"}),
+                       server=toml_lines(workers=2, state_dir=tmp_path / "state",
+                                         tls_session_tickets=tickets))
 
 
 def connect_many(port: int, pki: Pki, version: ssl.TLSVersion) -> list[bool]:
@@ -56,17 +47,17 @@ def connect_many(port: int, pki: Pki, version: ssl.TLSVersion) -> list[bool]:
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
-def test_resumption_works_on_every_worker(pki: Pki, tmp_path: Path,
+def test_resumption_works_on_every_worker(pki: Pki, tmp_path: Path, sniport_with: SniportWith,
                                           version: ssl.TLSVersion) -> None:
-    with running(start_sniport(config(pki, tmp_path, True), tmp_path)) as s:
-        reused = connect_many(s.port, pki, version)
+    s = sniport_with(config(pki, tmp_path, True))
+    reused = connect_many(s.port, pki, version)
     # The first handshake is full; every later one resumes, on either worker.
     assert reused == [False] + [True] * (CONNECTIONS - 1)
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
-def test_tickets_off_means_no_resumption(pki: Pki, tmp_path: Path,
+def test_tickets_off_means_no_resumption(pki: Pki, tmp_path: Path, sniport_with: SniportWith,
                                          version: ssl.TLSVersion) -> None:
-    with running(start_sniport(config(pki, tmp_path, False), tmp_path)) as s:
-        reused = connect_many(s.port, pki, version)
+    s = sniport_with(config(pki, tmp_path, False))
+    reused = connect_many(s.port, pki, version)
     assert reused == [False] * CONNECTIONS

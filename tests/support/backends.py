@@ -1,80 +1,361 @@
-"""Machinery for the reverse-proxy end-to-end tests (tests/test_proxy_*.py).
+"""What sniport talks to: real upstreams on 127.0.0.1 (port 0) or unix sockets, each on
+threads of the test process.
 
-Builds on helpers.py and http_helpers.py (certificates, a sniport process, a raw HTTP/1.1
-client). What is new here are real upstream applications, each a threaded HTTP/1.1 server on
-127.0.0.1 (port 0), on a unix socket, or behind TLS, parsing requests by hand so that it can
-record exactly what reached it: every connection it accepted, every byte, every request head,
-method, target, headers in their order, the body's length and sha256, chunking and trailers.
+- ``TlsBackend``: the passthrough target. A TLS server whose leaf has ``CN=name`` (unless
+  told otherwise); it answers ``WHO`` with its name, streams ``SEND n`` pattern bytes,
+  serves HTTP/1.0 GETs (curl works), echoes anything else; it can expect a PROXY header.
+- ``TcpServer``: a plain TCP upstream with a handler (echo, sink, greeter, recorder).
+- ``App``: an HTTP/1.1 application for the reverse proxy, recording exactly what reached it
+  (see its docstring for what it answers).
+- ``WsEcho``: a WebSocket echo application.
+- ``free_port`` (nothing listens: refused) and ``Blackhole`` (connecting hangs).
 
-What an ``App`` answers is chosen by the request path: a path containing ``/_/`` is a command
-(``/anything/_/download/1048576/chunked``), anything else is echoed back as JSON. Commands:
-
-  download/N/cl|chunked|close   N bytes of ``pattern()``, framed by length, chunks or the close
-  slow/SECONDS                  wait, then echo
-  hang                          never answer (until the proxy closes, or the app stops)
-  interim                       100 Continue and 103 Early Hints, then echo
-  die/N/cl|chunked              announce 2N bytes (or chunks), send N, then close abruptly
-  stall/N                       announce 2N bytes, send N, then wait (read timeouts)
-  bad/status|chunk|chunk-late|clte|extra   malformed responses (see ``_bad``)
-  trailers                      a chunked response with a trailer field
-  status/CODE                   that status without a body (204, 304)
-
-``/healthz`` answers ``App.health`` (flip it between 200 and 500). A request header
-``X-Reply-Header: Name: value`` (repeatable) makes the echo response carry ``Name: value``.
+``stopping(servers)`` stops them at the end of a ``with`` block.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import json
 import os
-import random
 import re
 import select
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from helpers import Pki
-from http_helpers import TIMEOUT, issue
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
-HOST = "app.proxy.test"  # the terminated site every proxy test talks to
-BLOCK = random.Random(20240607).randbytes(1 << 20)  # what downloads and uploads are made of
+from support.clients import recv_exactly, recv_to_eof
+from support.configs import PT_HOST
+from support.data import pattern, pattern_bytes
+from support.pki import Pki
+from support.process import Ops
+from support.waiting import TIMEOUT
+
+
+class _Stops(Protocol):
+    def stop(self) -> None: ...
+
+
+class _Closes(Protocol):
+    def close(self) -> None: ...
+
+
+@contextlib.contextmanager
+def stopping(servers: Iterable[_Stops | _Closes]) -> Iterator[None]:
+    """At the end of the block, stop (or close) each of ``servers``, in order."""
+    try:
+        yield
+    finally:
+        for server in servers:
+            if hasattr(server, "stop"):
+                server.stop()
+            else:
+                server.close()
 
 
 # --------------------------------------------------------------------------------------------
-# Test data
+# Ports with nothing behind them
 
 
-def pattern(n: int, piece: int = len(BLOCK)) -> Iterator[memoryview]:
-    """``n`` bytes of BLOCK repeated, in pieces of at most ``piece`` bytes."""
-    view = memoryview(BLOCK)
-    offset = 0
-    while n > 0:
-        k = min(n, piece, len(BLOCK) - offset)
-        yield view[offset:offset + k]
-        offset = (offset + k) % len(BLOCK)
-        n -= k
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bound, never listened, closed):
+    connecting to it is refused; a config that must reuse one port can listen there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-@lru_cache(maxsize=16)
-def pattern_sha(n: int) -> str:
-    h = hashlib.sha256()
-    for piece in pattern(n):
-        h.update(piece)
-    return h.hexdigest()
+class Blackhole:
+    """A TCP port where connecting hangs: a listener with a full accept queue (backlog 0 and
+    one connection waiting, never accepted), so the kernel drops further SYNs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.port: int = self.sock.getsockname()[1]
+        self.filler = socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        probe.settimeout(0.3)
+        try:
+            probe.connect(("127.0.0.1", self.port))
+            raise AssertionError("the blackhole accepted a connection")
+        except TimeoutError:
+            pass
+        finally:
+            probe.close()
+
+    def close(self) -> None:
+        self.filler.close()
+        self.sock.close()
+
+    def __enter__(self) -> Blackhole:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------------------------
-# What an upstream received
+# A TLS backend: the passthrough target
+
+
+@dataclass
+class TlsBackend:
+    """A TLS server; ``pem``/``der`` are its leaf, ``subject`` that leaf's subject as
+    (short name, value) pairs in the certificate's order."""
+
+    name: str
+    port: int
+    sock: socket.socket
+    ctx: ssl.SSLContext
+    pem: str
+    der: bytes
+    subject: list[tuple[str, str]]
+    connections: int = 0
+    proxy_headers: list[bytes] = field(default_factory=list)
+    expect_proxy: str = "off"
+    _stop: bool = False
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def subject_openssl(self) -> str:
+        """As ``openssl s_client`` prints it: ``subject=O = x, OU = y, CN = z``."""
+        return "subject=" + ", ".join(f"{k} = {v}" for k, v in self.subject)
+
+    def subject_curl(self) -> str:
+        """As ``curl -v`` prints it: ``*  subject: O=x; OU=y; CN=z``."""
+        return "*  subject: " + "; ".join(f"{k}={v}" for k, v in self.subject)
+
+    def close(self) -> None:
+        self._stop = True
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _read_proxy_header(raw: socket.socket, version: str) -> bytes:
+    if version == "v1":
+        data = b""
+        while not data.endswith(b"\r\n"):
+            chunk = raw.recv(1)
+            if not chunk:
+                break
+            data += chunk
+        return data
+    head = recv_exactly(raw, 16)
+    length = int.from_bytes(head[14:16], "big")
+    return head + recv_exactly(raw, length)
+
+
+def _serve_tls_client(backend: TlsBackend, raw: socket.socket) -> None:
+    try:
+        raw.settimeout(30)
+        if backend.expect_proxy != "off":
+            backend.proxy_headers.append(_read_proxy_header(raw, backend.expect_proxy))
+        with backend.ctx.wrap_socket(raw, server_side=True) as tls:
+            first = tls.recv(65536)
+            if first.startswith(b"GET "):
+                while b"\r\n\r\n" not in first:
+                    more = tls.recv(65536)
+                    if not more:
+                        break
+                    first += more
+                path = first.split(b" ", 2)[1].decode()
+                body = _http_body(backend, path)
+                tls.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n"
+                            b"\r\n" % len(body) + body)
+                return
+            if first.startswith(b"WHO"):
+                tls.sendall(backend.name.encode())
+                return
+            if first.startswith(b"SEND "):
+                # "SEND n": stream n bytes of the pattern (download test).
+                for piece in pattern(int(first.split()[1])):
+                    tls.sendall(piece)
+                return
+            # Echo everything until the client closes its side, then close ours.
+            data = first
+            while data:
+                tls.sendall(data)
+                data = tls.recv(65536)
+            with contextlib.suppress(OSError):
+                tls.unwrap()
+    except (OSError, ssl.SSLError, EOFError):
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            raw.close()
+
+
+def _http_body(backend: TlsBackend, path: str) -> bytes:
+    if path.startswith("/bytes/"):
+        return b"x" * int(path.split("/")[2])
+    return f"hello from {backend.name} path={path}\n".encode()
+
+
+_SHORT_NAMES = {NameOID.COMMON_NAME: "CN", NameOID.ORGANIZATION_NAME: "O",
+                NameOID.ORGANIZATIONAL_UNIT_NAME: "OU"}
+
+
+def start_tls_backend(pki: Pki, name: str, *, common_name: bool = True,
+                      expect_proxy: str = "off", unix_path: str | None = None) -> TlsBackend:
+    """A TLS backend for ``name`` (its leaf signed by the test CA, with ``CN=name`` unless
+    ``common_name`` is false) on 127.0.0.1:0, or on ``unix_path``; ``expect_proxy`` ("v1",
+    "v2") makes it read a PROXY header before the handshake."""
+    leaf = pki.ca.issue_cert(name, common_name=name if common_name else None)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    leaf.configure_cert(ctx)
+    pem = leaf.cert_chain_pems[0].bytes().decode()
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    subject = [(_SHORT_NAMES[a.oid], str(a.value)) for a in cert.subject]
+    assert ("CN", name) in subject or not common_name
+    if unix_path:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(unix_path)
+        port = 0
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sock.listen(1024)
+    backend = TlsBackend(name, port, sock, ctx, pem, ssl.PEM_cert_to_DER_cert(pem), subject,
+                         expect_proxy=expect_proxy)
+
+    def accept_loop() -> None:
+        while not backend._stop:
+            try:
+                raw, _ = sock.accept()
+            except OSError:
+                return
+            backend.connections += 1
+            t = threading.Thread(target=_serve_tls_client, args=(backend, raw), daemon=True)
+            t.start()
+
+    threading.Thread(target=accept_loop, daemon=True).start()
+    return backend
+
+
+def echo_backend(pki: Pki, ops: Ops, name: str = PT_HOST) -> TlsBackend:
+    """The operations tests' passthrough target, closed at the end of the test."""
+    backend = start_tls_backend(pki, name)
+    ops.closers.append(backend.close)
+    return backend
+
+
+# --------------------------------------------------------------------------------------------
+# Plain TCP upstreams
+
+
+@dataclass
+class TcpServer:
+    sock: socket.socket
+    port: int
+    received: list[bytes] = field(default_factory=list)  # per connection, for recorders
+    done: threading.Event = field(default_factory=threading.Event)
+    _conns: list[socket.socket] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        for c in self._conns:
+            with contextlib.suppress(OSError):
+                c.close()
+
+
+def start_tcp_server(handler: Callable[[TcpServer, socket.socket], None]) -> TcpServer:
+    """A TCP server on 127.0.0.1:0 running ``handler(server, conn)`` per connection."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    server = TcpServer(sock, sock.getsockname()[1])
+
+    def serve(conn: socket.socket) -> None:
+        try:
+            conn.settimeout(TIMEOUT)
+            handler(server, conn)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def accept_loop() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            server._conns.append(conn)
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept_loop, daemon=True).start()
+    return server
+
+
+def echo_handler(server: TcpServer, conn: socket.socket) -> None:
+    """Echo until the client's FIN, then pass the FIN back."""
+    while True:
+        data = conn.recv(1 << 16)
+        if not data:
+            break
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+
+
+def sink_reply_handler(reply_size: int) -> Callable[[TcpServer, socket.socket], None]:
+    """Read to EOF, then answer ``<bytes> <sha256>\\n`` and ``reply_size`` pattern bytes.
+
+    It can only answer after the client's FIN crossed the relay: a relay that drops the
+    half-close leaves it waiting, and the client never gets the reply.
+    """
+
+    def handler(server: TcpServer, conn: socket.socket) -> None:
+        data = recv_to_eof(conn)
+        server.received.append(data)
+        conn.sendall(f"{len(data)} {hashlib.sha256(data).hexdigest()}\n".encode())
+        conn.sendall(pattern_bytes(reply_size))
+        conn.shutdown(socket.SHUT_WR)
+        server.done.set()
+
+    return handler
+
+
+def greeter_handler(greeting_size: int) -> Callable[[TcpServer, socket.socket], None]:
+    """Send ``greeting_size`` pattern bytes and FIN first, then record what comes until EOF."""
+
+    def handler(server: TcpServer, conn: socket.socket) -> None:
+        conn.sendall(pattern_bytes(greeting_size))
+        conn.shutdown(socket.SHUT_WR)
+        server.received.append(recv_to_eof(conn))
+        server.done.set()
+
+    return handler
+
+
+def recorder_handler(server: TcpServer, conn: socket.socket) -> None:
+    server.received.append(recv_to_eof(conn))
+    server.done.set()
+
+
+# --------------------------------------------------------------------------------------------
+# An HTTP/1.1 application for the reverse proxy
 
 
 @dataclass
@@ -192,7 +473,28 @@ def _parse_head(head: bytes) -> tuple[str, str, str, list[tuple[str, str]]]:
 
 
 class App:
-    """A real HTTP/1.1 application: see the module docstring.
+    """A real HTTP/1.1 application, a threaded server on 127.0.0.1 (port 0), on a unix socket
+    or behind TLS, parsing requests by hand so that it can record exactly what reached it:
+    every connection it accepted, every byte, every request head, method, target, headers in
+    their order, the body's length and sha256, chunking and trailers.
+
+    What it answers is chosen by the request path: a path containing ``/_/`` is a command
+    (``/anything/_/download/1048576/chunked``), anything else is echoed back as JSON.
+    Commands:
+
+      download/N/cl|chunked|close   N bytes of ``pattern()``, framed by length, chunks or
+                                    the close
+      slow/SECONDS                  wait, then echo
+      hang                          never answer (until the proxy closes, or the app stops)
+      interim                       100 Continue and 103 Early Hints, then echo
+      die/N/cl|chunked              announce 2N bytes (or chunks), send N, then close abruptly
+      stall/N                       announce 2N bytes, send N, then wait (read timeouts)
+      bad/status|chunk|chunk-late|clte|extra   malformed responses (see ``_bad``)
+      trailers                      a chunked response with a trailer field
+      status/CODE                   that status without a body (204, 304)
+
+    ``/healthz`` answers ``health`` (flip it between 200 and 500). A request header
+    ``X-Reply-Header: Name: value`` (repeatable) makes the echo response carry it.
 
     ``mode``: "normal"; "close_on_accept" (accept, count, reset at once); "close_after_head"
     (read a request head, then close without answering: a crash while handling it);
@@ -547,56 +849,6 @@ def _reset(sock: socket.socket) -> None:
         sock.close()
 
 
-def upstream_tls_context(pki: Pki, directory: Path, *names: str,
-                         ca: Any = None) -> ssl.SSLContext:
-    """A server context for an https:// upstream; its leaf is signed by ``ca`` (default:
-    the test CA that sniport's ``ca =`` file holds)."""
-    if ca is None:
-        chain, key = issue(pki, directory, *names)
-    else:
-        leaf = ca.issue_cert(*names)
-        directory.mkdir(parents=True, exist_ok=True)
-        chain, key = directory / "other-ca-leaf.pem", directory / "other-ca-leaf.key"
-        chain.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
-        key.write_bytes(leaf.private_key_pem.bytes())
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(chain, key)
-    return ctx
-
-
-def closed_port() -> int:
-    """A TCP port on 127.0.0.1 where nothing listens (connecting is refused)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    port: int = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Blackhole:
-    """A TCP port where connecting hangs: a listener with a full accept queue (backlog 0 and
-    one connection waiting, never accepted), so the kernel drops further SYNs."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(0)
-        self.port: int = self.sock.getsockname()[1]
-        self.filler = socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
-        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        probe.settimeout(0.3)
-        try:
-            probe.connect(("127.0.0.1", self.port))
-            raise AssertionError("the blackhole accepted a connection")
-        except TimeoutError:
-            pass
-        finally:
-            probe.close()
-
-    def close(self) -> None:
-        self.filler.close()
-        self.sock.close()
-
 
 # --------------------------------------------------------------------------------------------
 # A WebSocket echo application (the websockets library's own server)
@@ -640,66 +892,7 @@ class WsEcho:
 
 
 # --------------------------------------------------------------------------------------------
-# sniport configs
-
-
-def site_config(pki: Pki, tmp: Path, routes: str, *, server: str = "") -> str:
-    """A config with one terminated site, HOST, on 127.0.0.1:0, and ``routes`` (TOML text
-    of ``[[site.route]]`` tables). The access log goes to ``tmp/access.log``; stderr keeps
-    the diagnostics (``Sniport.log()``)."""
-    chain, key = issue(pki, tmp / "certs", HOST)
-    return f"""
-[server]
-listen = ["127.0.0.1:0"]
-workers = 1  # one pool, one balancer: counts at the upstream are exact
-state_dir = "{tmp / 'state'}"
-access_log = "{tmp / 'access.log'}"
-{server}
-
-[[site]]
-name = "app"
-hosts = ["{HOST}"]
-tls = {{ cert = "{chain}", key = "{key}" }}
-
-{routes}
-"""
-
-
-def proxy_route(path: str, upstreams: list[str], **keys: Any) -> str:
-    """A ``[[site.route]]`` with ``proxy = {...}``; route-level ``headers`` and
-    ``remove_headers`` go in ``route_keys``."""
-    route_keys = keys.pop("route_keys", {})
-    items = [f"upstreams = {json.dumps(upstreams)}"]
-    items += [f"{k} = {_toml(v)}" for k, v in keys.items()]
-    lines = ["[[site.route]]", f'path = "{path}"']
-    lines += [f"{k} = {_toml(v)}" for k, v in route_keys.items()]
-    lines.append("proxy = { " + ", ".join(items) + " }")
-    return "\n".join(lines) + "\n"
-
-
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{_key(k)} = {_toml(x)}" for k, x in v.items()) + " }"
-    return json.dumps(v)
-
-
-def _key(k: str) -> str:
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
-
-
-# --------------------------------------------------------------------------------------------
-# Clients
-
-
-def https_client(port: int, ctx: ssl.SSLContext, timeout: float = TIMEOUT
-                 ) -> http.client.HTTPSConnection:
-    """http.client to HOST on 127.0.0.1:port (connected already: no name lookup)."""
-    conn = http.client.HTTPSConnection(HOST, port, context=ctx, timeout=timeout)
-    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    conn.sock = ctx.wrap_socket(raw, server_hostname=HOST)
-    return conn
+# What the echo says
 
 
 def echo_of(body: bytes) -> dict[str, Any]:
@@ -711,40 +904,3 @@ def header_values(echo: dict[str, Any], name: str) -> list[str]:
     low = name.lower()
     return [v for k, v in echo["headers"] if k.lower() == low]
 
-
-def worker_pids(master: int) -> list[int]:
-    """The master's child processes (its workers)."""
-    with open(f"/proc/{master}/task/{master}/children") as f:
-        return [int(p) for p in f.read().split()]
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise LookupError("no VmRSS")
-
-
-class RssSampler:
-    """Samples a process's VmRSS every ``every`` seconds in a thread."""
-
-    def __init__(self, pid: int, every: float = 0.02) -> None:
-        self.pid = pid
-        self.every = every
-        self.samples: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append(rss(self.pid))
-            self._stop.wait(self.every)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
