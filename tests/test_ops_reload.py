@@ -1,5 +1,6 @@
-"""Reloads (SIGHUP, ``sniport reload``) with real processes: under load nothing fails, a
-passthrough stream outlives reloads until drain_timeout, a broken config changes nothing,
+"""Reloads (SIGHUP, ``sniport reload``) with real processes: under load nothing fails,
+passthrough streams move to the new workers (or, if their block changed, last until
+drain_timeout), a broken config changes nothing and ``sniport reload`` says so,
 signals during a reload are queued, listeners come and go, certificates are re-read.
 
 Each test prints how many requests it sent ("[ops] name: N requests").
@@ -142,53 +143,107 @@ def test_twenty_reloads_under_load_fail_no_request(ops: Ops, pki: Pki, tmp_path:
     assert len(pt) == stats.connections["who"] + stats.connections["echo"]
 
 
-def test_passthrough_stream_flows_through_reloads_until_drain_timeout(
+def test_passthrough_streams_survive_reloads_that_route_them_the_same_way(
         ops: Ops, pki: Pki, tmp_path: Path) -> None:
+    """Issue 14 item 4. A reload that changes only the terminated site (as a certificate
+    renewal does) hands the passthrough streams to the new workers: they outlive any number
+    of reloads and drain_timeout, and no old worker lingers for them. Before the fix every
+    stream was cut at drain_timeout (2 s here)."""
     backend = echo_backend(pki, ops)
     cert = pki.cert(SITE_HOST)
     access = tmp_path / "access.log"
 
     def cfg(n: int) -> str:
         return ops_config(state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=cert,
-                          body=f"v{n}", workers=1, drain_timeout="2s", access_log=access,
+                          body=f"v{n}", workers=2, drain_timeout="2s", access_log=access,
                           backend_port=backend.port)
 
     master = ops.start(ops.write_config(cfg(1)))
     ctx = pki.client_context()
+    ops.track_workers(master)
+    streams = [Stream(ctx, master.port) for _ in range(4)]
+    sent = 0
+    for i, stream in enumerate(streams):
+        assert stream.echo(f"before any reload {i}".encode()) == f"before any reload {i}".encode()
+        sent += 1
+    first_reload = time.monotonic()
+    old_workers: list[int] = []
+    for n in range(2, 7):
+        old_workers += master.workers()
+        ops.write_config(cfg(n))
+        master.reload(via_cli=n % 2 == 0)
+        master.wait_generation(n)
+        for i, stream in enumerate(streams):
+            data = f"after reload {n - 1} on {i}".encode() * 100
+            assert stream.echo(data) == data
+            sent += 1
+        sent += wait_body(pki, master.port, f"v{n}", f"v{n - 1}")
+    # Every old worker is gone well before drain_timeout: nothing of theirs had to finish.
+    wait_gone(old_workers, 1.5)
+    assert not master.status()["draining_workers"]
+    while time.monotonic() - first_reload < 3.0:  # past drain_timeout of the first reload
+        time.sleep(0.1)
+    for i, stream in enumerate(streams):
+        assert stream.echo(f"late {i}".encode()) == f"late {i}".encode()
+        sent += 1
+    assert "still open after" not in master.log()
+    for stream in streams:
+        stream.close()
+    report("test_passthrough_streams_survive_reloads_that_route_them_the_same_way", sent)
+
+    def lines() -> list[dict[str, Any]]:
+        ports = {f"127.0.0.1:{stream.local_port}" for stream in streams}
+        return [c for c in json_log_file(access, "conn") if c["client"] in ports]
+
+    # One line per stream, written where it ended, with its whole life and every byte.
+    wait_until(lambda: len(lines()) == len(streams), 5.0, "the streams' connection lines")
+    ports = [f"127.0.0.1:{stream.local_port}" for stream in streams]
+    for line in lines():
+        i = ports.index(line["client"])
+        echoed = len(f"before any reload {i}late {i}") + sum(
+            len(f"after reload {n - 1} on {i}") * 100 for n in range(2, 7))
+        assert (line["sni"], line["upstream"], line["end"]) == (
+            PT_HOST, f"127.0.0.1:{backend.port}", "eof"), line
+        assert line["duration"] >= 3.0, line
+        assert line["up"] >= echoed and line["down"] >= echoed, (echoed, line)
+
+
+def test_passthrough_stream_whose_block_changed_is_cut_at_drain_timeout(
+        ops: Ops, pki: Pki, tmp_path: Path) -> None:
+    """A reload that sends the stream's name to another upstream cannot keep it where it
+    goes: it stays in the old worker, which closes it at drain_timeout."""
+    backend = echo_backend(pki, ops)
+    other = echo_backend(pki, ops)
+    cert = pki.cert(SITE_HOST)
+    access = tmp_path / "access.log"
+
+    def cfg(port: int) -> str:
+        return ops_config(state_dir=tmp_path / "state", listen=["127.0.0.1:0"], cert=cert,
+                          workers=1, drain_timeout="2s", access_log=access, backend_port=port)
+
+    master = ops.start(ops.write_config(cfg(backend.port)))
+    ctx = pki.client_context()
     first_workers = ops.track_workers(master)
     stream = Stream(ctx, master.port)
-    sent = 0
-    assert stream.echo(b"before any reload") == b"before any reload"
-    sent += 1
-    first_reload = 0.0
-    for n in range(2, 5):
-        ops.write_config(cfg(n))
-        mark = master.mark()
-        master.signal(signal.SIGHUP)
-        master.wait_log(rf"reloaded \S+ \(generation {n}\)", start=mark)
-        if n == 2:
-            first_reload = time.monotonic()
-        data = f"after reload {n - 1}".encode() * 100
-        assert stream.echo(data) == data
-        sent += 1 + wait_body(pki, master.port, f"v{n}", f"v{n - 1}")
-    assert time.monotonic() - first_reload < 1.5, "the reloads took too long for this test"
-    # The stream lives in a worker of generation 1, which drains for drain_timeout (2s)
-    # from the first reload, then closes what is still open.
+    assert stream.echo(b"before the reload") == b"before the reload"
+    ops.write_config(cfg(other.port))
+    master.reload(via_cli=True)
+    reloaded = time.monotonic()
+    assert stream.echo(b"still the old upstream") == b"still the old upstream"
     try:
         stream.wait_closed(TIMEOUT)
     except TimeoutError:
         pytest.fail(f"the stream outlived drain_timeout by far; log:\n{master.log()}")
-    lived = time.monotonic() - first_reload
+    lived = time.monotonic() - reloaded
     assert 1.8 <= lived <= 3.5, lived
     stream.close()
     master.wait_log(r"drain: 1 connection\(s\) still open after 2s; closing them")
     wait_gone(first_workers, 5.0)
-    # A new stream goes through the current generation.
+    # A new stream goes through the current generation, to the new upstream.
     fresh = Stream(ctx, master.port)
     assert fresh.echo(b"fresh") == b"fresh"
     fresh.close()
-    sent += 1
-    report("test_passthrough_stream_flows_through_reloads_until_drain_timeout", sent)
+    report("test_passthrough_stream_whose_block_changed_is_cut_at_drain_timeout", 3)
 
     def stream_line() -> list[dict[str, Any]]:
         return [c for c in json_log_file(access, "conn")
@@ -196,13 +251,9 @@ def test_passthrough_stream_flows_through_reloads_until_drain_timeout(
 
     wait_until(lambda: len(stream_line()) == 1, 5.0, "the stream's connection line")
     line = stream_line()[0]
-    assert line["sni"] == PT_HOST
-    assert line["upstream"] == f"127.0.0.1:{backend.port}"
-    assert line["end"] == "shutdown"
+    assert (line["sni"], line["upstream"], line["end"]) == (
+        PT_HOST, f"127.0.0.1:{backend.port}", "shutdown")
     assert 1.8 <= line["duration"] <= 4.0, line
-    echoed = len(b"before any reload") + sum(len(f"after reload {n}".encode() * 100)
-                                             for n in range(1, 4))
-    assert line["up"] >= echoed and line["down"] >= echoed
 
 
 @pytest.mark.parametrize("phase", ["handshake_done", "handshake_under_way", "hello_partial"])
@@ -322,13 +373,16 @@ def test_broken_reload_changes_nothing(ops: Ops, pki: Pki, tmp_path: Path, case:
     text, expected = broken_config(case, base, tmp_path, holder.getsockname()[1])
     ops.write_config(text)
     mark = master.mark()
-    master.reload(via_cli=True)
+    verdict = master.reload(via_cli=True, ok=False)  # waits for the outcome, exits 1
+    assert verdict is not None
     end, _ = master.stderr.wait(r"reload failed", start=mark)
     log = master.stderr.lines()[mark:end + 1]
     for pattern in expected:
         assert any(re.search(pattern, line) for line in log), (pattern, log)
+    told = verdict.stderr.splitlines()
+    assert told[-1].endswith("still serving generation 1"), told
     if case not in ("port_held",):
-        # The same code as `check`: the same problems.
+        # The same code as `check`: the same problems, in the log and from `reload`.
         checked = run_cli("check", "-c", str(path))
         assert checked.returncode == 1
         problems = [line.removeprefix("error: ") for line in checked.stderr.splitlines()
@@ -336,6 +390,11 @@ def test_broken_reload_changes_nothing(ops: Ops, pki: Pki, tmp_path: Path, case:
         logged = [line.split(" ERROR reload: ", 1)[1] for line in log
                   if " ERROR reload: " in line]
         assert problems == logged
+        assert [line.removeprefix("error: ") for line in told[:-1]] == problems
+    else:
+        assert "Address already in use" in told[-1]
+    status = run_cli("status", "-c", str(path))
+    assert "last reload:" in status.stdout and " FAILED: " in status.stdout, status.stdout
     # Nothing changed: same workers, same generation, same answers, no new process.
     sent = 0
     for _ in range(5):

@@ -41,7 +41,9 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     service = dict(line.split("=", 1) for line in (UNITS / "sniport.service").read_text()
                    .splitlines() if "=" in line and not line.startswith("#"))
     assert service["Type"] == "notify"
-    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    # `systemctl reload` runs `sniport reload`, which waits and fails when the reload did.
+    assert service["ExecReload"] == "/usr/local/bin/sniport reload -c /etc/sniport/sniport.toml"
+    assert service["LogsDirectory"] == "sniport"
     assert service["ExecStart"] == "/usr/local/bin/sniport run -c /etc/sniport/sniport.toml"
     socket_unit = (UNITS / "sniport.socket").read_text().splitlines()
     assert "ListenStream=0.0.0.0:443" in socket_unit

@@ -349,13 +349,21 @@ class Master(Sniport):
         wait_until(shown, timeout, f"generation {generation} in {self.status_file}")
         return self.workers()
 
-    def reload(self, *, via_cli: bool) -> None:
-        if via_cli:
-            r = run_cli("reload", "-c", str(self.config))
-            assert r.returncode == 0, r.stderr
-            assert r.stdout.startswith(f"reload signalled to master {self.pid}"), r.stdout
-        else:
+    def reload(self, *, via_cli: bool, ok: bool = True
+               ) -> subprocess.CompletedProcess[str] | None:
+        """SIGHUP, or ``sniport reload``, which waits for the verdict: exit 0 and
+        "reloaded: generation N serving" (``ok``), or exit 1 and "reload failed: ..."."""
+        if not via_cli:
             self.signal(signal.SIGHUP)
+            return None
+        r = run_cli("reload", "-c", str(self.config))
+        if ok:
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert re.fullmatch(r"reloaded: generation \d+ serving\n", r.stdout), r.stdout
+        else:
+            assert r.returncode == 1, r.stdout + r.stderr
+            assert r.stderr.splitlines()[-1].startswith("error: reload failed: "), r.stderr
+        return r
 
     def stop_cli(self, timeout: float = TIMEOUT) -> tuple[int, subprocess.CompletedProcess[str]]:
         """``sniport stop -c FILE`` while this test reaps the master (the CLI waits for the
