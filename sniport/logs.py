@@ -129,11 +129,10 @@ def check_access_log(target: str) -> str | None:
 def open_access_log(target: str, fmt: str) -> AccessLog:
     """The access log, opened: a missing directory above a log file is created (0755, as
     Caddy does; the systemd unit's LogsDirectory= makes /var/log/sniport for the README's
-    example). Raises LogFileError with the reason."""
+    example). Raises LogFileError with the reason, in the words of ``check_access_log``."""
     if target not in ("stderr", "off"):
         path = Path(target)
-        if path.is_dir():
-            raise LogFileError(f"{target} is a directory; access_log names a file")
+        check_access_log(target)
         for directory in _missing_dirs(path):
             try:
                 directory.mkdir(mode=0o755)
