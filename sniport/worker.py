@@ -258,8 +258,20 @@ class Worker:
     # -- ending ---------------------------------------------------------------------------
 
     def finish(self, conn: ConnRecord, reason: str) -> None:
+        """``conn`` has ended: its one log line."""
+        if self._release(conn):
+            self._log(conn, reason)
+
+    def forget(self, conn: ConnRecord) -> None:
+        """``conn`` moved to another worker: it is not ours any more, and its log line is
+        written where it ends."""
+        self._release(conn)
+
+    def _release(self, conn: ConnRecord) -> bool:
+        """Take ``conn`` off the books (False if it was already): its descriptor, its
+        place under the caps; then accept again if the caps had stopped us."""
         if conn not in self.live:
-            return  # ended already: one log line, one descriptor given back
+            return False
         self.live.discard(conn)
         LEDGER.give()
         conn.handler = None
@@ -269,7 +281,6 @@ class Worker:
                 self.per_ip[conn.ip] = left
             else:
                 del self.per_ip[conn.ip]
-        self._log(conn, reason)
         if self._drained is not None and not self.live and not self._drained.done():
             self._drained.set_result(None)
         if (self._full and self._accepting and self._resource_timer is None
@@ -277,23 +288,7 @@ class Worker:
             self._full = False
             for listener in self.listeners:
                 listener.resume()
-
-    def forget(self, conn: ConnRecord) -> None:
-        """``conn`` moved to another worker: it is not ours any more, and its log line is
-        written where it ends."""
-        if conn not in self.live:
-            return
-        self.live.discard(conn)
-        LEDGER.give()
-        conn.handler = None
-        if self.per_ip_limit and conn.ip:
-            left = self.per_ip[conn.ip] - 1
-            if left:
-                self.per_ip[conn.ip] = left
-            else:
-                del self.per_ip[conn.ip]
-        if self._drained is not None and not self.live and not self._drained.done():
-            self._drained.set_result(None)
+        return True
 
     # -- relays moving between generations (handover.py) ---------------------------------
 
