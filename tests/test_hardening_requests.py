@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import re
-import ssl
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +66,6 @@ class Setup:
     s: Sniport
     pki: Pki
     app: App
-    big: bytes
 
     @property
     def port(self) -> int:
@@ -80,12 +79,10 @@ class Setup:
         ctx = self.pki.client_context(check_hostname=sni is not None)
         return HttpConn(connect_tls(ctx, sni, port=self.port, nodelay=True))
 
-    def one(self, target: str, host: str | None = APP, *, sni: str | None = APP,
-            version: str = "HTTP/1.1") -> Response:
+    def one(self, target: str, host: str | None = APP, *, sni: str | None = APP) -> Response:
         """One raw request (``target`` and ``host`` exactly as given) on a new connection."""
         with self.conn(sni) as c:
-            c.send(request_bytes(target, host, version=version,
-                                 headers=[("Connection", "close")]))
+            c.send(request_bytes(target, host, headers=[("Connection", "close")]))
             return c.response()
 
     def app_count(self) -> int:
@@ -100,8 +97,7 @@ def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]
     tmp = tmp_path_factory.mktemp("hardening_requests")
     certs = tmp / "certs"
     www = Files(tmp / "www")
-    big = pattern_bytes(BIG_SIZE)
-    www.add("big.bin", big)
+    www.add("big.bin", pattern_bytes(BIG_SIZE))
     www.add("a.txt", b"first file\n")
     www.add("b.txt", b"second file, a bit longer\n")
     www.add("evil.example/index.html", b"<p>a directory named like a host</p>\n")
@@ -126,7 +122,7 @@ def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]
         + '[default]\nto = "site:app"\n'
     )
     with stopping([app]), start_sniport(config, tmp) as s:
-        yield Setup(s, pki, app, big)
+        yield Setup(s, pki, app)
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,3 +430,173 @@ def test_key_exchange_groups(setup: Setup, version: str) -> None:
                for g in ("X25519", "P-256", "P-384", "X448", "P-521")}
     assert outcome == {"X25519": "X25519", "P-256": "ECDH, prime256v1",
                        "P-384": "ECDH, secp384r1", "X448": None, "P-521": None}
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 14 item 21: the self-signed certificate's key identifiers
+
+
+FRESH = "fresh.selfsigned.test"  # no certificate in state_dir: generated at start
+STALE = "stale.selfsigned.test"  # a certificate of the old kind (no AKI) waits in state_dir
+
+
+def _self_signed_paths(state_dir: Path, site: str, hosts: Sequence[str]) -> tuple[Path, Path]:
+    """Where sniport keeps a site's self-signed certificate and key (net/tls.py
+    ``self_signed``): ``state_dir/self-signed/SITE-TAG.pem`` and ``.key``, the tag naming
+    the hosts."""
+    tag = hashlib.sha256("\n".join(sorted(hosts)).encode()).hexdigest()[:12]
+    base = state_dir / "self-signed" / f"{site}-{tag}"
+    return base.with_suffix(".pem"), base.with_suffix(".key")
+
+
+def _write_old_self_signed(cert_path: Path, key_path: Path, host: str) -> x509.Certificate:
+    """A certificate as the old version made it: valid for a year, without key identifiers
+    (neither AuthorityKeyIdentifier nor SubjectKeyIdentifier)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert
+
+
+@dataclass
+class SelfSigned:
+    s: Sniport
+    state_dir: Path
+    planted: x509.Certificate  # the old-style certificate STALE had before the start
+
+    def served(self, sni: str) -> x509.Certificate:
+        with connect_tls(insecure_client_context(), sni, port=self.s.port) as tls:
+            return x509.load_der_x509_certificate(peer_der(tls))
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SelfSigned]:
+    tmp = tmp_path_factory.mktemp("hardening_self_signed")
+    state_dir = tmp / "state"
+    planted = _write_old_self_signed(*_self_signed_paths(state_dir, "stale", [STALE]), STALE)
+    config = (server_table(("127.0.0.1:0",), toml_lines(workers=1, state_dir=state_dir))
+              + site_block("fresh", [FRESH], "self-signed", route("/", respond={"body": "f"}))
+              + site_block("stale", [STALE], "self-signed", route("/", respond={"body": "s"})))
+    with start_sniport(config, tmp) as s:
+        yield SelfSigned(s, state_dir, planted)
+
+
+def _assert_key_identifiers(cert: x509.Certificate) -> None:
+    present = {type(ext.value) for ext in cert.extensions}
+    assert {x509.AuthorityKeyIdentifier, x509.SubjectKeyIdentifier} <= present, present
+    ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    # Self-signed: both name the certificate's own key.
+    assert ski.digest == x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest
+    assert aki.key_identifier == ski.digest
+
+
+def test_self_signed_certificate_has_both_key_identifiers(self_signed: SelfSigned) -> None:
+    """Issue 14 item 21. ``tls = "self-signed"`` generates a certificate with both the
+    Subject and the Authority Key Identifier (RFC 5280 sections 4.2.1.1-2), in state_dir
+    and as served; before, it had no AKI (strict validators refuse it)."""
+    cert_path, _ = _self_signed_paths(self_signed.state_dir, "fresh", [FRESH])
+    stored = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    _assert_key_identifiers(stored)
+    served = self_signed.served(FRESH)
+    assert served == stored
+    _assert_key_identifiers(served)
+
+
+def test_old_self_signed_certificate_is_replaced(self_signed: SelfSigned) -> None:
+    """Issue 14 item 21. A self-signed certificate made by the old version (no AKI), still
+    valid for a year, is replaced at the next start by one with both identifiers; before,
+    it was reused until 30 days before its expiry."""
+    cert_path, key_path = _self_signed_paths(self_signed.state_dir, "stale", [STALE])
+    stored = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    assert stored != self_signed.planted
+    _assert_key_identifiers(stored)
+    served = self_signed.served(STALE)
+    assert served == stored
+    # The key on disk is the one of the new certificate.
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    assert key.public_key() == stored.public_key()
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 14 item 18: log injection
+
+
+LOGGED = "log.hard.test"
+FORGED = "2099-01-01T00:00:00Z\tconn\tclient:6.6.6.6:6666\tend:forged"
+# No space, quote or "=" (the old code quoted a value holding one of those): only the newline
+# stands between the ALPN name and a line of its own.
+FORGED_ALPN = "x\r\n" + FORGED
+CONN_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ conn client=127\.0\.0\.1:\d+ ")
+REQUEST_LINE = re.compile(r'127\.0\.0\.1 - - \[[^\]]+\] "')
+
+
+def test_text_log_escapes_what_clients_send(pki: Pki, tmp_path: Path) -> None:
+    """Issue 14 item 18. An ALPN name holding CR LF and a fake log line, a Host with a tab, a
+    Host with an escape character (400 from the parser), a User-Agent and a Referer with a
+    tab, quotes and bytes above 0x7E: the text access log has exactly one line per
+    connection and per request, no line starts with the forged content, and the escaped
+    forms are there (JSON-string style in ``key=value`` fields, ``\\xHH`` in the combined
+    format's quoted fields). Before, the ALPN name and ``host=`` went in unquoted: the
+    newline forged a line."""
+    log = tmp_path / "access.log"
+    config = site_config("log", [LOGGED], pki.cert(LOGGED, directory=tmp_path),
+                         route("/", respond={"body": "ok"}),
+                         server=toml_lines(workers=1, access_log=log, log_format="text"))
+    close = [("Connection", "close")]
+    requests: list[tuple[bytes, int]] = [
+        (request_bytes("/tab", f"a\tb.{LOGGED}", headers=close), 400),
+        (request_bytes("/esc", f"\x1b[2J.{LOGGED}", headers=close), 400),
+        (request_bytes("/agent", LOGGED, headers=[("User-Agent", 'ua\t"q" \xe9\xff'),
+                                                   ("Referer", "r\x80\\"), *close]), 200),
+    ]
+    with start_sniport(config, tmp_path) as s:
+        ctx = pki.client_context(alpn=["http/1.1", FORGED_ALPN])
+        with HttpConn(connect_tls(ctx, LOGGED, port=s.port)) as c:
+            c.send(request_bytes("/alpn", LOGGED, headers=close))
+            assert c.response().status == 200
+        statuses = []
+        for head, _ in requests:
+            with tls_conn(s.port, LOGGED, pki.client_context()) as c:
+                c.send(head)
+                statuses.append(c.response().status)
+        connections = 1 + len(requests)
+
+        def lines() -> list[str]:
+            # Lines as a file reader sees them: split at "\n" only (str.splitlines would
+            # also split at "\r", "\x1c"...), the last one ended.
+            return log.read_text(encoding="utf-8").split("\n")[:-1] if log.exists() else []
+
+        wait_until(lambda: sum(1 for x in lines() if CONN_LINE.match(x)) >= connections
+                   and sum(1 for x in lines() if REQUEST_LINE.match(x)) >= connections,
+                   what=lambda: "\n".join(lines()))
+    text = log.read_text(encoding="utf-8")
+    found = lines()
+    assert len(found) == 2 * connections, text
+    assert [x for x in found if not (CONN_LINE.match(x) or REQUEST_LINE.match(x))] == []
+    assert not any(x.startswith("2099-") for x in found)
+    # Nothing but printable ASCII: every control character and byte above 0x7E is escaped.
+    assert re.fullmatch(r"[\x20-\x7e\n]*", text), [x for x in found if not x.isprintable()]
+    # key=value fields as JSON strings; combined-format fields as nginx writes them.
+    assert "alpn=" + json.dumps("http/1.1," + FORGED_ALPN) + " " in text
+    assert 'host="a\\tb.log.hard.test" ' in text
+    assert '"r\\x80\\\\" "ua\\x09\\"q\\" \\xE9\\xFF"' in text
+    # The request with an escape character in its Host was refused by the parser, and
+    # still logged: one request line, its Host not taken.
+    assert sum(1 for x in found if '"GET /esc HTTP/1.1" 400 ' in x) == 1
+    assert statuses == [status for _, status in requests]
