@@ -396,3 +396,19 @@ def test_no_traceback_from_a_config_that_is_a_directory(tmp_path: Path, command:
     r = run_cli(command, "-c", str(tmp_path))
     assert r.returncode != 0
     assert_no_traceback(r.stderr, r.stdout)
+
+
+def test_the_readme_example_config_is_valid_toml_and_a_valid_config() -> None:
+    """The README's complete example is what a new user copies to /etc/sniport: it must
+    parse and validate (its certificate files aside). Found while running it: its `tls`
+    inline tables spanned two lines, which TOML 1.0 does not allow."""
+    import tomllib
+
+    from sniport.config import from_dict
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### A complete example")[1]
+    text = section.split("```toml")[1].split("```")[0]
+    loaded = from_dict(tomllib.loads(text), "README.md")
+    assert [s.name for s in loaded.config.site] == ["blog", "app"]
+    assert loaded.config.server.access_log == "/var/log/sniport/access.log"
