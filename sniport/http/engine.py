@@ -41,8 +41,11 @@ from sniport.wire.httprules import http_date
 MAX_TARGET = 8 * 1024
 MAX_HEADER_BYTES = 16 * 1024
 # httptools keeps a header that has not ended (an endless value) in its own buffer, out of
-# on_header's sight: bytes fed while a head is unfinished are counted too, and past this
-# the request is refused (431) before that buffer grows further.
+# on_header's sight: the reads that arrive while one head stays unfinished from their first
+# byte to their last are all head, and past this many such bytes the request is refused
+# (431) before that buffer grows further. (The read a head begins in is not counted: where
+# in it the head began is not known, and counting all of it would refuse a small head that
+# follows pipelined requests. The buffer is then bounded by one read plus this.)
 MAX_HEAD_BYTES = MAX_TARGET + MAX_HEADER_BYTES + 1024
 WRITE_HIGH_WATER = 32 * 1024  # buffered response bytes after which a streaming handler waits
 BODY_HIGH_WATER = 256 * 1024  # buffered request body bytes before reading pauses
@@ -520,7 +523,7 @@ class HttpConnection(asyncio.Protocol):
         self.deadline = 0.0  # the earlier of the two, as Deadlines sees it
         self.deadline_slot = 0
         self._in_head = False  # a request head has begun and not ended
-        self._head_fed = 0  # bytes fed to the parser while a head was unfinished
+        self._head_fed = 0  # see MAX_HEAD_BYTES; -1: the head began in the current read
         self._deferred_error: tuple[int, str, Request] | None = None
         self._lingering = False
         self._end_reason = "eof"
@@ -567,10 +570,13 @@ class HttpConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
             if self._in_head:
-                self._head_fed += len(data)
-                if self._head_fed > MAX_HEAD_BYTES:
-                    self._in_head = False
-                    self._fail_request(431, "headers_too_large")
+                if self._head_fed < 0:
+                    self._head_fed = 0  # began in this read: counting starts with the next
+                else:
+                    self._head_fed += len(data)
+                    if self._head_fed > MAX_HEAD_BYTES:
+                        self._in_head = False
+                        self._fail_request(431, "headers_too_large")
         except httptools.HttpParserUpgrade as exc:
             # llhttp stops at the end of an Upgrade request's head: the rest is the new
             # protocol's, kept for the handler that accepts the upgrade.
@@ -695,7 +701,7 @@ class HttpConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._target_bytes = 0
         self._in_head = True
-        self._head_fed = 0
+        self._head_fed = -1
         self._set_read_deadline("header", self.limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:

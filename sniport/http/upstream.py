@@ -128,12 +128,17 @@ class UpstreamConn(asyncio.Protocol):
         self._feeding = True
         try:
             self.parser.feed_data(data)
+            # As for requests (http/engine.py, MAX_HEAD_BYTES): the reads in which one head
+            # stays unfinished from first to last byte are all head.
             if self._in_head:
-                self._head_fed += len(data)
-                if self._head_fed > MAX_RESPONSE_HEAD and self.handler is not None:
-                    self._in_head = False
-                    self.handler.upstream_failed(
-                        f"upstream sent too big header (over {MAX_RESPONSE_HEAD // 1024} KiB)")
+                if self._head_fed < 0:
+                    self._head_fed = 0
+                else:
+                    self._head_fed += len(data)
+                    if self._head_fed > MAX_RESPONSE_HEAD and self.handler is not None:
+                        self._in_head = False
+                        self.handler.upstream_failed("upstream sent too big header (over "
+                                                     f"{MAX_RESPONSE_HEAD // 1024} KiB)")
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args else len(data)
             if self.handler is not None:
@@ -180,7 +185,7 @@ class UpstreamConn(asyncio.Protocol):
         if self.handler is None:
             self._stray = True
         self._in_head = True
-        self._head_fed = 0
+        self._head_fed = -1  # the head began in the current read
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.handler is not None:

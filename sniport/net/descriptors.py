@@ -18,6 +18,10 @@ import resource
 
 RESERVE = 128  # descriptors kept for listeners, log files, epoll, the loop's self-pipe
 MOST_PER_CONNECTION = 6  # a passthrough connection with data in flight both ways
+# Kept free of new connections' sockets: pipes for the relays already running, so that a
+# process at its limit still moves bytes (a relay holds a pipe only while its destination
+# lags) instead of every relay waiting for one.
+PIPE_HEADROOM = 16
 
 
 class Ledger:
@@ -37,7 +41,7 @@ class Ledger:
         return self.used + n <= self.limit
 
     def room_for_a_connection(self) -> bool:
-        return self.used + MOST_PER_CONNECTION <= self.limit
+        return self.used + MOST_PER_CONNECTION + PIPE_HEADROOM <= self.limit
 
 
 def soft_limit() -> int:
