@@ -979,13 +979,19 @@ class HttpConnection(asyncio.Protocol):
         if self._read_paused and kind in ("header", "body"):
             self._read_deadline = 0.0  # suspended; _resume_reading sets it
             return
-        self._read_deadline = self.loop.time() + delay
-        self._update_deadline()
+        when = self._read_deadline = self.loop.time() + delay
+        if self._write_deadline:
+            self._update_deadline()
+        else:  # the common case, once or twice per request: one call, not two
+            self._deadlines.set(self, when)
 
     def _clear_read_deadline(self) -> None:
         self._read_kind = ""
         self._read_deadline = 0.0
-        self._update_deadline()
+        if self._write_deadline:
+            self._update_deadline()
+        else:
+            self.deadline = 0.0  # Deadlines.clear: its slot entry, if any, is skipped
 
     def _set_write_deadline(self) -> None:
         # A client that stops reading gets as long as an idle one (keepalive_timeout), and
