@@ -991,7 +991,7 @@ class HttpConnection(asyncio.Protocol):
         if self._write_deadline:
             self._update_deadline()
         else:
-            self.deadline = 0.0  # Deadlines.clear: its slot entry, if any, is skipped
+            self.deadline = 0.0  # lazily: the entry of a live connection is looked at in its slot
 
     def _set_write_deadline(self) -> None:
         # A client that stops reading gets as long as an idle one (keepalive_timeout), and

@@ -64,6 +64,7 @@ class UpstreamConn(asyncio.Protocol):
         self.handler: ResponseHandler | None = None
         self.deadline = 0.0  # while idle in the pool: keepalive_timeout
         self.deadline_slot = 0
+        self.deadlines: Deadlines | None = None  # where it is filed, once pooled
         self.closed = False
         self.reused = False
         self.raw: Callable[[bytes], None] | None = None  # a tunnel takes the bytes as they are
@@ -77,7 +78,7 @@ class UpstreamConn(asyncio.Protocol):
 
     def begin(self, handler: ResponseHandler) -> None:
         """Take the connection for one request; a fresh parser for a fresh message."""
-        Deadlines.clear(self)
+        self._unfile()
         self.handler = handler
         self._stray = False
         if self.parser is None:
@@ -98,9 +99,13 @@ class UpstreamConn(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self.handler = None
-            Deadlines.clear(self)
+            self._unfile()
             if self.transport is not None:
                 self.transport.close()
+
+    def _unfile(self) -> None:
+        if self.deadlines is not None:
+            self.deadlines.clear(self)
 
     def get_status(self) -> int:
         return int(self.parser.get_status_code())
@@ -165,7 +170,7 @@ class UpstreamConn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         LEDGER.give()
         self.closed = True
-        Deadlines.clear(self)
+        self._unfile()
         handler, self.handler = self.handler, None
         self.upstream.drop_idle(self)
         if handler is not None:
@@ -244,7 +249,8 @@ class Upstream:
             conn.close()
             return
         self.idle.append(conn)
-        deadlines_for(loop).after(conn, self.cfg.keepalive_timeout)
+        conn.deadlines = deadlines_for(loop)
+        conn.deadlines.after(conn, self.cfg.keepalive_timeout)
 
     def drop_idle(self, conn: UpstreamConn) -> None:
         with contextlib.suppress(ValueError):

@@ -221,7 +221,8 @@ class HelloReader:
         self._fail(f"internal_error: {type(exc).__name__}")
 
     def _cancel_timers(self) -> None:
-        self.deadline = 0.0
+        if self._registered:
+            deadlines_for(self._loop).clear(self)
         if self._rearm is not None:
             self._rearm.cancel()
             self._rearm = None

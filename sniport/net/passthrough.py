@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sniport.config import Passthrough
-from sniport.deadlines import Deadlines, deadlines_for
+from sniport.deadlines import deadlines_for
 from sniport.handover import Relayed
 from sniport.net.descriptors import LEDGER
 from sniport.net.poller import EPOLLOUT
@@ -137,7 +137,7 @@ class PassthroughConnection:
         if self._moving != "offered" or self.relay is None:
             return
         self._moving = ""
-        Deadlines.clear(self)
+        deadlines_for(self._loop).clear(self)
         relay, self.relay = self.relay, None
         relay.release()
         LEDGER.give()  # the upstream socket; the client's goes with forget()
@@ -149,7 +149,7 @@ class PassthroughConnection:
         if self._moving != "offered":
             return
         self._moving = "kept"
-        Deadlines.clear(self)
+        deadlines_for(self._loop).clear(self)
         if self.relay is not None:
             self.relay.resume()
 
@@ -197,7 +197,7 @@ class PassthroughConnection:
         self._header = self._header[sent:]
         if not self._header:
             if self.deadline:
-                Deadlines.clear(self)
+                deadlines_for(self._loop).clear(self)
                 self._worker.poller.unregister(self._up.fileno())
             self._start_relay()
         elif not self.deadline:

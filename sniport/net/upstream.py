@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sniport.addresses import Address, TcpAddress, UnixAddress, resolve
-from sniport.deadlines import Deadlines, deadlines_for
+from sniport.deadlines import deadlines_for
 from sniport.logs import diag, throttle
 from sniport.net.descriptors import LEDGER
 from sniport.net.poller import EPOLLERR, EPOLLHUP, EPOLLOUT, Poller
@@ -139,7 +139,7 @@ class UpstreamConnect:
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err == 0 and not events & (EPOLLERR | EPOLLHUP):
             self._poller.unregister(sock.fileno())
-            Deadlines.clear(self)
+            deadlines_for(self._loop).clear(self)
             self._sock = None
             self._success(sock, self._targets[self._index])
             return
@@ -161,7 +161,7 @@ class UpstreamConnect:
         done(None, None, f"internal_error: {type(exc).__name__}")
 
     def _drop(self) -> None:
-        Deadlines.clear(self)
+        deadlines_for(self._loop).clear(self)
         if self._sock is not None:
             self._poller.forget(self._sock.fileno())
             self._sock.close()
