@@ -84,6 +84,8 @@ class Generation:
     respawn_at: dict[int, float] = field(default_factory=dict)  # slot -> when
     ready_deadline: float = 0.0
     draining: bool = False
+    # Each passthrough block's upstream labels, for the relays offered to this generation.
+    upstream_labels: dict[str, list[str]] = field(default_factory=dict)
 
 
 def worker_count(setting: int | str) -> int:
@@ -107,12 +109,10 @@ class ReloadOutcome:
     the first outcome with ``started >= T``."""
 
     started: float
-    finished: float
     at: float  # wall clock, for people
     ok: bool
     result: str  # one line: "generation 3 serving" or why it failed
     problems: list[str] = field(default_factory=list)
-    generation: int = 0
 
 
 class Master:
@@ -323,7 +323,8 @@ class Master:
 
     def _new_generation(self, runtime: Runtime) -> Generation:
         keys = [key for key, _ in self._wanted(runtime)]
-        gen = Generation(self._next_gen, runtime, keys, time.time())
+        gen = Generation(self._next_gen, runtime, keys, time.time(), upstream_labels={
+            name: rt.upstream_labels for name, rt in runtime.passthrough.items()})
         self._next_gen += 1
         gen.ready_deadline = time.monotonic() + READY_TIMEOUT
         self.generations.append(gen)
@@ -456,7 +457,7 @@ class Master:
                 self._parent_master = 0
         notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving generation {gen.number}")
         if old:
-            self._reload_done(True, f"generation {gen.number} serving", gen=gen.number)
+            self._reload_done(True, f"generation {gen.number} serving")
         self._reload_if_asked()
 
     def _reload_if_asked(self) -> None:
@@ -581,13 +582,10 @@ class Master:
             return
         target = self._adopter(w)
         taken = False
-        if target is not None and self.current is not None \
-                and len(fds) == handover.DESCRIPTORS:
-            runtime = self.current.runtime
-            upstreams = {name: rt.upstream_labels for name, rt in runtime.passthrough.items()}
-            if handover.routes_the_same(runtime.table, upstreams, relayed):
-                taken = handover.send(target.control, handover.encode("adopt", ident, relayed),
-                                      fds)
+        gen = self.current
+        if (target is not None and gen is not None and len(fds) == handover.DESCRIPTORS
+                and handover.routes_the_same(gen.runtime.table, gen.upstream_labels, relayed)):
+            taken = handover.send(target.control, handover.encode("adopt", ident, relayed), fds)
         handover.send(w.control, handover.encode("taken" if taken else "keep", ident))
 
     def _adopter(self, sender: WorkerProc) -> WorkerProc | None:
@@ -647,10 +645,9 @@ class Master:
             self._reload_done(False, f"{exc}; {serving}")
             return
 
-    def _reload_done(self, ok: bool, result: str, problems: list[str] | None = None,
-                     gen: int = 0) -> None:
-        self.last_reload = ReloadOutcome(self._reload_started, time.monotonic(), time.time(),
-                                         ok, result, problems or [], gen)
+    def _reload_done(self, ok: bool, result: str, problems: list[str] | None = None) -> None:
+        self.last_reload = ReloadOutcome(self._reload_started, time.time(), ok, result,
+                                         problems or [])
         self._write_status()
 
     def _close_unused(self) -> None:

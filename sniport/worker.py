@@ -312,30 +312,25 @@ class Worker:
             if got is None:
                 return
             data, fds = got
-            if not data:  # the master is gone: the lifeline says so too
-                self.loop.remove_reader(control.fileno())
-                for fd in fds:
-                    os.close(fd)
-                return
             try:
+                if not data:  # the master is gone: the lifeline says so too
+                    self.loop.remove_reader(control.fileno())
+                    return
                 op, ident, relayed = handover.decode(data)
+                if op == "adopt" and relayed is not None and len(fds) == handover.DESCRIPTORS:
+                    self._adopt(relayed, fds)
+                    fds = []  # the relay's now
+                    continue
+                handler = self._offers.pop(ident, None)
+                if handler is not None and op == "taken":
+                    handler.taken()
+                elif handler is not None:
+                    handler.kept()
             except (ValueError, TypeError) as exc:
                 diag.error("control message refused: %s", exc)
+            finally:
                 for fd in fds:
                     os.close(fd)
-                continue
-            if op == "adopt" and relayed is not None and len(fds) == handover.DESCRIPTORS:
-                self._adopt(relayed, fds)
-                continue
-            for fd in fds:
-                os.close(fd)
-            handler = self._offers.pop(ident, None)
-            if handler is None:
-                continue
-            if op == "taken":
-                handler.taken()
-            else:
-                handler.kept()
 
     def _adopt(self, relayed: Relayed, fds: list[int]) -> None:
         """A relay handed over by a worker of an older generation: it goes on here."""
