@@ -21,7 +21,7 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -32,6 +32,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     Tag,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -603,20 +604,46 @@ def _validate(model: type[_Model], value: Mapping[str, Any], loc: tuple[str | in
         problems.extend(Problem(source, _toml_path((*loc, *e["loc"]), raw), _reason(e))
                         for e in errors)
     # Salvage what is valid: without the keys that failed, the section or block may still
-    # validate, and then the files it names (certificates, logs) are checked in this same
-    # pass. The problems above stand; a salvaged config is never served.
-    bad = {e["loc"][0] for e in errors if e["loc"]}
-    if len(bad) < len(errors) or not bad.isdisjoint(_REQUIRED_FOR_SALVAGE):
+    # validate, and then the files it names (certificates, logs) and the checks across
+    # blocks (a name or host used twice) run in this same pass. The problems above stand;
+    # a salvaged config is never served.
+    if any(not e["loc"] for e in errors):
+        return None  # the value as a whole is wrong (not a table)
+    bad = {e["loc"][0] for e in errors}
+    if not bad.isdisjoint(_REQUIRED_FOR_SALVAGE):
         return None
+    kept = {k: v for k, v in value.items() if k not in bad}
     try:
-        return model.model_validate({k: v for k, v in value.items() if k not in bad})
+        return model.model_validate(kept)
     except ValidationError:
-        return None
+        return _partial(model, kept)
 
 
 # Keys without which a block means nothing: a block whose name or hosts failed is not
 # salvaged (its checks across blocks would only add noise).
 _REQUIRED_FOR_SALVAGE = frozenset({"name", "hosts"})
+
+
+def _partial(model: type[_Model], kept: Mapping[str, Any]) -> Any:
+    """``model`` from the keys that validated, when a required one failed (a site whose
+    every route is wrong still has a name, hosts and certificate files to check): each key
+    validated on its own, and an empty list standing in for a required list that failed.
+    None when another required key is missing."""
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        if name in kept:
+            annotation: Any = info.annotation
+            if info.metadata:
+                annotation = Annotated.__class_getitem__((annotation, *info.metadata))  # type: ignore[attr-defined]
+            try:
+                fields[name] = TypeAdapter(annotation).validate_python(kept[name])
+            except ValidationError:
+                return None
+        elif info.is_required():
+            if get_origin(info.annotation) is not list:
+                return None
+            fields[name] = []
+    return model.model_construct(**fields)
 
 
 def _dedupe(problems: list[Problem]) -> list[Problem]:

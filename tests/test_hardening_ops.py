@@ -412,3 +412,40 @@ def test_the_readme_example_config_is_valid_toml_and_a_valid_config() -> None:
     loaded = from_dict(tomllib.loads(text), "README.md")
     assert [s.name for s in loaded.config.site] == ["blog", "app"]
     assert loaded.config.server.access_log == "/var/log/sniport/access.log"
+
+
+def test_a_site_whose_every_route_is_wrong_still_gets_its_files_checked(tmp_path: Path) -> None:
+    """Item 2 again, found by trying a config with many mistakes: a site whose only route
+    was wrong was left out whole, so its missing certificate and its host claimed twice
+    appeared only after the route was fixed."""
+    missing = tmp_path / "missing.pem"
+    path = tmp_path / "sniport.toml"
+    path.write_text(f"""
+[server]
+listen = ["127.0.0.1:0"]
+state_dir = "{tmp_path / 'state'}"
+
+[[passthrough]]
+name = "pt"
+hosts = ["pt.test", "site.test"]
+upstreams = ["127.0.0.1:1"]
+
+[[site]]
+name = "pt"
+hosts = ["site.test"]
+tls = {{ cert = "{missing}", key = "{missing}" }}
+  [[site.route]]
+  path = "nope"
+  respond = {{ body = "x" }}
+""")
+    r = run_cli("check", "-c", str(path))
+    assert r.returncode == 1
+    errors = [line.removeprefix(f"error: {path}: ") for line in r.stderr.splitlines()
+              if line.startswith("error: ")]
+    assert sorted(errors) == sorted([
+        "site[0](pt).route[0].path: 'nope': a route path starts with /",
+        "site[0](pt).name: name 'pt' is already used by passthrough[0](pt)",
+        "site[0](pt).hosts[0]: host 'site.test' is already claimed by passthrough[0](pt).hosts[1]",
+        f"site[0](pt).tls: cannot read {missing}: no such file; cannot read {missing}: "
+        "no such file",
+    ]), r.stderr
