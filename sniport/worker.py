@@ -23,7 +23,8 @@ from sniport import handover
 from sniport.addresses import TcpAddress
 from sniport.handover import Relayed
 from sniport.http.accesslog import RequestLog
-from sniport.http.engine import App, Exchange, HttpConnection, Limits
+from sniport.http.contract import Exchange
+from sniport.http.engine import App, HttpConnection, Limits
 from sniport.http.handlers import HttpsRedirectApp
 from sniport.http.site import SiteApp, lifecycle
 from sniport.logs import AccessLog, diag, throttle

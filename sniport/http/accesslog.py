@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from sniport.logs import AccessLog, clf_quoted, text_field
 
 if TYPE_CHECKING:
-    from sniport.http.engine import Exchange, HttpConnection
+    from sniport.http.contract import Connection, Exchange
 
 
 def _clf_time() -> str:
@@ -27,7 +27,7 @@ class RequestLog:
         self._log = log
         self.enabled = log.enabled
 
-    def request(self, conn: HttpConnection, ex: Exchange, now: float) -> None:
+    def request(self, conn: Connection, ex: Exchange, now: float) -> None:
         req = ex.request
         ttfb = round(ex.ttfb - req.start, 6) if ex.ttfb else None
         total = round(now - req.start, 6)

@@ -31,12 +31,17 @@ import collections
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 
 from sniport.deadlines import deadlines_for
+from sniport.http.request import Body, ClientGone, Request
 from sniport.wire.httprules import http_date
+
+if TYPE_CHECKING:
+    from sniport.http.contract import Connection, ErrorResponder
+    from sniport.http.contract import Exchange as AnyExchange
 
 MAX_TARGET = 8 * 1024
 MAX_HEADER_BYTES = 16 * 1024
@@ -48,7 +53,6 @@ MAX_HEADER_BYTES = 16 * 1024
 # follows pipelined requests. The buffer is then bounded by one read plus this.)
 MAX_HEAD_BYTES = MAX_TARGET + MAX_HEADER_BYTES + 1024
 WRITE_HIGH_WATER = 32 * 1024  # buffered response bytes after which a streaming handler waits
-BODY_HIGH_WATER = 256 * 1024  # buffered request body bytes before reading pauses
 LINGER = 2.0  # seconds to read and drop input before closing after an error response
 SERVER = b"sniport"
 
@@ -87,13 +91,13 @@ class RequestLogger(Protocol):
 
     enabled: bool
 
-    def request(self, conn: HttpConnection, ex: Exchange, now: float) -> None: ...
+    def request(self, conn: Connection, ex: AnyExchange, now: float) -> None: ...
 
 
 class App(Protocol):
     """What the engine serves: a site, or the plain-HTTP redirector."""
 
-    def handle(self, ex: Exchange) -> None: ...
+    def handle(self, ex: AnyExchange) -> None: ...
 
 
 class Limits:
@@ -107,219 +111,8 @@ class Limits:
         self.keepalive_timeout = keepalive_timeout
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-class ClientGone(Exception):
-    pass
-
-
 class _StopParsing(Exception):
     """Raised in a parser callback: the connection is closing, nothing more is read."""
-
-
-class Request:
-    __slots__ = (
-        "body",
-        "chunked",
-        "complete",
-        "content_length",
-        "expect_continue",
-        "headers",
-        "host",
-        "keep_alive",
-        "method",
-        "path",
-        "query",
-        "start",
-        "target",
-        "upgrade",
-        "version",
-    )
-
-    def __init__(self, start: float) -> None:
-        self.method = "GET"
-        self.target = ""
-        self.path = "/"
-        self.query = ""
-        self.version = "1.1"
-        self.headers: list[tuple[bytes, bytes]] = []  # names lower-cased, values raw
-        self.keep_alive = True
-        self.body: Body | None = None
-        self.content_length: int | None = None
-        self.chunked = False
-        self.expect_continue = False
-        self.upgrade = False
-        self.complete = False  # the whole message, body included, has been parsed
-        self.start = start
-        self.host: str | None = None
-
-    def header(self, name: bytes) -> str | None:
-        """The first value of a header (``name`` lower case), decoded as latin-1."""
-        for k, v in self.headers:
-            if k == name:
-                return v.decode("latin-1")
-        return None
-
-
-class BodySink(Protocol):
-    """Where a pushed request body goes (the reverse proxy): chunks as they arrive."""
-
-    def body_data(self, chunk: bytes) -> None: ...
-    def body_end(self) -> None: ...
-    def body_error(self, exc: Exception) -> None: ...
-
-
-class Body:
-    """A request body as it arrives: either pulled (``await read()`` returns chunks, then
-    b"" at its end) or pushed to a ``BodySink`` once one is attached."""
-
-    __slots__ = (
-        "_buffered",
-        "_sink",
-        "_on_end",
-        "_on_error",
-        "_chunks",
-        "_conn",
-        "_continue_sent",
-        "_done",
-        "_error",
-        "_request",
-        "_waiter",
-        "discard",
-        "limit",
-        "received",
-    )
-
-    def __init__(self, conn: HttpConnection, request: Request) -> None:
-        self._conn = conn
-        self._request = request
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
-        self._done = False
-        self._error: Exception | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self.received = 0
-        self.limit = 0  # 0 = no limit
-        self._continue_sent = False
-        self.discard = False
-        self._sink: BodySink | None = None
-        self._on_end: Callable[[], None] | None = None
-        self._on_error: Callable[[Exception], None] | None = None
-
-    def then(self, on_end: Callable[[], None], on_error: Callable[[Exception], None]) -> None:
-        """For handlers that do not read bodies: drop the body as it arrives, enforcing its
-        limit, and call ``on_end`` once it has all arrived (``on_error`` if it fails), so
-        that the answer comes after the whole request, as for a body that is read."""
-        self.drop()
-        self._on_end, self._on_error = on_end, on_error
-        if not self._continue_sent:
-            self._continue_sent = True
-            if self._request.expect_continue and not self._done:
-                self._conn.send_continue()
-        if self._error is not None:
-            self._fire_error(self._error)
-        elif self._done:
-            self._fire_end()
-
-    def _fire_end(self) -> None:
-        callback, self._on_end, self._on_error = self._on_end, None, None
-        if callback is not None:
-            callback()
-
-    def _fire_error(self, exc: Exception) -> None:
-        callback, self._on_end, self._on_error = self._on_error, None, None
-        if callback is not None:
-            callback(exc)
-
-    def attach(self, sink: BodySink) -> None:
-        """Push the body to ``sink`` from now on, starting with what is buffered."""
-        self._sink = sink
-        if not self._continue_sent:
-            self._continue_sent = True
-            if self._request.expect_continue and not self._done:
-                self._conn.send_continue()
-        while self._chunks:
-            sink.body_data(self._chunks.popleft())
-        self._buffered = 0
-        self._conn.resume_body()
-        if self._error is not None:
-            sink.body_error(self._error)
-        elif self._done:
-            sink.body_end()
-
-    def feed(self, chunk: bytes) -> None:
-        self.received += len(chunk)
-        if self.limit and self.received > self.limit:
-            self.fail(BodyTooLarge())
-            return
-        if self.discard:
-            return
-        if self._sink is not None:
-            self._sink.body_data(chunk)
-            return
-        self._chunks.append(chunk)
-        self._buffered += len(chunk)
-        if self._buffered > BODY_HIGH_WATER:
-            self._conn.pause_body()
-        self._wake()
-
-    def finish(self) -> None:
-        self._done = True
-        if self._sink is not None and not self.discard:
-            self._sink.body_end()
-        if self._on_end is not None:
-            self._fire_end()
-        self._wake()
-
-    def fail(self, exc: Exception) -> None:
-        if self._error is None:
-            self._error = exc
-            if self._sink is not None and not self.discard:
-                self._sink.body_error(exc)
-            if self._on_error is not None:
-                self._fire_error(exc)
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    async def read(self) -> bytes:
-        if not self._continue_sent:
-            self._continue_sent = True
-            if self._request.expect_continue and not self._done:
-                self._conn.send_continue()
-        while True:
-            if self._error is not None:
-                raise self._error
-            if self._chunks:
-                chunk = self._chunks.popleft()
-                self._buffered -= len(chunk)
-                if self._buffered <= BODY_HIGH_WATER // 2:
-                    self._conn.resume_body()
-                return chunk
-            if self._done:
-                return b""
-            self._waiter = self._conn.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-
-    def drop(self) -> None:
-        """Nobody will read the rest: drop what is buffered and what is still to come."""
-        self.discard = True
-        self._sink = None
-        self._chunks.clear()
-        self._buffered = 0
-        self._conn.resume_body()
 
 
 class Exchange:
@@ -331,6 +124,7 @@ class Exchange:
         "add_headers",
         "close_after",
         "conn",
+        "errors",
         "finished",
         "head_sent",
         "is_head",
@@ -364,6 +158,13 @@ class Exchange:
         self._chunked = False
         self.note = ""  # a reason for the log, e.g. why a request was refused
         self.upstream = ""  # the proxy's upstream, for the log
+        self.errors: ErrorResponder | None = None  # the site's error pages, once routed
+
+    stream_id = 0  # HTTP/2's stream; none here
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.conn.loop
 
     # -- writing --------------------------------------------------------------------------
 
@@ -437,7 +238,7 @@ class Exchange:
         self.head_sent = True
         self.ttfb = time.monotonic()
 
-    def write(self, data: bytes | memoryview) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         if self.is_head or not data or self.finished:
             return
         self.sent += len(data)
@@ -474,6 +275,27 @@ class Exchange:
             self.conn.exchange_done(self, aborted=True)
 
     # -- helpers for handlers -------------------------------------------------------------
+
+    def fail(self, status: int, note: str = "") -> None:
+        """An error response through the site's error pages (the plain one before a site
+        has taken the request), or a close if the head is already out."""
+        if self.errors is not None:
+            self.errors.fail(self, status, note)
+        else:
+            self.error(status, note)
+
+    def pause_body(self) -> None:
+        """Stop reading the request body (whoever takes it is full)."""
+        self.conn.pause_body()
+
+    def resume_body(self) -> None:
+        self.conn.resume_body()
+
+    def upgrade(self, on_data: Callable[[bytes], None]) -> bytes:
+        """After a 101: the client's bytes go to ``on_data`` from now on; returns those that
+        came after the Upgrade request's head."""
+        self.conn.upgraded_to = on_data
+        return self.conn.take_upgrade_buffer()
 
     def error(self, status: int, note: str = "") -> None:
         """A short plain-text error response, or a close if the head is already out."""

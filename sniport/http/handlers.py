@@ -18,17 +18,18 @@ from sniport.routing import RouteTable
 from sniport.wire.httprules import BadPath, normalize_path, redirect_target
 
 if TYPE_CHECKING:
-    from sniport.http.contract import ErrorResponder
-    from sniport.http.engine import Exchange
+    from sniport.http.contract import Exchange
 
 
 class Redirect:
+    reads_body = False
+
     def __init__(self, cfg: RedirectHandler) -> None:
         self.to = cfg.to
         self.status = cfg.status
         self.keep_path = cfg.keep_path
 
-    def handle(self, ex: Exchange, rest: str, site: ErrorResponder) -> None:
+    def handle(self, ex: Exchange, rest: str) -> None:
         location = redirect_target(self.to, rest, ex.request.query, self.keep_path)
         ex.respond(self.status, [("Location", location),
                                  ("Content-Type", "text/plain; charset=utf-8")],
@@ -36,12 +37,14 @@ class Redirect:
 
 
 class Respond:
+    reads_body = False
+
     def __init__(self, cfg: RespondHandler) -> None:
         self.status = cfg.status
         self.headers = [("Content-Type", cfg.content_type)] if cfg.body else []
         self.body = cfg.body.encode()
 
-    def handle(self, ex: Exchange, rest: str, site: ErrorResponder) -> None:
+    def handle(self, ex: Exchange, rest: str) -> None:
         ex.respond(self.status, self.headers, self.body)
 
 

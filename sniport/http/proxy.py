@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING
 
 from sniport.config import ProxyHandler
 from sniport.deadlines import deadlines_for
-from sniport.http.engine import BodyTooLarge, ClientGone, Exchange
+from sniport.http.request import BodyTooLarge, ClientGone
 from sniport.http.upstream import HealthChecker, Upstream, UpstreamConn, upstream_tls_context
 from sniport.logs import diag
 from sniport.routing import Acl, Network
 from sniport.wire.proxyheaders import client_response_headers, serialize, upstream_request_headers
 
 if TYPE_CHECKING:
-    from sniport.http.contract import ErrorResponder
+    from sniport.http.contract import Exchange
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -93,24 +93,23 @@ class ProxyRoute:
                 return up
         return None
 
-    def handle(self, ex: Exchange, rest: str, app: ErrorResponder) -> None:
-        ProxyExchange(self, ex, rest, app).start()
+    def handle(self, ex: Exchange, rest: str) -> None:
+        ProxyExchange(self, ex, rest).start()
 
 
 class ProxyExchange:
     """One request through the proxy, from picking an upstream to the end of the response."""
 
-    __slots__ = ("route", "ex", "app", "loop", "req", "head", "chunked_body", "tried", "up",
+    __slots__ = ("route", "ex", "loop", "req", "head", "chunked_body", "tried", "up",
                  "conn", "connecting", "status", "headers", "responded", "done", "body_sent",
                  "body_done", "stale_retried", "reading_paused", "deadlines", "deadline",
                  "deadline_slot", "keep_alive", "framed", "last_reason", "tunnel",
                  "pending_head")
 
-    def __init__(self, route: ProxyRoute, ex: Exchange, rest: str, app: ErrorResponder) -> None:
+    def __init__(self, route: ProxyRoute, ex: Exchange, rest: str) -> None:
         self.route = route
         self.ex = ex
-        self.app = app
-        self.loop = ex.conn.loop
+        self.loop = ex.loop
         req = self.req = ex.request
         cfg = route.cfg
         path = ("/" + rest.lstrip("/")) if cfg.strip_prefix else req.path
@@ -312,7 +311,7 @@ class ProxyExchange:
             return
         if self.pending_head is not None:
             self._send_head()
-        ex.write(body)
+        ex.send(body)
         self._arm(self.route.cfg.read_timeout)
         if not ex.writable and not self.reading_paused:
             # The client reads slower than the upstream sends: stop reading the upstream.
@@ -392,10 +391,10 @@ class ProxyExchange:
         self.ex.conn.uncork()
 
     def upstream_paused(self) -> None:
-        self.ex.conn.pause_body()
+        self.ex.pause_body()
 
     def upstream_resumed(self) -> None:
-        self.ex.conn.resume_body()
+        self.ex.resume_body()
 
     # -- endings --------------------------------------------------------------------------
 
@@ -430,7 +429,7 @@ class ProxyExchange:
             self.ex.abort()
         else:
             self.ex.close_after = self.ex.close_after or not self.body_done
-            self.app.fail(self.ex, status, reason)
+            self.ex.fail(status, reason)
 
     def _abort(self, reason: str) -> None:
         self.done = True
@@ -500,23 +499,21 @@ class Tunnel:
     ``idle_timeout``. Backpressure both ways; the TLS side cannot half-close in asyncio, so
     the end of either direction ends the tunnel once what was sent is flushed."""
 
-    __slots__ = ("px", "conn", "client", "closed", "deadline", "deadline_slot", "idle")
+    __slots__ = ("px", "conn", "closed", "deadline", "deadline_slot", "idle")
 
     def __init__(self, px: ProxyExchange, conn: UpstreamConn, first: bytes) -> None:
         self.px = px
         self.conn = conn
-        self.client = px.ex.conn
         self.closed = False
         self.deadline = 0.0
         self.deadline_slot = 0
         self.idle = px.route.cfg.idle_timeout  # 0: no idle limit
         px.deadlines.after(self, self.idle)
         conn.raw = self.from_upstream
-        self.client.upgraded_to = self.from_client
+        pending = px.ex.upgrade(self.from_client)
         px.ex.on_resume = self._client_resumed
         if first:
             self.from_upstream(first)
-        pending = self.client.take_upgrade_buffer()
         if pending:
             self.from_client(pending)
 
@@ -528,12 +525,12 @@ class Tunnel:
             return
         transport.write(data)
         if transport.get_write_buffer_size() > 256 * 1024:
-            self.client.pause_body()  # resumed by upstream_resumed
+            self.px.ex.pause_body()  # resumed by upstream_resumed
 
     def from_upstream(self, data: bytes) -> None:
         if self.idle:
             self.px.deadlines.after(self, self.idle)
-        self.px.ex.write(data)
+        self.px.ex.send(data)
         if not self.px.ex.writable and not self.px.reading_paused:
             self.px.reading_paused = True
             self.conn.transport.pause_reading()

@@ -26,9 +26,9 @@ from typing import Protocol
 
 from sniport.config import Site, SiteRoute
 from sniport.hostnames import HostNameError, parse_host_header
-from sniport.http.contract import Handler, WorkerHandler
-from sniport.http.engine import BodyTooLarge, Exchange
+from sniport.http.contract import Exchange, Handler, WorkerHandler
 from sniport.http.handlers import Redirect, Respond
+from sniport.http.request import BodyTooLarge
 from sniport.http.static import StaticFiles
 from sniport.routing import Network, RouteTable
 from sniport.wire.httprules import BadPath, normalize_path
@@ -100,6 +100,7 @@ class SiteApp:
 
     def handle(self, ex: Exchange) -> None:
         req = ex.request
+        ex.errors = self
         raw: bytes | None = None
         repeated = False
         for name, value in req.headers:
@@ -154,14 +155,13 @@ class SiteApp:
             if req.body is not None:
                 req.body.limit = route.max_body
         rest = req.path[len(route.prefix):]
-        if req.body is not None and not req.complete and not getattr(route.handler,
-                                                                     "reads_body", False):
+        if req.body is not None and not req.complete and not route.handler.reads_body:
             # The answer waits for the end of a body the handler does not read: a body over
             # the limit is a 413 and a broken one a 400, as for a body that is read.
-            req.body.then(lambda: route.handler.handle(ex, rest, self),
+            req.body.then(lambda: route.handler.handle(ex, rest),
                           lambda exc: self._body_failed(ex, exc))
             return
-        route.handler.handle(ex, rest, self)
+        route.handler.handle(ex, rest)
 
     def _body_failed(self, ex: Exchange, exc: Exception) -> None:
         if isinstance(exc, BodyTooLarge) and not ex.head_sent:
@@ -178,7 +178,7 @@ class SiteApp:
             if route is not None and isinstance(route.handler, StaticFiles):
                 saved = ex.add_headers, ex.remove_headers
                 ex.add_headers, ex.remove_headers = route.add_headers, route.remove_headers
-                if route.handler.serve_path(ex, page[len(route.prefix):], self, status):
+                if route.handler.serve_path(ex, page[len(route.prefix):], status):
                     return
                 ex.add_headers, ex.remove_headers = saved
         ex.error(status)
@@ -190,8 +190,7 @@ class HandlerFactory(Protocol):
 
 def lifecycle(app: SiteApp) -> list[WorkerHandler]:
     """The handlers with per-worker work to start and stop (proxy pools, health checks)."""
-    return [r.handler for r in app.routes  # type: ignore[misc]
-            if hasattr(r.handler, "start") and hasattr(r.handler, "stop")]
+    return [r.handler for r in app.routes if isinstance(r.handler, WorkerHandler)]
 
 
 def default_handlers(route: SiteRoute, trusted: list[Network] | None = None) -> Handler:

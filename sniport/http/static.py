@@ -48,8 +48,7 @@ from sniport.wire.httprules import (
 )
 
 if TYPE_CHECKING:
-    from sniport.http.contract import ErrorResponder
-    from sniport.http.engine import Exchange
+    from sniport.http.contract import Exchange
 
 SMALL_FILE = 256 * 1024  # served from memory
 MEMORY_BUDGET = 32 * 1024 * 1024  # per worker, for the contents of small files
@@ -111,6 +110,8 @@ _memory = _MemoryCache(MEMORY_BUDGET)
 
 
 class StaticFiles:
+    reads_body = False
+
     def __init__(self, cfg: StaticHandler) -> None:
         self.cfg = cfg
         self.root = os.path.realpath(cfg.root)
@@ -123,29 +124,29 @@ class StaticFiles:
 
     # -- entry point ----------------------------------------------------------------------
 
-    def handle(self, ex: Exchange, rest: str, app: ErrorResponder) -> None:
+    def handle(self, ex: Exchange, rest: str) -> None:
         req = ex.request
         if req.method not in ("GET", "HEAD"):
             ex.respond(405, [("Allow", "GET, HEAD"), ("Content-Type", "text/plain")],
                        b"405 Method Not Allowed\n")
             return
-        self.serve_path(ex, rest, app, status=200)
+        self.serve_path(ex, rest, status=200)
 
-    def serve_path(self, ex: Exchange, rest: str, app: ErrorResponder, status: int,
+    def serve_path(self, ex: Exchange, rest: str, status: int,
                    use_fallback: bool = True) -> bool:
         """Serve ``rest``; False (and nothing sent) when ``status`` != 200 and it is missing,
         so that an error page that does not exist falls back to the plain error."""
-        now = ex.conn.loop.time()
+        now = ex.loop.time()
         hit = self._hits.get(rest)
         if hit is not None and now - hit[1] < STAT_VALID:
-            self._send(ex, app, hit[0], status)
+            self._send(ex, hit[0], status)
             return True
         try:
             segments = path_segments(rest if rest.startswith("/") else "/" + rest)
         except BadPath as exc:
             if status != 200:
                 return False
-            app.fail(ex, 404, f"bad_path: {exc}")
+            ex.fail(404, f"bad_path: {exc}")
             return True
         if not self.cfg.dotfiles and any(
             s.startswith(".") and not (i == 0 and s == ".well-known")
@@ -153,59 +154,59 @@ class StaticFiles:
         ):
             if status != 200:
                 return False
-            app.fail(ex, 404, "dotfile")
+            ex.fail(404, "dotfile")
             return True
         fs_path = os.path.join(self.root, *segments)
         try:
             st = os.stat(fs_path)
         except (FileNotFoundError, NotADirectoryError):
-            return self._missing(ex, app, status, use_fallback)
+            return self._missing(ex, status, use_fallback)
         except PermissionError:
             if status != 200:
                 return False
             diag.warning("static: permission denied: %s", fs_path)
-            app.fail(ex, 403, "permission_denied")
+            ex.fail(403, "permission_denied")
             return True
         except OSError as exc:
             if status != 200:
                 return False
             diag.warning("static: %s: %s", fs_path, exc.strerror)
-            app.fail(ex, 404, f"stat_error: {exc.strerror}")
+            ex.fail(404, f"stat_error: {exc.strerror}")
             return True
         if stat.S_ISDIR(st.st_mode):
             if status != 200:
                 return False
             if not self._inside(fs_path):
                 diag.warning("static: %s leads outside the root %s", fs_path, self.root)
-                return self._missing(ex, app, status, False)
-            self._directory(ex, app, fs_path, rest, segments)
+                return self._missing(ex, status, False)
+            self._directory(ex, fs_path, rest, segments)
             return True
         if not stat.S_ISREG(st.st_mode):
-            return self._missing(ex, app, status, use_fallback)
+            return self._missing(ex, status, use_fallback)
         meta = self._lookup(fs_path, st)
         if not meta.inside:
             diag.warning("static: %s leads outside the root %s", fs_path, self.root)
-            return self._missing(ex, app, status, False)
+            return self._missing(ex, status, False)
         if len(self._hits) >= HITS:
             self._hits.clear()
         self._hits[rest] = (meta, now)
-        self._send(ex, app, meta, status)
+        self._send(ex, meta, status)
         return True
 
-    def _missing(self, ex: Exchange, app: ErrorResponder, status: int, use_fallback: bool) -> bool:
+    def _missing(self, ex: Exchange, status: int, use_fallback: bool) -> bool:
         if status != 200:
             return False
         if use_fallback and self.cfg.fallback:
             # A single-page app: the fallback answers every path that names no file (or 404
             # if it is missing itself).
-            self.serve_path(ex, self.cfg.fallback, app, 200, use_fallback=False)
+            self.serve_path(ex, self.cfg.fallback, 200, use_fallback=False)
             return True
-        app.fail(ex, 404, "not_found")
+        ex.fail(404, "not_found")
         return True
 
     # -- directories ----------------------------------------------------------------------
 
-    def _directory(self, ex: Exchange, app: ErrorResponder, fs_path: str, rest: str,
+    def _directory(self, ex: Exchange, fs_path: str, rest: str,
                    segments: list[str]) -> None:
         req = ex.request
         if not req.path.endswith("/"):
@@ -223,19 +224,19 @@ class StaticFiles:
             if stat.S_ISREG(st.st_mode):
                 meta = self._lookup(candidate, st)
                 if meta.inside:
-                    self._send(ex, app, meta, 200)
+                    self._send(ex, meta, 200)
                     return
         if self.cfg.autoindex and self._inside(fs_path):
-            self._listing(ex, app, fs_path)
+            self._listing(ex, fs_path)
             return
-        app.fail(ex, 403, "directory_without_index")
+        ex.fail(403, "directory_without_index")
 
-    def _listing(self, ex: Exchange, app: ErrorResponder, fs_path: str) -> None:
+    def _listing(self, ex: Exchange, fs_path: str) -> None:
         try:
             entries = sorted(os.scandir(fs_path), key=lambda e: (not e.is_dir(), e.name))
         except OSError as exc:
             diag.warning("static: cannot list %s: %s", fs_path, exc.strerror)
-            app.fail(ex, 403, "permission_denied")
+            ex.fail(403, "permission_denied")
             return
         title = html.escape(ex.request.path)
         rows = ['<a href="../">../</a>']
@@ -277,7 +278,7 @@ class StaticFiles:
         Returns (file, content-encoding, whether any sibling exists: Vary)."""
         if not self.cfg.precompressed:
             return meta, None, False
-        now = ex.conn.loop.time()
+        now = ex.loop.time()
         if meta.siblings is None or now - meta.siblings_at > SIBLING_TTL:
             siblings: dict[str, FileMeta | None] = {}
             for coding, ext in ENCODINGS:
@@ -307,7 +308,7 @@ class StaticFiles:
 
     # -- sending --------------------------------------------------------------------------
 
-    def _send(self, ex: Exchange, app: ErrorResponder, meta: FileMeta, status: int) -> None:
+    def _send(self, ex: Exchange, meta: FileMeta, status: int) -> None:
         req = ex.request
         meta, coding, vary = self._variant(ex, meta)
         if (status == 200 and not ex.remove_headers and meta.size <= SMALL_FILE
@@ -336,7 +337,7 @@ class StaticFiles:
             ex.respond(304, headers[1:])  # RFC 9110 section 15.4.5: validators, Vary
             return
         if verdict == 412:
-            app.fail(ex, 412, "precondition_failed")
+            ex.fail(412, "precondition_failed")
             return
         byte_range: ByteRange | None = None
         range_header = h(b"range") if req.method == "GET" else None
@@ -489,7 +490,7 @@ class _FileSender:
             if budget == 0:
                 if not self._scheduled:
                     self._scheduled = True
-                    ex.conn.loop.call_soon(self._turn)
+                    ex.loop.call_soon(self._turn)
                 return
             budget -= 1
             try:
@@ -504,7 +505,7 @@ class _FileSender:
                 return
             self._offset += len(chunk)
             self._left -= len(chunk)
-            ex.write(chunk)
+            ex.send(chunk)
         self._close()
         ex.end()
 
