@@ -360,6 +360,7 @@ class H2Connection(asyncio.Protocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._end_reason = "eof"
         self._deadlines = deadlines_for(loop)
+        self._settle_due = False
         self.deadline = 0.0
         self.deadline_slot = 0
         self._deadline_kind = ""
@@ -394,7 +395,7 @@ class H2Connection(asyncio.Protocol):
         finally:
             self.uncork()
         if self.transport is not None and not self.transport.is_closing():
-            self._rearm()
+            self._settle()
 
     def _on_event(self, ev: wire.Event) -> None:
         kind = type(ev)
@@ -528,6 +529,8 @@ class H2Connection(asyncio.Protocol):
                 for callback in callbacks:
                     callback()
             self.flush()
+            if self._settle_due:
+                self._settle()
 
     def after_feed(self, callback: Callable[[], None]) -> None:
         if self._corked:
@@ -575,6 +578,14 @@ class H2Connection(asyncio.Protocol):
     def _forget(self, stream: H2Stream) -> None:
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
+        if self._corked:  # the rest of the read may hold more streams: at uncork
+            self._settle_due = True
+        else:
+            self._settle()
+
+    def _settle(self) -> None:
+        """After a GOAWAY of ours, the connection closes once its last stream is done."""
+        self._settle_due = False
         if not self.streams and self.machine.goaway_sent:
             self._close("drain" if self.closing else "max_requests")
         elif self.transport is not None:
@@ -635,7 +646,8 @@ class H2Connection(asyncio.Protocol):
 
     def _rearm(self) -> None:
         limits = self.limits
-        if self.machine.header_block_open:
+        if self.machine.header_block_open or not self.requests:
+            # A header block cut short, or the preface and first request still to come.
             kind, delay = "header", limits.header_timeout
         elif not self.streams:
             kind, delay = "keepalive", limits.keepalive_timeout or limits.header_timeout
