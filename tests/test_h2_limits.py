@@ -366,3 +366,17 @@ def test_the_preface_must_come_in_time(server: Sniport, pki: Pki) -> None:
     c.send(PREFACE[:10])
     assert c.closed(timeout=10)
     still_serves(server, pki)
+
+
+def test_an_idle_connection_ends_at_keepalive_timeout(server: Sniport, pki: Pki) -> None:
+    """No stream open for keepalive_timeout (3 s here): a GOAWAY, then the close, as an idle
+    HTTP/1.1 keep-alive connection."""
+    c = raw(server, pki)
+    mark = server.mark()
+    c.send_frames(c.headers(1, c.block("/")))
+    started = time.monotonic()
+    frame = c.goaway(timeout=10)
+    assert frame.error_code == NO_ERROR and frame.last_stream_id == 1
+    assert 2.5 < time.monotonic() - started < 6
+    assert c.closed()
+    server.wait_log(r"conn .*end=keepalive_timeout", start=mark)

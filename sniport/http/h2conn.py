@@ -681,7 +681,7 @@ class H2Connection(asyncio.Protocol):
         kind = self._deadline_kind
         if not kind:
             return
-        self._end_reason = "idle" if kind == "keepalive" else f"{kind}_timeout"
+        self._end_reason = f"{kind}_timeout"
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             self._abandon(stream, self._end_reason)
