@@ -380,3 +380,17 @@ def test_an_idle_connection_ends_at_keepalive_timeout(server: Sniport, pki: Pki)
     assert 2.5 < time.monotonic() - started < 6
     assert c.closed()
     server.wait_log(r"conn .*end=keepalive_timeout", start=mark)
+
+
+def test_a_client_that_never_opens_its_window(server: Sniport, pki: Pki) -> None:
+    """SETTINGS_INITIAL_WINDOW_SIZE 0 and no WINDOW_UPDATE: the response cannot leave; the
+    connection ends like one whose client stopped reading (keepalive_timeout, 3 s here)."""
+    c = raw(server, pki)
+    mark = server.mark()
+    c.send_frames(SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0}),
+                  c.headers(1, c.block("/files/big.bin")))
+    started = time.monotonic()
+    assert c.closed(timeout=15)
+    assert 2.5 < time.monotonic() - started < 8
+    server.wait_log(r"conn .*end=send_timeout", start=mark)
+    still_serves(server, pki)

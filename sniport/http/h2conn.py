@@ -219,6 +219,7 @@ class H2Stream:
         while pending:
             window = machine.window(sid)
             if window <= 0:
+                self.conn.window_blocked()
                 return
             chunk = pending[0]
             if len(chunk) <= window:
@@ -490,9 +491,7 @@ class H2Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        limits = self.limits
-        self._write_deadline = self.loop.time() + max(limits.keepalive_timeout,
-                                                      limits.header_timeout)
+        self._write_deadline = self.loop.time() + self._send_delay()
         self._rearm()
 
     def resume_writing(self) -> None:
@@ -651,12 +650,26 @@ class H2Connection(asyncio.Protocol):
             kind, delay = "header", limits.header_timeout
         elif not self.streams:
             kind, delay = "keepalive", limits.keepalive_timeout or limits.header_timeout
-        elif any(not s.request.complete and not s._body_paused and not s.finished
-                 for s in self.streams.values()):
-            kind, delay = "body", limits.header_timeout
         else:
             kind, delay = "", 0.0
+            for s in self.streams.values():
+                if not s.request.complete and not s._body_paused and not s.finished:
+                    kind, delay = "body", limits.header_timeout  # the client owes body bytes
+                    break
+                if s._pending:
+                    kind, delay = "send", self._send_delay()  # it owes a WINDOW_UPDATE
         self._set_deadline(kind, delay)
+
+    def _send_delay(self) -> float:
+        # A client that stops reading (or stops opening its windows) gets as long as an
+        # idle one, and never less than header_timeout, as on HTTP/1.1.
+        return max(self.limits.keepalive_timeout, self.limits.header_timeout)
+
+    def window_blocked(self) -> None:
+        """A stream has data the client's windows do not let out: it owes a WINDOW_UPDATE
+        (RFC 9113 section 6.9), within the time a client that stops reading gets."""
+        if not self._deadline_kind:
+            self._set_deadline("send", self._send_delay())
 
     def _set_deadline(self, kind: str, delay: float) -> None:
         self._deadline_kind = kind
