@@ -47,3 +47,23 @@ def test_rates(text: str, rate: tuple[int, float]) -> None:
 def test_bad_http2_values_name_their_key(key: str, value: str, reason: str) -> None:
     path, why = only(f"[server]\n{key} = {value}\n" + SITE)
     assert path == f"server.{key}" and reason in why
+
+
+def test_v2_keys_not_built_yet_are_refused_as_such() -> None:
+    """House rule 5: a key of the v2 contract whose code has not landed is refused with
+    "not supported yet" (not "unknown key", and never accepted and ignored)."""
+    from test_config import problems
+
+    text = ('[server]\nmetrics_listen = "127.0.0.1:9109"\n'
+            'listen = [{ address = "127.0.0.1:1", proxy_protocol = true }]\n'
+            '[acme]\nemail = "a@b.c"\n'
+            '[[passthrough]]\nname = "p"\nhosts = ["p.x"]\nupstreams = ["127.0.0.1:1"]\n'
+            'protocol = "ssh"\nhttp_upstream = "127.0.0.1:80"\n'
+            + SITE.replace('tls = "self-signed"', 'tls = "acme"')
+            + '[default]\nnon_tls = "http"\n')
+    found = {(p.path, "not supported yet" in p.reason) for p in problems(text)}
+    assert found == {
+        ("server.metrics_listen", True), ("server.listen[0].proxy_protocol", True),
+        ("acme", True), ("passthrough[0](p).http_upstream", True),
+        ("passthrough[0](p).protocol", True), ("site[0](blog).tls", True),
+        ("default.non_tls", True)}
