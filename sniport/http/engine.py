@@ -1,14 +1,16 @@
-"""The HTTP/1.1 server engine: one protocol object per client connection, on httptools.
+"""The HTTP/1.1 server engine: one asyncio protocol per client connection, a thin driver
+of the sans-IO machine in ``sniport/wire/h1.py``.
 
-Job: parse requests with httptools (llhttp), hand each to the application (a site, or the
-plain-HTTP redirector) as an ``Exchange``, and write responses in order, with keep-alive,
-pipelining, streamed request bodies and backpressure both ways.
+Job: feed the client's bytes to the machine, act on its events (a request head becomes an
+``Exchange`` handed to the application, a site or the plain-HTTP redirector; body data feeds
+the request's ``Body``; a protocol error is answered), and write responses in order, with
+keep-alive, pipelining, streamed request bodies and backpressure both ways.
 
 Rules:
-- HTTP is parsed by httptools only (house rule 8). llhttp refuses Content-Length with
-  Transfer-Encoding, differing Content-Lengths, obs-fold and bad chunk sizes: 400 and close.
-- Limits (RFC 9110 section 15.5 and RFC 6585 section 5): request target over 8 KiB -> 414;
-  header section over 16 KiB -> 431; header_timeout -> 408 and close.
+- What the bytes mean is the machine's (house rule 8: httptools, there): framing, limits
+  (414, 431, 505), 100-continue and Upgrade detection, which request comes next, and that
+  none is read after the last. This module owns what takes time or a socket: deadlines,
+  corking, lingering, the tunnel after an upgrade. header_timeout -> 408 and close.
 - Pipelined requests are answered one at a time, in order: a request that arrives while
   another is answered waits, and reading pauses until its turn.
 - Request bodies are streamed: reading pauses when the handler lags (bounded memory). A body
