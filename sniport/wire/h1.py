@@ -172,6 +172,9 @@ class State(enum.Enum):
     UPGRADED = "upgraded"  # an Upgrade head ended HTTP: what follows belongs to the tunnel
     CLOSED = "closed"  # no request is read any more (the last one ended, an error, close())
 
+    # Enum hashes by name, in Python; the transition check hashes states on every request.
+    __hash__ = object.__hash__
+
 
 TRANSITIONS: Final[dict[State, frozenset[State]]] = {
     State.IDLE: frozenset({State.HEAD, State.CLOSED}),
