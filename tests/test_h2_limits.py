@@ -394,3 +394,18 @@ def test_a_client_that_never_opens_its_window(server: Sniport, pki: Pki) -> None
     assert 2.5 < time.monotonic() - started < 8
     server.wait_log(r"conn .*end=send_timeout", start=mark)
     still_serves(server, pki)
+
+
+def test_client_goaway_with_streams_in_flight(server: Sniport, pki: Pki) -> None:
+    """A client that says GOAWAY while a response is still under way (h2load does at the end
+    of a timed run): the connection ends cleanly, no traceback, nothing else affected."""
+    c = raw(server, pki)
+    mark = server.mark()
+    c.send_frames(SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0}),
+                  c.headers(1, c.block("/files/big.bin")), c.headers(3, c.block("/")))
+    time.sleep(0.2)
+    c.send_frames(GoAwayFrame(0, last_stream_id=0, error_code=NO_ERROR))
+    assert c.closed(timeout=10)
+    server.wait_log(r"conn .*end=client_goaway", start=mark)
+    assert "Traceback" not in "\n".join(server.stderr.lines()[mark:])
+    still_serves(server, pki)

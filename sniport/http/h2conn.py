@@ -172,8 +172,9 @@ class H2Stream:
         if self._bodyless(status) or not body:
             conn.machine.send_headers(self.stream_id, fields, True)
             self.flushed = True
+        elif not conn.machine.send_headers(self.stream_id, fields, False):
+            self._gone()
         else:
-            conn.machine.send_headers(self.stream_id, fields, False)
             self.sent = len(body)
             self._queue(body)
             self._end_pending = True
@@ -189,9 +190,10 @@ class H2Stream:
         self.head_sent = True
         self.ttfb = time.monotonic()
         end = self._bodyless(status) or length == 0
-        self.conn.machine.send_headers(self.stream_id,
-                                       self._fields(status, headers, length, raw, b""), end)
-        if end:
+        if not self.conn.machine.send_headers(
+                self.stream_id, self._fields(status, headers, length, raw, b""), end):
+            self._gone()
+        elif end:
             self.flushed = True
             self.is_head = True  # nothing more goes on this stream
         self.conn.flush()
@@ -226,18 +228,31 @@ class H2Stream:
                 pending.popleft()
                 self._pending_size -= len(chunk)
                 last = self._end_pending and not pending
-                machine.send_data(sid, chunk, last)
+                if not machine.send_data(sid, chunk, last):
+                    self._gone()
+                    return
                 if last:
                     self._end_pending = False
                     self.flushed = True
             else:
-                machine.send_data(sid, chunk[:window], False)
+                if not machine.send_data(sid, chunk[:window], False):
+                    self._gone()
+                    return
                 pending[0] = chunk[window:]
                 self._pending_size -= window
         if self._end_pending:
             self._end_pending = False
             machine.end_stream(sid)
             self.flushed = True
+
+    def _gone(self) -> None:
+        """The stream can take nothing more (reset by the client, or the connection is
+        ending): what waited is dropped, nothing more is sent on it."""
+        self._pending.clear()
+        self._pending_size = 0
+        self._end_pending = False
+        self.flushed = True
+        self.note = self.note or "stream_gone"
 
     def window_opened(self) -> None:
         if self._pending or self._end_pending:
@@ -605,11 +620,18 @@ class H2Connection(asyncio.Protocol):
             self.log.request(self, stream, time.monotonic())
 
     def _connection_ended(self, ev: wire.ConnectionEnded) -> None:
-        if ev.by_client:
+        if ev.by_client and self.machine.answerable:
             # The client will open no more streams; those it sent are still answered.
             self.closing = True
             if not self.streams:
                 self._close("client_goaway")
+            return
+        if ev.by_client:
+            # (The engine can answer nothing after the client's GOAWAY: the streams end.)
+            streams, self.streams = self.streams, {}
+            for stream in streams.values():
+                self._abandon(stream, "client_goaway")
+            self._close("client_goaway")
             return
         self._end_reason = ev.reason
         diag.info("http2: %s: %s (GOAWAY %s)", self.client, ev.reason,

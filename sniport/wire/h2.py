@@ -339,9 +339,18 @@ class H2Server:
             self._out.clear()
         return data
 
+    # The sending calls return False when the stream (or the connection) can take nothing
+    # more: the client reset it or sent GOAWAY meanwhile. The caller drops what it had.
+    _GONE = (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError,
+             h2.exceptions.ProtocolError)
+
     def send_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]],
-                     end_stream: bool) -> None:
-        self._conn.send_headers(stream_id, headers, end_stream=end_stream)
+                     end_stream: bool) -> bool:
+        try:
+            self._conn.send_headers(stream_id, headers, end_stream=end_stream)
+        except self._GONE:
+            return False
+        return True
 
     def window(self, stream_id: int) -> int:
         """How many body bytes may be sent on ``stream_id`` now (0 if it is gone)."""
@@ -350,30 +359,42 @@ class H2Server:
         except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError, KeyError):
             return 0
 
-    def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool) -> None:
+    def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool) -> bool:
         """``data`` must fit the window (``window``); it is cut to the peer's frame size."""
         conn = self._conn
         size = conn.max_outbound_frame_size
         view = memoryview(data)
-        while len(view) > size:
-            conn.send_data(stream_id, view[:size])
-            view = view[size:]
-        conn.send_data(stream_id, view, end_stream=end_stream)
+        try:
+            while len(view) > size:
+                conn.send_data(stream_id, view[:size])
+                view = view[size:]
+            conn.send_data(stream_id, view, end_stream=end_stream)
+        except self._GONE:
+            return False
+        return True
 
-    def end_stream(self, stream_id: int) -> None:
-        self._conn.end_stream(stream_id)
+    def end_stream(self, stream_id: int) -> bool:
+        try:
+            self._conn.end_stream(stream_id)
+        except self._GONE:
+            return False
+        return True
+
+    @property
+    def answerable(self) -> bool:
+        """Whether streams can still be answered. h2 sends nothing at all once the client's
+        GOAWAY arrived (RFC 9113 section 6.8 would let the streams it names finish)."""
+        return self._conn.state_machine.state is not h2.connection.ConnectionState.CLOSED
 
     def reset(self, stream_id: int, code: int) -> None:
-        with contextlib.suppress(h2.exceptions.StreamClosedError,
-                                 h2.exceptions.NoSuchStreamError):
+        with contextlib.suppress(*self._GONE):
             self._conn.reset_stream(stream_id, code)  # (already closed: nothing to reset)
 
     def ack(self, stream_id: int, n: int) -> None:
         """Give back ``n`` bytes of window: the body bytes were taken (RFC 9113 6.9)."""
         if n:
             # (A stream that is gone: h2 still gives back the connection's window.)
-            with contextlib.suppress(h2.exceptions.StreamClosedError,
-                                     h2.exceptions.NoSuchStreamError):
+            with contextlib.suppress(*self._GONE):
                 self._conn.acknowledge_received_data(n, stream_id)
 
     def stream_open(self, stream_id: int) -> bool:
