@@ -48,6 +48,7 @@ import collections
 import ctypes
 import ctypes.util
 import struct
+import sys
 import weakref
 from typing import Any
 
@@ -150,8 +151,10 @@ class _DataProvider(ctypes.Structure):  # nghttp2_data_provider (the source is u
 
 # Callback types (nghttp2.h "@functypedef"s).
 _FRAME_CB = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, c_void_p)  # begin_headers, frame_recv
-_HEADER_CB = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p,
-                              c_size_t, c_uint8, c_void_p)
+# (name and value as char *: nghttp2 guarantees them NUL-terminated, and ctypes makes the
+# bytes in C, cheaper than a string_at call per field; lengths are checked against theirs.)
+_HEADER_CB = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, ctypes.c_char_p, c_size_t,
+                              ctypes.c_char_p, c_size_t, c_uint8, c_void_p)
 _CHUNK_CB = ctypes.CFUNCTYPE(c_int, c_void_p, c_uint8, c_int32, c_void_p, c_size_t, c_void_p)
 _CLOSE_CB = ctypes.CFUNCTYPE(c_int, c_void_p, c_int32, c_uint32, c_void_p)
 _INVALID_CB = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, c_int, c_void_p)
@@ -206,8 +209,9 @@ if _lib is not None:
                            ctypes.POINTER(_SettingsEntry), c_size_t)
     _submit_window_update = _fn("nghttp2_submit_window_update", c_int, c_void_p, c_uint8,
                                 c_int32, c_int32)
+    # (nva as char *: an nghttp2_nv array packed in a bytes object, see _nva.)
     _submit_headers = _fn("nghttp2_submit_headers", c_int32, c_void_p, c_uint8, c_int32,
-                          c_void_p, ctypes.POINTER(_NV), c_size_t, c_void_p)
+                          c_void_p, ctypes.c_char_p, c_size_t, c_void_p)
     _submit_data = _fn("nghttp2_submit_data", c_int, c_void_p, c_uint8, c_int32,
                        ctypes.POINTER(_DataProvider))
     _submit_rst = _fn("nghttp2_submit_rst_stream", c_int, c_void_p, c_uint8, c_int32,
@@ -247,10 +251,11 @@ class _Stream:
     """What the adapter keeps per open stream: the header block being read, the body bytes
     queued for nghttp2's data source, and how the stream ends."""
 
-    __slots__ = ("announced", "client_reset", "content_length", "end", "fields", "out",
-                 "out_size", "providing", "refused", "reset_by_us", "size", "trailers")
+    __slots__ = ("announced", "client_reset", "content_length", "end", "fields", "max_size",
+                 "out", "out_size", "providing", "refused", "reset_by_us", "size", "trailers")
 
-    def __init__(self) -> None:
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
         self.fields: list[tuple[bytes, bytes]] | None = []
         self.size = 0  # header list size (RFC 9113 section 6.5.2: name + value + 32)
         self.refused = False  # after our GOAWAY: answered with REFUSED_STREAM, no events
@@ -301,22 +306,25 @@ def _on_begin_headers(session: int, frame: int, user_data: int) -> int:
         return _failed(server, exc)
 
 
-def _on_header(session: int, frame: int, name: int, namelen: int, value: int, valuelen: int,
-               flags: int, user_data: int) -> int:
+def _on_header(session: int, frame: int, name: bytes, namelen: int, value: bytes,
+               valuelen: int, flags: int, user_data: int) -> int:
     server = _ACTIVE
     try:
-        assert server is not None
-        stream = server._current
-        if stream is None or server._error is not None:
+        stream = server._current  # type: ignore[union-attr]
+        if stream is None or server._error is not None:  # type: ignore[union-attr]
             return 0
         stream.size += namelen + valuelen + 32
-        if stream.size > server.limits.max_header_list_size:
-            server._calm(f"DenialOfServiceError: Oversized header list (more than "
-                         f"{server.limits.max_header_list_size} bytes)")
+        if stream.size > stream.max_size:
+            server._calm(f"DenialOfServiceError: Oversized header list (more than "  # type: ignore[union-attr]
+                         f"{stream.max_size} bytes)")
+            return _ERR_PAUSE
+        if len(name) != namelen or len(value) != valuelen:
+            # A NUL inside (nghttp2's HTTP checks refuse it before this): never cut short.
+            server._calm("ProtocolError: NUL in a header field", PROTOCOL_ERROR)  # type: ignore[union-attr]
             return _ERR_PAUSE
         fields = stream.fields
         if fields is not None:
-            fields.append((ctypes.string_at(name, namelen), ctypes.string_at(value, valuelen)))
+            fields.append((name, value))
         return 0
     except BaseException as exc:
         return _failed(server, exc)
@@ -544,6 +552,38 @@ def _callbacks() -> int:
     return _CALLBACKS_PTR
 
 
+# nghttp2_nv packed by struct: about three times cheaper than filling a ctypes array. The
+# pointers are to one bytes object holding every name and value, alive for the submit call;
+# the layout and the place of a bytes object's data are checked once here, or ctypes is used.
+_NV_STRUCT = struct.Struct("=QQQQB7x")
+_BYTES_DATA = sys.getsizeof(b"") - 1  # CPython: where a bytes object's data starts
+_probe = b"probe"
+_PACKED_NV = (ctypes.sizeof(_NV) == _NV_STRUCT.size and ctypes.sizeof(c_void_p) == 8
+              and ctypes.cast(ctypes.c_char_p(_probe), c_void_p).value
+              == id(_probe) + _BYTES_DATA)
+
+
+def _nva(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
+    """An nghttp2_nv array for ``headers`` and the bytes it points into (keep both alive
+    until the submit returns; nghttp2 copies the fields)."""
+    if not _PACKED_NV:
+        array = (_NV * len(headers))(*[_NV(n, v, len(n), len(v), 0) for n, v in headers])
+        return bytes(array), b""  # (the ctypes array's pointers are to the header bytes)
+    blob = b"".join([part for field in headers for part in field])
+    start = at = id(blob) + _BYTES_DATA
+    pack = _NV_STRUCT.pack
+    entries = []
+    for name, value in headers:
+        n, v = len(name), len(value)
+        entries.append(pack(at, at + n, n, v, 0))
+        at += n + v
+    if at - start != len(blob):
+        # (Lengths that are not byte counts, e.g. a memoryview of wider items: every
+        # pointer must stay inside the blob.)
+        raise TypeError("header names and values must be bytes")
+    return b"".join(entries), blob
+
+
 def _goaway_frame(last_stream_id: int, code: int, debug: bytes = b"") -> bytes:
     """A GOAWAY frame (RFC 9113 section 6.8) made here: for a graceful GOAWAY nghttp2 must
     not know of, and after a fatal error, when the session may not be used any more."""
@@ -681,7 +721,7 @@ class NgH2Server:
         self._new_streams += 1
         self._highest = max(self._highest, sid)
         limits = self.limits
-        stream = _Stream()
+        stream = _Stream(limits.max_header_list_size)
         if self.goaway_sent and sid > self.last_stream_id:
             # After our GOAWAY: not processed, the client may retry it (section 8.7).
             stream.refused = True
@@ -791,16 +831,10 @@ class NgH2Server:
                      end_stream: bool) -> None:
         if self._dead or stream_id not in self._streams:
             return
-        n = len(headers)
-        nva = (_NV * n)()
-        for i, (name, value) in enumerate(headers):
-            nv = nva[i]
-            nv.name = name
-            nv.value = value
-            nv.namelen = len(name)
-            nv.valuelen = len(value)
+        nva, blob = _nva(headers)
         rv = _submit_headers(self._session, _FLAG_END_STREAM if end_stream else 0, stream_id,
-                             None, nva, n, None)
+                             None, nva, len(headers), None)
+        del blob  # (alive until here: nva points into it)
         self._check(rv, "nghttp2_submit_headers")
 
     def window(self, stream_id: int) -> int:
@@ -809,8 +843,8 @@ class NgH2Server:
         if stream is None or self._dead:
             return 0
         session = self._session
-        window = min(_stream_window(session, stream_id) - stream.out_size,
-                     _conn_window(session) - self._unsent)
+        window: int = min(_stream_window(session, stream_id) - stream.out_size,
+                          _conn_window(session) - self._unsent)
         return max(window, 0)
 
     def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool) -> None:
