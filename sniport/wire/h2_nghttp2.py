@@ -14,7 +14,8 @@ Rules (RFC 9113 unless said otherwise; API names from nghttp2's ``nghttp2.h``):
   freed (``nghttp2_session_del``) when the adapter is collected, and never used after a
   fatal error (nghttp2: "the only allowed operation is nghttp2_session_del").
 - Callbacks are module functions that reach the adapter through ``_ACTIVE``, set around each
-  ``nghttp2_session_mem_recv``/``mem_send``: one event loop per process, no lookups. Per
+  ``nghttp2_session_mem_recv``/``mem_send``: one event loop per process, no lookups (so an
+  adapter is used from one thread only, as the worker does). Per
   request: on_begin_headers, one on_header per field, on_frame_recv, the data source read,
   on_stream_close. (ctypes callbacks cost about a microsecond each.)
 - The same semantics as ``wire.h2``: malformed requests end the connection with
@@ -24,14 +25,19 @@ Rules (RFC 9113 unless said otherwise; API names from nghttp2's ``nghttp2.h``):
   bucket (MadeYouReset, CVE-2025-8671); the request head goes through ``wire.h2.request_head``.
 - Output nghttp2 queues in answer to input (SETTINGS/PING ACKs, RST_STREAM, GOAWAY) is taken
   at the end of ``feed``: the streams that closes, and a GOAWAY of nghttp2's own (its
-  connection errors), are known before ``feed`` returns its events.
+  connection errors), are known before ``feed`` returns its events. nghttp2 also ends a
+  connection on its own when answers to PING/SETTINGS pile up unread (NGHTTP2_ERR_FLOODED,
+  1000 queued ACKs): GOAWAY ENHANCE_YOUR_CALM, "flooded".
 - Flow control: automatic WINDOW_UPDATE is off (``nghttp2_option_set_no_auto_window_update``):
   ``ack`` gives window back (``nghttp2_session_consume``) only once the body was taken.
   ``window`` is nghttp2's remote window less what this adapter holds but has not sent.
-- Limits: SETTINGS_MAX_CONCURRENT_STREAMS is enforced here when a stream opens (nghttp2 only
-  refuses streams until the client ACKs our SETTINGS); the header list size is counted in
-  on_header; CONTINUATION frames per block are capped by nghttp2 itself when the library has
-  the CVE-2024-28182 fix (``nghttp2_option_set_max_continuations``, set to our limit), and
+- Limits: SETTINGS_MAX_CONCURRENT_STREAMS is nghttp2's to enforce (section 5.1.2): a stream
+  over it is refused (REFUSED_STREAM) until the client has acknowledged our SETTINGS, and ends
+  the connection (PROTOCOL_ERROR) after; ``h2`` ends the connection in both cases. (Likewise
+  a stream's receive window is 65,535 until that ACK, our larger one after it.) The check when
+  a stream opens here is a backstop. The header list size is counted in on_header;
+  CONTINUATION frames per block are capped by nghttp2 itself when the library has the
+  CVE-2024-28182 fix (``nghttp2_option_set_max_continuations``, set to our limit), and
   counted in on_begin_frame otherwise; new streams per read, the reset/PING/SETTINGS buckets
   and max requests as in ``wire.h2``. Over a limit: GOAWAY ENHANCE_YOUR_CALM.
 - A graceful GOAWAY (reload, stop, max requests) is written by this adapter, not submitted to
@@ -881,7 +887,8 @@ class NgH2Server:
         if stream.providing:
             # RST_STREAM is sent before DATA still queued in the stream: what was given to
             # send (within the windows) goes out first.
-            self._drain()
+            if not self._drain():
+                return  # (a fatal error: the session is freed)
             stream = self._streams.get(stream_id)
             if stream is None:
                 return
