@@ -41,6 +41,7 @@ from typing import Any
 from sniport import __version__, handover
 from sniport.addresses import Address, UnixAddress
 from sniport.config import ConfigError, Listen
+from sniport.http import h2conn
 from sniport.logs import diag
 from sniport.net.binding import BindError, BoundListener, bind_one, tune_listener
 from sniport.runtime import Runtime
@@ -450,6 +451,8 @@ class Master:
         else:
             diag.info("sniport %s (%d worker(s)) serving %s on %s", __version__,
                       worker_count(server.workers), gen.runtime.loaded.source, addresses)
+            if gen.runtime.loaded.config.site:
+                diag.info("HTTP/2 engine: %s", h2conn.ENGINE_NAME)
             if self._parent_master:
                 # An upgrade: we serve, so the master that exec'd us drains and exits.
                 diag.info("upgrade: telling the old master %d to stop", self._parent_master)

@@ -89,8 +89,8 @@ def test_settings_announce_the_limits(pki: Pki, tmp_path: Path) -> None:
                       tmp_path)
     try:
         c = raw(s, pki)
-        first = c.read_frame()
-        assert isinstance(first, SettingsFrame) and "ACK" not in first.flags
+        first = c.settings
+        assert isinstance(first, SettingsFrame)
         assert first.settings[SettingsFrame.MAX_CONCURRENT_STREAMS] == 100
         assert first.settings[SettingsFrame.MAX_HEADER_LIST_SIZE] == 24 * 1024
         assert first.settings[SettingsFrame.ENABLE_PUSH] == 0
@@ -107,7 +107,7 @@ def test_more_concurrent_streams_than_announced(server: Sniport, pki: Pki) -> No
     # Requests whose bodies never come keep their streams open.
     c.send_frames(*(c.headers(2 * i + 1, c.block("/"), end_stream=False)
                     for i in range(MAX_STREAMS + 1)))
-    ended_with(server, pki, c, PROTOCOL_ERROR, "TooManyStreamsError")
+    ended_with(server, pki, c, PROTOCOL_ERROR, "TooManyStreamsError|concurrent streams")
 
 
 def test_header_list_over_the_bound(server: Sniport, pki: Pki) -> None:
@@ -183,9 +183,11 @@ def test_resets_over_the_rate(server: Sniport, pki: Pki) -> None:
     """Resets received over http2_reset_rate (100 per 10 s), a few at a time."""
     c = raw(server, pki)
     sid = 1
-    for _ in range(30):
+    # Two at a time, paced: reads never hold more than twice the concurrent limit of new
+    # streams (that rule is the test above), so it is the reset bucket that ends this.
+    for _ in range(60):
         frames = []
-        for _ in range(5):
+        for _ in range(2):
             frames += [c.headers(sid, c.block("/"), end_stream=False),
                        RstStreamFrame(sid, error_code=CANCEL)]
             sid += 2
@@ -193,7 +195,7 @@ def test_resets_over_the_rate(server: Sniport, pki: Pki) -> None:
             c.send_frames(*frames)
         except OSError:
             break
-        time.sleep(0.01)
+        time.sleep(0.02)
     ended_with(server, pki, c, ENHANCE_YOUR_CALM, "too many stream resets")
 
 
@@ -275,7 +277,9 @@ def test_output_queue_cap_for_a_client_that_does_not_read(pki: Pki, tmp_path: Pa
                 c.send(ping * 2000)  # 34 KB of PINGs, 1.7 MB of PING ACKs in all
         except OSError:
             pass
-        s.wait_log("end=output_queue_full", timeout=20)
+        # (libnghttp2 counts unread PING answers itself and may cut the connection first:
+        # "flooded", with GOAWAY ENHANCE_YOUR_CALM.)
+        s.wait_log("end=output_queue_full|end=.*flood", timeout=20)
         still_serves(s, pki)
         c.close()
     finally:
@@ -406,6 +410,9 @@ def test_client_goaway_with_streams_in_flight(server: Sniport, pki: Pki) -> None
     time.sleep(0.2)
     c.send_frames(GoAwayFrame(0, last_stream_id=0, error_code=NO_ERROR))
     assert c.closed(timeout=10)
-    server.wait_log(r"conn .*end=client_goaway", start=mark)
+    # h2 can send nothing after the client's GOAWAY: the streams end at once. libnghttp2
+    # goes on answering them (RFC 9113 section 6.8), and the one its windows hold back ends
+    # like any other (keepalive_timeout, 3 s here).
+    server.wait_log(r"conn .*end=(client_goaway|send_timeout)", start=mark)
     assert "Traceback" not in "\n".join(server.stderr.lines()[mark:])
     still_serves(server, pki)

@@ -4,13 +4,15 @@ Proven over real TLS connections with ALPN h2 (``support.h2client``): the Host r
 stream (a name of another block, passthrough included, is 421 on that stream only); the
 proxy streams bodies both ways with flow control and sends a body without content-length
 upstream chunked; a reload drains with a GOAWAY naming the last stream, which still finishes;
-``http2 = false`` makes ALPN pick HTTP/1.1.
+``http2 = false`` makes ALPN pick HTTP/1.1. Each with both engines behind ``wire/h2.py``'s
+interface: libnghttp2 and the pure-Python ``h2`` fallback.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import ssl
 import time
@@ -43,8 +45,12 @@ def app() -> Iterator[App]:
         yield a
 
 
-@pytest.fixture(scope="module")
-def server(pki: Pki, app: App, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sniport]:
+ENGINES = ["nghttp2", "h2"]  # libnghttp2 (the default where installed) and the fallback
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def server(request: pytest.FixtureRequest, pki: Pki, app: App,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sniport]:
     tmp = tmp_path_factory.mktemp("h2site")
     # One certificate for every name: a client may coalesce them on one connection.
     cert = pki.cert(A, A2, B, PT, directory=tmp / "certs")
@@ -56,7 +62,8 @@ def server(pki: Pki, app: App, tmp_path_factory: pytest.TempPathFactory) -> Iter
                          + proxy_route("/app/", [app.url]))
             + site_block("b", [B], cert, route("/", respond={"status": 200, "body": "site b"}),
                          extra=toml_lines(http2=False)))
-    s = start_sniport(text, tmp)
+    s = start_sniport(text, tmp, env={**os.environ, "SNIPORT_H2_ENGINE": request.param})
+    s.wait_log(f"HTTP/2 engine: {'libnghttp2' if request.param == 'nghttp2' else 'h2'}")
     yield s
     s.stop()
 
@@ -118,13 +125,15 @@ def test_request_seen_by_the_upstream(server: Sniport, pki: Pki, app: App) -> No
     c.close()
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 def test_reload_drains_with_a_goaway_and_the_stream_finishes(pki: Pki, app: App,
-                                                             tmp_path: Path) -> None:
+                                                             tmp_path: Path,
+                                                             engine: str) -> None:
     cert = pki.cert(A, directory=tmp_path / "certs")
     text = (server_table(("127.0.0.1:0",), toml_lines(workers=1, state_dir=tmp_path / "st",
                                                       drain_timeout="10s"))
             + site_block("a", [A], cert, proxy_route("/", [app.url])))
-    s = start_sniport(text, tmp_path)
+    s = start_sniport(text, tmp_path, env={**os.environ, "SNIPORT_H2_ENGINE": engine})
     try:
         c = RawH2(s.port, A, pki.client_context())
         c.send_frames(c.headers(1, c.block("/_/slow/1.5")))

@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import time
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING
+
+import h2
 
 from sniport.deadlines import deadlines_for
 from sniport.http.engine import WRITE_HIGH_WATER, App, Limits, RequestLogger, date_header
@@ -41,6 +44,24 @@ from sniport.wire.proxyheaders import HOP_BY_HOP
 
 if TYPE_CHECKING:
     from sniport.http.contract import ErrorResponder
+
+def _engine() -> tuple[Callable[[wire.Limits], wire.Engine], str]:
+    """The HTTP/2 engine: libnghttp2 (C framing and HPACK, about a third of the CPU per
+    request of the pure-Python ``h2``: bench/h2_engines.py) when the system has it (every
+    machine with curl does), else ``h2``. SNIPORT_H2_ENGINE=h2|nghttp2 forces one (tests,
+    benchmarks)."""
+    wanted = os.environ.get("SNIPORT_H2_ENGINE", "")
+    if wanted != "h2":
+        from sniport.wire import h2_nghttp2
+
+        if h2_nghttp2.AVAILABLE:
+            return h2_nghttp2.NgH2Server, f"libnghttp2 {h2_nghttp2.VERSION}"
+        if wanted == "nghttp2":
+            raise RuntimeError("SNIPORT_H2_ENGINE=nghttp2 but libnghttp2 is not installed")
+    return wire.H2Server, f"h2 {h2.__version__} (pure Python)"
+
+
+ENGINE, ENGINE_NAME = _engine()
 
 # The transport's buffer before it asks us to pause: a few frames' worth more than on
 # HTTP/1.1, since every stream shares it.
@@ -363,7 +384,7 @@ class H2Connection(asyncio.Protocol):
         self.scheme = scheme
         self._on_close = on_close
         self._max_queued = max_queued_output
-        self.machine = wire.H2Server(h2limits)
+        self.machine = ENGINE(h2limits)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
         self.closing = False

@@ -54,7 +54,6 @@ import collections
 import ctypes
 import ctypes.util
 import struct
-import sys
 import weakref
 from typing import Any
 
@@ -560,13 +559,11 @@ def _callbacks() -> int:
 
 # nghttp2_nv packed by struct: about three times cheaper than filling a ctypes array. The
 # pointers are to one bytes object holding every name and value, alive for the submit call;
-# the layout and the place of a bytes object's data are checked once here, or ctypes is used.
+# its address is what ctypes gives for a c_char_p made from it (a pointer into the object,
+# not a copy: ctypes documents this for bytes). The layout is checked once here, or ctypes
+# arrays are used.
 _NV_STRUCT = struct.Struct("=QQQQB7x")
-_BYTES_DATA = sys.getsizeof(b"") - 1  # CPython: where a bytes object's data starts
-_probe = b"probe"
-_PACKED_NV = (ctypes.sizeof(_NV) == _NV_STRUCT.size and ctypes.sizeof(c_void_p) == 8
-              and ctypes.cast(ctypes.c_char_p(_probe), c_void_p).value
-              == id(_probe) + _BYTES_DATA)
+_PACKED_NV = ctypes.sizeof(_NV) == _NV_STRUCT.size and ctypes.sizeof(c_void_p) == 8
 
 
 def _nva(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
@@ -576,7 +573,7 @@ def _nva(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
         array = (_NV * len(headers))(*[_NV(n, v, len(n), len(v), 0) for n, v in headers])
         return bytes(array), b""  # (the ctypes array's pointers are to the header bytes)
     blob = b"".join([part for field in headers for part in field])
-    start = at = id(blob) + _BYTES_DATA
+    start = at = ctypes.cast(ctypes.c_char_p(blob), c_void_p).value or 0
     pack = _NV_STRUCT.pack
     entries = []
     for name, value in headers:
@@ -827,21 +824,28 @@ class NgH2Server:
         self._out.clear()
         return data
 
-    def _check(self, rv: int, what: str) -> None:
+    def _check(self, rv: int, what: str) -> bool:
         """A submit refused because the stream or the session is closing is nothing to do
-        (as with ``h2``'s closed streams); anything else is a bug of ours."""
+        (False: as with ``h2``'s closed streams); anything else is a bug of ours."""
         if rv in _BUG_ERRORS or rv <= _ERR_FATAL:
             raise RuntimeError(f"{what}: {(_strerror(rv) or b'').decode()}")
+        return rv >= 0
+
+    @property
+    def answerable(self) -> bool:
+        """Streams can be answered until the session ends (after the client's GOAWAY too:
+        RFC 9113 section 6.8)."""
+        return not self._dead
 
     def send_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]],
-                     end_stream: bool) -> None:
+                     end_stream: bool) -> bool:
         if self._dead or stream_id not in self._streams:
-            return
+            return False
         nva, blob = _nva(headers)
         rv = _submit_headers(self._session, _FLAG_END_STREAM if end_stream else 0, stream_id,
                              None, nva, len(headers), None)
         del blob  # (alive until here: nva points into it)
-        self._check(rv, "nghttp2_submit_headers")
+        return self._check(rv, "nghttp2_submit_headers")
 
     def window(self, stream_id: int) -> int:
         """How many body bytes may be sent on ``stream_id`` now (0 if it is gone)."""
@@ -853,12 +857,12 @@ class NgH2Server:
                           _conn_window(session) - self._unsent)
         return max(window, 0)
 
-    def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool) -> None:
+    def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool) -> bool:
         """``data`` must fit the window (``window``); nghttp2 cuts it to the peer's frame
         size."""
         stream = self._streams.get(stream_id)
         if stream is None or self._dead or stream.end:
-            return
+            return False
         if data:
             chunk = data if type(data) is bytes else bytes(data)
             stream.out.append(chunk)
@@ -866,19 +870,19 @@ class NgH2Server:
             self._unsent += len(chunk)
         if end_stream:
             stream.end = True
-        self._provide(stream_id, stream)
+        return self._provide(stream_id, stream)
 
-    def _provide(self, stream_id: int, stream: _Stream) -> None:
+    def _provide(self, stream_id: int, stream: _Stream) -> bool:
         if stream.providing or (not stream.out and not stream.end):
-            return
+            return True
         stream.providing = True
         provider = _DataProvider(None, _READ)
         # END_STREAM is set by the source (NGHTTP2_DATA_FLAG_EOF without NO_END_STREAM).
-        self._check(_submit_data(self._session, _FLAG_END_STREAM, stream_id,
-                                 ctypes.byref(provider)), "nghttp2_submit_data")
+        return self._check(_submit_data(self._session, _FLAG_END_STREAM, stream_id,
+                                        ctypes.byref(provider)), "nghttp2_submit_data")
 
-    def end_stream(self, stream_id: int) -> None:
-        self.send_data(stream_id, b"", True)
+    def end_stream(self, stream_id: int) -> bool:
+        return self.send_data(stream_id, b"", True)
 
     def reset(self, stream_id: int, code: int) -> None:
         stream = self._streams.get(stream_id)

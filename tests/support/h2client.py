@@ -182,8 +182,15 @@ class RawH2:
         self.authority = server_hostname.encode()
         self._buf = b""
         self.frames: list[Frame] = []
+        self.settings: SettingsFrame | None = None  # the server's first SETTINGS
         if preface:
+            # As a conforming client: our preface, then the server's SETTINGS acknowledged
+            # (RFC 9113 section 6.5.3), so that the limits it announced are in force.
             self.send(PREFACE + SettingsFrame(0).serialize())
+            first = self.read_frame()
+            assert isinstance(first, SettingsFrame) and "ACK" not in first.flags, first
+            self.settings = first
+            self.send_frames(SettingsFrame(0, flags=["ACK"]))
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
