@@ -33,6 +33,7 @@ Rules (RFC 9113 unless said otherwise):
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -462,83 +463,98 @@ def _reason(exc: Exception) -> str:
 # -- the request head --------------------------------------------------------------------
 
 _PSEUDO_REQUEST = frozenset({b":method", b":scheme", b":authority", b":path"})
-_DROPPED = frozenset({b"te", b"transfer-encoding", b"connection", b"keep-alive",
-                      b"proxy-connection", b"upgrade"})
-# RFC 9110 section 5.1: field names are tokens.
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
-_BAD_VALUE = (b"\r", b"\n", b"\x00")
-_PATH_BAD = frozenset(b" \t\r\n\x00\x7f")
+# Fields that need more than being passed on (the rest are appended as they are).
+_SPECIAL = frozenset({b"te", b"transfer-encoding", b"connection", b"keep-alive",
+                      b"proxy-connection", b"upgrade", b"cookie", b"host", b"content-length"})
+# RFC 9110 section 5.1: field names are tokens (lower case in HTTP/2, RFC 9113 section
+# 8.2.1). All names of a request are checked by one match over them joined with "\n".
+_NAMES = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+(?:\n[!#$%&'*+\-.^_`|~0-9a-z]+)*")
+# :method is a token; :path and :authority hold no whitespace or control characters.
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_PATH_BAD = re.compile(rb"[\x00-\x20\x7f]")
+_AUTHORITY_BAD = re.compile(rb"[\x00-\x20\x7f@/]")
 
 
 def request_head(fields: list[tuple[bytes, bytes]]) -> Head | HeadError:
-    """An HTTP/2 request's header list (as ``h2`` decoded and checked it) as a request in
-    HTTP/1.1 terms, or the status to answer on its stream. The checks of ``h2`` are made
-    again here: this head reaches HTTP/1.1 upstreams, and must not carry what HTTP/1.1 would
-    read differently (request smuggling through a downgrade)."""
+    """An HTTP/2 request's header list (as the engine decoded it) as a request in HTTP/1.1
+    terms, or the status to answer on its stream. The engine's own checks are made again
+    here: this head reaches HTTP/1.1 upstreams, and must not carry what HTTP/1.1 would read
+    differently (request smuggling through a downgrade). Names and values are checked in
+    bulk (one regular expression, three substring searches): this runs for every request."""
     method = scheme = authority = path = b""
+    regular: list[tuple[bytes, bytes]] = []
+    for field in fields:
+        name = field[0]
+        if name[:1] != b":":
+            regular.append(field)
+            continue
+        if name not in _PSEUDO_REQUEST:
+            return HeadError(400, f"bad_pseudo_header: {name[:40]!r}")
+        if name == b":method":
+            method = field[1]
+        elif name == b":scheme":
+            scheme = field[1]
+        elif name == b":authority":
+            authority = field[1]
+        else:
+            path = field[1]
     headers: list[tuple[bytes, bytes]] = []
-    cookies: list[bytes] = []
-    cookie_at = 0
-    host = b""
     length: int | None = None
-    for name, value in fields:
-        if name[:1] == b":":
-            if name not in _PSEUDO_REQUEST:
-                return HeadError(400, f"bad_pseudo_header: {name[:40]!r}")
-            if name == b":method":
-                method = value
-            elif name == b":scheme":
-                scheme = value
-            elif name == b":authority":
-                authority = value
-            else:
-                path = value
-            continue
-        if not name or any(c not in _TOKEN for c in name):
-            return HeadError(400, f"bad_field_name: {name[:40]!r}")
-        if any(b in value for b in _BAD_VALUE):
-            return HeadError(400, f"bad_field_value: {name[:40]!r}")
-        if name in _DROPPED:
-            if name == b"te" and value.lower() != b"trailers":
-                return HeadError(400, "te_not_trailers")
-            if name == b"transfer-encoding":
+    if regular:
+        if _NAMES.fullmatch(b"\n".join([f[0] for f in regular])) is None:
+            bad = next((n for n, _ in regular if _NAMES.fullmatch(n) is None), b"")
+            return HeadError(400, f"bad_field_name: {bad[:40]!r}")
+        values = b"".join([f[1] for f in regular])
+        if b"\r" in values or b"\n" in values or b"\x00" in values:
+            bad = next(n for n, v in regular if b"\r" in v or b"\n" in v or b"\x00" in v)
+            return HeadError(400, f"bad_field_value: {bad[:40]!r}")
+        cookies: list[bytes] = []
+        cookie_at = 0
+        host = b""
+        for field in regular:
+            name = field[0]
+            if name not in _SPECIAL:
+                headers.append(field)
+                continue
+            value = field[1]
+            if name == b"cookie":
+                if not cookies:  # the joined field goes where the first crumb was
+                    headers.append((b"cookie", b""))
+                    cookie_at = len(headers) - 1
+                cookies.append(value)
+            elif name == b"host":
+                if host and host != value:
+                    return HeadError(400, "repeated_host")
+                host = value
+            elif name == b"content-length":
+                if not value.isdigit() or (length is not None and length != int(value)):
+                    return HeadError(400, "bad_content_length")
+                length = int(value)
+                headers.append(field)
+            elif name == b"te":
+                if value.lower() != b"trailers":
+                    return HeadError(400, "te_not_trailers")
+            elif name == b"transfer-encoding":
                 return HeadError(400, "transfer_encoding_in_http2")
-            continue
-        if name == b"cookie":
-            if not cookies:  # the joined field goes where the first crumb was
-                headers.append((b"cookie", b""))
-                cookie_at = len(headers) - 1
-            cookies.append(value)
-            continue
-        if name == b"host":
-            if host and host != value:
-                return HeadError(400, "repeated_host")
-            host = value
-            continue
-        if name == b"content-length":
-            if not value.isdigit() or (length is not None and length != int(value)):
-                return HeadError(400, "bad_content_length")
-            length = int(value)
-        headers.append((name, value))
-    if not method or any(c in _PATH_BAD for c in method):
+            # connection, keep-alive, proxy-connection, upgrade: hop-by-hop, dropped
+        if cookies:
+            # RFC 9113 section 8.2.3: crumbs are joined with "; " before HTTP/1.1 sees them.
+            headers[cookie_at] = (b"cookie", b"; ".join(cookies))
+        if authority and host and authority != host:
+            # RFC 9113 section 8.3.1: both name the target; two different ones are malformed.
+            return HeadError(400, "authority_host_mismatch")
+        authority = authority or host
+    if not method or _METHOD.fullmatch(method) is None:
         return HeadError(400, "bad_method")
     if method == b"CONNECT":
         # Extended CONNECT (RFC 8441, WebSocket over HTTP/2) is not offered: SETTINGS do not
         # announce it, so a CONNECT here is a plain one, which a web server does not serve.
         return HeadError(405, "connect_not_supported")
-    if not path or any(c in _PATH_BAD for c in path) or not scheme:
+    if not path or not scheme or _PATH_BAD.search(path) is not None:
         return HeadError(400, "bad_pseudo_header: :path or :scheme")
-    if authority and host and authority != host:
-        # RFC 9113 section 8.3.1: both name the target; two different ones are malformed.
-        return HeadError(400, "authority_host_mismatch")
-    if any(c in _PATH_BAD or c in b"@/" for c in authority):
-        return HeadError(400, "bad_authority")
-    if cookies:
-        # RFC 9113 section 8.2.3: crumbs are joined with "; " before HTTP/1.1 sees them.
-        headers[cookie_at] = (b"cookie", b"; ".join(cookies))
-    target_host = authority or host
-    if target_host:
-        headers.insert(0, (b"host", target_host))
-    return Head(method.decode("ascii", "replace"), path.decode("latin-1"),
+    if authority:
+        if _AUTHORITY_BAD.search(authority) is not None:
+            return HeadError(400, "bad_authority")
+        headers.insert(0, (b"host", authority))
+    return Head(method.decode("ascii"), path.decode("latin-1"),
                 scheme.decode("ascii", "replace"), headers, length)
-
