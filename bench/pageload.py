@@ -182,7 +182,12 @@ async def page_h1(site: Site, tally: Tally, connections: int) -> None:
                 await h1_get(site, conn[0], conn[1], queue.pop(), tally)
 
         n_new = min(connections, len(queue)) - 1
-        await asyncio.gather(worker(first), *(worker(None) for _ in range(max(n_new, 0))))
+        results = await asyncio.gather(worker(first),
+                                       *(worker(None) for _ in range(max(n_new, 0))),
+                                       return_exceptions=True)  # all done before closing
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
     finally:
         for w in opened:
             close(w)
