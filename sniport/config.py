@@ -74,6 +74,23 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+def parse_rate(value: Any) -> tuple[int, float]:
+    """``"200/10s"``, ``"20/s"``, ``"50/1m"``: a count per duration -> (count, seconds)."""
+    if isinstance(value, str) and "/" in value:
+        count, _, per = value.strip().partition("/")
+        per = per.strip()
+        try:
+            n = int(count.strip())
+            seconds = parse_duration(per if per[:1].isdigit() else "1" + per)
+        except ValueError:
+            pass
+        else:
+            if n >= 1 and seconds > 0:
+                return n, seconds
+    raise ValueError(f"{value!r} is not a rate: write a count per duration, \"200/10s\" or "
+                     "\"20/s\" (a count >= 1)")
+
+
 def parse_size(value: Any) -> int:
     """``"10M"``, ``"512K"``, ``"1G"`` or a number of bytes -> bytes."""
     if isinstance(value, bool):
@@ -142,6 +159,7 @@ def _at_least_100ms(seconds: float) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+RateLimit = Annotated[tuple[int, float], BeforeValidator(parse_rate)]
 UpstreamAddress = Annotated[Address, BeforeValidator(_address)]
 ListenAddress = Annotated[Address, BeforeValidator(_listen_address)]
 HostName = Annotated[str, BeforeValidator(_host)]
@@ -210,6 +228,15 @@ class Server(_Model):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     tls_session_tickets: bool = True
+    # HTTP/2 (README "HTTP/2"): each limit ends the offending stream or connection.
+    http2_max_streams: int = Field(default=100, ge=1, le=2**31 - 1)  # concurrent, per connection
+    http2_max_requests: int = Field(default=1000, ge=1)  # streams per connection, then GOAWAY
+    http2_max_header_list_size: Size = 24 * 1024  # HTTP/1.1's bound: 8 KiB target + 16 KiB
+    http2_max_continuations: int = Field(default=8, ge=0)  # CONTINUATION frames per block
+    http2_reset_rate: RateLimit = (200, 10.0)  # RST_STREAM sent or received
+    http2_ping_rate: RateLimit = (50, 10.0)
+    http2_settings_rate: RateLimit = (50, 10.0)
+    http2_max_queued_output: Size = 1024 * 1024  # unread output before the client is cut off
 
 
 class Block(_Model):
@@ -414,6 +441,7 @@ TlsSetting = Annotated[
 
 class Site(Block):
     tls: TlsSetting
+    http2: bool = True  # ALPN offers h2 and http/1.1 (false: http/1.1 only)
     error_pages: dict[int, str] = {}
     route: list[SiteRoute] = Field(min_length=1)
 

@@ -92,7 +92,7 @@ def build_runtime(loaded: LoadedConfig, problems: Sequence[Problem] = (), *,
             passthrough[block.name] = PassthroughRuntime.build(block)
         except AddressError as exc:
             problem(f"{block_path(config, block)}.upstreams", str(exc))
-    contexts: dict[tuple[str, str], ssl.SSLContext] = {}
+    contexts: dict[tuple[str, str, bool], ssl.SSLContext] = {}
     site_tls: dict[str, tuple[ssl.SSLContext, str]] = {}
     tickets = config.server.tls_session_tickets
     for site in config.site:
@@ -102,10 +102,11 @@ def build_runtime(loaded: LoadedConfig, problems: Sequence[Problem] = (), *,
                 cert, key = self_signed(state_dir(loaded), site.name, list(site.hosts))
             else:
                 cert, key = site.tls.cert, site.tls.key
-            # One context per certificate: sites sharing a certificate share its context.
-            context = contexts.get((cert, key))
+            # One context per certificate (and ALPN list): sites sharing them share it.
+            context = contexts.get((cert, key, site.http2))
             if context is None:
-                context = contexts[(cert, key)] = server_context(cert, key, tickets=tickets)
+                context = contexts[(cert, key, site.http2)] = server_context(
+                    cert, key, tickets=tickets, http2=site.http2)
             names = certificate_names(cert)
         except TlsError as exc:
             problem(f"{where}.tls", str(exc))

@@ -17,14 +17,17 @@ import gc
 import os
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from sniport import handover
 from sniport.addresses import TcpAddress
+from sniport.config import Server
 from sniport.handover import Relayed
 from sniport.http.accesslog import RequestLog
 from sniport.http.contract import Exchange
 from sniport.http.engine import App, HttpConnection, Limits
+from sniport.http.h2conn import H2Connection
 from sniport.http.handlers import HttpsRedirectApp
 from sniport.http.site import SiteApp, lifecycle
 from sniport.logs import AccessLog, diag, throttle
@@ -38,6 +41,8 @@ from sniport.net.relay import PipePool
 from sniport.runtime import Runtime, SiteRuntime
 from sniport.wire.alerts import ACCESS_DENIED, UNRECOGNIZED_NAME
 from sniport.wire.clienthello import Hello, NotTLS
+from sniport.wire.h2 import Limits as H2Limits
+from sniport.wire.h2 import Rate
 
 SSL_SHUTDOWN_TIMEOUT = 1.0
 
@@ -78,6 +83,8 @@ class Worker:
         self.request_log = RequestLog(access_log)
         self.handshake_timeout = server.handshake_timeout
         self.limits = Limits(server.header_timeout, server.keepalive_timeout)
+        self.h2limits = h2_limits(server)
+        self.h2_max_queued = server.http2_max_queued_output
         self.listeners = [Listener(self, b) for b in bound]
         self._http_bound = http_bound or []
         self._http_servers: list[asyncio.AbstractServer] = []
@@ -219,13 +226,20 @@ class Worker:
             conn.up, conn.down = bytes_in, bytes_out
             self.finish(conn, "denied" if denied else reason)
 
-        made: list[HttpConnection] = []
+        made: list[HttpConnection | H2Connection] = []
         app: App = _Denied(site.app) if denied else site.app
 
-        def protocol() -> HttpConnection:
-            proto = HttpConnection(self.loop, app, self.limits, self.request_log,
-                                   sni=conn.sni, client=conn.client, scheme="https",
-                                   on_close=closed, client_ip=conn.ip)
+        def protocol(alpn: str | None) -> HttpConnection | H2Connection:
+            proto: HttpConnection | H2Connection
+            if alpn == "h2":
+                proto = H2Connection(self.loop, app, self.limits, self.h2limits,
+                                     self.request_log, sni=conn.sni, client=conn.client,
+                                     scheme="https", on_close=closed, client_ip=conn.ip,
+                                     max_queued_output=self.h2_max_queued)
+            else:
+                proto = HttpConnection(self.loop, app, self.limits, self.request_log,
+                                       sni=conn.sni, client=conn.client, scheme="https",
+                                       on_close=closed, client_ip=conn.ip)
             if self.draining:  # accepted before the drain: one request, then close
                 proto.closing = True
             made.append(proto)
@@ -233,7 +247,8 @@ class Worker:
 
         try:
             await self.loop.connect_accepted_socket(
-                protocol, sock, ssl=site.context, ssl_handshake_timeout=self.handshake_timeout,
+                lambda: _Alpn(protocol), sock, ssl=site.context,
+                ssl_handshake_timeout=self.handshake_timeout,
                 # A close sends close_notify and waits this long for the client's: not the
                 # 30 s default, or every graceful stop would wait on lazy clients.
                 ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT)
@@ -420,6 +435,32 @@ class _Denied:
         self._site.fail(ex, 403, "denied")
 
 
+class _Alpn(asyncio.Protocol):
+    """The protocol of a terminated connection until its handshake is done: then the engine
+    for the protocol ALPN chose (RFC 7301) takes the transport, HTTP/2 or HTTP/1.1."""
+
+    __slots__ = ("_make",)
+
+    def __init__(self, make: Callable[[str | None], asyncio.Protocol]) -> None:
+        self._make = make
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tls = transport.get_extra_info("ssl_object")
+        proto = self._make(tls.selected_alpn_protocol() if tls is not None else None)
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+
+
+def h2_limits(server: Server) -> H2Limits:
+    """The ``[server] http2_*`` keys as the HTTP/2 machine's limits."""
+    return H2Limits(
+        max_streams=server.http2_max_streams, max_requests=server.http2_max_requests,
+        max_header_list_size=server.http2_max_header_list_size,
+        max_continuations=server.http2_max_continuations,
+        resets=Rate(*server.http2_reset_rate), pings=Rate(*server.http2_ping_rate),
+        settings=Rate(*server.http2_settings_rate))
+
+
 class _TaskHandle:
     """A connection still in its TLS handshake: aborting cancels the handshake."""
 
@@ -435,7 +476,7 @@ class _TaskHandle:
 class _HttpHandle:
     __slots__ = ("_proto",)
 
-    def __init__(self, proto: HttpConnection) -> None:
+    def __init__(self, proto: HttpConnection | H2Connection) -> None:
         self._proto = proto
 
     def abort(self, reason: str) -> None:

@@ -39,6 +39,8 @@ class RequestLog:
                 "user_agent": req.header(b"user-agent"), "route": ex.route_name,
                 "ttfb": ttfb, "total": total,
             }
+            if ex.stream_id:
+                fields["stream"] = ex.stream_id
             if ex.upstream:
                 fields["upstream"] = ex.upstream
             if ex.note:
@@ -51,6 +53,8 @@ class RequestLog:
                 f'{clf_quoted(req.header(b"referer"))} {clf_quoted(req.header(b"user-agent"))} '
                 f'sni={text_field(conn.sni)} host={text_field(req.header(b"host"))} '
                 f'ttfb={ttfb if ttfb is not None else "-"} total={total}')
+        if ex.stream_id:
+            line += f" stream={ex.stream_id}"
         if ex.upstream:
             line += f" upstream={text_field(ex.upstream)}"
         if ex.note:

@@ -27,7 +27,8 @@ BODY_HIGH_WATER = 256 * 1024  # buffered request body bytes before reading pause
 class BodyOwner(Protocol):
     """The connection (HTTP/1.1) or stream (HTTP/2) a body arrives on."""
 
-    loop: asyncio.AbstractEventLoop
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
 
     def send_continue(self) -> None: ...
     def pause_body(self) -> None: ...

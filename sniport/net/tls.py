@@ -10,7 +10,9 @@ Rules:
 - Key exchange groups X25519, P-256, P-384, as Mozilla's intermediate profile (OpenSSL would
   also offer X448 and P-521, which auditors flag); the stdlib has no API for the list, so it
   is set through OpenSSL itself (``_ssl_ctx_call``), checked, and warned about if it fails.
-- ALPN offers ``http/1.1`` only (HTTP/2 is not built).
+- ALPN offers ``h2`` then ``http/1.1`` (RFC 7301; the server's order decides), or
+  ``http/1.1`` only for a site with ``http2 = false``. The TLS 1.2 suites are all ECDHE
+  with AEAD, as RFC 9113 section 9.2.2 requires for HTTP/2.
 - Session resumption on unless ``tls_session_tickets = false``; then no tickets at all,
   including TLS 1.3 (``num_tickets = 0``: OpenSSL 3 issues tickets unless told not to).
 - Certificates are matched to names as RFC 6125 section 6.4.3 says: a wildcard covers exactly
@@ -46,13 +48,14 @@ class TlsError(Exception):
     pass
 
 
-def server_context(cert: str, key: str, *, tickets: bool = True) -> ssl.SSLContext:
+def server_context(cert: str, key: str, *, tickets: bool = True,
+                   http2: bool = True) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.options |= ssl.OP_NO_RENEGOTIATION
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
     _set_groups(ctx)
     if not tickets:
         ctx.options |= ssl.OP_NO_TICKET
