@@ -1287,7 +1287,22 @@ def server_instance(session: Session, name: str, workers: int, rnd: int, tag: st
         lines = server.problems()
         outcome.log_lines += [(server.label, line) for line in lines]
         if name == "sniport":  # an error line from sniport is sniport misbehaving
-            outcome.problems += [f"{where}, sniport log: {line}" for line in lines]
+            outcome.problems += log_problems(where, lines)
+
+
+def log_problems(where: str, lines: Sequence[str], shown: int = 8) -> list[str]:
+    """sniport's error lines as problems: each distinct line (digits aside) once, with its
+    count, the first ``shown`` of them (a traceback repeated for every stream of a run
+    would otherwise be thousands of lines)."""
+    counts: dict[str, list[str]] = {}
+    for line in lines:
+        counts.setdefault(re.sub(r"\d+", "N", line), []).append(line)
+    out = [f"{where}, sniport log: {found[0]}" + (f" (x{len(found)})" if len(found) > 1 else "")
+           for found in list(counts.values())[:shown]]
+    if len(counts) > shown:
+        out.append(f"{where}, sniport log: {len(counts) - shown} more distinct line(s), "
+                   f"{sum(len(f) for f in list(counts.values())[shown:])} in all; see the log")
+    return out
 
 
 def main_jobs(session: Session, measures: Sequence[Measure]) -> list[tuple[str, list[Job]]]:
