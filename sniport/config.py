@@ -427,6 +427,8 @@ def _tls_kind(value: Any) -> str:
 
 
 def _tls_string(value: Any) -> Any:
+    if value == "acme":
+        raise ValueError('"acme": not supported yet (certificates from files or "self-signed")')
     if isinstance(value, str) and value != "self-signed":
         raise ValueError(f'{value!r}: expected "self-signed" or {{ cert = "...", key = "..." }}')
     return value
@@ -470,6 +472,8 @@ class Default(_Model):
     @field_validator("non_tls")
     @classmethod
     def _non_tls(cls, v: str) -> str:
+        if v == "http":
+            raise ValueError('"http": not supported yet ("close" or "passthrough:NAME")')
         if v != "close" and not v.startswith("passthrough:"):
             raise ValueError(f"{v!r}: expected \"close\" or \"passthrough:NAME\"")
         return v
@@ -488,6 +492,11 @@ class Config(_Model):
 # Keys of the contract that this version does not do yet: present in a file, they are refused.
 # A path element "*" stands for every entry of an array of tables.
 NOT_SUPPORTED_YET: tuple[tuple[str, ...], ...] = (
+    ("server", "metrics_listen"),
+    ("server", "listen", "*", "proxy_protocol"),
+    ("acme",),
+    ("passthrough", "*", "http_upstream"),
+    ("passthrough", "*", "protocol"),
 )
 
 

@@ -544,7 +544,7 @@ _VALUES: dict[str, Any] = {
     "proxy": {"upstreams": ["http://127.0.0.1:8080"]},
 }
 _BASE: dict[str, Any] = {
-    "server": {"listen": ["127.0.0.1:0"]},
+    "server": {"listen": [{"address": "127.0.0.1:0"}]},
     "passthrough": [{"name": "lan", "hosts": ["vpn.example.com"], "upstreams": ["10.0.0.1:1"]}],
     "site": [{"name": "blog", "hosts": ["blog.example"], "tls": "self-signed",
               "route": [{"path": "/", "respond": {}}]}],

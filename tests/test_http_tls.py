@@ -115,7 +115,7 @@ def test_openssl_s_client_site_and_passthrough(setup: Setup) -> None:
     ca = str(setup.pki.ca_file)
     request = b"GET /o HTTP/1.1\r\nHost: site-a.tls.test\r\nConnection: close\r\n\r\n"
     r = s_client(setup.port, "-servername", "site-a.tls.test", "-CAfile", ca,
-                 "-verify_return_error", "-alpn", "h2,http/1.1", "-ign_eof", stdin=request)
+                 "-verify_return_error", "-alpn", "http/1.1", "-ign_eof", stdin=request)
     out = r.stdout.decode("latin-1")
     assert r.returncode == 0, out + r.stderr.decode()
     assert "Verify return code: 0 (ok)" in out
@@ -229,7 +229,12 @@ def test_tls_1_2_ecdhe_works_and_non_forward_secret_refused(setup: Setup) -> Non
 
 
 def test_tls_1_3_default_and_alpn_selects_http11(setup: Setup) -> None:
-    ctx = setup.pki.client_context(alpn=["h2", "http/1.1"])
+    """HTTP/1.1 for a client that offers only it (h2 is preferred when offered: issue 9)."""
+    with tls_conn(setup.port, "site-a.tls.test",
+                  setup.pki.client_context(alpn=["h2", "http/1.1"])) as c:
+        assert isinstance(c.sock, ssl.SSLSocket)
+        assert c.sock.selected_alpn_protocol() == "h2"
+    ctx = setup.pki.client_context(alpn=["http/1.1"])
     with tls_conn(setup.port, "site-a.tls.test", ctx) as c:
         assert isinstance(c.sock, ssl.SSLSocket)
         assert c.sock.version() == "TLSv1.3"
@@ -238,7 +243,7 @@ def test_tls_1_3_default_and_alpn_selects_http11(setup: Setup) -> None:
         c.send(b"GET / HTTP/1.1\r\nHost: site-a.tls.test\r\nConnection: close\r\n\r\n")
         assert c.response().status == 200
     rec = wait_conn(setup.s, client=label)
-    assert rec["alpn"] == "h2,http/1.1"
+    assert rec["alpn"] == "http/1.1"
     assert rec["route"] == "site:a"
 
 

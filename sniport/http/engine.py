@@ -1,14 +1,16 @@
-"""The HTTP/1.1 server engine: one protocol object per client connection, on httptools.
+"""The HTTP/1.1 server engine: one asyncio protocol per client connection, a thin driver
+of the sans-IO machine in ``sniport/wire/h1.py``.
 
-Job: parse requests with httptools (llhttp), hand each to the application (a site, or the
-plain-HTTP redirector) as an ``Exchange``, and write responses in order, with keep-alive,
-pipelining, streamed request bodies and backpressure both ways.
+Job: feed the client's bytes to the machine, act on its events (a request head becomes an
+``Exchange`` handed to the application, a site or the plain-HTTP redirector; body data feeds
+the request's ``Body``; a protocol error is answered), and write responses in order, with
+keep-alive, pipelining, streamed request bodies and backpressure both ways.
 
 Rules:
-- HTTP is parsed by httptools only (house rule 8). llhttp refuses Content-Length with
-  Transfer-Encoding, differing Content-Lengths, obs-fold and bad chunk sizes: 400 and close.
-- Limits (RFC 9110 section 15.5 and RFC 6585 section 5): request target over 8 KiB -> 414;
-  header section over 16 KiB -> 431; header_timeout -> 408 and close.
+- What the bytes mean is the machine's (house rule 8: httptools, there): framing, limits
+  (414, 431, 505), 100-continue and Upgrade detection, which request comes next, and that
+  none is read after the last. This module owns what takes time or a socket: deadlines,
+  corking, lingering, the tunnel after an upgrade. header_timeout -> 408 and close.
 - Pipelined requests are answered one at a time, in order: a request that arrives while
   another is answered waits, and reading pauses until its turn.
 - Request bodies are streamed: reading pauses when the handler lags (bounded memory). A body
@@ -27,31 +29,27 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Protocol
-
-import httptools
+from typing import TYPE_CHECKING, Protocol
 
 from sniport.deadlines import deadlines_for
 from sniport.http.request import Body, ClientGone, Request
+from sniport.wire.h1 import (
+    BodyData,
+    H1Connection,
+    MessageEnd,
+    ProtocolError,
+    RequestHead,
+    State,
+)
 from sniport.wire.httprules import http_date
 
 if TYPE_CHECKING:
     from sniport.http.contract import Connection, ErrorResponder
     from sniport.http.contract import Exchange as AnyExchange
 
-MAX_TARGET = 8 * 1024
-MAX_HEADER_BYTES = 16 * 1024
-# httptools keeps a header that has not ended (an endless value) in its own buffer, out of
-# on_header's sight: the reads that arrive while one head stays unfinished from their first
-# byte to their last are all head, and past this many such bytes the request is refused
-# (431) before that buffer grows further. (The read a head begins in is not counted: where
-# in it the head began is not known, and counting all of it would refuse a small head that
-# follows pipelined requests. The buffer is then bounded by one read plus this.)
-MAX_HEAD_BYTES = MAX_TARGET + MAX_HEADER_BYTES + 1024
 WRITE_HIGH_WATER = 32 * 1024  # buffered response bytes after which a streaming handler waits
 LINGER = 2.0  # seconds to read and drop input before closing after an error response
 SERVER = b"sniport"
@@ -68,9 +66,6 @@ def status_line(status: int) -> bytes:
         line = f"HTTP/1.1 {status} Unknown\r\n".encode("ascii")
     return line
 
-
-_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS",
-                                    "PATCH", "TRACE", "CONNECT")}
 
 _date_second = -1
 _date_header = b""
@@ -109,10 +104,6 @@ class Limits:
     def __init__(self, header_timeout: float, keepalive_timeout: float) -> None:
         self.header_timeout = header_timeout
         self.keepalive_timeout = keepalive_timeout
-
-
-class _StopParsing(Exception):
-    """Raised in a parser callback: the connection is closing, nothing more is read."""
 
 
 class Exchange:
@@ -204,7 +195,6 @@ class Exchange:
                 self.close_after = True  # HTTP/1.0: the end of the body is the close
         if self.close_after or self.conn.closing:
             self.close_after = True
-            self.conn.close_announced = True
             parts.append(b"Connection: close\r\n")
         elif self.request.version == "1.0":
             parts.append(b"Connection: keep-alive\r\n")
@@ -324,19 +314,16 @@ class HttpConnection(asyncio.Protocol):
         self.scheme = scheme
         self._on_close = on_close
         self.transport: asyncio.Transport | None = None
-        self.parser: Any = None
-        self._req: Request | None = None  # being parsed
-        self._url: list[bytes] = []
-        self._header_bytes = 0  # the header fields of the request being parsed
-        self._target_bytes = 0  # its request target
-        self._refuse: tuple[int, str] | None = None  # set in a callback, acted on after
-        self._queue: collections.deque[Request] = collections.deque()
+        # The protocol: what the client's bytes mean, and the connection's phase.
+        self._h1 = H1Connection(time.monotonic)
+        self._req: Request | None = None  # handed out, its body still arriving
         self.active: Exchange | None = None
-        self.closing = False
+        self.closing = False  # the next response says "Connection: close"
         self.write_paused = False
-        # Why reading is paused: bit 1 a pipelined request waits, bit 2 body backpressure,
-        # bit 4 a later request was bad and is answered once the earlier ones are.
+        # Why reading is paused: bit 1 the next request waits for the answer in progress,
+        # bit 2 body backpressure.
         self._read_paused = 0
+        self._pumping = False  # events are being taken (see _pump)
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._read_deadline = 0.0  # 0: no read deadline (or suspended, see _read_kind)
         self._read_kind = ""  # what the client owes: header, body, keepalive, linger
@@ -344,10 +331,7 @@ class HttpConnection(asyncio.Protocol):
         self._deadlines = deadlines_for(loop)
         self.deadline = 0.0  # the earlier of the two, as Deadlines sees it
         self.deadline_slot = 0
-        self._in_head = False  # a request head has begun and not ended
-        self._head_fed = 0  # see MAX_HEAD_BYTES; -1: the head began in the current read
-        self._deferred_error: tuple[int, str, Request] | None = None
-        self._lingering = False
+        self._lingering = False  # closing after a response: input is read and dropped
         self._end_reason = "eof"
         self._client_done = False  # the client ended its side (EOF or close_notify)
         self.bytes_in = 0
@@ -355,11 +339,9 @@ class HttpConnection(asyncio.Protocol):
         self.requests = 0
         self.upgraded_to: Callable[[bytes], None] | None = None  # tunnel takes the bytes
         self._corked = 0
-        self.close_announced = False  # a response said "Connection: close"
         self._wbuf: list[bytes] = []
         self.wbuf_size = 0
         self._after_feed: list[Callable[[], None]] = []
-        self._upgrade_buffer = b""
 
     # -- transport events -----------------------------------------------------------------
 
@@ -375,7 +357,6 @@ class HttpConnection(asyncio.Protocol):
             peer = transport.get_extra_info("peername")
             self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
             self.client_ip = peer[0] if isinstance(peer, tuple) else ""
-        self.parser = httptools.HttpRequestParser(self)
         self._set_read_deadline("header", self.limits.header_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -385,37 +366,10 @@ class HttpConnection(asyncio.Protocol):
         if self.upgraded_to is not None:
             self.upgraded_to(data)
             return
-        if self.parser is None:
-            self._upgrade_buffer += data  # after an Upgrade head: the tunnel's, if one comes
-            return
         self._corked += 1  # the answers to what this data holds leave in one write
         try:
-            self.parser.feed_data(data)
-            if self._in_head:
-                if self._head_fed < 0:
-                    self._head_fed = 0  # began in this read: counting starts with the next
-                else:
-                    self._head_fed += len(data)
-                    if self._head_fed > MAX_HEAD_BYTES:
-                        self._in_head = False
-                        self._fail_request(431, "headers_too_large")
-        except httptools.HttpParserUpgrade as exc:
-            # llhttp stops at the end of an Upgrade request's head: the rest is the new
-            # protocol's, kept for the handler that accepts the upgrade.
-            offset = exc.args[0] if exc.args else len(data)
-            self._upgrade_buffer = data[offset:]
-            self.parser = None
-        except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _StopParsing):
-                self.parser = None  # closing: what follows is not read as requests
-                return
-            if self._refuse is not None:
-                status, why = self._refuse
-                self._fail_request(status, why)
-            else:
-                self._fail_request(400, "bad_request")
-        except httptools.HttpParserError as exc:
-            self._fail_request(400, f"bad_request: {exc}")
+            self._h1.feed(data)
+            self._pump()
         finally:
             self.uncork()
 
@@ -493,7 +447,6 @@ class HttpConnection(asyncio.Protocol):
             # (A client that has closed its side makes our close_notify fail with EPIPE on
             # a unix socket, and often ECONNRESET on TCP: that is still its normal end.)
             self._end_reason = f"error: {getattr(exc, 'strerror', None) or exc}"
-        self.parser = None
         self._on_close(self._end_reason, self.bytes_in, self.bytes_out)
 
     def pause_writing(self) -> None:
@@ -511,86 +464,68 @@ class HttpConnection(asyncio.Protocol):
         if active is not None and active.on_resume is not None:
             active.on_resume()
 
-    # -- httptools callbacks --------------------------------------------------------------
+    # -- the machine's events --------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        if self.close_announced or self._lingering:
-            # "Connection: close" went out: a request after it is not answered
-            # (RFC 9112 section 9.6).
-            raise _StopParsing
-        self._req = Request(time.monotonic())
-        self._url = []
-        self._header_bytes = 0
-        self._target_bytes = 0
-        self._in_head = True
-        self._head_fed = -1
-        self._set_read_deadline("header", self.limits.header_timeout)
+    def _pump(self) -> None:
+        """Act on the machine's events, in order, as far as they are due (the next request
+        waits for the answer in progress: ``_next`` pumps again)."""
+        if self._pumping:
+            return  # an answer given while an event is handled: the loop below goes on
+        self._pumping = True
+        h1 = self._h1
+        try:
+            while not self._lingering:
+                event = h1.next_event()
+                if event is None:
+                    break
+                cls = event.__class__
+                if cls is BodyData:
+                    self._on_body(event.data)  # type: ignore[union-attr]
+                elif cls is RequestHead:
+                    self._on_head(event)  # type: ignore[arg-type]
+                elif cls is MessageEnd:
+                    self._on_message_end()
+                else:
+                    self._on_error(event)  # type: ignore[arg-type]
+        finally:
+            self._pumping = False
+        if h1.blocked:
+            self._pause_reading(1)
+        elif self._read_paused & 1:
+            self._resume_reading(1)
+        if h1.state is State.HEAD and self._read_kind != "header":
+            # A head has begun: the client owes the rest within header_timeout.
+            self._set_read_deadline("header", self.limits.header_timeout)
 
-    def on_url(self, url: bytes) -> None:
-        self._url.append(url)
-        self._target_bytes += len(url)
-        if self._target_bytes > MAX_TARGET:
-            self._refuse = (414, "uri_too_long")
-            raise ValueError("request target too long")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        req = self._req
-        assert req is not None
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > MAX_HEADER_BYTES:
-            self._refuse = (431, "headers_too_large")
-            raise ValueError("header section too large")
-        req.headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        req = self._req
-        assert req is not None and self.parser is not None
-        self._in_head = False
-        parser = self.parser
-        method = parser.get_method()
-        req.method = _METHODS.get(method) or method.decode("ascii", "replace")
-        req.version = parser.get_http_version()
-        if req.version not in ("1.1", "1.0"):
-            # HTTP/0.9 has no headers (no Host, no framing) and "HTTP/2.0" in a request
-            # line is not HTTP/1: RFC 9110 section 15.6.6, 505 and close.
-            self._refuse = (505, f"http_version_not_supported: {req.version}")
-            raise ValueError("unsupported HTTP version")
-        req.keep_alive = parser.should_keep_alive()
-        req.upgrade = parser.should_upgrade()
-        url = self._url
-        target = (url[0] if len(url) == 1 else b"".join(url)).decode("latin-1")
-        req.target = target
-        path, _, query = target.partition("?")
-        req.path, req.query = path, query
-        has_body = False
-        for name, value in req.headers:
-            if name == b"content-length":
-                req.content_length = int(value)
-                has_body = req.content_length > 0
-            elif name == b"transfer-encoding":
-                req.chunked = True
-                has_body = True
-            elif name == b"expect":
-                req.expect_continue = value.lower() == b"100-continue"
-        if has_body:
+    def _on_head(self, head: RequestHead) -> None:
+        req = Request(head.start)
+        req.method = head.method
+        req.target = head.target
+        req.path = head.path
+        req.query = head.query
+        req.version = head.version
+        req.headers = head.headers
+        req.keep_alive = head.keep_alive
+        req.upgrade = head.upgrade
+        req.content_length = head.content_length
+        req.chunked = head.chunked
+        req.expect_continue = head.expect_continue
+        self._req = req
+        if head.has_body:
             req.body = Body(self, req)
             self._set_read_deadline("body", self.limits.header_timeout)
         else:
             self._clear_read_deadline()
-        if self.active is None:
-            self._start(req)
-        else:
-            self._queue.append(req)
-            self._pause_reading(1)
+        self._start(req)
 
-    def on_body(self, chunk: bytes) -> None:
+    def _on_body(self, chunk: bytes) -> None:
         req = self._req
         if req is not None and req.body is not None:
             req.body.feed(chunk)
             if self._read_kind == "body":
                 self._read_deadline = self.loop.time() + self.limits.header_timeout
 
-    def on_message_complete(self) -> None:
+    def _on_message_end(self) -> None:
         req = self._req
         assert req is not None
         self._req = None
@@ -602,6 +537,14 @@ class HttpConnection(asyncio.Protocol):
         active = self.active
         if active is not None and active.request is req and active.finished:
             self._next()  # the response went out before the body had all arrived
+
+    def _on_error(self, error: ProtocolError) -> None:
+        if error.in_body and self._req is not None:
+            self._fail_request(error.status, error.reason, self._req)
+            return
+        req = Request(time.monotonic())
+        req.target = error.target
+        self._answer_error(error.status, error.reason, req)
 
     # -- requests and responses -----------------------------------------------------------
 
@@ -623,6 +566,7 @@ class HttpConnection(asyncio.Protocol):
             self._end_reason = ex.note or "aborted_mid_response"
             self.closing = True
             self.active = None
+            self._h1.close()
             assert self.transport is not None
             self.transport.abort() if ex.head_sent else self._close()
             return
@@ -648,51 +592,36 @@ class HttpConnection(asyncio.Protocol):
         self._next()
 
     def _next(self) -> None:
+        """The answer and its request are both complete: on with the next request (the
+        machine held it, or a protocol error after it, until now)."""
         self.active = None
-        if self._queue:
-            req = self._queue.popleft()
-            if not self._queue:
-                self._resume_reading(1)
-            self._start(req)
-            return
-        if self._deferred_error is not None:
-            status, reason, bad = self._deferred_error
-            self._deferred_error = None
-            self._answer_error(status, reason, bad)
-            return
-        if self._req is None:  # else the next request's head is arriving: its deadline holds
+        h1 = self._h1
+        h1.response_done()
+        self._pump()
+        if self.active is None and h1.state is State.IDLE and not self._lingering:
             self._set_read_deadline("keepalive", self.limits.keepalive_timeout)
 
-    def _fail_request(self, status: int, reason: str) -> None:
-        """Bad bytes (or a head that did not come in time) from the client. Nothing after
-        them is read as a request. Requests before them are answered first, in order (RFC
-        9112 section 9.3.2); the request they belong to gets ``status`` if nothing of its
-        response is on the wire yet, else the connection closes (the only honest end)."""
-        self.parser = None
-        req = self._req or Request(time.monotonic())
-        req.target = req.target or b"".join(self._url).decode("latin-1")[:200]
-        active = self.active
-        if active is not None and active.request is not req:
-            self._deferred_error = (status, reason, req)
-            self._pause_reading(4)
-            self._clear_read_deadline()
-            return
+    def _fail_request(self, status: int, reason: str, req: Request) -> None:
+        """Bad bytes in the body of ``req``, the request being answered. Nothing after them
+        is read as a request. ``req`` gets ``status`` if nothing of its response is on the
+        wire yet, else the connection closes (the only honest end)."""
         self._end_reason = reason
         self.closing = True
-        if active is not None:
-            self._after_feed.clear()  # the handler's own, for this request
-            if active.on_abort is not None:
-                # The handler drops what it holds (an upstream connection that got part of
-                # this request) and sends nothing more; the answer is the 400 below.
-                on_abort, active.on_abort = active.on_abort, None
-                on_abort()
-            if not active.head_sent and not active.finished:
-                active.close_after = True
-                active.error(status, reason)
-            elif self.transport is not None:
-                self._close()  # a response is under way: only a close is honest
+        active = self.active
+        if active is None or active.request is not req:
+            self._answer_error(status, reason, req)  # its answer was complete already
             return
-        self._answer_error(status, reason, req)
+        self._after_feed.clear()  # the handler's own, for this request
+        if active.on_abort is not None:
+            # The handler drops what it holds (an upstream connection that got part of
+            # this request) and sends nothing more; the answer is the 400 below.
+            on_abort, active.on_abort = active.on_abort, None
+            on_abort()
+        if not active.head_sent and not active.finished:
+            active.close_after = True
+            active.error(status, reason)
+        elif self.transport is not None:
+            self._close()  # a response is under way: only a close is honest
 
     def _answer_error(self, status: int, reason: str, req: Request) -> None:
         self._end_reason = reason
@@ -715,11 +644,12 @@ class HttpConnection(asyncio.Protocol):
         if self._read_paused:
             self._read_paused = 0
             transport.resume_reading()
-        req = self._req
-        if req is None or req.body is None or req.complete:
+        if not self._h1.close():
             self._close()  # nothing of the client's is left unread
             return
-        req.body.drop()
+        req = self._req
+        if req is not None and req.body is not None:
+            req.body.drop()
         self._set_read_deadline("linger", LINGER)
 
     def begin_drain(self) -> None:
@@ -728,15 +658,15 @@ class HttpConnection(asyncio.Protocol):
         has not sent its first request yet gets it answered, with "Connection: close": its
         client has nothing to retry on (bounded by header_timeout and drain_timeout)."""
         self.closing = True
-        if (self.active is None and self._req is None and self.requests
+        if (self.active is None and self._h1.state is not State.HEAD
+                and self._h1.state is not State.BODY and self.requests
                 and self.transport is not None):
             self._end_reason = "drain"
             self._close()
 
     def take_upgrade_buffer(self) -> bytes:
         """The client's bytes after an Upgrade request's head, for the tunnel."""
-        data, self._upgrade_buffer = self._upgrade_buffer, b""
-        return data
+        return self._h1.take_upgrade_bytes()
 
     def send_continue(self) -> None:
         if self.active is not None and not self.active.head_sent:
@@ -846,7 +776,8 @@ class HttpConnection(asyncio.Protocol):
             # RFC 9110 section 15.5.9: 408 for a request head that did not arrive in time
             # (after the answers to the requests before it, if any are under way).
             self._read_deadline = 0.0
-            self._fail_request(408, reason)
+            self._h1.fail(408, reason)  # answered in turn, after the answers before it
+            self._pump()
             return
         if reason != "linger_timeout":
             self._end_reason = reason

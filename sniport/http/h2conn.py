@@ -219,6 +219,7 @@ class H2Stream:
         while pending:
             window = machine.window(sid)
             if window <= 0:
+                self.conn.window_blocked()
                 return
             chunk = pending[0]
             if len(chunk) <= window:
@@ -360,6 +361,7 @@ class H2Connection(asyncio.Protocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._end_reason = "eof"
         self._deadlines = deadlines_for(loop)
+        self._settle_due = False
         self.deadline = 0.0
         self.deadline_slot = 0
         self._deadline_kind = ""
@@ -394,7 +396,7 @@ class H2Connection(asyncio.Protocol):
         finally:
             self.uncork()
         if self.transport is not None and not self.transport.is_closing():
-            self._rearm()
+            self._settle()
 
     def _on_event(self, ev: wire.Event) -> None:
         kind = type(ev)
@@ -489,9 +491,7 @@ class H2Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        limits = self.limits
-        self._write_deadline = self.loop.time() + max(limits.keepalive_timeout,
-                                                      limits.header_timeout)
+        self._write_deadline = self.loop.time() + self._send_delay()
         self._rearm()
 
     def resume_writing(self) -> None:
@@ -528,6 +528,8 @@ class H2Connection(asyncio.Protocol):
                 for callback in callbacks:
                     callback()
             self.flush()
+            if self._settle_due:
+                self._settle()
 
     def after_feed(self, callback: Callable[[], None]) -> None:
         if self._corked:
@@ -575,6 +577,14 @@ class H2Connection(asyncio.Protocol):
     def _forget(self, stream: H2Stream) -> None:
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
+        if self._corked:  # the rest of the read may hold more streams: at uncork
+            self._settle_due = True
+        else:
+            self._settle()
+
+    def _settle(self) -> None:
+        """After a GOAWAY of ours, the connection closes once its last stream is done."""
+        self._settle_due = False
         if not self.streams and self.machine.goaway_sent:
             self._close("drain" if self.closing else "max_requests")
         elif self.transport is not None:
@@ -635,16 +645,31 @@ class H2Connection(asyncio.Protocol):
 
     def _rearm(self) -> None:
         limits = self.limits
-        if self.machine.header_block_open:
+        if self.machine.header_block_open or not self.requests:
+            # A header block cut short, or the preface and first request still to come.
             kind, delay = "header", limits.header_timeout
         elif not self.streams:
             kind, delay = "keepalive", limits.keepalive_timeout or limits.header_timeout
-        elif any(not s.request.complete and not s._body_paused and not s.finished
-                 for s in self.streams.values()):
-            kind, delay = "body", limits.header_timeout
         else:
             kind, delay = "", 0.0
+            for s in self.streams.values():
+                if not s.request.complete and not s._body_paused and not s.finished:
+                    kind, delay = "body", limits.header_timeout  # the client owes body bytes
+                    break
+                if s._pending:
+                    kind, delay = "send", self._send_delay()  # it owes a WINDOW_UPDATE
         self._set_deadline(kind, delay)
+
+    def _send_delay(self) -> float:
+        # A client that stops reading (or stops opening its windows) gets as long as an
+        # idle one, and never less than header_timeout, as on HTTP/1.1.
+        return max(self.limits.keepalive_timeout, self.limits.header_timeout)
+
+    def window_blocked(self) -> None:
+        """A stream has data the client's windows do not let out: it owes a WINDOW_UPDATE
+        (RFC 9113 section 6.9), within the time a client that stops reading gets."""
+        if not self._deadline_kind:
+            self._set_deadline("send", self._send_delay())
 
     def _set_deadline(self, kind: str, delay: float) -> None:
         self._deadline_kind = kind
@@ -669,7 +694,7 @@ class H2Connection(asyncio.Protocol):
         kind = self._deadline_kind
         if not kind:
             return
-        self._end_reason = "idle" if kind == "keepalive" else f"{kind}_timeout"
+        self._end_reason = f"{kind}_timeout"
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             self._abandon(stream, self._end_reason)

@@ -203,7 +203,9 @@ _CONFIG = h2.config.H2Configuration(
     # Outbound headers are built by us (lower-case names, checked values): h2 need not
     # check or rewrite them again on every response.
     validate_outbound_headers=False, normalize_outbound_headers=False,
-    validate_inbound_headers=True, normalize_inbound_headers=True,
+    # (h2's inbound normalising joins cookie crumbs at the end; request_head joins them
+    # where the first was, as an HTTP/1.1 client sends them.)
+    validate_inbound_headers=True, normalize_inbound_headers=False,
 )
 _S = h2.settings.SettingCodes
 
@@ -246,9 +248,14 @@ class H2Server:
     def feed(self, data: bytes, now: float) -> list[Event]:
         if self.ended:
             return []
+        conn = self._conn
         try:
-            raw: list[Any] = self._conn.receive_data(data)
+            raw: list[Any] = conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
+            if conn.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+                # (A bad preface fails before h2 queues its GOAWAY: the client still hears
+                # why, RFC 9113 section 3.4.)
+                conn.close_connection(exc.error_code)
             return [self._ended(int(exc.error_code), _reason(exc))]
         events: list[Event] = []
         new_streams = 0
@@ -396,8 +403,9 @@ class H2Server:
 
 
 def _reason(exc: Exception) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:200]
+    if isinstance(exc, _Calm):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 # -- the request head --------------------------------------------------------------------
@@ -419,6 +427,7 @@ def request_head(fields: list[tuple[bytes, bytes]]) -> Head | HeadError:
     method = scheme = authority = path = b""
     headers: list[tuple[bytes, bytes]] = []
     cookies: list[bytes] = []
+    cookie_at = 0
     host = b""
     length: int | None = None
     for name, value in fields:
@@ -445,6 +454,9 @@ def request_head(fields: list[tuple[bytes, bytes]]) -> Head | HeadError:
                 return HeadError(400, "transfer_encoding_in_http2")
             continue
         if name == b"cookie":
+            if not cookies:  # the joined field goes where the first crumb was
+                headers.append((b"cookie", b""))
+                cookie_at = len(headers) - 1
             cookies.append(value)
             continue
         if name == b"host":
@@ -470,12 +482,12 @@ def request_head(fields: list[tuple[bytes, bytes]]) -> Head | HeadError:
         return HeadError(400, "authority_host_mismatch")
     if any(c in _PATH_BAD or c in b"@/" for c in authority):
         return HeadError(400, "bad_authority")
+    if cookies:
+        # RFC 9113 section 8.2.3: crumbs are joined with "; " before HTTP/1.1 sees them.
+        headers[cookie_at] = (b"cookie", b"; ".join(cookies))
     target_host = authority or host
     if target_host:
         headers.insert(0, (b"host", target_host))
-    if cookies:
-        # RFC 9113 section 8.2.3: crumbs are joined with "; " before HTTP/1.1 sees them.
-        headers.append((b"cookie", b"; ".join(cookies)))
     return Head(method.decode("ascii", "replace"), path.decode("latin-1"),
                 scheme.decode("ascii", "replace"), headers, length)
 

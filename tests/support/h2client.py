@@ -38,11 +38,16 @@ Header = tuple[bytes, bytes]
 
 
 def h2_socket(port: int, server_hostname: str, context: ssl.SSLContext,
-              alpn: Sequence[str] = ("h2", "http/1.1"), timeout: float = TIMEOUT
-              ) -> ssl.SSLSocket:
-    """A TLS socket to 127.0.0.1:``port`` that offered ``alpn``."""
+              alpn: Sequence[str] = ("h2", "http/1.1"), timeout: float = TIMEOUT,
+              rcvbuf: int = 0) -> ssl.SSLSocket:
+    """A TLS socket to 127.0.0.1:``port`` that offered ``alpn`` (``rcvbuf``: a small
+    receive buffer, for a client that reads nothing)."""
     context.set_alpn_protocols(list(alpn))
-    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    raw.settimeout(timeout)
+    raw.connect(("127.0.0.1", port))
     return context.wrap_socket(raw, server_hostname=server_hostname)
 
 
@@ -169,8 +174,9 @@ class RawH2:
     """A TLS connection with ALPN h2 on which the test writes frames itself."""
 
     def __init__(self, port: int, server_hostname: str, context: ssl.SSLContext,
-                 preface: bool = True, timeout: float = TIMEOUT) -> None:
-        self.sock = h2_socket(port, server_hostname, context, alpn=("h2",), timeout=timeout)
+                 preface: bool = True, timeout: float = TIMEOUT, rcvbuf: int = 0) -> None:
+        self.sock = h2_socket(port, server_hostname, context, alpn=("h2",), timeout=timeout,
+                              rcvbuf=rcvbuf)
         assert self.sock.selected_alpn_protocol() == "h2"
         self.encoder = hpack.Encoder()
         self.authority = server_hostname.encode()

@@ -24,6 +24,7 @@ ACCESS = re.compile(
     r'^(?P<ip>\S+) - - \[(?P<time>[^\]]+)\] "(?P<request>(?:[^"\\]|\\.)*)" (?P<status>\d{3}) '
     r'(?P<bytes>\d+) "(?P<referer>(?:[^"\\]|\\.)*)" "(?P<agent>(?:[^"\\]|\\.)*)" '
     r'sni=(?P<sni>\S+) host=(?P<host>\S+) ttfb=(?P<ttfb>\S+) total=(?P<total>\S+)'
+    r'(?: stream=(?P<stream>\d+))?(?: upstream=(?P<upstream>\S+))?'
     r'(?: note=(?P<note>"(?:[^"\\]|\\.)*"))?$'
 )
 
