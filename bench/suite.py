@@ -23,6 +23,9 @@ What one run does:
    (passthrough and terminated) at 1,000, 4,000 and 8,000 idle connections held at once on
    one fresh server (the connections are added, the RSS read at each count);
 6. bench/relay_compare.py (splice vs transport relay), unless --no-relay;
+   (M7 and M8, issue 9 item 4, are HTTP/2 against HTTP/1.1: h2load, and bench/pageload.py
+   for page loads as a browser makes them; a server that does not select h2 in ALPN shows
+   "h2 not negotiated" in their h2 cells, a problem for nginx, a note for sniport);
 7. bench/RESULTS.md (--out), plus logs and raw JSON in bench/out/<stamp>/.
 
 Server cost is the utime+stime of the server's own processes (master + workers, for nginx
@@ -85,6 +88,50 @@ STATIC_PATH = "/1k.bin"
 STATIC_BODY = bytes(range(256)) * 4  # 1 KiB, every byte value: a wrong byte shows
 APP_HOST = "app.test"
 APP_PATH = "/"
+PAGE_PATH = "/page/index.html"  # M8: static.test's page and its 30 assets (make_page)
+PAGE_ASSETS = 30
+
+
+def make_page(www: Path, assets: int = PAGE_ASSETS) -> list[str]:
+    """A page as a browser loads it, under ``www``/page: index.html (about 3 KiB) naming
+    ``assets`` small files, a third each of css, js and png-ish, 2-10 KiB, sizes and bytes
+    fixed by a seed (the same page every run). Returns every path, the page first."""
+    import random
+
+    rng = random.Random(9)
+    page = www / "page"
+    (page / "css").mkdir(parents=True)
+    (page / "js").mkdir()
+    (page / "img").mkdir()
+    links, scripts, imgs = [], [], []
+    paths = []
+    for i in range(assets):
+        size = rng.randint(2 << 10, 10 << 10)
+        kind = ("css", "js", "img")[i % 3]
+        if kind == "css":
+            rule = f".c{i} {{ margin: 0 auto; padding: 4px 8px; color: #{i:06x}; }}\n"
+            body = (rule * (size // len(rule) + 1)).encode()[:size]
+            rel = f"/page/css/s{i:02d}.css"
+            links.append(f'<link rel="stylesheet" href="{rel}">')
+        elif kind == "js":
+            line = f"function f{i}(a, b) {{ return a * {i} + b; }} // sniport bench\n"
+            body = (line * (size // len(line) + 1)).encode()[:size]
+            rel = f"/page/js/a{i:02d}.js"
+            scripts.append(f'<script src="{rel}" defer></script>')
+        else:  # a PNG signature, then bytes that do not compress
+            body = b"\x89PNG\r\n\x1a\n" + rng.randbytes(size - 8)
+            rel = f"/page/img/i{i:02d}.png"
+            imgs.append(f'<img src="{rel}" width="64" height="64" alt="image {i}">')
+        (www / rel.lstrip("/")).write_bytes(body)
+        paths.append(rel)
+    filler = "".join(f"<p>Paragraph {n}: sniport serves this page over HTTP/1.1 and HTTP/2 "
+                     "for the bench's M8.</p>\n" for n in range(20))
+    html = ("<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            "<title>sniport bench page</title>\n" + "\n".join(links) + "\n"
+            + "\n".join(scripts) + "\n</head>\n<body>\n<h1>A page and 30 assets</h1>\n"
+            + filler + "\n".join(imgs) + "\n</body>\n</html>\n")
+    (www / PAGE_PATH.lstrip("/")).write_text(html)
+    return [PAGE_PATH, *paths]
 
 
 def _app_body() -> bytes:
@@ -294,6 +341,7 @@ class Lab:
         www = self.dir / "www"  # static.test's root
         www.mkdir()
         (www / STATIC_PATH.lstrip("/")).write_bytes(STATIC_BODY)
+        make_page(www)
         self.hosts_file.write_text("127.0.0.1 localhost\n::1 localhost\n"
                                    f"127.0.0.1 {' '.join(hosts)}\n")
 
@@ -458,6 +506,8 @@ drain_timeout = "5s"
 tls_session_tickets = false   # nginx: ssl_session_tickets off; ssl_session_cache off; NumTickets 0
 header_timeout = "60s"        # nginx: client_header_timeout 60s (M6 holds connections, no request)
 keepalive_timeout = "75s"     # nginx: keepalive_timeout 75s
+http2_max_requests = 1000000  # nginx: keepalive_requests 1000000 (HTTP/2 streams too, 1.19.7+)
+http2_max_streams = 128       # nginx: http2_max_concurrent_streams 128 (its default)
 
 [[passthrough]]
 name = "pass"
@@ -468,6 +518,7 @@ upstreams = ["127.0.0.1:{PORTS.pass_backend}"]
 name = "static"
 hosts = ["{STATIC_HOST}"]
 tls = {{ cert = "{lab}/pki/{STATIC_HOST}.crt", key = "{lab}/pki/{STATIC_HOST}.key" }}
+http2 = true                  # the default; nginx: listen ... ssl http2
 
   [[site.route]]
   path = "/"
@@ -477,6 +528,7 @@ tls = {{ cert = "{lab}/pki/{STATIC_HOST}.crt", key = "{lab}/pki/{STATIC_HOST}.ke
 name = "app"
 hosts = ["{APP_HOST}"]
 tls = {{ cert = "{lab}/pki/{APP_HOST}.crt", key = "{lab}/pki/{APP_HOST}.key" }}
+http2 = true
 
   [[site.route]]
   path = "/"
@@ -674,6 +726,8 @@ class Sample:
     metrics: dict[str, float]
     raw: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    # metric -> why it has no value (e.g. "h2 not negotiated"): shown in its cells instead
+    missing: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -900,6 +954,154 @@ def idle_steps(session: Session, server: Server, sni: str,
     return samples
 
 
+def h2load_command(session: Session, port: str, host: str = STATIC_HOST,
+                   path: str = STATIC_PATH) -> list[str]:
+    """M7: h2load over h2 only (ALPN offers h2 alone: a server that does not select it is
+    not measured over HTTP/1.1 by mistake), the bench's TLS 1.3 suite, SNI = ``host``."""
+    a = session.args
+    return ["h2load", f"--connect-to=127.0.0.1:{port}", "--npn-list=h2",
+            "--tls13-ciphers=TLS_AES_256_GCM_SHA384", f"-t{a.wrk_threads}",
+            f"-c{a.h2load_clients}", f"-m{a.h2load_streams}", f"-D{a.wrk_duration}",
+            f"https://{host}:{port}{path}"]
+
+
+def parse_h2load(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if m := re.search(r"Application protocol: (\S+)", text):
+        out["protocol"] = m.group(1)
+    if m := re.search(r"Cipher: (\S+)", text):
+        out["cipher"] = m.group(1)
+    if m := re.search(r"finished in ([\d.]+)(us|ms|s), ([\d.]+) req/s", text):
+        out["seconds"] = float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)]
+        out["rps"] = float(m.group(3))
+    if m := re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                      r"(\d+) failed, (\d+) errored, (\d+) timeout", text):
+        for k, v in zip(("total", "started", "done", "succeeded", "failed", "errored",
+                         "timeout"), m.groups(), strict=True):
+            out[k] = int(v)
+    if m := re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text):
+        for k, v in zip(("2xx", "3xx", "4xx", "5xx"), m.groups(), strict=True):
+            out[k] = int(v)
+    if m := re.search(r"traffic: .*?, [\d.]+\w*B \((\d+)\) data", text):
+        out["data_bytes"] = int(m.group(1))
+    out["not_negotiated"] = "No protocol negotiated" in text
+    return out
+
+
+H2_NOT_NEGOTIATED = "h2 not negotiated"
+
+
+def _not_h2(server: Server, sample: Sample, names: Sequence[str], seen: str) -> Sample:
+    """``sample`` with ``names`` missing for want of h2: a problem for nginx (its http
+    servers have http2 on), a note for sniport (HTTP/2 may not be built yet)."""
+    sample.missing |= dict.fromkeys(names, H2_NOT_NEGOTIATED)
+    sample.raw["h2"] = f"not negotiated ({seen})"
+    if isinstance(server, Nginx):
+        sample.problems.append(f"{H2_NOT_NEGOTIATED} with nginx ({seen}): its config is wrong")
+    return sample
+
+
+def m7_h2load(session: Session, server: Server) -> Sample:
+    """h2load against static.test/1k.bin over HTTP/2 for --wrk-duration seconds (as wrk's
+    -d: a fixed -n took 50 s on sniport's first HTTP/2 and 2 s on nginx): req/s, server
+    CPU-us per request done, failed requests and non-2xx answers, and exactly 1,024 data
+    bytes per response. The requests still in flight when the time is up (at most -c x -m,
+    h2load's "started" minus "done") cost CPU and are not counted, as with wrk."""
+    pids = server.pids()
+    cmd = h2load_command(session, str(server.port))
+    u0, s0 = cpu_split(pids)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    time.sleep(0.2)
+    u1, s1 = cpu_split(pids)
+    cpu = (u1 - u0) + (s1 - s0)
+    h = parse_h2load(done.stdout)
+    raw = {"h2load": h, "utime_s": round(u1 - u0, 2), "stime_s": round(s1 - s0, 2)}
+    if h.get("protocol") != "h2":
+        seen = "h2load: " + ("no protocol negotiated" if h["not_negotiated"] else
+                             f"application protocol {h.get('protocol')!r}")
+        return _not_h2(server, Sample({}, raw), ("req/s", "CPU-us/req"),
+                       seen)
+    problems = []
+    if done.returncode != 0 or "succeeded" not in h:
+        problems.append(f"h2load exit {done.returncode}: {done.stdout.strip()[-800:]} "
+                        f"{done.stderr.strip()[-800:]}")
+    if h.get("cipher") != "TLS_AES_256_GCM_SHA384":
+        problems.append(f"h2load negotiated {h.get('cipher')}, not TLS_AES_256_GCM_SHA384")
+    requests = int(h.get("succeeded", 0))
+    errors = int(h.get("failed", 0)) + int(h.get("timeout", 0))
+    non2xx = sum(int(h.get(k, 0)) for k in ("3xx", "4xx", "5xx"))
+    if errors:
+        problems.append(f"h2load: {h.get('failed')} failed ({h.get('errored')} errored), "
+                        f"{h.get('timeout')} timed out")
+    if non2xx:
+        problems.append(f"h2load: {non2xx} responses not 2xx")
+    per = h.get("data_bytes", 0) / requests if requests else 0.0
+    if requests and per != len(STATIC_BODY):
+        problems.append(f"h2load read {per:.1f} data bytes per response, not "
+                        f"{len(STATIC_BODY)}: wrong content?")
+    metrics = {"req/s": h.get("rps", 0.0),
+               "CPU-us/req": cpu * 1e6 / requests if requests else 0.0,
+               "errors": errors, "non-2xx": non2xx}
+    return Sample(metrics, raw | {"h2load_stdout": done.stdout}, problems)
+
+
+def pageload_command(session: Session, port: str, proto: str) -> list[str]:
+    a = session.args
+    return [str(VENV_PY), str(BENCH / "pageload.py"), "--port", port, "--host", STATIC_HOST,
+            "--cafile", str(session.lab.ca_file), "--root", str(session.lab.dir / "www"),
+            "--page", PAGE_PATH, "--proto", proto,
+            *(["--connections", "6"] if proto == "h1" else []),
+            "--browsers", str(a.page_browsers), "--duration", str(a.page_duration)]
+
+
+def m8_pages(session: Session, server: Server) -> Sample:
+    """bench/pageload.py over HTTP/1.1 (6 connections) then HTTP/2 (1 connection), new
+    connections for every page load: pages/s and server CPU-ms per page, for each."""
+    metrics: dict[str, float] = {"errors": 0}
+    raw: dict[str, Any] = {}
+    problems: list[str] = []
+    missing: dict[str, str] = {}
+    for proto in ("h1", "h2"):
+        pids = server.pids()
+        fds0 = fd_count(pids)
+        u0, s0 = cpu_split(pids)
+        done = subprocess.run(pageload_command(session, str(server.port), proto),
+                              capture_output=True, text=True,
+                              timeout=session.args.page_duration + 120, check=False)
+        time.sleep(0.3)  # the close_notify and FINs of the last page loads
+        u1, s1 = cpu_split(pids)
+        cpu = (u1 - u0) + (s1 - s0)
+        try:
+            got: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            got = {}
+        raw[proto] = got | {"utime_s": round(u1 - u0, 2), "stime_s": round(s1 - s0, 2)}
+        if got.get("h2") == "not negotiated":
+            sub = _not_h2(server, Sample({}), (f"CPU-ms/page {proto}", f"pages/s {proto}"),
+                          f"pageload.py: ALPN selected {got.get('alpn_selected')!r}")
+            missing |= sub.missing
+            problems += sub.problems
+            raw[proto]["h2"] = sub.raw["h2"]
+            continue
+        if not got or done.returncode not in (0, 1):
+            problems.append(f"pageload.py --proto {proto} exit {done.returncode}: "
+                            f"{done.stdout.strip()[-500:]} {done.stderr.strip()[-1500:]}")
+            continue
+        pages = int(got.get("pages", 0))
+        metrics[f"pages/s {proto}"] = pages / got["seconds"] if got.get("seconds") else 0.0
+        metrics[f"CPU-ms/page {proto}"] = cpu * 1e3 / pages if pages else 0.0
+        metrics["errors"] += int(got.get("failures", 0))
+        if got.get("failures"):
+            problems.append(f"pageload.py --proto {proto}: {got['failures']} page loads "
+                            f"failed: {got.get('reasons')}")
+        want = 1 + PAGE_ASSETS
+        if pages and got.get("requests", 0) != pages * want and not got.get("failures"):
+            problems.append(f"pageload.py --proto {proto}: {got.get('requests')} requests "
+                            f"for {pages} pages, not {want} each")
+        settle(server, fds0)
+    return Sample(metrics, raw, problems, missing)
+
+
 def _cmd(build: Callable[[Session, str], list[str]]) -> Callable[[Session, str], str]:
     return lambda s, port: shlex.join(build(s, port))
 
@@ -931,6 +1133,11 @@ RATE_REQ = (Metric("req/s", "req/s", False, "{:.0f}"), Metric("CPU-us/req", "us"
 RATE_CONN = (Metric("conn/s", "conn/s", False, "{:.0f}"), Metric("CPU-ms/conn", "ms", True),
              Metric("errors", "", True, "{:.0f}"), Metric("non-2xx", "", True, "{:.0f}"))
 KIB = (Metric("KiB/conn", "KiB", True, "{:.1f}"),)
+PAGES = (Metric("pages/s h1", "pages/s", False, "{:.0f}"),
+         Metric("pages/s h2", "pages/s", False, "{:.0f}"),
+         Metric("CPU-ms/page h1", "ms", True, "{:.2f}"),
+         Metric("CPU-ms/page h2", "ms", True, "{:.2f}"),
+         Metric("errors", "", True, "{:.0f}"))
 
 MEASURES: tuple[Measure, ...] = (
     Measure("M1", "M1 bulk passthrough (1 GiB)",
@@ -948,9 +1155,15 @@ MEASURES: tuple[Measure, ...] = (
             fresh=True),
     Measure("M6t", "M6 memory per idle terminated connection", KIB,
             *_idle_measure(STATIC_HOST), fresh=True),
+    Measure("M7", "M7 static 1 KiB over HTTP/2 (h2load -c64 -m10)", RATE_REQ,
+            _cmd(h2load_command), m7_h2load),
+    Measure("M8", "M8 page load: HTML + 30 assets, new connections each (h1: 6 "
+            "connections; h2: 1)", PAGES,
+            lambda s, port: "\n".join(shlex.join(pageload_command(s, port, p))
+                                      for p in ("h1", "h2")), m8_pages),
 )
 # Run order on the shared server: M4 last, its upstream keep-alive connections stay open.
-RUN_ORDER = ("M6p", "M6t", "M1", "M2", "M3", "M5", "M4")
+RUN_ORDER = ("M6p", "M6t", "M1", "M2", "M3", "M5", "M7", "M8", "M4")
 
 
 @dataclass(frozen=True)
@@ -974,6 +1187,9 @@ TARGETS: dict[tuple[str, str], Target] = {
     ("M3", "req/s"): Target(">= 1.00 with 2 workers", 1.0, False, 2),
     ("M4", "req/s"): Target(">= 1.00 with 2 workers", 1.0, False, 2),
     ("M5", "conn/s"): Target(">= 1.00 with 2 workers", 1.0, False, 2),
+    # issue 9 item 4
+    ("M7", "CPU-us/req"): Target("<= 1.50 (issue 9)", 1.50, True),
+    ("M8", "CPU-ms/page h2"): Target("<= 1.00 (issue 9; and sniport h2 < its h1)", 1.00, True),
 }
 
 
@@ -1045,7 +1261,8 @@ def server_instance(session: Session, name: str, workers: int, rnd: int, tag: st
             for scale, sample in job(server):
                 sample.raw["loadavg_1m"] = load
                 into.append(Record(key, name, workers, rnd, sample, scale))
-                shown = ", ".join(f"{k} {v:.4g}" for k, v in sample.metrics.items())
+                shown = ", ".join([f"{k} {v:.4g}" for k, v in sample.metrics.items()]
+                                  + [f"{k}: {v}" for k, v in sample.missing.items()])
                 at = f" @{scale}" if scale else ""
                 log(f"  {key}{at} {server.label}: {shown}"
                     + (f"  PROBLEMS: {sample.problems}" if sample.problems else ""))
@@ -1070,7 +1287,22 @@ def server_instance(session: Session, name: str, workers: int, rnd: int, tag: st
         lines = server.problems()
         outcome.log_lines += [(server.label, line) for line in lines]
         if name == "sniport":  # an error line from sniport is sniport misbehaving
-            outcome.problems += [f"{where}, sniport log: {line}" for line in lines]
+            outcome.problems += log_problems(where, lines)
+
+
+def log_problems(where: str, lines: Sequence[str], shown: int = 8) -> list[str]:
+    """sniport's error lines as problems: each distinct line (digits aside) once, with its
+    count, the first ``shown`` of them (a traceback repeated for every stream of a run
+    would otherwise be thousands of lines)."""
+    counts: dict[str, list[str]] = {}
+    for line in lines:
+        counts.setdefault(re.sub(r"\d+", "N", line), []).append(line)
+    out = [f"{where}, sniport log: {found[0]}" + (f" (x{len(found)})" if len(found) > 1 else "")
+           for found in list(counts.values())[:shown]]
+    if len(counts) > shown:
+        out.append(f"{where}, sniport log: {len(counts) - shown} more distinct line(s), "
+                   f"{sum(len(f) for f in list(counts.values())[shown:])} in all; see the log")
+    return out
 
 
 def main_jobs(session: Session, measures: Sequence[Measure]) -> list[tuple[str, list[Job]]]:
@@ -1179,6 +1411,8 @@ def machine(lab: Path) -> dict[str, str]:
         "memory": f"{int(mem) // 1024} MiB",
         "nginx": sh("nginx -v").replace("nginx version: ", ""),
         "wrk": sh("wrk -v | head -1").split(" Copyright")[0],
+        "h2load": sh("h2load --version"),
+        "h2 (python)": importlib.metadata.version("h2"),
         "curl": sh("curl -V | head -1"),
         "openssl": sh("openssl version").split(" (")[0],
         "python": sys.version.split()[0],
@@ -1235,8 +1469,25 @@ def tidy(text: str, session: Session | None = None) -> str:
 
 
 def _raw_json(sample: Sample) -> str:
-    raw = {k: v for k, v in sample.raw.items() if k != "wrk_stdout"}
+    raw = {k: v for k, v in sample.raw.items() if k not in ("wrk_stdout", "h2load_stdout")}
     return json.dumps(raw, separators=(",", ":"))
+
+
+def _missing(records: Sequence[Record], key: str, server: str, workers: int,
+             metric: str, scale: int = 0) -> str:
+    """Why ``metric`` has no value in these records ("h2 not negotiated"), or ''."""
+    why = sorted({r.sample.missing[metric] for r in records
+                  if r.measure == key and r.server == server and r.workers == workers
+                  and r.scale == scale and metric in r.sample.missing})
+    return "; ".join(why)
+
+
+def _cell(records: Sequence[Record], key: str, server: str, workers: int, metric: str,
+          fmt: str) -> str:
+    values = _values(records, key, server, workers, metric)
+    if values:
+        return _stats(values, fmt)
+    return _missing(records, key, server, workers, metric) or "-"
 
 
 def summary_table(outcome: Outcome, measures: Sequence[Measure],
@@ -1246,7 +1497,7 @@ def summary_table(outcome: Outcome, measures: Sequence[Measure],
     for w in workers_list:
         head += f" nginx, {w}w | sniport, {w}w | ratio {w}w |"
         rule += "---|---|---|"
-    head += " issue 6 target | " + " / ".join(f"{w}w" for w in workers_list) + " |"
+    head += " target (issue 6 unless said) | " + " / ".join(f"{w}w" for w in workers_list) + " |"
     rule += "---|---|"
     lines = [head, rule]
     recs = outcome.records
@@ -1258,8 +1509,8 @@ def summary_table(outcome: Outcome, measures: Sequence[Measure],
             row = f"| {m.title}: {metric.name} ({better}) |"
             for w in workers_list:
                 r = ratio(recs, m.key, w, metric.name)
-                row += (f" {_stats(_values(recs, m.key, 'nginx', w, metric.name), metric.fmt)} |"
-                        f" {_stats(_values(recs, m.key, 'sniport', w, metric.name), metric.fmt)}"
+                row += (f" {_cell(recs, m.key, 'nginx', w, metric.name, metric.fmt)} |"
+                        f" {_cell(recs, m.key, 'sniport', w, metric.name, metric.fmt)}"
                         f" | {'-' if r is None else f'{r:.2f}'} |")
             target = TARGETS.get((m.key, metric.name))
             if target is None:
@@ -1270,7 +1521,7 @@ def summary_table(outcome: Outcome, measures: Sequence[Measure],
                     if target.workers in (None, w) else "n/a" for w in workers_list) + " |"
             lines.append(row)
         if any(x.name in COUNTS for x in m.metrics):
-            row = f"| {m.title}: wrk socket errors / non-2xx, sum of rounds |"
+            row = f"| {m.title}: load generator errors / non-2xx, sum of rounds |"
             for w in workers_list:
                 cells = []
                 for srv in ("nginx", "sniport"):
@@ -1280,6 +1531,39 @@ def summary_table(outcome: Outcome, measures: Sequence[Measure],
                 row += f" {cells[0]} | {cells[1]} | |"
             lines.append(row + " 0 / 0 | |")
     return lines
+
+
+def m8_table(recs: Sequence[Record], workers_list: Sequence[int]) -> list[str]:
+    """M8's four columns (server CPU-ms per page, medians) and the issue 9 targets: sniport
+    h2 <= nginx h2, and sniport h2 < sniport h1."""
+    lines = ["Server CPU-ms per page load (medians, (min-max) over rounds):", "",
+             "| workers | sniport h1 | sniport h2 | nginx h1 | nginx h2 | sniport h2 / nginx h2 "
+             "(target <= 1.00) | sniport h2 / sniport h1 (target < 1.00) | nginx h2 / nginx "
+             "h1 | sniport h1 / nginx h1 |", "|---|---|---|---|---|---|---|---|---|"]
+    for w in workers_list:
+        cells = [_cell(recs, "M8", s, w, f"CPU-ms/page {p}", "{:.2f}")
+                 for s in ("sniport", "nginx") for p in ("h1", "h2")]
+        med = {(s, p): statistics.median(v) if (v := _values(recs, "M8", s, w,
+                                                              f"CPU-ms/page {p}")) else None
+               for s in ("sniport", "nginx") for p in ("h1", "h2")}
+
+        def rel(a: tuple[str, str], b: tuple[str, str], bound: float | None,
+                med: dict[tuple[str, str], float | None] = med) -> str:
+            x, y = med[a], med[b]
+            if x is None or y is None or y == 0:
+                return "-"
+            r = x / y
+            if bound is None:
+                return f"{r:.2f}"
+            met = r <= bound if a[0] != b[0] else r < bound
+            return f"{'met' if met else '**NOT met**'} ({r:.2f})"
+
+        lines.append(f"| {w} | {' | '.join(cells)} | "
+                     f"{rel(('sniport', 'h2'), ('nginx', 'h2'), 1.0)} | "
+                     f"{rel(('sniport', 'h2'), ('sniport', 'h1'), 1.0)} | "
+                     f"{rel(('nginx', 'h2'), ('nginx', 'h1'), None)} | "
+                     f"{rel(('sniport', 'h1'), ('nginx', 'h1'), None)} |")
+    return [*lines, ""]
 
 
 def net_of_handshakes(outcome: Outcome, key: str, server: str, workers: int,
@@ -1424,7 +1708,8 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
         f"- load: /proc/loadavg at the start `{info['loadavg']}`, at the end "
         f"`{end_info['loadavg']}`; {load_text} (the box is shared: other work shows here, and "
         "moves rates much more than CPU per unit)",
-        f"- software: nginx {info['nginx']}, {info['wrk']}, {info['curl'].split(' (')[0]}, "
+        f"- software: nginx {info['nginx']}, {info['wrk']}, {info['h2load']}, "
+        f"{info['curl'].split(' (')[0]}, python h2 {info['h2 (python)']} (bench/pageload.py), "
         f"{info['openssl']}, Python {info['python']}, uvloop {info['uvloop']}, "
         f"{info['openssl (python)']}, {info['sniport']}{changed}",
         f"- servers, with {wtext} worker(s) each (nginx worker_processes = sniport "
@@ -1444,7 +1729,8 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
         f"- method: {a.runs} round(s); in each, for each worker count, both servers are "
         "started fresh, checked, and measured one after the other, the order flipping every "
         "round and between worker counts; the memory measures (M6) each on a server started "
-        "just for them, M1-M5 on one more start. Figures are medians with the (min-max) "
+        "just for them, M1-M5, M7 and M8 on one more start. Figures are medians with the "
+        "(min-max) "
         "spread. Server CPU = utime+stime of the server's own processes from /proc/PID/stat "
         "(master + workers, for both), before and after each run; memory = VmRSS sum of the "
         "same processes. wrk: -t2 -c64 -d3s unless said otherwise; its socket errors and "
@@ -1481,7 +1767,8 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
         lines += [header, "|" + "---|" * (len(m.metrics) + 4)]
         for r in sorted((r for r in outcome.records if r.measure == m.key),
                         key=lambda r: (r.workers, r.server, r.round)):
-            vals = " | ".join(x.fmt.format(r.sample.metrics.get(x.name, float("nan")))
+            vals = " | ".join(x.fmt.format(r.sample.metrics[x.name]) if x.name in
+                              r.sample.metrics else r.sample.missing.get(x.name, "-")
                               for x in m.metrics)
             lines.append(f"| {r.workers} | {r.server} | {r.round + 1} | {vals} | "
                          f"{_raw_json(r.sample)} |")
@@ -1493,6 +1780,8 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
                     lines.append(f"- {w} worker(s), ratio sniport / nginx, {metric.name}: "
                                  f"**{rr:.2f}**")
         lines.append("")
+        if m.key == "M8":
+            lines += m8_table(outcome.records, workers_list)
 
     if a.scaling:
         lines += scaling_section(session, outcome, measures, workers_list)
@@ -1572,6 +1861,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--wrk-duration", type=int, default=3, help="wrk seconds; default 3")
     p.add_argument("--wrk-threads", type=int, default=2)
     p.add_argument("--wrk-connections", type=int, default=64)
+    p.add_argument("--h2load-clients", type=int, default=64, help="M7 h2load -c; default 64")
+    p.add_argument("--h2load-streams", type=int, default=10,
+                   help="M7 h2load -m (concurrent streams per connection); default 10")
+    p.add_argument("--page-duration", type=float, default=4.0,
+                   help="M8 seconds of page loads per protocol; default 4")
+    p.add_argument("--page-browsers", type=int, default=8,
+                   help="M8 page loads at once (bench/pageload.py --browsers); default 8")
     p.add_argument("--no-relay", action="store_true", help="skip bench/relay_compare.py")
     p.add_argument("--relay-bytes", type=int, default=GIB, help="relay_compare bytes per run")
     p.add_argument("--out", default=str(BENCH / "RESULTS.md"),
