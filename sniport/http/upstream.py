@@ -17,6 +17,11 @@ Rules:
   ("upstream sent too big header", as nginx says), counted on the bytes fed to httptools,
   since it buffers an unfinished header itself, out of our callbacks' sight.
 - State changes of an upstream (down, up) are logged once, with the reason.
+- A request holds its connection through an ``UpstreamLease``: taking one counts the request
+  in ``Upstream.active`` (what ``least_conn`` balances on), and its ``release(outcome)`` is
+  the one place that count goes down, the upstream's health is told the outcome, and the
+  connection is pooled or closed. It acts once: a second release (an error path that meets
+  another) is a no-op, so the count can neither leak nor go negative.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Callable
+from enum import Enum
 from typing import Any, Protocol
 
 import httptools
@@ -252,6 +258,10 @@ class Upstream:
         conn.deadlines = deadlines_for(loop)
         conn.deadlines.after(conn, self.cfg.keepalive_timeout)
 
+    def lease(self, conn: UpstreamConn, loop: asyncio.AbstractEventLoop) -> UpstreamLease:
+        """``conn`` taken for one request: counted in ``active`` until the lease's release."""
+        return UpstreamLease(self, conn, loop)
+
     def drop_idle(self, conn: UpstreamConn) -> None:
         with contextlib.suppress(ValueError):
             self.idle.remove(conn)
@@ -292,6 +302,57 @@ class Upstream:
             diag.info("upstream %s answers again", self.label)
             self.down_until = 0.0
         self.fails = 0
+
+
+class Outcome(Enum):
+    """How a request's use of an upstream connection ended: what the upstream's health
+    hears, and whether the connection may serve another request."""
+
+    REUSE = "reuse"  # answered in full, the connection in a known state: pooled (once clean)
+    ANSWERED = "answered"  # answered, but the connection cannot be reused: closed
+    FAILED = "failed"  # the upstream failed this request: counts toward max_fails; closed
+    ABANDONED = "abandoned"  # ended on our side or the client's (client gone, 413, tunnel
+    #                          end), or the upstream is not to blame (a stale pooled
+    #                          connection): no verdict on its health; closed
+
+
+class UpstreamLease:
+    """One request's hold on one upstream connection (see the module's rules).
+
+    Taken with ``Upstream.lease`` once a connection is about to carry a request; ``release``
+    ends it exactly once, whichever way the request ended."""
+
+    __slots__ = ("upstream", "conn", "loop", "released")
+
+    def __init__(self, upstream: Upstream, conn: UpstreamConn,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.upstream = upstream
+        self.conn = conn
+        self.loop = loop
+        self.released = False
+        upstream.active += 1
+
+    def release(self, outcome: Outcome, reason: str = "") -> bool:
+        """End the lease: ``active`` down by one, the outcome told to the upstream's health
+        (``reason`` names a failure), the connection pooled (``REUSE``) or closed. False,
+        and nothing done, if it had already ended."""
+        if self.released:
+            return False
+        self.released = True
+        up = self.upstream
+        up.active -= 1
+        if outcome is Outcome.REUSE:
+            up.succeeded()
+            # Pooled once the read that completed the response is parsed to its end: a
+            # stray byte after it means an unknown state, and a close.
+            self.conn.release_when_clean(self.loop)
+            return True
+        if outcome is Outcome.ANSWERED:
+            up.succeeded()
+        elif outcome is Outcome.FAILED:
+            up.failed(self.loop.time(), reason)
+        self.conn.close()
+        return True
 
 
 def upstream_tls_context(cfg: ProxyHandler) -> ssl.SSLContext:
