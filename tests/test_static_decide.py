@@ -328,3 +328,32 @@ def test_permission_denied_is_forbidden(tree: Path, monkeypatch: pytest.MonkeyPa
     assert summary(tree, d) == ("403", "permission_denied")
     page = sf.decide(request("/x"), "/a.txt", 0.0, page=True)
     assert summary(tree, page) == ("404", "not_found")
+
+
+class _Recorder:
+    """The little of an exchange that a whole small file's send uses."""
+
+    remove_headers: frozenset[bytes] = frozenset()
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, list[tuple[str, str]], bytes, bytes]] = []
+
+    def respond(self, status: int, headers: list[tuple[str, str]], body: bytes = b"",
+                block: bytes = b"") -> None:
+        self.sent.append((status, headers, body, block))
+
+
+def test_a_sibling_that_appears_later_brings_vary(tmp_path: Path) -> None:
+    """The plain 200's header block is encoded once per file; a precompressed sibling
+    created after that must still add Vary: Accept-Encoding (RFC 9110 section 12.5.5), or a
+    cache would give the gzip variant to clients that cannot take it."""
+    (tmp_path / "late.txt").write_bytes(b"late" * 10)
+    sf = files(tmp_path, "plain")
+    ex = _Recorder()
+    sf.send(ex, sf.decide(request("/late.txt"), "/late.txt", 0.0))  # type: ignore[arg-type]
+    assert b"Vary" not in ex.sent[-1][3]
+    (tmp_path / "late.txt.gz").write_bytes(b"gz")
+    later = sf.decide(request("/late.txt"), "/late.txt", 5.0)  # past SIBLING_TTL
+    assert summary(tmp_path, later) == ("found", "late.txt", None, True, None)
+    sf.send(ex, later)  # type: ignore[arg-type]
+    assert b"Vary: Accept-Encoding\r\n" in ex.sent[-1][3]

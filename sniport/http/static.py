@@ -378,7 +378,9 @@ class StaticFiles:
             # The common case: a whole small file. Headers encoded once.
             data = self._contents(ex, meta)
             if data is not None:
-                block = meta.block or self._plain_block(meta, found.coding, found.vary)
+                # The kept block has no Vary: not for a file that has gained a sibling since.
+                block = (meta.block if meta.block and not found.vary
+                         else self._plain_block(meta, found.coding, found.vary))
                 ex.respond(200, [], data, block)
             return
         headers = _file_headers(meta, found.coding, found.vary)
