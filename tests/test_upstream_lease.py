@@ -34,7 +34,7 @@ from sniport.config import ProxyHandler, loads
 from sniport.http.engine import HttpConnection, Limits
 from sniport.http.proxy import ProxyRoute
 from sniport.http.site import SiteApp, default_handlers
-from sniport.http.upstream import Outcome, Upstream, UpstreamLease
+from sniport.http.upstream import OUTCOMES, Outcome, Upstream, UpstreamLease
 from sniport.routing import RouteTable
 
 # --------------------------------------------------------------------------------------------
@@ -72,10 +72,10 @@ def _lease(up: Upstream) -> tuple[UpstreamLease, _Conn]:
 
 
 @pytest.mark.parametrize(("outcome", "pooled", "closed", "fails"), [
-    (Outcome.REUSE, 1, 0, 0),
-    (Outcome.ANSWERED, 0, 1, 0),
-    (Outcome.FAILED, 0, 1, 1),
-    (Outcome.ABANDONED, 0, 1, 0),
+    ("reuse", 1, 0, 0),
+    ("answered", 0, 1, 0),
+    ("failed", 0, 1, 1),
+    ("abandoned", 0, 1, 0),
 ])
 def test_a_lease_counts_once_and_settles_the_connection(
         outcome: Outcome, pooled: int, closed: int, fails: int) -> None:
@@ -86,22 +86,22 @@ def test_a_lease_counts_once_and_settles_the_connection(
     assert lease.release(outcome, "why")
     assert up.active == 1
     # Every later release, whatever its outcome, is a no-op: no count, no health, no I/O.
-    for again in Outcome:
+    for again in OUTCOMES:
         assert not lease.release(again, "again")
     assert up.active == 1
     assert (conn.pooled, conn.closed, up.fails) == (pooled, closed, fails)
-    other.release(Outcome.ABANDONED)
+    other.release("abandoned")
     assert up.active == 0
 
 
 def test_failures_take_an_upstream_down_and_an_answer_brings_it_back() -> None:
     up = _upstream(max_fails=2)
     for _ in range(2):
-        _lease(up)[0].release(Outcome.FAILED, "upstream_timeout")
+        _lease(up)[0].release("failed", "upstream_timeout")
     assert up.fails == 2 and not up.available(100.0) and up.available(110.0)
-    _lease(up)[0].release(Outcome.ABANDONED)  # no verdict: still down
+    _lease(up)[0].release("abandoned")  # no verdict: still down
     assert not up.available(100.0)
-    _lease(up)[0].release(Outcome.ANSWERED)
+    _lease(up)[0].release("answered")
     assert up.fails == 0 and up.available(100.0) and up.active == 0
 
 

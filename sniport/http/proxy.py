@@ -19,8 +19,9 @@ Rules:
 - The upstream's response is parsed by httptools; a malformed one is a 502 and its
   connection is closed, never pooled.
 - A request holds its upstream connection through an ``UpstreamLease`` (http/upstream.py),
-  and every way it ends goes through ``ProxyExchange._release``: the upstream's count of
-  requests in flight (``least_conn``), its health and the pool are settled there, once.
+  and every way it ends releases that lease (``_complete`` for an answer, ``_release`` for
+  anything else): the upstream's count of requests in flight (``least_conn``), its health
+  and the pool are settled there, once.
 """
 
 from __future__ import annotations
@@ -357,7 +358,7 @@ class ProxyExchange:
     def upstream_failed(self, reason: str) -> None:
         self.last_reason = reason
         diag.warning("proxy: upstream %s: %s", self.up.label if self.up else "?", reason)
-        self._release(Outcome.FAILED, reason)
+        self._release("failed", reason)
         self._fail(502, reason)
 
     def upstream_lost(self) -> None:
@@ -377,19 +378,19 @@ class ProxyExchange:
         reused = self.lease is not None and self.lease.conn.reused
         if self.body_sent or (self.req.body is not None and self.req.body.received):
             # Not counted against the upstream's health, as before the lease existed.
-            self._release(Outcome.ABANDONED)
+            self._release("abandoned")
             self._fail(502, "upstream_closed_before_response")
             return
         if reused and not self.stale_retried:
             # A pooled connection the upstream had already closed: once more, on a new one.
             # Not the upstream's failure: keep-alive races are how HTTP/1.1 works (RFC 9112
             # section 9.6).
-            self._release(Outcome.ABANDONED)
+            self._release("abandoned")
             self.stale_retried = True
             self._connect(up)
             return
         self.last_reason = "upstream_closed_before_response"
-        self._release(Outcome.FAILED, self.last_reason)
+        self._release("failed", self.last_reason)
         if self.req.method in IDEMPOTENT and self.req.body is None:
             self._next_upstream()
         else:
@@ -418,7 +419,9 @@ class ProxyExchange:
         # Reusable only in a known state (upstream.py's rules): framed, the request sent
         # whole, no close asked for, and no read left paused.
         reusable = self.keep_alive and self.framed and self.body_done and not self.reading_paused
-        self._release(Outcome.REUSE if reusable else Outcome.ANSWERED)
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            lease.release("reuse" if reusable else "answered")
         self.ex.on_resume = None
         self.ex.on_abort = None
         self.ex.end()
@@ -449,7 +452,7 @@ class ProxyExchange:
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
-        self._release(Outcome.ABANDONED)
+        self._release("abandoned")
 
     def _release(self, outcome: Outcome, reason: str = "") -> None:
         """The one way this request lets go of its upstream connection (see the module's
@@ -457,7 +460,7 @@ class ProxyExchange:
         lease, self.lease = self.lease, None
         if lease is not None:
             lease.release(outcome, reason)
-        elif outcome is Outcome.FAILED and self.up is not None:
+        elif outcome == "failed" and self.up is not None:
             # No connection held (a timeout while a stale one is being replaced): the
             # failure is the upstream's all the same.
             self.up.failed(self.loop.time(), reason)
@@ -487,7 +490,7 @@ class ProxyExchange:
         if not self.responded:
             self.last_reason = "upstream_timeout"
             if self.up is not None:
-                self._release(Outcome.FAILED, self.last_reason)
+                self._release("failed", self.last_reason)
                 diag.warning("proxy: upstream %s: no response within %gs", self.up.label,
                              self.route.cfg.timeout)
             self._fail(504, "upstream_timeout")
@@ -564,7 +567,7 @@ class Tunnel:
         if not self.closed:
             self.closed = True
             self.px.deadlines.clear(self)
-            self.px._release(Outcome.ABANDONED)
+            self.px._release("abandoned")
 
     def _end(self, reason: str) -> None:
         if self.closed:
@@ -573,7 +576,7 @@ class Tunnel:
         px = self.px
         px.deadlines.clear(self)
         px.done = True
-        px._release(Outcome.ABANDONED)
+        px._release("abandoned")
         ex = px.ex
         ex.note = reason
         ex.close_after = True

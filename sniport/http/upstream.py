@@ -30,8 +30,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Callable
-from enum import Enum
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import httptools
 
@@ -304,16 +303,17 @@ class Upstream:
         self.fails = 0
 
 
-class Outcome(Enum):
-    """How a request's use of an upstream connection ended: what the upstream's health
-    hears, and whether the connection may serve another request."""
-
-    REUSE = "reuse"  # answered in full, the connection in a known state: pooled (once clean)
-    ANSWERED = "answered"  # answered, but the connection cannot be reused: closed
-    FAILED = "failed"  # the upstream failed this request: counts toward max_fails; closed
-    ABANDONED = "abandoned"  # ended on our side or the client's (client gone, 413, tunnel
-    #                          end), or the upstream is not to blame (a stale pooled
-    #                          connection): no verdict on its health; closed
+# How a request's use of an upstream connection ended: what the upstream's health hears, and
+# whether the connection may serve another request. (Literal strings, not an Enum: compared
+# on every proxied request, and an Enum member costs a class attribute lookup each time.)
+#   "reuse"      answered in full, the connection in a known state: pooled (once clean)
+#   "answered"   answered, but the connection cannot be reused: closed
+#   "failed"     the upstream failed this request: counts toward max_fails; closed
+#   "abandoned"  ended on our side or the client's (client gone, 413, a tunnel's end), or
+#                the upstream is not to blame (a stale pooled connection): no verdict on
+#                its health; closed
+Outcome = Literal["reuse", "answered", "failed", "abandoned"]
+OUTCOMES: tuple[Outcome, ...] = ("reuse", "answered", "failed", "abandoned")
 
 
 class UpstreamLease:
@@ -334,22 +334,23 @@ class UpstreamLease:
 
     def release(self, outcome: Outcome, reason: str = "") -> bool:
         """End the lease: ``active`` down by one, the outcome told to the upstream's health
-        (``reason`` names a failure), the connection pooled (``REUSE``) or closed. False,
+        (``reason`` names a failure), the connection pooled (``"reuse"``) or closed. False,
         and nothing done, if it had already ended."""
         if self.released:
             return False
         self.released = True
         up = self.upstream
         up.active -= 1
-        if outcome is Outcome.REUSE:
-            up.succeeded()
+        if outcome == "reuse":
+            if up.fails:
+                up.succeeded()
             # Pooled once the read that completed the response is parsed to its end: a
             # stray byte after it means an unknown state, and a close.
             self.conn.release_when_clean(self.loop)
             return True
-        if outcome is Outcome.ANSWERED:
+        if outcome == "answered":
             up.succeeded()
-        elif outcome is Outcome.FAILED:
+        elif outcome == "failed":
             up.failed(self.loop.time(), reason)
         self.conn.close()
         return True
