@@ -18,6 +18,10 @@ Rules:
   it, the client connection is closed: never a second response (house rule 6).
 - The upstream's response is parsed by httptools; a malformed one is a 502 and its
   connection is closed, never pooled.
+- A request holds its upstream connection through an ``UpstreamLease`` (http/upstream.py),
+  and every way it ends releases that lease (``_complete`` for an answer, ``_release`` for
+  anything else): the upstream's count of requests in flight (``least_conn``), its health
+  and the pool are settled there, once.
 """
 
 from __future__ import annotations
@@ -29,7 +33,14 @@ from typing import TYPE_CHECKING
 from sniport.config import ProxyHandler
 from sniport.deadlines import deadlines_for
 from sniport.http.request import BodyTooLarge, ClientGone
-from sniport.http.upstream import HealthChecker, Upstream, UpstreamConn, upstream_tls_context
+from sniport.http.upstream import (
+    HealthChecker,
+    Outcome,
+    Upstream,
+    UpstreamConn,
+    UpstreamLease,
+    upstream_tls_context,
+)
 from sniport.logs import diag
 from sniport.routing import Acl, Network
 from sniport.wire.proxyheaders import client_response_headers, serialize, upstream_request_headers
@@ -101,7 +112,7 @@ class ProxyExchange:
     """One request through the proxy, from picking an upstream to the end of the response."""
 
     __slots__ = ("route", "ex", "loop", "req", "head", "chunked_body", "tried", "up",
-                 "conn", "connecting", "status", "headers", "responded", "done", "body_sent",
+                 "lease", "connecting", "status", "headers", "responded", "done", "body_sent",
                  "body_done", "stale_retried", "reading_paused", "deadlines", "deadline",
                  "deadline_slot", "keep_alive", "framed", "last_reason", "tunnel",
                  "pending_head")
@@ -131,7 +142,7 @@ class ProxyExchange:
         self.head = (f"{req.method} {target} HTTP/1.1\r\n".encode("latin-1"), headers)
         self.tried: list[Upstream] = []
         self.up: Upstream | None = None
-        self.conn: UpstreamConn | None = None
+        self.lease: UpstreamLease | None = None  # the connection carrying the request
         self.connecting: asyncio.Task[UpstreamConn] | None = None
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -222,9 +233,8 @@ class ProxyExchange:
             up.failed(self.loop.time(), self.last_reason)
             self._next_upstream()
             return
-        self.conn = conn
+        self.lease = up.lease(conn, self.loop)
         conn.begin(self)
-        up.active += 1
         line, headers = self.head
         if self.route.cfg.host == "upstream":
             headers = [(b"host", up.host_header), *(h for h in headers if h[0] != b"host")]
@@ -237,9 +247,10 @@ class ProxyExchange:
     # -- the request body, pushed by the client connection ---------------------------------
 
     def body_data(self, chunk: bytes) -> None:
-        conn = self.conn
-        if conn is None or conn.closed or self.done:
+        lease = self.lease
+        if lease is None or lease.conn.closed or self.done:
             return
+        conn = lease.conn
         self.body_sent = True
         if self.chunked_body:
             conn.transport.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
@@ -248,9 +259,9 @@ class ProxyExchange:
 
     def body_end(self) -> None:
         self.body_done = True
-        conn = self.conn
-        if conn is not None and not conn.closed and self.chunked_body and not self.done:
-            conn.transport.write(b"0\r\n\r\n")  # trailers, if any, are dropped
+        lease = self.lease
+        if lease is not None and not lease.conn.closed and self.chunked_body and not self.done:
+            lease.conn.transport.write(b"0\r\n\r\n")  # trailers, if any, are dropped
 
     def body_error(self, exc: Exception) -> None:
         if isinstance(exc, BodyTooLarge):
@@ -266,8 +277,8 @@ class ProxyExchange:
         # after the head: trailer fields of a chunked body, dropped (RFC 9112 section 7.1.2)
 
     def on_headers_complete(self) -> None:
-        conn = self.conn
-        assert conn is not None
+        assert self.lease is not None  # the connection reports only to its leaseholder
+        conn = self.lease.conn
         status = conn.get_status()
         if status < 200:
             if status != 101:
@@ -316,14 +327,15 @@ class ProxyExchange:
         if not ex.writable and not self.reading_paused:
             # The client reads slower than the upstream sends: stop reading the upstream.
             self.reading_paused = True
-            assert self.conn is not None
-            self.conn.transport.pause_reading()
+            assert self.lease is not None
+            self.lease.conn.transport.pause_reading()
             ex.on_resume = self._client_resumed
 
     def _client_resumed(self) -> None:
-        if self.reading_paused and self.conn is not None and not self.conn.closed:
+        lease = self.lease
+        if self.reading_paused and lease is not None and not lease.conn.closed:
             self.reading_paused = False
-            self.conn.transport.resume_reading()
+            lease.conn.transport.resume_reading()
             self._arm(self.route.cfg.read_timeout)
 
     def on_message_complete(self) -> None:
@@ -331,9 +343,9 @@ class ProxyExchange:
             self._complete()
 
     def upstream_upgraded(self, rest: bytes) -> None:
-        conn = self.conn
-        assert conn is not None
-        if conn.get_status() != 101 or not self.req.upgrade or self.done:
+        lease = self.lease
+        assert lease is not None
+        if lease.conn.get_status() != 101 or not self.req.upgrade or self.done:
             self.upstream_failed("bad_response: unexpected upgrade")
             return
         self.status = 101
@@ -341,14 +353,12 @@ class ProxyExchange:
         self._disarm()
         raw = client_response_headers(self.headers, upgrade=True)
         self.ex.start(101, [], None, raw)
-        self.tunnel = Tunnel(self, conn, rest)
+        self.tunnel = Tunnel(self, lease.conn, rest)
 
     def upstream_failed(self, reason: str) -> None:
         self.last_reason = reason
         diag.warning("proxy: upstream %s: %s", self.up.label if self.up else "?", reason)
-        if self.up is not None:
-            self.up.failed(self.loop.time(), reason)
-        self._drop_conn()
+        self._release("failed", reason)
         self._fail(502, reason)
 
     def upstream_lost(self) -> None:
@@ -363,20 +373,24 @@ class ProxyExchange:
             else:
                 self._abort("upstream_closed_mid_response")
             return
-        conn, self.conn = self.conn, None
         up = self.up
         assert up is not None
-        up.active -= 1
+        reused = self.lease is not None and self.lease.conn.reused
         if self.body_sent or (self.req.body is not None and self.req.body.received):
+            # Not counted against the upstream's health, as before the lease existed.
+            self._release("abandoned")
             self._fail(502, "upstream_closed_before_response")
             return
-        if conn is not None and conn.reused and not self.stale_retried:
+        if reused and not self.stale_retried:
             # A pooled connection the upstream had already closed: once more, on a new one.
+            # Not the upstream's failure: keep-alive races are how HTTP/1.1 works (RFC 9112
+            # section 9.6).
+            self._release("abandoned")
             self.stale_retried = True
             self._connect(up)
             return
         self.last_reason = "upstream_closed_before_response"
-        up.failed(self.loop.time(), self.last_reason)
+        self._release("failed", self.last_reason)
         if self.req.method in IDEMPOTENT and self.req.body is None:
             self._next_upstream()
         else:
@@ -402,17 +416,12 @@ class ProxyExchange:
         self._send_head()
         self.done = True
         self._disarm()
-        conn, self.conn = self.conn, None
-        up = self.up
-        if up is not None and conn is not None:
-            up.active -= 1
-            up.succeeded()
-            if self.keep_alive and self.framed and self.body_done and not self.reading_paused:
-                # Pooled once the read that completed it is parsed to its end: a stray
-                # byte after the response means an unknown state, and a close.
-                conn.release_when_clean(self.loop)
-            else:
-                conn.close()
+        # Reusable only in a known state (upstream.py's rules): framed, the request sent
+        # whole, no close asked for, and no read left paused.
+        reusable = self.keep_alive and self.framed and self.body_done and not self.reading_paused
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            lease.release("reuse" if reusable else "answered")
         self.ex.on_resume = None
         self.ex.on_abort = None
         self.ex.end()
@@ -443,11 +452,18 @@ class ProxyExchange:
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            if self.up is not None:
-                self.up.active -= 1
-            conn.close()
+        self._release("abandoned")
+
+    def _release(self, outcome: Outcome, reason: str = "") -> None:
+        """The one way this request lets go of its upstream connection (see the module's
+        rules); a no-op once let go."""
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            lease.release(outcome, reason)
+        elif outcome == "failed" and self.up is not None:
+            # No connection held (a timeout while a stale one is being replaced): the
+            # failure is the upstream's all the same.
+            self.up.failed(self.loop.time(), reason)
 
     def _client_gone(self) -> None:
         if self.tunnel is not None:
@@ -474,7 +490,7 @@ class ProxyExchange:
         if not self.responded:
             self.last_reason = "upstream_timeout"
             if self.up is not None:
-                self.up.failed(now, self.last_reason)
+                self._release("failed", self.last_reason)
                 diag.warning("proxy: upstream %s: no response within %gs", self.up.label,
                              self.route.cfg.timeout)
             self._fail(504, "upstream_timeout")
@@ -551,19 +567,16 @@ class Tunnel:
         if not self.closed:
             self.closed = True
             self.px.deadlines.clear(self)
-            self.conn.close()
+            self.px._release("abandoned")
 
     def _end(self, reason: str) -> None:
         if self.closed:
             return
         self.closed = True
-        self.px.deadlines.clear(self)
-        self.conn.close()
         px = self.px
+        px.deadlines.clear(self)
         px.done = True
-        px.conn = None
-        if px.up is not None:
-            px.up.active -= 1
+        px._release("abandoned")
         ex = px.ex
         ex.note = reason
         ex.close_after = True

@@ -4,6 +4,13 @@ Job: map the request path (after the route's prefix, like nginx ``alias``) to a 
 the root and send it, at the standard nginx sets: validators, conditional requests, single
 ranges, precompressed siblings, index files, directory listings, a fallback file.
 
+Two steps: ``decide`` looks (the path, the file system, the request's headers) and returns a
+typed ``Decision`` (``Found`` with its variant and range, ``NotModified``,
+``SlashRedirect``, ``Listing``, ``Missing``, ``Forbidden``...), without an exchange, so
+that every answer can be table-tested on a directory; ``send`` acts on it through the exchange,
+and is the only place that opens and reads files. What can still go wrong while sending
+(the file swapped or changed since it was looked at, a read error) is answered there.
+
 Rules:
 - The path is percent-decoded and normalised once (``wire.httprules.path_segments``);
   ``..``, encoded dots and slashes, backslashes and NUL are refused with 404, and so is a
@@ -28,7 +35,7 @@ import os
 import stat
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 from urllib.parse import quote
 
 from sniport.config import StaticHandler
@@ -49,6 +56,7 @@ from sniport.wire.httprules import (
 
 if TYPE_CHECKING:
     from sniport.http.contract import Exchange
+    from sniport.http.request import Request
 
 SMALL_FILE = 256 * 1024  # served from memory
 MEMORY_BUDGET = 32 * 1024 * 1024  # per worker, for the contents of small files
@@ -79,6 +87,7 @@ class FileMeta:
     siblings: dict[str, FileMeta | None] | None = None  # encoding -> precompressed file
     siblings_at: float = 0.0
     block: bytes = b""  # the header lines of a plain 200, encoded once (see _plain_block)
+    whole: Found | None = None  # the decision to send it whole, made once (_decide_file)
 
 
 def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -109,6 +118,84 @@ class _MemoryCache:
 _memory = _MemoryCache(MEMORY_BUDGET)
 
 
+# ------------------------------------------------------------------------------------------
+# Decisions: what a request gets, before anything is sent
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """Send ``meta``'s file: the representation chosen (a precompressed sibling when
+    ``coding``; ``vary`` when the choice depended on Accept-Encoding), whole or
+    ``byte_range`` (206)."""
+
+    meta: FileMeta
+    coding: str | None = None
+    vary: bool = False
+    byte_range: ByteRange | None = None
+
+
+@dataclass(slots=True)
+class NotModified:
+    """304 (RFC 9110 section 15.4.5): the validators and Vary of what would have been sent."""
+
+    meta: FileMeta
+    coding: str | None = None
+    vary: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PreconditionFailed:
+    """412 (RFC 9110 section 13.2.2, If-Match / If-Unmodified-Since)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RangeNotSatisfiable:
+    """416 (RFC 9110 section 15.5.17): no range overlaps the ``size`` bytes."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Missing:
+    """404; ``note`` says why for the log (not found, dotfile, bad path, outside the root)."""
+
+    note: str
+
+
+@dataclass(frozen=True, slots=True)
+class Forbidden:
+    """403: permission denied, or a directory without an index and without autoindex."""
+
+    note: str
+
+
+@dataclass(frozen=True, slots=True)
+class SlashRedirect:
+    """301 to the slash form of a directory, so that relative links inside it resolve."""
+
+    location: str
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """An autoindex page of the directory at ``fs_path`` (read when sent)."""
+
+    fs_path: str
+
+
+@dataclass(frozen=True, slots=True)
+class MethodNotAllowed:
+    """405: static files answer GET and HEAD only (RFC 9110 section 15.5.6)."""
+
+
+Decision: TypeAlias = (Found | NotModified | PreconditionFailed | RangeNotSatisfiable | Missing
+                       | Forbidden | SlashRedirect | Listing | MethodNotAllowed)
+
+NOT_FOUND = Missing("not_found")
+PRECONDITION_FAILED = PreconditionFailed()
+METHOD_NOT_ALLOWED = MethodNotAllowed()
+
+
 class StaticFiles:
     reads_body = False
 
@@ -122,99 +209,90 @@ class StaticFiles:
         # STAT_VALID skips decoding, checks and stat. Only files found are remembered.
         self._hits: dict[str, tuple[FileMeta, float]] = {}
 
-    # -- entry point ----------------------------------------------------------------------
+    # -- entry points ---------------------------------------------------------------------
 
     def handle(self, ex: Exchange, rest: str) -> None:
-        req = ex.request
-        if req.method not in ("GET", "HEAD"):
-            ex.respond(405, [("Allow", "GET, HEAD"), ("Content-Type", "text/plain")],
-                       b"405 Method Not Allowed\n")
-            return
-        self.serve_path(ex, rest, status=200)
+        self.send(ex, self.decide(ex.request, rest, ex.loop.time()))
 
-    def serve_path(self, ex: Exchange, rest: str, status: int,
-                   use_fallback: bool = True) -> bool:
-        """Serve ``rest``; False (and nothing sent) when ``status`` != 200 and it is missing,
-        so that an error page that does not exist falls back to the plain error."""
-        now = ex.loop.time()
+    def serve_path(self, ex: Exchange, rest: str, status: int) -> bool:
+        """Serve ``rest`` as the error page of ``status``; False (and nothing sent) when it
+        names no file, so that the plain error answers instead."""
+        decision = self.decide(ex.request, rest, ex.loop.time(), page=True)
+        if type(decision) is not Found:
+            return False
+        self.send(ex, decision, status)
+        return True
+
+    # -- deciding -------------------------------------------------------------------------
+
+    def decide(self, req: Request, rest: str, now: float, *, page: bool = False) -> Decision:
+        """What ``req`` gets for ``rest`` (the path after the route's prefix) at loop time
+        ``now``. With ``page`` (an error page) the status is the error's: no method check, no
+        fallback, no conditions or ranges, and anything but a file is ``Missing``."""
+        if not page and req.method not in ("GET", "HEAD"):
+            return METHOD_NOT_ALLOWED
+        hit = self._hits.get(rest)  # the fast path, before a call more
+        if hit is not None and now - hit[1] < STAT_VALID:
+            return self._decide_file(req, hit[0], now, page)
+        return self._decide_path(req, rest, now, page, not page)
+
+    def _decide_path(self, req: Request, rest: str, now: float, page: bool,
+                     use_fallback: bool) -> Decision:
         hit = self._hits.get(rest)
         if hit is not None and now - hit[1] < STAT_VALID:
-            self._send(ex, hit[0], status)
-            return True
+            return self._decide_file(req, hit[0], now, page)
         try:
             segments = path_segments(rest if rest.startswith("/") else "/" + rest)
         except BadPath as exc:
-            if status != 200:
-                return False
-            ex.fail(404, f"bad_path: {exc}")
-            return True
+            return Missing(f"bad_path: {exc}")
         if not self.cfg.dotfiles and any(
             s.startswith(".") and not (i == 0 and s == ".well-known")
             for i, s in enumerate(segments)
         ):
-            if status != 200:
-                return False
-            ex.fail(404, "dotfile")
-            return True
+            return Missing("dotfile")
         fs_path = os.path.join(self.root, *segments)
         try:
             st = os.stat(fs_path)
         except (FileNotFoundError, NotADirectoryError):
-            return self._missing(ex, status, use_fallback)
+            return self._missing(req, now, page, use_fallback)
         except PermissionError:
-            if status != 200:
-                return False
+            if page:
+                return NOT_FOUND
             diag.warning("static: permission denied: %s", fs_path)
-            ex.fail(403, "permission_denied")
-            return True
+            return Forbidden("permission_denied")
         except OSError as exc:
-            if status != 200:
-                return False
-            diag.warning("static: %s: %s", fs_path, exc.strerror)
-            ex.fail(404, f"stat_error: {exc.strerror}")
-            return True
+            if not page:
+                diag.warning("static: %s: %s", fs_path, exc.strerror)
+            return Missing(f"stat_error: {exc.strerror}")
         if stat.S_ISDIR(st.st_mode):
-            if status != 200:
-                return False
+            if page:
+                return NOT_FOUND
             if not self._inside(fs_path):
                 diag.warning("static: %s leads outside the root %s", fs_path, self.root)
-                return self._missing(ex, status, False)
-            self._directory(ex, fs_path, rest, segments)
-            return True
+                return NOT_FOUND
+            return self._directory(req, fs_path, now)
         if not stat.S_ISREG(st.st_mode):
-            return self._missing(ex, status, use_fallback)
+            return self._missing(req, now, page, use_fallback)
         meta = self._lookup(fs_path, st)
         if not meta.inside:
             diag.warning("static: %s leads outside the root %s", fs_path, self.root)
-            return self._missing(ex, status, False)
+            return NOT_FOUND
         if len(self._hits) >= HITS:
             self._hits.clear()
         self._hits[rest] = (meta, now)
-        self._send(ex, meta, status)
-        return True
+        return self._decide_file(req, meta, now, page)
 
-    def _missing(self, ex: Exchange, status: int, use_fallback: bool) -> bool:
-        if status != 200:
-            return False
-        if use_fallback and self.cfg.fallback:
+    def _missing(self, req: Request, now: float, page: bool, use_fallback: bool) -> Decision:
+        if use_fallback and self.cfg.fallback and not page:
             # A single-page app: the fallback answers every path that names no file (or 404
             # if it is missing itself).
-            self.serve_path(ex, self.cfg.fallback, 200, use_fallback=False)
-            return True
-        ex.fail(404, "not_found")
-        return True
+            return self._decide_path(req, self.cfg.fallback, now, False, False)
+        return NOT_FOUND
 
-    # -- directories ----------------------------------------------------------------------
-
-    def _directory(self, ex: Exchange, fs_path: str, rest: str,
-                   segments: list[str]) -> None:
-        req = ex.request
+    def _directory(self, req: Request, fs_path: str, now: float) -> Decision:
         if not req.path.endswith("/"):
             # The slash form, so that relative links inside the page resolve (nginx: 301).
-            location = req.path + "/" + (f"?{req.query}" if req.query else "")
-            ex.respond(301, [("Location", location), ("Content-Type", "text/plain")],
-                       b"301 Moved Permanently\n")
-            return
+            return SlashRedirect(req.path + "/" + (f"?{req.query}" if req.query else ""))
         for name in self._index:
             candidate = os.path.join(fs_path, name)
             try:
@@ -224,31 +302,103 @@ class StaticFiles:
             if stat.S_ISREG(st.st_mode):
                 meta = self._lookup(candidate, st)
                 if meta.inside:
-                    self._send(ex, meta, 200)
-                    return
+                    return self._decide_file(req, meta, now, False)
         if self.cfg.autoindex and self._inside(fs_path):
-            self._listing(ex, fs_path)
+            return Listing(fs_path)
+        return Forbidden("directory_without_index")
+
+    def _decide_file(self, req: Request, meta: FileMeta, now: float, page: bool) -> Decision:
+        meta, coding, vary = self._variant(req, meta, now)
+        for name, _ in req.headers:
+            if name in _NOT_PLAIN and not page:
+                break
+        else:
+            # The common case: no conditions, no range (or an error page, which has none).
+            # The same decision every time for this file: made once. (A sibling's meta is
+            # always sent with its coding; the original's Vary changes with its siblings.)
+            whole = meta.whole
+            if whole is None or whole.vary != vary:
+                whole = meta.whole = Found(meta, coding, vary)
+            return whole
+        h = req.header
+        verdict = preconditions(req.method, meta.validators, h(b"if-match"),
+                                h(b"if-unmodified-since"), h(b"if-none-match"),
+                                h(b"if-modified-since"))
+        if verdict == 304:
+            return NotModified(meta, coding, vary)
+        if verdict == 412:
+            return PRECONDITION_FAILED
+        # RFC 9110 section 14.2: Range is for GET only.
+        range_header = h(b"range") if req.method == "GET" else None
+        if range_header is not None:
+            if_range = h(b"if-range")
+            if if_range is None or if_range_holds(if_range, meta.validators):
+                parsed = parse_range(range_header, meta.size)
+                if parsed is UNSATISFIABLE:
+                    return RangeNotSatisfiable(meta.size)
+                if isinstance(parsed, ByteRange):
+                    return Found(meta, coding, vary, parsed)
+        return Found(meta, coding, vary)
+
+    # -- sending --------------------------------------------------------------------------
+
+    def send(self, ex: Exchange, decision: Decision, status: int = 200) -> None:
+        """Answer ``decision`` through ``ex``; ``status`` is an error page's (``Found``
+        only)."""
+        if type(decision) is Found:
+            self._send_found(ex, decision, status)
+        elif isinstance(decision, NotModified):
+            headers = _file_headers(decision.meta, decision.coding, decision.vary)
+            # RFC 9110 section 15.4.5: the validators and Vary a 200 would have carried.
+            ex.respond(304, [*headers[1:], ("Accept-Ranges", "bytes")])
+        elif isinstance(decision, Missing):
+            ex.fail(404, decision.note)
+        elif isinstance(decision, Forbidden):
+            ex.fail(403, decision.note)
+        elif isinstance(decision, SlashRedirect):
+            ex.respond(301, [("Location", decision.location), ("Content-Type", "text/plain")],
+                       b"301 Moved Permanently\n")
+        elif isinstance(decision, Listing):
+            self._listing(ex, decision.fs_path)
+        elif isinstance(decision, RangeNotSatisfiable):
+            ex.respond(416, [("Content-Range", f"bytes */{decision.size}"),
+                             ("Content-Type", "text/plain")],
+                       b"416 Range Not Satisfiable\n")
+        elif isinstance(decision, PreconditionFailed):
+            ex.fail(412, "precondition_failed")
+        else:
+            assert isinstance(decision, MethodNotAllowed)
+            ex.respond(405, [("Allow", "GET, HEAD"), ("Content-Type", "text/plain")],
+                       b"405 Method Not Allowed\n")
+
+    def _send_found(self, ex: Exchange, found: Found, status: int) -> None:
+        meta = found.meta
+        if (status == 200 and found.byte_range is None and meta.size <= SMALL_FILE
+                and not ex.remove_headers):
+            # The common case: a whole small file. Headers encoded once.
+            data = self._contents(ex, meta)
+            if data is not None:
+                # The kept block has no Vary: not for a file that has gained a sibling since.
+                block = (meta.block if meta.block and not found.vary
+                         else self._plain_block(meta, found.coding, found.vary))
+                ex.respond(200, [], data, block)
             return
-        ex.fail(403, "directory_without_index")
+        headers = _file_headers(meta, found.coding, found.vary)
+        if status != 200:  # an error page: the status is the error's, no validators apply
+            self._body(ex, meta, status, headers[:1] + headers[3:], None)
+            return
+        headers.append(("Accept-Ranges", "bytes"))
+        self._body(ex, meta, 200, headers, found.byte_range)
 
     def _listing(self, ex: Exchange, fs_path: str) -> None:
         try:
-            entries = sorted(os.scandir(fs_path), key=lambda e: (not e.is_dir(), e.name))
+            with os.scandir(fs_path) as it:
+                entries = [(e.name, e.is_dir()) for e in it]
         except OSError as exc:
             diag.warning("static: cannot list %s: %s", fs_path, exc.strerror)
             ex.fail(403, "permission_denied")
             return
-        title = html.escape(ex.request.path)
-        rows = ['<a href="../">../</a>']
-        for entry in entries:
-            if entry.name.startswith(".") and not self.cfg.dotfiles:
-                continue
-            suffix = "/" if entry.is_dir() else ""
-            href = quote(entry.name) + suffix
-            rows.append(f'<a href="{html.escape(href)}">{html.escape(entry.name)}{suffix}</a>')
-        page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Index of {title}"
-                f"</title></head>\n<body><h1>Index of {title}</h1><hr><pre>\n"
-                + "\n".join(rows) + "\n</pre><hr></body></html>\n").encode()
+        page = listing_page(ex.request.path, entries, self.cfg.dotfiles)
         ex.respond(200, [("Content-Type", "text/html; charset=utf-8")], page)
 
     # -- metadata -------------------------------------------------------------------------
@@ -273,12 +423,12 @@ class StaticFiles:
             self._meta.popitem(last=False)
         return meta
 
-    def _variant(self, ex: Exchange, meta: FileMeta) -> tuple[FileMeta, str | None, bool]:
+    def _variant(self, req: Request, meta: FileMeta,
+                 now: float) -> tuple[FileMeta, str | None, bool]:
         """The file to send: a precompressed sibling if the client takes it.
         Returns (file, content-encoding, whether any sibling exists: Vary)."""
         if not self.cfg.precompressed:
             return meta, None, False
-        now = ex.loop.time()
         if meta.siblings is None or now - meta.siblings_at > SIBLING_TTL:
             siblings: dict[str, FileMeta | None] = {}
             for coding, ext in ENCODINGS:
@@ -299,60 +449,14 @@ class StaticFiles:
             meta.siblings, meta.siblings_at = siblings, now
         if not any(meta.siblings.values()):
             return meta, None, False
-        accept = ex.request.header(b"accept-encoding")
+        accept = req.header(b"accept-encoding")
         for coding, _ in ENCODINGS:
             variant = meta.siblings.get(coding)
             if variant is not None and variant.inside and accepts_encoding(accept, coding):
                 return variant, coding, True
         return meta, None, True
 
-    # -- sending --------------------------------------------------------------------------
-
-    def _send(self, ex: Exchange, meta: FileMeta, status: int) -> None:
-        req = ex.request
-        meta, coding, vary = self._variant(ex, meta)
-        if (status == 200 and not ex.remove_headers and meta.size <= SMALL_FILE
-                and not any(name in _NOT_PLAIN for name, _ in req.headers)):
-            # The common case: a whole small file, no conditions. Headers encoded once.
-            data = self._contents(ex, meta)
-            if data is not None:
-                block = meta.block or self._plain_block(meta, coding, vary)
-                ex.respond(200, [], data, block)
-            return
-        headers = [("Content-Type", meta.ctype), ("Last-Modified", meta.last_modified),
-                   ("ETag", meta.etag)]
-        if vary:
-            headers.append(("Vary", "Accept-Encoding"))
-        if coding:
-            headers.append(("Content-Encoding", coding))
-        if status != 200:  # an error page: the status is the error's, no validators apply
-            self._body(ex, meta, status, headers[:1] + headers[3:], None)
-            return
-        headers.append(("Accept-Ranges", "bytes"))
-        h = req.header
-        verdict = preconditions(req.method, meta.validators, h(b"if-match"),
-                                h(b"if-unmodified-since"), h(b"if-none-match"),
-                                h(b"if-modified-since"))
-        if verdict == 304:
-            ex.respond(304, headers[1:])  # RFC 9110 section 15.4.5: validators, Vary
-            return
-        if verdict == 412:
-            ex.fail(412, "precondition_failed")
-            return
-        byte_range: ByteRange | None = None
-        range_header = h(b"range") if req.method == "GET" else None
-        if range_header is not None:
-            if_range = h(b"if-range")
-            if if_range is None or if_range_holds(if_range, meta.validators):
-                parsed = parse_range(range_header, meta.size)
-                if parsed is UNSATISFIABLE:
-                    ex.respond(416, [("Content-Range", f"bytes */{meta.size}"),
-                                     ("Content-Type", "text/plain")],
-                               b"416 Range Not Satisfiable\n")
-                    return
-                if isinstance(parsed, ByteRange):
-                    byte_range = parsed
-        self._body(ex, meta, 200, headers, byte_range)
+    # -- reading files --------------------------------------------------------------------
 
     def _body(self, ex: Exchange, meta: FileMeta, status: int,
               headers: list[tuple[str, str]], byte_range: ByteRange | None) -> None:
@@ -453,6 +557,34 @@ class StaticFiles:
         diag.warning("static: cannot read %s: %s", meta.path, exc.strerror)
         ex.error(403 if isinstance(exc, PermissionError) else 404,
                  f"unreadable: {exc.strerror}")
+
+
+def _file_headers(meta: FileMeta, coding: str | None, vary: bool) -> list[tuple[str, str]]:
+    """The representation's header fields, Content-Type first and the validators next
+    (callers slice them off for error pages and 304)."""
+    headers = [("Content-Type", meta.ctype), ("Last-Modified", meta.last_modified),
+               ("ETag", meta.etag)]
+    if vary:
+        headers.append(("Vary", "Accept-Encoding"))
+    if coding:
+        headers.append(("Content-Encoding", coding))
+    return headers
+
+
+def listing_page(path: str, entries: list[tuple[str, bool]], dotfiles: bool) -> bytes:
+    """The autoindex page of the directory at request path ``path``: ``entries`` are
+    (name, is a directory), shown directories first, by name; dotfiles only if served."""
+    title = html.escape(path)
+    rows = ['<a href="../">../</a>']
+    for name, is_dir in sorted(entries, key=lambda e: (not e[1], e[0])):
+        if name.startswith(".") and not dotfiles:
+            continue
+        suffix = "/" if is_dir else ""
+        href = quote(name) + suffix
+        rows.append(f'<a href="{html.escape(href)}">{html.escape(name)}{suffix}</a>')
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Index of {title}"
+            f"</title></head>\n<body><h1>Index of {title}</h1><hr><pre>\n"
+            + "\n".join(rows) + "\n</pre><hr></body></html>\n").encode()
 
 
 PUMP_BUDGET = 8  # chunks per turn of the event loop, so that one big file does not hog it

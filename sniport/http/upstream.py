@@ -17,6 +17,11 @@ Rules:
   ("upstream sent too big header", as nginx says), counted on the bytes fed to httptools,
   since it buffers an unfinished header itself, out of our callbacks' sight.
 - State changes of an upstream (down, up) are logged once, with the reason.
+- A request holds its connection through an ``UpstreamLease``: taking one counts the request
+  in ``Upstream.active`` (what ``least_conn`` balances on), and its ``release(outcome)`` is
+  the one place that count goes down, the upstream's health is told the outcome, and the
+  connection is pooled or closed. It acts once: a second release (an error path that meets
+  another) is a no-op, so the count can neither leak nor go negative.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import httptools
 
@@ -252,6 +257,10 @@ class Upstream:
         conn.deadlines = deadlines_for(loop)
         conn.deadlines.after(conn, self.cfg.keepalive_timeout)
 
+    def lease(self, conn: UpstreamConn, loop: asyncio.AbstractEventLoop) -> UpstreamLease:
+        """``conn`` taken for one request: counted in ``active`` until the lease's release."""
+        return UpstreamLease(self, conn, loop)
+
     def drop_idle(self, conn: UpstreamConn) -> None:
         with contextlib.suppress(ValueError):
             self.idle.remove(conn)
@@ -292,6 +301,59 @@ class Upstream:
             diag.info("upstream %s answers again", self.label)
             self.down_until = 0.0
         self.fails = 0
+
+
+# How a request's use of an upstream connection ended: what the upstream's health hears, and
+# whether the connection may serve another request. (Literal strings, not an Enum: compared
+# on every proxied request, and an Enum member costs a class attribute lookup each time.)
+#   "reuse"      answered in full, the connection in a known state: pooled (once clean)
+#   "answered"   answered, but the connection cannot be reused: closed
+#   "failed"     the upstream failed this request: counts toward max_fails; closed
+#   "abandoned"  ended on our side or the client's (client gone, 413, a tunnel's end), or
+#                the upstream is not to blame (a stale pooled connection): no verdict on
+#                its health; closed
+Outcome = Literal["reuse", "answered", "failed", "abandoned"]
+OUTCOMES: tuple[Outcome, ...] = ("reuse", "answered", "failed", "abandoned")
+
+
+class UpstreamLease:
+    """One request's hold on one upstream connection (see the module's rules).
+
+    Taken with ``Upstream.lease`` once a connection is about to carry a request; ``release``
+    ends it exactly once, whichever way the request ended."""
+
+    __slots__ = ("upstream", "conn", "loop", "released")
+
+    def __init__(self, upstream: Upstream, conn: UpstreamConn,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.upstream = upstream
+        self.conn = conn
+        self.loop = loop
+        self.released = False
+        upstream.active += 1
+
+    def release(self, outcome: Outcome, reason: str = "") -> bool:
+        """End the lease: ``active`` down by one, the outcome told to the upstream's health
+        (``reason`` names a failure), the connection pooled (``"reuse"``) or closed. False,
+        and nothing done, if it had already ended."""
+        if self.released:
+            return False
+        self.released = True
+        up = self.upstream
+        up.active -= 1
+        if outcome == "reuse":
+            if up.fails:
+                up.succeeded()
+            # Pooled once the read that completed the response is parsed to its end: a
+            # stray byte after it means an unknown state, and a close.
+            self.conn.release_when_clean(self.loop)
+            return True
+        if outcome == "answered":
+            up.succeeded()
+        elif outcome == "failed":
+            up.failed(self.loop.time(), reason)
+        self.conn.close()
+        return True
 
 
 def upstream_tls_context(cfg: ProxyHandler) -> ssl.SSLContext:
