@@ -318,7 +318,7 @@ class H2Stream:
             self._end_pending = False
             self.conn.machine.reset(self.stream_id, wire.INTERNAL_ERROR)
             self.flushed = True
-        self.conn.stream_done(self, aborted=True)
+        self.conn.stream_done(self)
 
     def error(self, status: int, note: str = "") -> None:
         if note:
@@ -590,7 +590,7 @@ class H2Connection(asyncio.Protocol):
 
     # -- streams ending -------------------------------------------------------------------
 
-    def stream_done(self, stream: H2Stream, aborted: bool = False) -> None:
+    def stream_done(self, stream: H2Stream) -> None:
         """The handler of ``stream`` is done (the stream may still be sending)."""
         if self.log.enabled:
             self.log.request(self, stream, time.monotonic())
