@@ -126,9 +126,11 @@ def test_request_seen_by_the_upstream(server: Sniport, pki: Pki, app: App) -> No
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_reload_drains_with_a_goaway_and_the_stream_finishes(pki: Pki, app: App,
-                                                             tmp_path: Path,
-                                                             engine: str) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM], ids=["reload", "stop"])
+def test_drain_with_a_goaway_and_the_stream_finishes(pki: Pki, app: App, tmp_path: Path,
+                                                     engine: str, sig: int) -> None:
+    """A reload (SIGHUP) or a graceful stop (SIGTERM) with a request in flight: GOAWAY
+    naming it as the last stream, its response still completes, then the close."""
     cert = pki.cert(A, directory=tmp_path / "certs")
     text = (server_table(("127.0.0.1:0",), toml_lines(workers=1, state_dir=tmp_path / "st",
                                                       drain_timeout="10s"))
@@ -139,8 +141,8 @@ def test_reload_drains_with_a_goaway_and_the_stream_finishes(pki: Pki, app: App,
         c.send_frames(c.headers(1, c.block("/_/slow/1.5")))
         time.sleep(0.3)  # the request is at the upstream, which answers after 1.5 s
         mark = s.mark()
-        s.signal(signal.SIGHUP)
-        s.wait_log("reload", start=mark)
+        s.signal(sig)
+        s.wait_log("reload" if sig == signal.SIGHUP else "stop|drain", start=mark)
         frames = []
         while (f := c.read_frame()) is not None:
             frames.append(f)
