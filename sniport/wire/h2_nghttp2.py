@@ -566,9 +566,27 @@ _NV_STRUCT = struct.Struct("=QQQQB7x")
 _PACKED_NV = ctypes.sizeof(_NV) == _NV_STRUCT.size and ctypes.sizeof(c_void_p) == 8
 
 
+# Header lists seen recently -> their array and its bytes. A site answers the same few lists
+# (a static file's head changes only with Date, once a second): packing is done once for
+# them. An entry keeps its bytes alive, so its pointers stay valid while it is cached, and
+# the caller holds both while nghttp2 reads them.
+_NVA_CACHE: dict[tuple[tuple[bytes, bytes], ...], tuple[bytes, bytes]] = {}
+_NVA_CACHE_MAX = 512
+
+
 def _nva(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
     """An nghttp2_nv array for ``headers`` and the bytes it points into (keep both alive
     until the submit returns; nghttp2 copies the fields)."""
+    key = tuple(headers)
+    hit = _NVA_CACHE.get(key)
+    if hit is None:
+        if len(_NVA_CACHE) >= _NVA_CACHE_MAX:
+            _NVA_CACHE.clear()
+        hit = _NVA_CACHE[key] = _pack_nva(key)
+    return hit
+
+
+def _pack_nva(headers: tuple[tuple[bytes, bytes], ...]) -> tuple[bytes, bytes]:
     if not _PACKED_NV:
         array = (_NV * len(headers))(*[_NV(n, v, len(n), len(v), 0) for n, v in headers])
         return bytes(array), b""  # (the ctypes array's pointers are to the header bytes)
