@@ -284,8 +284,11 @@ class Exchange:
     def upgrade(self, on_data: Callable[[bytes], None]) -> bytes:
         """After a 101: the client's bytes go to ``on_data`` from now on; returns those that
         came after the Upgrade request's head."""
-        self.conn.upgraded_to = on_data
-        return self.conn.take_upgrade_buffer()
+        conn = self.conn
+        conn.upgraded_to = on_data
+        data = conn.take_upgrade_buffer()
+        conn.tunnel_ready()
+        return data
 
     def error(self, status: int, note: str = "") -> None:
         """A short plain-text error response, or a close if the head is already out."""
@@ -321,7 +324,7 @@ class HttpConnection(asyncio.Protocol):
         self.closing = False  # the next response says "Connection: close"
         self.write_paused = False
         # Why reading is paused: bit 1 the next request waits for the answer in progress,
-        # bit 2 body backpressure.
+        # bit 2 body backpressure, bit 8 an Upgrade head waits for its tunnel (or refusal).
         self._read_paused = 0
         self._pumping = False  # events are being taken (see _pump)
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -372,6 +375,11 @@ class HttpConnection(asyncio.Protocol):
             self._pump()
         finally:
             self.uncork()
+        if self._h1.state is State.UPGRADED and self.upgraded_to is None:
+            # An Upgrade head: what follows is the new protocol's, and nobody takes it until
+            # the upstream has answered 101. Reading waits, so the bytes held meanwhile are
+            # one read's worth, not whatever the client sends (the tunnel resumes it).
+            self._pause_reading(8)
 
     def cork(self) -> None:
         """Hold writes until ``uncork``: a response head and its body, or the answers to
@@ -663,6 +671,10 @@ class HttpConnection(asyncio.Protocol):
                 and self.transport is not None):
             self._end_reason = "drain"
             self._close()
+
+    def tunnel_ready(self) -> None:
+        """The tunnel takes the client's bytes from now on: reading goes on."""
+        self._resume_reading(8)
 
     def take_upgrade_buffer(self) -> bytes:
         """The client's bytes after an Upgrade request's head, for the tunnel."""
