@@ -22,7 +22,6 @@ connection" is counted as connections that carried requests.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import pytest
 from support.browser import Chromium, spki_hash
 from support.configs import route, server_table, site_block, toml_lines
 from support.data import Files
-from support.logs import conn_lines, parse_kv
+from support.logs import access_fields, conn_lines
 from support.pki import Pki
 from support.process import Sniport, start_sniport
 from support.waiting import wait_until
@@ -43,7 +42,6 @@ APP_TEXT = "app.site.test says hello"
 APP_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" width="77" height="33">'
            '<rect width="77" height="33"/></svg>')
 ASSETS = 30
-_REQUEST = re.compile(r'^\S+ - - \[[^\]]+\] "(?P<request>(?:[^"\\]|\\.)*)" (?P<status>\d{3}) ')
 
 def _pages(www: Files) -> None:
     """The documents the browser loads (``PORT`` is replaced once sniport listens)."""
@@ -95,13 +93,7 @@ class Setup:
     def requests(self, after: int) -> list[dict[str, str]]:
         """sniport's access lines from log line ``after`` on: request, status and the
         ``k=v`` fields (sni, host, stream...)."""
-        out = []
-        for line in self.s.stderr.lines()[after:]:
-            m = _REQUEST.match(line)
-            if m:
-                out.append({**parse_kv(line[m.end():]), "request": m.group("request"),
-                            "status": m.group("status")})
-        return out
+        return access_fields(self.s.stderr.lines()[after:])
 
     def used_conns(self, route_name: str, conn_after: int, n: int) -> list[dict[str, str]]:
         """Wait for ``n`` connection lines of ``route_name`` (after the ``conn_after``-th)

@@ -41,7 +41,7 @@ from support.backends import App
 from support.clients import curl
 from support.configs import proxy_route, route, server_table, site_block, toml_lines
 from support.data import Files, pattern, pattern_sha256
-from support.logs import parse_kv
+from support.logs import access_fields
 from support.pki import Pki
 from support.process import Sniport, start_sniport
 from support.waiting import TIMEOUT, wait_until
@@ -55,7 +55,6 @@ JS_GZ = gzip.compress(JS, mtime=0)
 NOT_FOUND_PAGE = b"<h1>h2 custom not found</h1>\n"
 FIXED = "fixed answer over h2"
 MIB5 = 5 * 1024 * 1024
-_REQUEST = re.compile(r'^\S+ - - \[[^\]]+\] "(?P<request>(?:[^"\\]|\\.)*)" (?P<status>\d{3}) ')
 
 
 @dataclass
@@ -94,13 +93,7 @@ class Setup:
     def access(self, after: int) -> list[dict[str, str]]:
         """sniport's access lines from log line ``after`` on: request, status and the
         ``k=v`` fields (sni, host, stream...)."""
-        out = []
-        for line in self.s.stderr.lines()[after:]:
-            m = _REQUEST.match(line)
-            if m:
-                out.append({**parse_kv(line[m.end():]), "request": m.group("request"),
-                            "status": m.group("status")})
-        return out
+        return access_fields(self.s.stderr.lines()[after:])
 
     def wait_access(self, after: int, request: str) -> dict[str, str]:
         found: list[dict[str, str]] = []

@@ -29,6 +29,22 @@ ACCESS = re.compile(
 )
 
 
+_REQUEST_START = re.compile(
+    r'^\S+ - - \[[^\]]+\] "(?P<request>(?:[^"\\]|\\.)*)" (?P<status>\d{3}) ')
+
+
+def access_fields(lines: Iterable[str]) -> list[dict[str, str]]:
+    """The access lines among ``lines``: their request, status and ``k=v`` fields (sni,
+    host, stream, upstream...)."""
+    out = []
+    for line in lines:
+        m = _REQUEST_START.match(line)
+        if m:
+            out.append({**parse_kv(line[m.end():]), "request": m.group("request"),
+                        "status": m.group("status")})
+    return out
+
+
 def parse_kv(text: str) -> dict[str, str]:
     """``k=v k="quoted v"`` -> {k: v} (quoted values are JSON strings)."""
     return {k: json.loads(v) if v.startswith('"') else v for k, v in _FIELD.findall(text)}
