@@ -318,9 +318,10 @@ def test_error_problems_are_typed(status: int, ptype: str, retry: str | None,
     m.start()
     m.receive(ca.reply(200))
     m.receive(ca.reply(201, {"status": "valid"}, Location=f"{CA}/acct/1"))
-    headers = {"Retry_After": retry} if retry else {}
-    out = m.receive(ca.reply(status, {"type": acme.PROBLEM_PREFIX + ptype, "detail": "no"},
-                             **headers))
+    reply = ca.reply(status, {"type": acme.PROBLEM_PREFIX + ptype, "detail": "no"})
+    if retry is not None:
+        reply = Response(reply.status, (*reply.headers, ("Retry-After", retry)), reply.body)
+    out = m.receive(reply)
     assert isinstance(out, Failed) and out.error.kind is ErrorKind.PROBLEM
     assert out.error.problem is not None and out.error.problem.acme_type == ptype
     assert out.error.retry_after == expected
