@@ -35,6 +35,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Protocol
 
 from sniport.deadlines import deadlines_for
+from sniport.http.exchange import ExchangeBase
 from sniport.http.request import Body, ClientGone, Request
 from sniport.wire.h1 import (
     BodyData,
@@ -47,7 +48,7 @@ from sniport.wire.h1 import (
 from sniport.wire.httprules import http_date
 
 if TYPE_CHECKING:
-    from sniport.http.contract import Connection, ErrorResponder
+    from sniport.http.contract import Connection
     from sniport.http.contract import Exchange as AnyExchange
 
 WRITE_HIGH_WATER = 32 * 1024  # buffered response bytes after which a streaming handler waits
@@ -57,7 +58,6 @@ SERVER = b"sniport"
 STATUS_LINES = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("ascii") for s in HTTPStatus
 }
-REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
 def status_line(status: int) -> bytes:
@@ -106,50 +106,16 @@ class Limits:
         self.keepalive_timeout = keepalive_timeout
 
 
-class Exchange:
+class Exchange(ExchangeBase):
     """One request and its response. Handlers answer through ``respond`` (all at once) or
-    ``start`` + ``write``... + ``end`` (streamed)."""
+    ``start`` + ``send``... + ``end`` (streamed)."""
 
-    __slots__ = (
-        "_chunked",
-        "add_headers",
-        "close_after",
-        "conn",
-        "errors",
-        "finished",
-        "head_sent",
-        "is_head",
-        "note",
-        "on_abort",
-        "on_resume",
-        "remove_headers",
-        "request",
-        "route_name",
-        "sent",
-        "status",
-        "ttfb",
-        "upstream",
-    )
+    __slots__ = ("_chunked", "conn")
 
     def __init__(self, conn: HttpConnection, request: Request) -> None:
+        super().__init__(request, not request.keep_alive or not conn.limits.keepalive_timeout)
         self.conn = conn
-        self.request = request
-        self.status = 0
-        self.sent = 0  # body bytes written
-        self.head_sent = False
-        self.finished = False
-        self.ttfb = 0.0
-        self.add_headers = b""  # pre-encoded "Name: value\r\n" lines of the route
-        self.remove_headers: frozenset[bytes] = frozenset()  # lower-case names
-        self.close_after = not request.keep_alive or not conn.limits.keepalive_timeout
-        self.on_resume: Callable[[], None] | None = None  # the transport can take more
-        self.on_abort: Callable[[], None] | None = None  # the client went away
-        self.route_name = ""
-        self.is_head = request.method == "HEAD"
         self._chunked = False
-        self.note = ""  # a reason for the log, e.g. why a request was refused
-        self.upstream = ""  # the proxy's upstream, for the log
-        self.errors: ErrorResponder | None = None  # the site's error pages, once routed
 
     stream_id = 0  # HTTP/2's stream; none here
 
@@ -266,14 +232,6 @@ class Exchange:
 
     # -- helpers for handlers -------------------------------------------------------------
 
-    def fail(self, status: int, note: str = "") -> None:
-        """An error response through the site's error pages (the plain one before a site
-        has taken the request), or a close if the head is already out."""
-        if self.errors is not None:
-            self.errors.fail(self, status, note)
-        else:
-            self.error(status, note)
-
     def pause_body(self) -> None:
         """Stop reading the request body (whoever takes it is full)."""
         self.conn.pause_body()
@@ -289,16 +247,6 @@ class Exchange:
         data = conn.take_upgrade_buffer()
         conn.tunnel_ready()
         return data
-
-    def error(self, status: int, note: str = "") -> None:
-        """A short plain-text error response, or a close if the head is already out."""
-        if note:
-            self.note = note
-        if self.head_sent:
-            self.abort()
-            return
-        body = f"{status} {REASONS.get(status, '')}\n".encode()
-        self.respond(status, [("Content-Type", "text/plain; charset=utf-8")], body)
 
 
 class HttpConnection(asyncio.Protocol):

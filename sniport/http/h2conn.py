@@ -37,13 +37,14 @@ import h2
 
 from sniport.deadlines import deadlines_for
 from sniport.http.engine import WRITE_HIGH_WATER, App, Limits, RequestLogger, date_header
+from sniport.http.exchange import ExchangeBase
 from sniport.http.request import Body, ClientGone, Request
 from sniport.logs import diag
 from sniport.wire import h2 as wire
 from sniport.wire.proxyheaders import HOP_BY_HOP
 
 if TYPE_CHECKING:
-    from sniport.http.contract import ErrorResponder
+    pass
 
 def _engine() -> tuple[Callable[[wire.Limits], wire.Engine], str]:
     """The HTTP/2 engine: libnghttp2 (C framing and HPACK, about a third of the CPU per
@@ -67,7 +68,6 @@ ENGINE, ENGINE_NAME = _engine()
 # HTTP/1.1, since every stream shares it.
 TRANSPORT_HIGH_WATER = 64 * 1024
 STATUS = {s.value: str(s.value).encode() for s in HTTPStatus}
-REASONS = {s.value: s.phrase for s in HTTPStatus}
 _BLOCKS: dict[bytes, list[tuple[bytes, bytes]]] = {}  # encoded header lines -> pairs
 _NOT_SENT = HOP_BY_HOP | {b"content-length"}
 
@@ -88,7 +88,7 @@ def _pairs(block: bytes) -> list[tuple[bytes, bytes]]:
     return pairs
 
 
-class H2Stream:
+class H2Stream(ExchangeBase):
     """One request and its response on an HTTP/2 connection (the contract's ``Exchange``)."""
 
     __slots__ = (
@@ -97,47 +97,16 @@ class H2Stream:
         "_pending",
         "_pending_size",
         "_unacked",
-        "add_headers",
-        "close_after",
         "conn",
-        "errors",
-        "finished",
         "flushed",
-        "head_sent",
-        "is_head",
-        "note",
-        "on_abort",
-        "on_resume",
-        "remove_headers",
-        "request",
-        "route_name",
-        "sent",
-        "status",
         "stream_id",
-        "ttfb",
-        "upstream",
     )
 
     def __init__(self, conn: H2Connection, stream_id: int, request: Request) -> None:
+        super().__init__(request, False)  # (close_after is an HTTP/1.1 notion: streams go on)
         self.conn = conn
         self.stream_id = stream_id
-        self.request = request
-        self.status = 0
-        self.sent = 0
-        self.ttfb = 0.0
-        self.head_sent = False
-        self.finished = False  # the handler is done (the stream may still be sending)
         self.flushed = False  # END_STREAM (or RST_STREAM) went out
-        self.is_head = request.method == "HEAD"
-        self.close_after = False  # an HTTP/1.1 notion: other streams go on
-        self.note = ""
-        self.upstream = ""
-        self.route_name = ""
-        self.add_headers = b""
-        self.remove_headers: frozenset[bytes] = frozenset()
-        self.errors: ErrorResponder | None = None
-        self.on_resume: Callable[[], None] | None = None
-        self.on_abort: Callable[[], None] | None = None
         self._pending: collections.deque[bytes | memoryview] = collections.deque()
         self._pending_size = 0
         self._end_pending = False
@@ -319,21 +288,6 @@ class H2Stream:
             self.conn.machine.reset(self.stream_id, wire.INTERNAL_ERROR)
             self.flushed = True
         self.conn.stream_done(self)
-
-    def error(self, status: int, note: str = "") -> None:
-        if note:
-            self.note = note
-        if self.head_sent:
-            self.abort()
-            return
-        body = f"{status} {REASONS.get(status, '')}\n".encode()
-        self.respond(status, [("Content-Type", "text/plain; charset=utf-8")], body)
-
-    def fail(self, status: int, note: str = "") -> None:
-        if self.errors is not None:
-            self.errors.fail(self, status, note)
-        else:
-            self.error(status, note)
 
     # -- the request body (the Body's owner) ----------------------------------------------
 
