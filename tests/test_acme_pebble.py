@@ -25,16 +25,11 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from support.backends import free_port
 
 from sniport.wire import acme
 
 PEBBLE = shutil.which("pebble") or "/usr/bin/pebble"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
