@@ -348,6 +348,27 @@ def test_resets_the_client_provokes_end_the_connection(engine: str) -> None:
     assert c.ended(events).code in (wire.PROTOCOL_ERROR, wire.ENHANCE_YOUR_CALM)
 
 
+def test_resets_the_client_provokes_count_in_the_reset_bucket(engine: str) -> None:
+    """MadeYouReset (CVE-2025-8671) through stream errors: DATA after the request's
+    END_STREAM makes h2 reset the stream (STREAM_CLOSED, RFC 9113 section 5.1) without a
+    connection error. Those resets, which raise no event of the client's, fill the same bucket
+    as resets received, until GOAWAY ENHANCE_YOUR_CALM; libnghttp2 treats the frame as a
+    connection error at once."""
+    c = Raw(engine, wire.Limits(resets=wire.Rate(20, 10.0)))
+    for i in range(25):
+        sid = 2 * i + 1
+        events = c.feed(headers(sid, c.block()), DataFrame(sid, data=b"x"))
+        if c.server.ended:
+            break
+    ended = c.ended(events)
+    if engine == "h2":
+        assert (ended.code, ended.reason) == (wire.ENHANCE_YOUR_CALM, "too many stream errors")
+        assert i == 20  # the 21st provoked reset is one over the bucket's 20
+    else:
+        assert ended.code == wire.STREAM_CLOSED or ended.code == wire.PROTOCOL_ERROR
+        assert i == 0
+
+
 @pytest.mark.parametrize(("frame", "reason"), [
     (PingFrame(0, opaque_data=b"12345678"), "too many PING frames"),
     (SettingsFrame(0, settings={SettingsFrame.HEADER_TABLE_SIZE: 4096}),
