@@ -212,9 +212,6 @@ class Exchange(ExchangeBase):
         return not conn.write_paused and conn.wbuf_size < WRITE_HIGH_WATER \
             and conn.transport is not None and not conn.transport.is_closing()
 
-    async def drain(self) -> None:
-        await self.conn.drain()
-
     def end(self) -> None:
         if self.finished:
             return
@@ -275,7 +272,6 @@ class HttpConnection(asyncio.Protocol):
         # bit 2 body backpressure, bit 8 an Upgrade head waits for its tunnel (or refusal).
         self._read_paused = 0
         self._pumping = False  # events are being taken (see _pump)
-        self._drain_waiters: list[asyncio.Future[None]] = []
         self._read_deadline = 0.0  # 0: no read deadline (or suspended, see _read_kind)
         self._read_kind = ""  # what the client owes: header, body, keepalive, linger
         self._write_deadline = 0.0
@@ -384,10 +380,6 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._read_deadline = self._write_deadline = 0.0
         self._deadlines.clear(self)
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_exception(ClientGone())
-        self._drain_waiters.clear()
         active, self.active = self.active, None
         if active is not None and not active.finished:
             active.finished = True
@@ -412,10 +404,6 @@ class HttpConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self._write_deadline = 0.0
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._drain_waiters.clear()
         active = self.active
         if active is not None and active.on_resume is not None:
             active.on_resume()
@@ -642,15 +630,6 @@ class HttpConnection(asyncio.Protocol):
             self.wbuf_size += len(data)
             return
         transport.write(data)
-
-    async def drain(self) -> None:
-        if self.transport is None or self.transport.is_closing():
-            raise ClientGone()
-        if not self.write_paused:
-            return
-        waiter = self.loop.create_future()
-        self._drain_waiters.append(waiter)
-        await waiter
 
     def _log(self, ex: Exchange) -> None:
         if self.log.enabled:

@@ -259,9 +259,6 @@ class H2Stream(ExchangeBase):
                 and not self.flushed and conn.transport is not None
                 and not conn.transport.is_closing())
 
-    async def drain(self) -> None:
-        await self.conn.drain()
-
     def end(self) -> None:
         if self.finished:
             return
@@ -348,7 +345,6 @@ class H2Connection(asyncio.Protocol):
         self.bytes_out = 0
         self._corked = 0
         self._after_feed: list[Callable[[], None]] = []
-        self._drain_waiters: list[asyncio.Future[None]] = []
         self._end_reason = "eof"
         self._deadlines = deadlines_for(loop)
         self._settle_due = False
@@ -462,10 +458,6 @@ class H2Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadlines.clear(self)
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_exception(ClientGone())
-        self._drain_waiters.clear()
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             if not stream.finished:
@@ -487,23 +479,10 @@ class H2Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self._write_deadline = 0.0
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._drain_waiters.clear()
         for stream in list(self.streams.values()):
             if stream.on_resume is not None and stream.writable:
                 stream.on_resume()
         self._rearm()
-
-    async def drain(self) -> None:
-        if self.transport is None or self.transport.is_closing():
-            raise ClientGone()
-        if not self.write_paused:
-            return
-        waiter = self.loop.create_future()
-        self._drain_waiters.append(waiter)
-        await waiter
 
     # -- output ---------------------------------------------------------------------------
 

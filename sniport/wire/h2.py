@@ -196,7 +196,6 @@ class Engine(Protocol):
     def ack(self, stream_id: int, n: int) -> None: ...
     def stream_open(self, stream_id: int) -> bool: ...
     def goaway(self, last_stream_id: int | None = None, code: int = NO_ERROR) -> int: ...
-    def close(self, code: int, reason: str = "") -> None: ...
 
 
 class _Calm(h2.exceptions.ProtocolError):
@@ -447,11 +446,6 @@ class H2Server:
             self._out += conn.data_to_send() + frame.serialize()
         return self.last_stream_id
 
-    def close(self, code: int, reason: str = "") -> None:
-        """End the connection now with ``code`` (a GOAWAY; the caller then closes)."""
-        if not self.ended:
-            self.ended = True
-            self._conn.close_connection(code, reason.encode("ascii", "replace")[:64] or None)
 
 
 def _reason(exc: Exception) -> str:

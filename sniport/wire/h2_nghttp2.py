@@ -221,8 +221,6 @@ if _lib is not None:
                        ctypes.POINTER(_DataProvider))
     _submit_rst = _fn("nghttp2_submit_rst_stream", c_int, c_void_p, c_uint8, c_int32,
                       c_uint32)
-    _submit_goaway = _fn("nghttp2_submit_goaway", c_int, c_void_p, c_uint8, c_int32,
-                         c_uint32, ctypes.c_char_p, c_size_t)
     _terminate = _fn("nghttp2_session_terminate_session2", c_int, c_void_p, c_int32,
                      c_uint32)
     _consume = _fn("nghttp2_session_consume", c_int, c_void_p, c_int32, c_size_t)
@@ -950,15 +948,6 @@ class NgH2Server:
         self._drain()  # what was queued before the GOAWAY goes before it
         self._out += _goaway_frame(sid, code)
 
-    def close(self, code: int, reason: str = "") -> None:
-        """End the connection now with ``code`` (a GOAWAY; the caller then closes)."""
-        if not self.ended:
-            self.ended = True
-            if self._dead:
-                return
-            debug = reason.encode("ascii", "replace")[:64]
-            _submit_goaway(self._session, 0, self._highest, code, debug, len(debug))
-            _terminate(self._session, self._highest, code)
 
 
 def _last_goaway(out: bytearray) -> tuple[int, str]:
