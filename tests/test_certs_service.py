@@ -126,7 +126,9 @@ def test_obtains_then_renews(pebble: PebbleInfo, caplog_info: pytest.LogCaptureF
         return time.time() + (25.0 if storage.saves == 1 else 0.0)
 
     async def main() -> None:
-        async with service(settings, storage, report, clock=clock, max_sleep=0.05):
+        # lock_stale 0.2: refreshed every 0.05 s while ordering, so refreshes are seen.
+        async with service(settings, storage, report, clock=clock, max_sleep=0.05,
+                           lock_stale=0.2):
             await until(lambda: storage.saves == 1)
             first = leaf_of(storage)
             await until(lambda: storage.saves == 2)
@@ -146,7 +148,8 @@ def test_obtains_then_renews(pebble: PebbleInfo, caplog_info: pytest.LogCaptureF
     info = messages(caplog_info, logging.INFO)
     assert any("obtained (not after" in m and "www.sniport.test" in m for m in info), info
     assert any("renewed (not after" in m for m in info), info
-    assert not storage.locks  # the lock was released
+    assert storage.refreshes > 0  # the lock was kept fresh while ordering
+    assert not storage.locks  # and released
 
 
 def test_two_instances_order_once(pebble: PebbleInfo) -> None:
