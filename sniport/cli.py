@@ -242,6 +242,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(str(exc))
         return 3  # LSB: not running
     status = _status(pid_file)
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0
     loaded = status.get("loaded_at")
     print(f"master:     {pid}")
     print(f"workers:    {' '.join(map(str, status.get('workers', []))) or '?'}")
@@ -262,7 +265,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("last reload: none since start")
     if status.get("stopping"):
         print(f"stopping:   {status['stopping']}")
+    for cert in status.get("certificates") or []:
+        _print_certificate(cert)
     return 0
+
+
+def _print_certificate(cert: dict[str, Any]) -> None:
+    """One certificate of ``status``: what it names, who issued it, until when, where it
+    comes from, and (ACME) when it is renewed next and what went wrong last."""
+    def when(key: str) -> str:
+        value = cert.get(key)
+        return _when(float(value)) if isinstance(value, (int, float)) else "-"
+
+    print(f"certificate: site {cert.get('site')} ({cert.get('source')})")
+    print(f"  names:        {', '.join(cert.get('names') or []) or '-'}")
+    print(f"  issuer:       {cert.get('issuer') or '-'}")
+    print(f"  not after:    {when('not_after')}")
+    if cert.get("source") != "file" and cert.get("source") != "self-signed":
+        print(f"  next renewal: {when('next_renewal')}")
+    if cert.get("last_error"):
+        print(f"  last error:   {cert['last_error']}")
 
 
 COMMANDS = (
@@ -302,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="signal the master and return at once")
         if name == "routes":
             p.add_argument("host", nargs="?", help="a server name ('' for none)")
+        if name == "status":
+            p.add_argument("--json", action="store_true",
+                           help="the master's status file as it is (JSON)")
     return parser
 
 

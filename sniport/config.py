@@ -249,11 +249,29 @@ class Block(_Model):
     deny: list[Cidr] = []
 
 
+def _plain_http_upstream(value: Any) -> HttpUpstream | None:
+    """``http_upstream``: "HOST:PORT", "http://HOST:PORT" or "unix:/PATH"; "" = none."""
+    if value == "" or value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r}: expected \"HOST:PORT\" or \"unix:/PATH\"")
+    if value.startswith("https://"):
+        raise ValueError(f"{value!r}: http_upstream is plain HTTP (\"HOST:PORT\")")
+    try:
+        return parse_http_upstream(value if value.startswith(("http://", "unix:"))
+                                   else f"http://{value}")
+    except AddressError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class Passthrough(Block):
     upstreams: list[UpstreamAddress] = Field(min_length=1)
     proxy_protocol: Literal["off", "v1", "v2"] = "off"
     connect_timeout: PositiveDuration = 5.0
     idle_timeout: Duration = 3600.0  # 0: no idle limit (a relay closes only when a side does)
+    # Plain HTTP for these hosts on http_listen goes here (so the machine behind answers
+    # its own HTTP-01 challenges), instead of the 308 to https.
+    http_upstream: Annotated[HttpUpstream | None, BeforeValidator(_plain_http_upstream)] = None
 
 
 class TlsFiles(_Model):
@@ -423,22 +441,74 @@ class SiteRoute(_Model):
 
 
 def _tls_kind(value: Any) -> str:
-    return "self_signed" if isinstance(value, str) else "files"
+    return "keyword" if isinstance(value, str) else "files"
 
 
 def _tls_string(value: Any) -> Any:
-    if value == "acme":
-        raise ValueError('"acme": not supported yet (certificates from files or "self-signed")')
-    if isinstance(value, str) and value != "self-signed":
-        raise ValueError(f'{value!r}: expected "self-signed" or {{ cert = "...", key = "..." }}')
+    if isinstance(value, str) and value not in ("self-signed", "acme"):
+        raise ValueError(f'{value!r}: expected "acme", "self-signed" or '
+                         '{ cert = "...", key = "..." }')
     return value
 
 
 TlsSetting = Annotated[
-    Annotated[TlsFiles, Tag("files")] | Annotated[Literal["self-signed"], Tag("self_signed")],
+    Annotated[TlsFiles, Tag("files")] | Annotated[Literal["self-signed", "acme"], Tag("keyword")],
     Discriminator(_tls_kind),
     BeforeValidator(_tls_string),
 ]
+
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
+ACME_CHALLENGES = ("tls-alpn-01", "http-01")
+
+
+class Acme(_Model):
+    """``[acme]``: how certificates for ``tls = "acme"`` sites are obtained (README "ACME")."""
+
+    email: str = ""
+    directory: str = LETS_ENCRYPT
+    ca: str = ""  # a CA bundle to trust the directory with ("": the system's)
+    challenges: list[str] = Field(default=list(ACME_CHALLENGES), min_length=1)
+    renew_before: Annotated[float | None, BeforeValidator(
+        lambda v: None if v == "" else parse_duration(v))] = None  # None: a third of the life
+    storage: str = "{state_dir}/acme"
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", v):
+            raise ValueError(f"{v!r} is not an email address")
+        return v
+
+    @field_validator("directory")
+    @classmethod
+    def _directory(cls, v: str) -> str:
+        if v == "staging":
+            return LETS_ENCRYPT_STAGING
+        if not v.startswith("https://"):
+            raise ValueError(f'{v!r}: an ACME directory is an https:// URL (or "staging")')
+        return v
+
+    @field_validator("challenges")
+    @classmethod
+    def _challenges(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name == "dns-01":
+                raise ValueError('"dns-01": not supported yet ("tls-alpn-01", "http-01")')
+            if name not in ACME_CHALLENGES:
+                raise ValueError(f'{name!r}: expected "tls-alpn-01" or "http-01"')
+        if len(set(v)) != len(v):
+            raise ValueError("a challenge is listed twice")
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        if v.startswith(("redis://", "rediss://")):
+            raise ValueError(f"{v!r}: Redis storage: not supported yet (a directory path)")
+        if not v:
+            raise ValueError('must not be empty (default "{state_dir}/acme")')
+        return v
 
 
 class Site(Block):
@@ -484,6 +554,7 @@ class Config(_Model):
     passthrough: list[Passthrough] = []
     site: list[Site] = []
     default: Default = Default()
+    acme: Acme = Acme()
 
     def blocks(self) -> list[Block]:
         return [*self.passthrough, *self.site]
@@ -494,8 +565,6 @@ class Config(_Model):
 NOT_SUPPORTED_YET: tuple[tuple[str, ...], ...] = (
     ("server", "metrics_listen"),
     ("server", "listen", "*", "proxy_protocol"),
-    ("acme",),
-    ("passthrough", "*", "http_upstream"),
     ("passthrough", "*", "protocol"),
 )
 
@@ -581,7 +650,7 @@ def _empty(source: str) -> LoadedConfig:
     return LoadedConfig(Config.model_construct(), source)
 
 
-_SECTIONS: dict[str, type[_Model]] = {"server": Server, "default": Default}
+_SECTIONS: dict[str, type[_Model]] = {"server": Server, "default": Default, "acme": Acme}
 _ARRAYS: dict[str, type[_Model]] = {"passthrough": Passthrough, "site": Site}
 
 
@@ -782,6 +851,7 @@ def _cross_checks(config: Config, named: set[str]) -> Iterable[tuple[str, str]]:
                 yield (f"{where}.route[{i}].path",
                        f"{route.path!r} is already the path of route[{paths[route.path]}]")
             paths[route.path] = i
+    yield from _acme_checks(config)
     listen_ports = [e.address for e in config.server.listen]
     for i, entry in enumerate(config.server.http_listen):
         if entry.address in listen_ports and not (isinstance(entry.address, TcpAddress)
@@ -796,3 +866,25 @@ def _cross_checks(config: Config, named: set[str]) -> Iterable[tuple[str, str]]:
         listens[entry.address] = where
         if isinstance(entry.address, TcpAddress) and (entry.mode or entry.owner):
             yield where, "mode and owner apply to unix sockets only"
+
+
+def _acme_checks(config: Config) -> Iterable[tuple[str, str]]:
+    """What cannot work with the challenges ACME has (RFC 8555 section 8; README "ACME")."""
+    has_http = bool(config.server.http_listen)
+    for block in config.site:
+        if block.tls != "acme":
+            continue
+        where = block_path(config, block)
+        for i, host in enumerate(block.hosts):
+            if host.startswith("*."):
+                # RFC 8555 section 7.1.3: a wildcard is only validated by dns-01.
+                yield (f"{where}.hosts[{i}]", f"{host!r}: a wildcard certificate needs the "
+                       "dns-01 challenge, which is not supported yet (list the names, or use "
+                       "tls = { cert, key })")
+        if config.acme.challenges == ["http-01"] and not has_http:
+            yield ("acme.challenges", 'only "http-01" is allowed but server.http_listen is '
+                   'empty: the CA could not reach this server on port 80')
+    for relay in config.passthrough:
+        if relay.http_upstream is not None and not has_http:
+            yield (f"{block_path(config, relay)}.http_upstream",
+                   "needs server.http_listen (plain HTTP is received there)")

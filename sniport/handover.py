@@ -14,7 +14,8 @@ client it still allows. Otherwise the connection stays where it is, bounded by
 ``drain_timeout`` as before. No worker lingers for the connections that moved.
 
 Messages (JSON): worker -> master ``offer`` (with the two descriptors); master -> old
-worker ``taken`` or ``keep``; master -> new worker ``adopt`` (with the descriptors). TLS
+worker ``taken`` or ``keep``; master -> new worker ``adopt`` (with the descriptors);
+master -> worker ``cert`` (a certificate changed: the new one in the one descriptor). TLS
 connections (terminated sites, WebSocket tunnels) cannot move: their TLS state lives in
 the old process's OpenSSL objects.
 """
@@ -59,6 +60,19 @@ def encode(op: str, ident: int, relayed: Relayed | None = None) -> bytes:
     if relayed is not None:
         body["relay"] = asdict(relayed)
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+def encode_cert(source: str) -> bytes:
+    """master -> worker ``cert``: the certificate ``source`` (certs/slots.py) changed; the
+    one descriptor attached holds the new chain and key (net.tls.pem_descriptor)."""
+    return json.dumps({"op": "cert", "id": 0, "source": source}).encode()
+
+
+def cert_source(data: bytes) -> str:
+    source = json.loads(data).get("source")
+    if not isinstance(source, str):
+        raise ValueError("cert message without a source")
+    return source
 
 
 def decode(data: bytes) -> tuple[str, int, Relayed | None]:

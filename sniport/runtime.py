@@ -22,19 +22,36 @@ import grp
 import os
 import pwd
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography import x509
+
 from sniport.addresses import AddressError
-from sniport.config import ConfigError, LoadedConfig, Problem, Site, SiteRoute, block_path
+from sniport.certs.acme_service import AcmeSettings, ManagedCert
+from sniport.certs.directory import DirectoryStorage
+from sniport.certs.slots import CertSlot, acme_source, file_source
+from sniport.certs.storage import StorageError
+from sniport.config import (
+    ConfigError,
+    LoadedConfig,
+    Problem,
+    Site,
+    SiteRoute,
+    TlsFiles,
+    block_path,
+)
 from sniport.http.contract import Handler
 from sniport.http.site import SiteApp, default_handlers
 from sniport.logs import AccessLog, LogFileError, check_access_log, open_access_log
 from sniport.net.passthrough import PassthroughRuntime
 from sniport.net.tls import (
+    CertInfo,
     TlsError,
-    certificate_names,
+    cert_info,
+    check_pair,
+    context_from_pem,
     covers,
     default_state_dir,
     self_signed,
@@ -47,9 +64,34 @@ from sniport.wire.httprules import redirect_warnings
 @dataclass(frozen=True)
 class SiteRuntime:
     site: Site
-    context: ssl.SSLContext
+    slot: CertSlot  # the certificate it serves; swapped in place (certs/slots.py)
     app: SiteApp
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        return self.slot.context
+
+    @property
+    def acme(self) -> bool:
+        return self.site.tls == "acme"
+
+
+@dataclass(frozen=True)
+class FileWatch:
+    """A certificate from files that the master watches (certs/watch.py)."""
+
+    source: str
     cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class AcmePlan:
+    """What the ACME service is to do for this config (certs/acme_service.py)."""
+
+    settings: AcmeSettings
+    storage: str  # the directory
+    certs: tuple[ManagedCert, ...]
 
 
 @dataclass(frozen=True)
@@ -61,6 +103,9 @@ class Runtime:
     warnings: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what a run will do (check prints them)
     access_log: AccessLog | None = None  # opened for a run or reload; None for check
+    slots: list[CertSlot] = field(default_factory=list)  # each certificate served, once
+    file_watches: list[FileWatch] = field(default_factory=list)
+    acme: AcmePlan | None = None  # None: no site says tls = "acme"
 
     def close(self) -> None:
         """Release what the build opened (a reload that is given up, a generation gone)."""
@@ -92,34 +137,26 @@ def build_runtime(loaded: LoadedConfig, problems: Sequence[Problem] = (), *,
             passthrough[block.name] = PassthroughRuntime.build(block)
         except AddressError as exc:
             problem(f"{block_path(config, block)}.upstreams", str(exc))
-    contexts: dict[tuple[str, str, bool], ssl.SSLContext] = {}
-    site_tls: dict[str, tuple[ssl.SSLContext, str]] = {}
-    tickets = config.server.tls_session_tickets
+    site_tls: dict[str, CertSlot] = {}
+    certs = _Certificates(loaded, check_only, notes)
+    acme_ok = certs.acme_storage_ready(problem)
     for site in config.site:
         where = block_path(config, site)
         try:
-            if site.tls == "self-signed":
-                cert, key = self_signed(state_dir(loaded), site.name, list(site.hosts))
-            else:
-                cert, key = site.tls.cert, site.tls.key
-            # One context per certificate (and ALPN list): sites sharing them share it.
-            context = contexts.get((cert, key, site.http2))
-            if context is None:
-                context = contexts[(cert, key, site.http2)] = server_context(
-                    cert, key, tickets=tickets, http2=site.http2)
-            names = certificate_names(cert)
+            slot = certs.slot_for(site, acme_ok)
         except TlsError as exc:
             problem(f"{where}.tls", str(exc))
             continue
         except Exception as exc:  # a bug must be a problem line, not a traceback
             problem(f"{where}.tls", f"unexpected {type(exc).__name__}: {exc}")
             continue
-        site_tls[site.name] = (context, cert)
+        site_tls[site.name] = slot
+        names = slot.info.names if slot.info is not None else []
         for i, host in enumerate(site.hosts):
-            if not covers(names, host):
+            if not slot.temporary and not covers(names, host):
                 warnings.append(Problem(source, f"{where}.hosts[{i}]",
-                                        f"the certificate {cert} does not cover {host!r} "
-                                        f"(it names {', '.join(names) or 'nothing'})"))
+                                        f"the certificate {certs.label(site)} does not cover "
+                                        f"{host!r} (it names {', '.join(names) or 'nothing'})"))
         for i, route in enumerate(site.route):
             if route.static is not None and not os.path.isdir(route.static.root):
                 warnings.append(Problem(source, f"{where}.route[{i}].static.root",
@@ -172,6 +209,138 @@ def build_runtime(loaded: LoadedConfig, problems: Sequence[Problem] = (), *,
     table = RouteTable(config)
     sites = {}
     for site in config.site:
-        context, cert = site_tls[site.name]
-        sites[site.name] = SiteRuntime(site, context, SiteApp(site, table, handler), cert)
-    return Runtime(loaded, table, passthrough, sites, warnings, notes, access_log)
+        slot = site_tls[site.name]
+        slot.hosts.extend(h for h in site.hosts if h not in slot.hosts)
+        sites[site.name] = SiteRuntime(site, slot, SiteApp(site, table, handler))
+    return Runtime(loaded, table, passthrough, sites, warnings, notes, access_log,
+                   certs.slots(), certs.watches(), certs.acme_plan())
+
+
+class _Certificates:
+    """The certificate of each site, loaded once per source and ALPN list: from files, from
+    the ACME storage (or a temporary self-signed one until ACME has obtained it), or
+    self-signed."""
+
+    def __init__(self, loaded: LoadedConfig, check_only: bool, notes: list[str]) -> None:
+        self.loaded = loaded
+        self.config = loaded.config
+        self.check_only = check_only
+        self.notes = notes
+        self.tickets = self.config.server.tls_session_tickets
+        self._slots: dict[tuple[str, bool], CertSlot] = {}
+        self._watches: dict[str, FileWatch] = {}
+        self._acme_sites: list[Site] = [s for s in self.config.site if s.tls == "acme"]
+        acme = self.config.acme
+        self.storage_path = acme.storage.replace("{state_dir}", str(state_dir(loaded)))
+        self.storage = DirectoryStorage(self.storage_path)
+
+    def label(self, site: Site) -> str:
+        if isinstance(site.tls, TlsFiles):
+            return site.tls.cert
+        return f"({site.tls})"
+
+    def acme_storage_ready(self, problem: Callable[[str, str], None]) -> bool:
+        """The ACME storage can be used (``check`` says so when it cannot)."""
+        if not self._acme_sites:
+            return False
+        why = self.storage.problem()
+        if why:
+            problem("acme.storage", why)
+            return False
+        if not self.check_only:
+            try:
+                self.storage.ensure()
+            except StorageError as exc:
+                problem("acme.storage", str(exc))
+                return False
+        return True
+
+    def slot_for(self, site: Site, acme_ok: bool) -> CertSlot:
+        http2 = site.http2
+        if isinstance(site.tls, TlsFiles):
+            source = file_source(site.tls.cert, site.tls.key)
+            slot = self._slots.get((source, http2))
+            if slot is None:
+                context = server_context(site.tls.cert, site.tls.key, tickets=self.tickets,
+                                         http2=http2)
+                slot = CertSlot(source, "file", context, _file_info(site.tls.cert),
+                                http2=http2, tickets=self.tickets)
+                self._watches[source] = FileWatch(source, site.tls.cert, site.tls.key)
+            return self._slots.setdefault((source, http2), slot)
+        if site.tls == "self-signed":
+            cert, key = self_signed(state_dir(self.loaded), site.name, list(site.hosts))
+            context = server_context(cert, key, tickets=self.tickets, http2=http2)
+            slot = CertSlot(f"self-signed:{site.name}", "self-signed", context,
+                            _file_info(cert), http2=http2, tickets=self.tickets)
+            return self._slots.setdefault((slot.source, http2), slot)
+        return self._acme_slot(site, acme_ok)
+
+    def _acme_slot(self, site: Site, acme_ok: bool) -> CertSlot:
+        source = acme_source(site.hosts)
+        slot = self._slots.get((source, site.http2))
+        if slot is not None:
+            return slot
+        names = ", ".join(site.hosts)
+        acme = self.config.acme
+        usable = [c for c in acme.challenges
+                  if c != "http-01" or self.config.server.http_listen]
+        stored = None
+        if acme_ok:
+            try:
+                stored = self.storage.load_certificate(site.hosts)
+            except StorageError as exc:
+                raise TlsError(f"ACME storage: {exc}") from None
+        info = None
+        if stored is not None:
+            try:
+                info = check_pair(stored.chain_pem, stored.key_pem)
+            except TlsError as exc:
+                self.notes.append(f"site {site.name}: the stored certificate for {names} "
+                                  f"cannot be used ({exc}); a new one will be ordered")
+        how = " then ".join(usable)
+        if info is not None and stored is not None:
+            context = context_from_pem(stored.chain_pem, stored.key_pem, tickets=self.tickets,
+                                       http2=site.http2)
+            slot = CertSlot(source, "acme", context, info, http2=site.http2,
+                            tickets=self.tickets, version=stored.version)
+            until = f"{info.not_after:%Y-%m-%d %H:%M}"
+            self.notes.append(f"site {site.name}: ACME certificate for {names} from "
+                              f"{self.storage_path} (not after {until} UTC); renewed by "
+                              f"{how} from {acme.directory}")
+        else:
+            cert, key = self_signed(state_dir(self.loaded), site.name, list(site.hosts))
+            context = server_context(cert, key, tickets=self.tickets, http2=site.http2)
+            slot = CertSlot(source, "acme", context, _file_info(cert), http2=site.http2,
+                            tickets=self.tickets, temporary=True)
+            self.notes.append(f"site {site.name}: no ACME certificate for {names} yet: one "
+                              f"will be ordered from {acme.directory} by {how}, stored in "
+                              f"{self.storage_path}; a temporary self-signed certificate is "
+                              "served until then")
+        if "http-01" in acme.challenges and not self.config.server.http_listen:
+            self.notes.append(f"site {site.name}: http-01 is not used: server.http_listen "
+                              "is empty")
+        return self._slots.setdefault((source, site.http2), slot)
+
+    def slots(self) -> list[CertSlot]:
+        return list(self._slots.values())
+
+    def watches(self) -> list[FileWatch]:
+        return list(self._watches.values())
+
+    def acme_plan(self) -> AcmePlan | None:
+        if not self._acme_sites:
+            return None
+        acme = self.config.acme
+        usable = tuple(c for c in acme.challenges
+                       if c != "http-01" or self.config.server.http_listen)
+        settings = AcmeSettings(acme.directory, acme.ca, acme.email, usable, acme.renew_before)
+        certs = tuple(ManagedCert(s.name, tuple(s.hosts)) for s in self._acme_sites)
+        return AcmePlan(settings, self.storage_path, certs)
+
+
+def _file_info(cert: str) -> CertInfo | None:
+    """The leaf of a PEM file that a context was just loaded from (None if it went away)."""
+    try:
+        return cert_info(x509.load_pem_x509_certificate(Path(cert).read_bytes()))
+    except (OSError, ValueError):
+        return None

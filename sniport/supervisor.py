@@ -39,7 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from sniport import __version__, handover
-from sniport.addresses import Address, UnixAddress
+from sniport.addresses import Address, TcpAddress, UnixAddress
+from sniport.certs import service_proc
+from sniport.certs.directory import DirectoryStorage
+from sniport.certs.service_proc import ServiceProcess
+from sniport.certs.watch import CertWatcher, Update
 from sniport.config import ConfigError, Listen
 from sniport.http import h2conn
 from sniport.logs import diag
@@ -102,6 +106,13 @@ def listener_key(address: Address) -> str:
     return str(address)
 
 
+def _entry_key(entry: Listen, where: str) -> str:
+    address = entry.address
+    if isinstance(address, TcpAddress) and address.port == 0:
+        return f"{address}#{where}"
+    return listener_key(address)
+
+
 @dataclass
 class ReloadOutcome:
     """What the last reload did, for ``sniport reload`` (which waits for it) and ``status``.
@@ -142,6 +153,9 @@ class Master:
         self.last_reload: ReloadOutcome | None = None
         self._adopt_turn = 0
         self._reload_started = 0.0  # monotonic start of the reload under way
+        self.watcher: CertWatcher | None = None  # the current generation's certificates
+        self.acme: ServiceProcess | None = None
+        self._cert_backlog: list[tuple[int, str, int]] = []  # (pid, source, fd) not yet sent
 
     # -- start ----------------------------------------------------------------------------
 
@@ -184,7 +198,12 @@ class Master:
 
     def _wanted(self, runtime: Runtime) -> list[tuple[str, Listen]]:
         server = runtime.loaded.config.server
-        return [(listener_key(e.address), e) for e in [*server.listen, *server.http_listen]]
+        # Port 0 (tests, "any free port") may be listed several times: one socket each, so
+        # such an entry is keyed by where it stands, not by its address.
+        return [(_entry_key(e, f"{kind}[{i}]"), e)
+                for kind, entries in (("listen", server.listen),
+                                      ("http_listen", server.http_listen))
+                for i, e in enumerate(entries)]
 
     def _bind(self, runtime: Runtime, inherited: dict[str, Any]) -> list[str]:
         """Bind what the config lists and is not bound yet; return the new keys.
@@ -262,11 +281,15 @@ class Master:
                 return self.exit_code
             if self.stopping and time.monotonic() >= self._stop_deadline:
                 self._kill_all(signal.SIGKILL)
+            self._certificates()
             timeout = self._next_timeout()
             workers = self._all_workers()
             controls = {w.control.fileno(): w for w in workers if w.control.fileno() >= 0}
             fds = [self._wake_r, *controls] + [w.ready_fd for w in workers
                                                if not w.ready and w.ready_fd >= 0]
+            acme_fd = self.acme.read_fd if self.acme is not None else -1
+            if acme_fd >= 0:
+                fds.append(acme_fd)
             try:
                 readable, _, _ = select.select(fds, [], [], timeout)
             except InterruptedError:
@@ -275,6 +298,9 @@ class Master:
                 if fd == self._wake_r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
+                elif fd == acme_fd and self.acme is not None:
+                    self.acme.readable()
+                    self._write_status()
                 elif fd in controls:
                     self._on_control(controls[fd])
                 else:
@@ -289,6 +315,8 @@ class Master:
             times.extend(gen.respawn_at.values())
         if self.stopping:
             times.append(self._stop_deadline)
+        if self.acme is not None and not self.acme.pid:
+            times.append(self.acme.restart_at)
         return max(0.0, min(times) - now)
 
     # -- signals --------------------------------------------------------------------------
@@ -361,7 +389,7 @@ class Master:
             os.close(ready_w)
             raise SpawnError(f"cannot start a worker: {exc.strerror}") from None
         server = gen.runtime.loaded.config.server
-        listen_keys = {listener_key(e.address) for e in server.listen}
+        listen_keys = {_entry_key(e, f"listen[{i}]") for i, e in enumerate(server.listen)}
         bound = [self.listeners[k] for k in gen.keys if k in listen_keys]
         http_bound = [self.listeners[k] for k in gen.keys if k not in listen_keys]
         access_log = gen.runtime.access_log
@@ -406,6 +434,10 @@ class Master:
         for b in self.listeners.values():
             if id(b) not in keep:
                 b.sock.close()  # not this worker's: closing our copy touches no file
+        if self.acme is not None and self.acme.read_fd >= 0:
+            os.close(self.acme.read_fd)
+        for _, _, fd in self._cert_backlog:
+            os.close(fd)
 
     def _worker_ready(self, fd: int) -> None:
         for w in self._all_workers():
@@ -441,6 +473,7 @@ class Master:
         server = gen.runtime.loaded.config.server
         addresses = ", ".join(str(self.listeners[k].address) for k in gen.keys)
         self._close_unused()
+        self._watch(gen)
         if not old:
             self._write_pid()
         self._write_status()  # the files first: whoever reads the log line finds them fresh
@@ -493,6 +526,9 @@ class Master:
                 return
             if pid == 0:
                 return
+            if self.acme is not None and pid == self.acme.pid:
+                self._acme_exited(status)
+                continue
             if pid == self._upgrade_child:
                 self._upgrade_child = 0
                 if not self._handed_over:
@@ -546,7 +582,7 @@ class Master:
         return [w for g in self.generations for w in g.workers.values()]
 
     def _any_workers(self) -> bool:
-        return any(g.workers for g in self.generations)
+        return any(g.workers for g in self.generations) or bool(self.acme and self.acme.pid)
 
     def _signal_workers(self, sig: int) -> None:
         for w in self._all_workers():
@@ -555,6 +591,8 @@ class Master:
     def _kill_all(self, sig: int) -> None:
         for w in self._all_workers():
             _kill(w.pid, sig)
+        if self.acme is not None and self.acme.pid:
+            _kill(self.acme.pid, sig)
 
     # -- relays moving to the current generation (handover.py) ---------------------------
 
@@ -601,6 +639,114 @@ class Master:
             return None
         self._adopt_turn = (self._adopt_turn + 1) % len(ready)
         return ready[self._adopt_turn]
+
+    # -- certificates (certs/): swapped without a reload ----------------------------------
+
+    def _watch(self, gen: Generation) -> None:
+        """Watch the serving generation's certificate sources; run its ACME service."""
+        runtime = gen.runtime
+        plan = runtime.acme
+        storage = DirectoryStorage(plan.storage) if plan is not None else None
+        self.watcher = CertWatcher(runtime.slots,
+                                   [(w.source, w.cert, w.key) for w in runtime.file_watches],
+                                   storage)
+        for slot in runtime.slots:
+            if slot.temporary:
+                diag.warning("no ACME certificate for %s yet: serving a temporary self-signed "
+                             "certificate until it is obtained", ", ".join(slot.hosts))
+        if self.acme is not None and self.acme.plan != plan:
+            self.acme.stop()  # reaped in _acme_exited, which starts the new one
+        if self.acme is None and plan is not None:
+            self._start_acme(plan)
+
+    def _start_acme(self, plan: object, delay: float = service_proc.BACKOFF_MIN) -> None:
+        proc = ServiceProcess(plan, lambda: self._close_in_child(keep=set()), self._life_r)
+        proc.delay = delay
+        self.acme = proc
+        try:
+            proc.start()
+        except OSError as exc:
+            diag.error("cannot start the ACME service: %s; trying again in %.0fs",
+                       exc.strerror, proc.delay)
+            proc.restart_at = time.monotonic() + proc.delay
+
+    def _acme_exited(self, status: int) -> None:
+        proc = self.acme
+        assert proc is not None
+        proc.exited()
+        plan = self.current.runtime.acme if self.current is not None else None
+        if self.stopping or plan is None:
+            self.acme = None
+            return
+        if plan != proc.plan:
+            self._start_acme(plan)  # replaced for a reload: at once
+            return
+        delay = proc.delay
+        diag.error("ACME service %d died (%s); restarting in %.0fs", proc.pid or 0,
+                   _exit_cause(status), delay)
+        proc.delay = min(delay * 2, service_proc.BACKOFF_MAX)
+        proc.restart_at = time.monotonic() + delay
+
+    def _certificates(self) -> None:
+        """Each turn of the loop: a due ACME restart, certificate sources looked at (every
+        few seconds), updates not yet delivered to a worker tried again."""
+        proc = self.acme
+        if proc is not None and not proc.pid and not self.stopping \
+                and time.monotonic() >= proc.restart_at:
+            self._start_acme(proc.plan, proc.delay)
+        if self.watcher is not None and self.current is not None and not self.stopping:
+            for update in self.watcher.poll():
+                self._apply_certificate(self.current, update)
+        backlog, self._cert_backlog = self._cert_backlog, []
+        live = {w.pid: w for w in self._all_workers()}
+        for pid, source, fd in backlog:
+            w = live.get(pid)
+            if w is not None and not handover.send(w.control, handover.encode_cert(source),
+                                                   [fd]):
+                self._cert_backlog.append((pid, source, fd))
+                continue
+            os.close(fd)
+
+    def _apply_certificate(self, gen: Generation, update: Update) -> None:
+        """The master's slots first (a worker forked from now on starts with it), then
+        every worker of the generation; older generations are draining and keep theirs."""
+        try:
+            for slot in gen.runtime.slots:
+                if slot.source == update.source:
+                    slot.swap(update.fd, update.info, update.version)
+            message = handover.encode_cert(update.source)
+            for w in gen.workers.values():
+                if not handover.send(w.control, message, [update.fd]):
+                    self._cert_backlog.append((w.pid, update.source, os.dup(update.fd)))
+        except Exception as exc:  # a bug must cost this update, never the master
+            diag.exception("certificate %s not swapped in: %s", update.label, exc)
+        finally:
+            os.close(update.fd)
+        self._write_status()
+
+    def _certificate_status(self, gen: Generation) -> list[dict[str, Any]]:
+        states = self.acme.states if self.acme is not None else {}
+        out = []
+        seen = set()
+        for site in gen.runtime.sites.values():
+            slot = site.slot
+            if slot.source in seen:
+                continue
+            seen.add(slot.source)
+            info = slot.info
+            state = states.get(site.site.name, {}) if slot.kind == "acme" else {}
+            out.append({
+                "site": site.site.name,
+                "hosts": slot.hosts,
+                "source": "self-signed (until ACME obtains one)" if slot.temporary
+                else slot.kind,
+                "names": info.names if info else [],
+                "issuer": info.issuer if info else "",
+                "not_after": info.not_after.timestamp() if info else None,
+                "next_renewal": state.get("next_renewal"),
+                "last_error": state.get("last_error") or "",
+            })
+        return out
 
     # -- reload ---------------------------------------------------------------------------
 
@@ -681,10 +827,16 @@ class Master:
             self._kill_all(signal.SIGTERM)
         for gen in self.generations:
             gen.respawn_at.clear()
+        if self.acme is not None:
+            self.acme.stop()
         self._write_status()
 
     def _cleanup(self) -> None:
         self._kill_all(signal.SIGKILL)
+        if self.acme is not None and self.acme.pid:
+            _kill(self.acme.pid, signal.SIGKILL)
+        for _, _, fd in self._cert_backlog:
+            os.close(fd)
         for key, b in list(self.listeners.items()):
             if self._handed_over:
                 b.sock.close()  # the new master serves on them: the files stay
@@ -754,6 +906,7 @@ class Master:
                           if k in self.listeners],
             "stopping": self.stopping,
             "last_reload": asdict(self.last_reload) if self.last_reload else None,
+            "certificates": self._certificate_status(gen),
         }
         with contextlib.suppress(OSError):
             self.status_file.parent.mkdir(parents=True, exist_ok=True)

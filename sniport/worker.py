@@ -22,13 +22,16 @@ from typing import Any
 
 from sniport import handover
 from sniport.addresses import TcpAddress
-from sniport.config import Server
+from sniport.certs.challenges import ChallengeAnswers
+from sniport.certs.directory import DirectoryStorage
+from sniport.config import ProxyHandler, Server
 from sniport.handover import Relayed
 from sniport.http.accesslog import RequestLog
-from sniport.http.contract import Exchange
+from sniport.http.contract import Exchange, WorkerHandler
 from sniport.http.engine import App, HttpConnection, Limits
 from sniport.http.h2conn import H2Connection
 from sniport.http.handlers import HttpsRedirectApp
+from sniport.http.proxy import ProxyRoute
 from sniport.http.site import SiteApp, lifecycle
 from sniport.logs import AccessLog, diag, throttle
 from sniport.net.binding import BoundListener
@@ -38,8 +41,10 @@ from sniport.net.listener import RESOURCE_PAUSE, HelloReader, Listener
 from sniport.net.passthrough import PassthroughConnection
 from sniport.net.poller import Poller
 from sniport.net.relay import PipePool
+from sniport.net.tls import TlsError
 from sniport.runtime import Runtime, SiteRuntime
-from sniport.wire.alerts import ACCESS_DENIED, UNRECOGNIZED_NAME
+from sniport.wire.acme import ACME_TLS_ALPN
+from sniport.wire.alerts import ACCESS_DENIED, NO_APPLICATION_PROTOCOL, UNRECOGNIZED_NAME
 from sniport.wire.clienthello import Hello, NotTLS
 from sniport.wire.h2 import Limits as H2Limits
 from sniport.wire.h2 import Rate
@@ -89,13 +94,22 @@ class Worker:
         self._http_bound = http_bound or []
         self._http_servers: list[asyncio.AbstractServer] = []
         tcp_ports = [b.address.port for b in bound if isinstance(b.address, TcpAddress)]
-        self._redirect_app = HttpsRedirectApp(self.table, tcp_ports[0] if tcp_ports else None)
+        acme = runtime.acme
+        self.answers = ChallengeAnswers(DirectoryStorage(acme.storage)) if acme else None
+        forward: dict[str, ProxyRoute] = {
+            block.name: ProxyRoute(ProxyHandler.model_construct(upstreams=[block.http_upstream]),
+                                   "/", list(server.trusted_proxies))
+            for block in runtime.loaded.config.passthrough if block.http_upstream is not None}
+        self._redirect_app = HttpsRedirectApp(self.table, tcp_ports[0] if tcp_ports else None,
+                                              self.answers, forward)
         self._accepting = False
         self._full = False  # accepting paused at max_connections or the descriptor budget
         self._resource_timer: asyncio.TimerHandle | None = None
         self.draining = False
         self._drained: asyncio.Future[None] | None = None
-        self._lifecycle = [h for site in runtime.sites.values() for h in lifecycle(site.app)]
+        self._lifecycle: list[WorkerHandler] = [
+            h for site in runtime.sites.values() for h in lifecycle(site.app)]
+        self._lifecycle += forward.values()
         self.control = control  # to the master: relays offered, taken, adopted
         self._offers: dict[int, PassthroughConnection] = {}
         self._offer_ids = 0
@@ -194,6 +208,10 @@ class Worker:
             self.finish(conn, f"rejected_{route.rule}")
             return
         assert route.block is not None
+        if route.kind == "terminate" and isinstance(outcome, Hello) \
+                and ACME_TLS_ALPN in outcome.alpn:
+            self._acme_challenge(sock, conn, outcome, self.runtime.sites[route.block.name])
+            return
         if route.kind == "passthrough":
             handler = PassthroughConnection(self, sock, conn,
                                             self.runtime.passthrough[route.block.name],
@@ -206,6 +224,46 @@ class Worker:
         # then 403 (the site's error page) for its request, and a close.
         task = self.loop.create_task(self._terminate(sock, conn, site, denied))
         conn.handler = _TaskHandle(task)
+
+    def _acme_challenge(self, sock: socket.socket, conn: ConnRecord, hello: Hello,
+                        site: SiteRuntime) -> None:
+        """A hello offering ``acme-tls/1`` for one of our sites (RFC 8737): the challenge
+        certificate if it is one of our ACME names, offers exactly that protocol and has a
+        challenge pending; else a failed handshake. (Passthrough names never come here:
+        their hellos are relayed untouched, whatever they offer.) The site's allow/deny
+        lists do not apply: the CA validates from addresses nobody lists, and the answer
+        reveals nothing."""
+        context = None
+        if not site.acme or hello.sni not in site.site.hosts:
+            why = "not an ACME name"
+        elif hello.alpn != (ACME_TLS_ALPN,):
+            why = "acme-tls/1 offered with other protocols"
+        elif self.answers is None or (context := self.answers.tls_alpn01(hello.sni)) is None:
+            why = "no challenge pending"
+        if context is None:
+            self._refuse(sock, conn, NO_APPLICATION_PROTOCOL)
+            self.finish(conn, f"acme_tls_alpn_refused: {why}")
+            return
+        task = self.loop.create_task(self._answer_challenge(sock, conn, context))
+        conn.handler = _TaskHandle(task)
+
+    async def _answer_challenge(self, sock: socket.socket, conn: ConnRecord,
+                                context: ssl.SSLContext) -> None:
+        """The handshake is the answer (RFC 8737 section 3): then the connection closes."""
+        try:
+            transport, _ = await self.loop.connect_accepted_socket(
+                asyncio.Protocol, sock, ssl=context, ssl_handshake_timeout=self.handshake_timeout,
+                ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT)
+        except asyncio.CancelledError:
+            sock.close()
+            self.finish(conn, "shutdown")
+            raise
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+            sock.close()
+            self.finish(conn, f"tls_handshake_failed: {_tls_reason(exc)}")
+            return
+        transport.close()
+        self.finish(conn, "acme_tls_alpn_01")
 
     @staticmethod
     def _refuse(sock: socket.socket, conn: ConnRecord, alert: bytes) -> None:
@@ -333,6 +391,9 @@ class Worker:
                     self.loop.remove_reader(control.fileno())
                     return
                 op, ident, relayed = handover.decode(data)
+                if op == "cert" and len(fds) == 1:
+                    self._new_certificate(handover.cert_source(data), fds[0])
+                    continue
                 if op == "adopt" and relayed is not None and len(fds) == handover.DESCRIPTORS:
                     self._adopt(relayed, fds)
                     fds = []  # the relay's now
@@ -347,6 +408,16 @@ class Worker:
             finally:
                 for fd in fds:
                     os.close(fd)
+
+    def _new_certificate(self, source: str, fd: int) -> None:
+        """The master validated a new certificate for ``source``: new handshakes use it,
+        connections already made keep theirs (certs/slots.py)."""
+        for slot in self.runtime.slots:
+            if slot.source == source:
+                try:
+                    slot.swap(fd, None, "")
+                except TlsError as exc:  # the master loaded the same bytes: a bug if so
+                    diag.error("certificate update refused: %s", exc)
 
     def _adopt(self, relayed: Relayed, fds: list[int]) -> None:
         """A relay handed over by a worker of an older generation: it goes on here."""

@@ -56,14 +56,12 @@ def test_v2_keys_not_built_yet_are_refused_as_such() -> None:
 
     text = ('[server]\nmetrics_listen = "127.0.0.1:9109"\n'
             'listen = [{ address = "127.0.0.1:1", proxy_protocol = true }]\n'
-            '[acme]\nemail = "a@b.c"\n'
+            '[acme]\nstorage = "redis://127.0.0.1:6379/0"\nchallenges = ["dns-01"]\n'
             '[[passthrough]]\nname = "p"\nhosts = ["p.x"]\nupstreams = ["127.0.0.1:1"]\n'
-            'protocol = "ssh"\nhttp_upstream = "127.0.0.1:80"\n'
-            + SITE.replace('tls = "self-signed"', 'tls = "acme"')
-            + '[default]\nnon_tls = "http"\n')
+            'protocol = "ssh"\n'
+            + SITE + '[default]\nnon_tls = "http"\n')
     found = {(p.path, "not supported yet" in p.reason) for p in problems(text)}
     assert found == {
         ("server.metrics_listen", True), ("server.listen[0].proxy_protocol", True),
-        ("acme", True), ("passthrough[0](p).http_upstream", True),
-        ("passthrough[0](p).protocol", True), ("site[0](blog).tls", True),
-        ("default.non_tls", True)}
+        ("acme.storage", True), ("acme.challenges", True),
+        ("passthrough[0](p).protocol", True), ("default.non_tls", True)}

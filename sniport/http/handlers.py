@@ -10,15 +10,18 @@ port sends every host of a site to https:// with 308 and answers 404 for any oth
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from sniport.config import RedirectHandler, RespondHandler
 from sniport.hostnames import HostNameError, parse_host_header
 from sniport.routing import RouteTable
+from sniport.wire.acme import HTTP01_PREFIX
 from sniport.wire.httprules import BadPath, normalize_path, redirect_target
 
 if TYPE_CHECKING:
-    from sniport.http.contract import Exchange
+    from sniport.certs.challenges import ChallengeAnswers
+    from sniport.http.contract import Exchange, Handler
 
 
 class Redirect:
@@ -49,11 +52,18 @@ class Respond:
 
 
 class HttpsRedirectApp:
-    """The ``http_listen`` ports: 308 to https:// for the hosts of sites, 404 otherwise."""
+    """The ``http_listen`` ports: 308 to https:// for the hosts of sites, 404 otherwise;
+    ACME HTTP-01 answers for the sites' names (RFC 8555 section 8.3) before the redirect,
+    and a passthrough block's hosts forwarded to its ``http_upstream`` when it has one (so
+    the machine behind answers its own HTTP-01)."""
 
-    def __init__(self, table: RouteTable, https_port: int | None) -> None:
+    def __init__(self, table: RouteTable, https_port: int | None,
+                 answers: ChallengeAnswers | None = None,
+                 forward: Mapping[str, Handler] | None = None) -> None:
         self._table = table
         self._port = "" if https_port in (None, 443) else f":{https_port}"
+        self._answers = answers
+        self._forward = dict(forward or {})
 
     def handle(self, ex: Exchange) -> None:
         req = ex.request
@@ -66,8 +76,23 @@ class HttpsRedirectApp:
             ex.error(400, "bad_host_or_path")
             return
         route = self._table.decide(host) if host else None
-        if route is None or route.kind != "terminate" or route.rule not in ("exact", "wildcard"):
+        named = route is not None and route.rule in ("exact", "wildcard")
+        if named and route is not None and route.kind == "passthrough" and route.block \
+                and (forward := self._forward.get(route.block.name)) is not None:
+            req.path = path  # normalised, as a site's proxy sends it
+            ex.route_name = "http_upstream"
+            forward.handle(ex, path)
+            return
+        if route is None or route.kind != "terminate" or not named:
             ex.error(404, "not_a_site_host")
+            return
+        if self._answers is not None and path.startswith(HTTP01_PREFIX):
+            key_auth = self._answers.http01(path[len(HTTP01_PREFIX):])
+            if key_auth is None:
+                ex.error(404, "acme_challenge_unknown")
+                return
+            ex.note = "acme_http_01"
+            ex.respond(200, [("Content-Type", "text/plain")], key_auth.encode("ascii"))
             return
         location = redirect_target(f"https://{host}{self._port}", path, req.query, True)
         ex.respond(308, [("Location", location), ("Content-Type", "text/plain; charset=utf-8")],

@@ -25,7 +25,9 @@ import datetime
 import hashlib
 import os
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -48,19 +50,26 @@ class TlsError(Exception):
     pass
 
 
-def server_context(cert: str, key: str, *, tickets: bool = True,
-                   http2: bool = True) -> ssl.SSLContext:
+def base_context(*, tickets: bool = True, http2: bool = True,
+                 alpn: list[str] | None = None) -> ssl.SSLContext:
+    """A server context with every setting of the module's rules and no certificate yet."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.options |= ssl.OP_NO_RENEGOTIATION
-    ctx.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
+    ctx.set_alpn_protocols(alpn or (["h2", "http/1.1"] if http2 else ["http/1.1"]))
     _set_groups(ctx)
     if not tickets:
         ctx.options |= ssl.OP_NO_TICKET
         ctx.num_tickets = 0
         _session_cache_off(ctx)
+    return ctx
+
+
+def server_context(cert: str, key: str, *, tickets: bool = True,
+                   http2: bool = True) -> ssl.SSLContext:
+    ctx = base_context(tickets=tickets, http2=http2)
     unreadable = [f"{p}: {why}" for p in (cert, key) if (why := _unreadable(p))]
     if unreadable:
         raise TlsError("; ".join(f"cannot read {what}" for what in unreadable))
@@ -74,6 +83,118 @@ def server_context(cert: str, key: str, *, tickets: bool = True,
         raise TlsError(f"cannot read {exc.filename or cert}: "
                        f"{(exc.strerror or str(exc)).lower()}") from None
     return ctx
+
+
+def pem_descriptor(chain_pem: bytes, key_pem: bytes) -> int:
+    """A memory file (memfd) holding the chain and then the key: how a certificate travels
+    from the master, which may read keys, to workers, which dropped the privilege to (the
+    descriptor is passed over the control socket; nothing touches the disk)."""
+    fd = os.memfd_create("sniport-cert", os.MFD_CLOEXEC)
+    try:
+        data = chain_pem.rstrip(b"\n") + b"\n" + key_pem
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def context_from_descriptor(fd: int, *, tickets: bool = True, http2: bool = True,
+                            alpn: list[str] | None = None,
+                            tickets_from: ssl.SSLContext | None = None) -> ssl.SSLContext:
+    """A server context whose certificate and key are read from ``fd`` (``pem_descriptor``).
+    ``tickets_from``: the context it replaces, whose session-ticket keys it takes, so that
+    sessions resume across the swap and on every worker (forked workers share the keys of
+    the contexts the master built)."""
+    ctx = base_context(tickets=tickets, http2=http2, alpn=alpn)
+    try:
+        # /proc/self/fd/N is this process's own descriptor: readable after a privilege drop.
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    except ssl.SSLError as exc:
+        raise TlsError(f"cannot load the certificate: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise TlsError(f"cannot read the certificate: {exc.strerror or exc}") from None
+    if tickets_from is not None and tickets:
+        copy_ticket_keys(tickets_from, ctx)
+    return ctx
+
+
+def context_from_pem(chain_pem: bytes, key_pem: bytes, **kwargs: Any) -> ssl.SSLContext:
+    fd = pem_descriptor(chain_pem, key_pem)
+    try:
+        return context_from_descriptor(fd, **kwargs)
+    finally:
+        os.close(fd)
+
+
+_SSL_CTRL_GET_TLSEXT_TICKET_KEYS = 58
+_SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+_TICKET_KEYS_SIZE = 80  # OpenSSL: 16 bytes name, 32 HMAC secret, 32 AES key
+
+
+def copy_ticket_keys(src: ssl.SSLContext, dst: ssl.SSLContext) -> bool:
+    """``dst`` encrypts and accepts session tickets with ``src``'s keys (False, and a debug
+    line, if OpenSSL cannot be reached: resumption then starts over for the new context)."""
+    import ctypes
+
+    keys = ctypes.create_string_buffer(_TICKET_KEYS_SIZE)
+    try:
+        if _ssl_ctx_call(src, _SSL_CTRL_GET_TLSEXT_TICKET_KEYS, _TICKET_KEYS_SIZE, keys) != 1:
+            raise RuntimeError("cannot read the ticket keys")
+        if _ssl_ctx_call(dst, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, _TICKET_KEYS_SIZE, keys) != 1:
+            raise RuntimeError("cannot set the ticket keys")
+    except RuntimeError as exc:
+        from sniport.logs import diag
+
+        diag.debug("session ticket keys not carried over: %s", exc)
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    """What ``status`` and the swap checks need to know about a certificate."""
+
+    names: list[str]
+    issuer: str
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+
+
+def check_pair(chain_pem: bytes, key_pem: bytes, *,
+               now: datetime.datetime | None = None) -> CertInfo:
+    """The leaf of ``chain_pem`` if ``key_pem`` is its key and it is valid now; else
+    TlsError saying why (a swap keeps the old certificate then)."""
+    try:
+        chain = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError as exc:
+        raise TlsError(f"no PEM certificate: {exc}") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, None)
+    except (ValueError, TypeError) as exc:
+        raise TlsError(f"no usable PEM private key: {exc}") from None
+    leaf = chain[0]
+    if key.public_key() != leaf.public_key():
+        raise TlsError("the key does not match the certificate")
+    info = cert_info(leaf)
+    now = now or datetime.datetime.now(datetime.UTC)
+    if info.not_after <= now:
+        raise TlsError(f"the certificate expired on {info.not_after:%Y-%m-%d %H:%M} UTC")
+    if info.not_before > now + datetime.timedelta(minutes=5):
+        raise TlsError(f"the certificate is not valid before {info.not_before:%Y-%m-%d %H:%M} UTC")
+    return info
+
+
+def cert_info(leaf: x509.Certificate) -> CertInfo:
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        names = [n.lower().rstrip(".") for n in san.value.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        names = [str(a.value).lower() for a in
+                 leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return CertInfo(names, leaf.issuer.rfc4514_string(), leaf.not_valid_before_utc,
+                    leaf.not_valid_after_utc)
 
 
 def _unreadable(path: str) -> str:
@@ -92,7 +213,7 @@ _SSL_CTRL_SET_GROUPS_LIST = 92
 _SSL_SESS_CACHE_OFF = 0
 
 
-def _ssl_ctx_call(ctx: ssl.SSLContext, cmd: int, larg: int, parg: bytes | None) -> int:
+def _ssl_ctx_call(ctx: ssl.SSLContext, cmd: int, larg: int, parg: Any) -> int:
     """``SSL_CTX_ctrl(ctx, cmd, larg, parg)`` on the SSL_CTX behind ``ctx``.
 
     The stdlib has no API for a few settings, so this reaches the SSL_CTX behind the
@@ -108,8 +229,9 @@ def _ssl_ctx_call(ctx: ssl.SSLContext, cmd: int, larg: int, parg: bytes | None) 
         libssl.SSL_CTX_get_options.restype = ctypes.c_uint64
         libssl.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
         libssl.SSL_CTX_ctrl.restype = ctypes.c_long
+        # parg: bytes, a ctypes buffer (written by the GET controls) or None.
         libssl.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long,
-                                        ctypes.c_char_p]
+                                        ctypes.c_void_p]
         pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
     except (StopIteration, OSError, AttributeError, ValueError) as exc:
         raise RuntimeError(str(exc)) from None

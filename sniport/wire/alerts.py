@@ -11,3 +11,6 @@ UNRECOGNIZED_NAME = bytes([21, 3, 3, 0, 2, 2, 112])
 # when access control was applied, the sender decided not to proceed" -- the nearest alert
 # to a client that a block's allow/deny lists refuse.
 ACCESS_DENIED = bytes([21, 3, 3, 0, 2, 2, 49])
+# RFC 7301 section 3.2: no_application_protocol(120), for a hello whose ALPN list we will
+# not serve; here an ``acme-tls/1`` hello with no challenge of ours pending (RFC 8737).
+NO_APPLICATION_PROTOCOL = bytes([21, 3, 3, 0, 2, 2, 120])
