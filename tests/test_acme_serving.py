@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from support.clients import fetch, plain_conn, request_bytes, tls_conn
 from support.configs import route, site_block, toml_lines
+from support.load import Load
 from support.pki import Pki, insecure_client_context, pem_fingerprint
 from support.process import Sniport, run_cli, start_sniport
 
@@ -307,3 +308,23 @@ def test_rewritten_certificate_files_are_picked_up_and_a_broken_pair_is_refused(
     shutil.copy(new_chain, chain)
     wait_served(setup.s.port, FILES, pem_fingerprint(new_chain.read_bytes()))
     assert fetch(setup.s.port, FILES, setup.pki.client_context(), "/").body == b"files"
+
+
+def test_certificate_files_rewritten_under_load_fail_no_request(setup: Setup) -> None:
+    """Three renewals in a row while clients keep connecting (a new handshake each) and a
+    keep-alive connection made before the first keeps asking: no request fails, and each
+    new certificate is served."""
+    chain, key = setup.files
+    load = Load(setup.s.port, FILES)
+    try:
+        with tls_conn(setup.s.port, FILES, insecure_client_context()) as kept:
+            for n in range(3):
+                new_chain, new_key = setup.pki.cert(FILES, directory=setup.tmp / f"load{n}")
+                shutil.copy(new_key, key)
+                shutil.copy(new_chain, chain)
+                wait_served(setup.s.port, FILES, pem_fingerprint(new_chain.read_bytes()))
+                kept.send(request_bytes("/", FILES))
+                assert kept.response().body == b"files"
+    finally:
+        load.stop()
+    assert load.ok > 20 and load.failures == []

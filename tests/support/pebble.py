@@ -94,3 +94,47 @@ def start_pebble(tmp_path: Path, *, always_valid: bool, validity: int | None = N
                 info.stop()
                 raise RuntimeError(f"pebble did not start:\n{info.log()}") from None
             time.sleep(0.05)
+
+
+CHALLTESTSRV = shutil.which("pebble-challtestsrv") or "/usr/bin/pebble-challtestsrv"
+
+
+@dataclass
+class ChallTestSrv:
+    """pebble-challtestsrv as pebble's DNS: every name resolves to 127.0.0.1 (IPv4 only, or
+    pebble would dial ::1 first; /work/shared/pebble.md)."""
+
+    dns_port: int
+    proc: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def start_challtestsrv(tmp_path: Path) -> ChallTestSrv:
+    dns_port, mgmt = free_port(), free_port()
+    log = tmp_path / "challtestsrv.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [CHALLTESTSRV, "-dns01", f"127.0.0.1:{dns_port}", "-http01", "", "-https01", "",
+             "-tlsalpn01", "", "-management", f"127.0.0.1:{mgmt}",
+             "-defaultIPv6", "", "-defaultIPv4", "127.0.0.1"],
+            stdout=out, stderr=subprocess.STDOUT)
+    srv = ChallTestSrv(dns_port, proc)
+    deadline = time.monotonic() + 20
+    while True:  # its management port opens once the DNS server is up
+        try:
+            socket.create_connection(("127.0.0.1", mgmt), timeout=1).close()
+            return srv
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                srv.stop()
+                raise RuntimeError(f"pebble-challtestsrv did not start:\n"
+                                   f"{log.read_text(errors='replace')}") from None
+            time.sleep(0.05)
