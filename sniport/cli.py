@@ -84,12 +84,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     for entry in config.server.listen:
         print(f"  {entry.address}")
     if config.server.http_listen:
-        print("http listeners (308 to https:// for site hosts, 404 otherwise):")
+        acme = " (ACME HTTP-01 answered first)" if runtime.acme is not None else ""
+        print(f"http listeners (308 to https:// for site hosts{acme}, a passthrough "
+              "block's http_upstream for its hosts, 404 otherwise):")
         for entry in config.server.http_listen:
             print(f"  {entry.address}")
     print("routes:")
     for name, route in runtime.table.entries():
-        print(f"  {name:<40} -> {route.label}")
+        block = route.block
+        plain = getattr(block, "http_upstream", None)
+        also = f"  (plain HTTP -> {plain})" if plain is not None else ""
+        if block is not None and getattr(block, "tls", None) == "acme":
+            also = "  (certificate by ACME)"
+        print(f"  {name:<40} -> {route.label}{also}")
     print(f"  {'(no server name)':<40} -> {runtime.table.decide(None).label}")
     print(f"  {'(any other name)':<40} -> {config.default.to}")
     print(f"  {'(not TLS)':<40} -> {config.default.non_tls}")

@@ -22,6 +22,7 @@ import grp
 import os
 import pwd
 import ssl
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,6 +254,15 @@ class _Certificates:
             except StorageError as exc:
                 problem("acme.storage", str(exc))
                 return False
+        server = self.config.server
+        if server.user and "server" not in self.loaded.invalid:
+            blocked = _not_searchable(Path(self.storage_path) / "challenges", server.user,
+                                      server.group)
+            if blocked is not None:
+                problem("acme.storage", f"workers run as {server.user!r} and cannot reach "
+                        f"{self.storage_path}/challenges ({blocked} is not searchable by "
+                        "them), so they could not answer ACME challenges: make it "
+                        f"searchable (chmod o+x {blocked}) or choose another storage")
         return True
 
     def slot_for(self, site: Site, acme_ok: bool) -> CertSlot:
@@ -344,3 +354,32 @@ def _file_info(cert: str) -> CertInfo | None:
         return cert_info(x509.load_pem_x509_certificate(Path(cert).read_bytes()))
     except (OSError, ValueError):
         return None
+
+
+def _not_searchable(path: Path, user: str, group: str) -> Path | None:
+    """The first existing directory on the way to ``path`` that ``user`` (with ``group``
+    or its primary group, and its supplementary groups, as ``privileges.drop`` sets them)
+    cannot search; None if every one can be, or if the user is unknown (reported
+    elsewhere). Directories that do not exist yet are made 0755 (``DirectoryStorage``)."""
+    try:
+        pw = pwd.getpwnam(user)
+        gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
+        gids = set(os.getgrouplist(pw.pw_name, gid))
+    except (KeyError, OSError):
+        return None
+    if pw.pw_uid == 0:
+        return None
+    for directory in [*reversed(path.parents), path]:
+        try:
+            st = os.stat(directory)
+        except OSError:
+            return None
+        if st.st_uid == pw.pw_uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in gids:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return directory
+    return None

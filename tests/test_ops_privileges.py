@@ -11,15 +11,16 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import tempfile
 from pathlib import Path
 
 import pytest
 from support.backends import echo_backend
 from support.clients import get_body, pt_who
-from support.configs import PT_HOST, SITE_HOST, ops_config
+from support.configs import PT_HOST, SITE_HOST, ops_config, route, site_block
 from support.logs import json_log_file
-from support.pki import Pki
+from support.pki import Pki, pem_fingerprint
 from support.proc import children, gids, status_field, uids
 from support.process import Ops, report
 from support.waiting import wait_until
@@ -155,3 +156,89 @@ def test_sigusr1_reopens_the_access_log_after_the_drop(ops: Ops, pki: Pki,
                     f"{[r['path'] for r in json_log_file(rotated, 'req')]}; log:\n"
                     f"{master.log()}")
     assert [r["path"] for r in json_log_file(rotated, "req")] == ["/before"]
+
+
+def test_workers_as_nobody_answer_challenges_and_take_renewed_root_only_keys(
+        ops: Ops, pki: Pki, tmp_path: Path) -> None:
+    """Workers that dropped to nobody still answer ACME challenges (they read the storage's
+    challenges/, which is world-readable by design) and still take a renewed certificate
+    whose key only root may read: the master reads it and hands it over in a memfd."""
+    from support.clients import fetch, plain_conn, request_bytes
+    from support.pki import insecure_client_context
+
+    from sniport.certs.directory import DirectoryStorage
+    from sniport.wire import acme
+
+    # The state directory must be reachable by nobody, as /var/lib/sniport is (pytest's
+    # tmp_path is root-only).
+    state = Path(tempfile.mkdtemp(prefix="sniport-priv-"))
+    os.chmod(state, 0o755)
+    try:
+        cert = root_only_cert(pki, tmp_path)
+        extra = ("[acme]\ndirectory = \"https://127.0.0.1:1/dir\"\n"
+                 + site_block("auto", ["auto.priv.test"], "acme",
+                              route("/", respond={"body": "auto"})))
+        text = ops_config(state_dir=state, listen=["127.0.0.1:0"], cert=cert, workers=2,
+                          server_extra='user = "nobody"\nhttp_listen = ["127.0.0.1:0"]\n',
+                          extra=extra)
+        master = ops.start(ops.write_config(text))
+        for w in ops.track_workers(master):
+            assert_dropped(w)
+        storage = DirectoryStorage(str(state / "acme"))
+        http01 = acme.Challenge("http-01", "auto.priv.test", "u", "tok-priv", "tok-priv.k")
+        alpn = acme.Challenge("tls-alpn-01", "auto.priv.test", "u", "tok-priv2", "tok-priv2.k")
+        storage.publish_challenge(http01)
+        storage.publish_challenge(alpn)
+        for _ in range(4):  # each worker, most likely
+            with plain_conn(master.listen_port(1)) as c:
+                c.send(request_bytes(acme.http01_path("tok-priv"), "auto.priv.test"))
+                assert c.response().body == b"tok-priv.k"
+            ctx = insecure_client_context()
+            ctx.set_alpn_protocols([acme.ACME_TLS_ALPN])
+            with socket.create_connection(("127.0.0.1", master.port), timeout=10) as raw, \
+                    ctx.wrap_socket(raw, server_hostname="auto.priv.test") as tls:
+                assert tls.selected_alpn_protocol() == acme.ACME_TLS_ALPN
+        # A renewed root-only pair: served by the nobody workers from the next handshake.
+        new_chain, new_key = pki.cert(SITE_HOST, directory=tmp_path / "renewed")
+        shutil.copyfile(new_key, cert[1])
+        shutil.copyfile(new_chain, cert[0])
+        want = pem_fingerprint(new_chain.read_bytes())
+
+        def renewed() -> bool:
+            return all(served_fingerprint(master.port) == want for _ in range(6))
+        wait_until(renewed, 15.0, "the renewed certificate in every worker")
+        assert fetch(master.port, SITE_HOST, pki.client_context(), "/").body == b"v1"
+        assert "certificate update refused" not in master.log()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    report("test_workers_as_nobody_answer_challenges_and_take_renewed_root_only_keys", 2)
+
+
+def served_fingerprint(port: int) -> str:
+    from support.pki import der_fingerprint, insecure_client_context
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            insecure_client_context().wrap_socket(raw, server_hostname=SITE_HOST) as tls:
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return der_fingerprint(der)
+
+
+def test_check_refuses_an_acme_storage_the_workers_cannot_reach(pki: Pki,
+                                                                 tmp_path: Path) -> None:
+    """pytest's tmp_path is root-only (0700): workers running as nobody could not read the
+    challenge answers under it, so every challenge would fail. ``check`` says so."""
+    from support.process import run_cli
+
+    extra = ("[acme]\ndirectory = \"https://127.0.0.1:1/dir\"\n"
+             + site_block("auto", ["auto.priv.test"], "acme", route("/", respond={})))
+    config = tmp_path / "sniport.toml"
+    config.write_text(ops_config(state_dir=tmp_path / "state", listen=["127.0.0.1:0"],
+                                 cert=pki.cert(SITE_HOST), server_extra='user = "nobody"',
+                                 extra=extra))
+    out = run_cli("check", "-c", str(config), cwd=tmp_path)
+    assert out.returncode == 1
+    blocked = next(p for p in [*reversed(tmp_path.parents), tmp_path]
+                   if not os.stat(p).st_mode & 0o001)
+    assert (f"acme.storage: workers run as 'nobody' and cannot reach {tmp_path}/state/acme/"
+            f"challenges ({blocked} is not searchable by them)") in out.stderr, out.stderr
