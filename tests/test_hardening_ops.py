@@ -267,11 +267,11 @@ def test_check_shows_http_listeners_and_what_non_tls_does(pki: Pki, tmp_path: Pa
         server=toml_lines(state_dir=tmp_path / "state", http_listen=["127.0.0.1:0"])))
     r = run_cli("check", "-c", str(path))
     assert r.returncode == 0, r.stderr
-    lines = [line.split() for line in r.stdout.splitlines()]
-    at = lines.index(["http", "listeners", "(308", "to", "https://", "for", "site", "hosts,",
-                      "404", "otherwise):"])
-    assert lines[at + 1] == ["127.0.0.1:0"]
-    assert ["(not", "TLS)", "->", "close"] in lines
+    lines = r.stdout.splitlines()
+    at = lines.index("http listeners (308 to https:// for site hosts, a passthrough block's "
+                     "http_upstream for its hosts, 404 otherwise):")
+    assert lines[at + 1].split() == ["127.0.0.1:0"]
+    assert ["(not", "TLS)", "->", "close"] in [line.split() for line in lines]
 
 
 def test_run_listen_moves_the_embedded_default(tmp_path: Path) -> None:
