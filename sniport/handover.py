@@ -62,17 +62,18 @@ def encode(op: str, ident: int, relayed: Relayed | None = None) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def encode_cert(source: str) -> bytes:
-    """master -> worker ``cert``: the certificate ``source`` (certs/slots.py) changed; the
-    one descriptor attached holds the new chain and key (net.tls.pem_descriptor)."""
-    return json.dumps({"op": "cert", "id": 0, "source": source}).encode()
+def encode_cert(key: str) -> bytes:
+    """master -> worker ``cert``: the certificate of the source with this key changed
+    (certs/slots.py ``source_key``); the one descriptor attached holds the new chain and
+    key (net.tls.pem_descriptor)."""
+    return json.dumps({"op": "cert", "id": 0, "source": key}).encode()
 
 
 def cert_source(data: bytes) -> str:
-    source = json.loads(data).get("source")
-    if not isinstance(source, str):
+    key = json.loads(data).get("source")
+    if not isinstance(key, str):
         raise ValueError("cert message without a source")
-    return source
+    return key
 
 
 def decode(data: bytes) -> tuple[str, int, Relayed | None]:

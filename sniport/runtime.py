@@ -34,6 +34,7 @@ from sniport.certs.acme_service import AcmeSettings, ManagedCert
 from sniport.certs.directory import DirectoryStorage
 from sniport.certs.slots import CertSlot, acme_source, file_source
 from sniport.certs.storage import StorageError
+from sniport.certs.watch import file_version
 from sniport.config import (
     ConfigError,
     LoadedConfig,
@@ -248,6 +249,13 @@ class _Certificates:
         if why:
             problem("acme.storage", why)
             return False
+        ca = self.config.acme.ca
+        if ca:
+            try:
+                ssl.create_default_context(cafile=ca)
+            except (OSError, ssl.SSLError) as exc:
+                problem("acme.ca", f"cannot be used to trust the ACME directory: "
+                        f"{getattr(exc, 'strerror', None) or exc}")
         if not self.check_only:
             try:
                 self.storage.ensure()
@@ -271,10 +279,12 @@ class _Certificates:
             source = file_source(site.tls.cert, site.tls.key)
             slot = self._slots.get((source, http2))
             if slot is None:
+                # Stat first: a change while (or after) it is read is seen by the watcher.
+                version = file_version(site.tls.cert, site.tls.key) or ""
                 context = server_context(site.tls.cert, site.tls.key, tickets=self.tickets,
                                          http2=http2)
                 slot = CertSlot(source, "file", context, _file_info(site.tls.cert),
-                                http2=http2, tickets=self.tickets)
+                                http2=http2, tickets=self.tickets, version=version)
                 self._watches[source] = FileWatch(source, site.tls.cert, site.tls.key)
             return self._slots.setdefault((source, http2), slot)
         if site.tls == "self-signed":
@@ -299,7 +309,9 @@ class _Certificates:
             try:
                 stored = self.storage.load_certificate(site.hosts)
             except StorageError as exc:
-                raise TlsError(f"ACME storage: {exc}") from None
+                # Served meanwhile with the temporary certificate; the service orders anew.
+                self.notes.append(f"site {site.name}: the stored certificate for {names} "
+                                  f"cannot be used ({exc}); a new one will be ordered")
         info = None
         if stored is not None:
             try:

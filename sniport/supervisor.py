@@ -43,6 +43,7 @@ from sniport.addresses import Address, TcpAddress, UnixAddress
 from sniport.certs import service_proc
 from sniport.certs.directory import DirectoryStorage
 from sniport.certs.service_proc import ServiceProcess
+from sniport.certs.slots import source_key
 from sniport.certs.watch import CertWatcher, Update
 from sniport.config import ConfigError, Listen
 from sniport.http import h2conn
@@ -315,7 +316,7 @@ class Master:
             times.extend(gen.respawn_at.values())
         if self.stopping:
             times.append(self._stop_deadline)
-        if self.acme is not None and not self.acme.pid:
+        if self.acme is not None and not self.acme.pid and not self.stopping:
             times.append(self.acme.restart_at)
         return max(0.0, min(times) - now)
 
@@ -655,7 +656,10 @@ class Master:
                 diag.warning("no ACME certificate for %s yet: serving a temporary self-signed "
                              "certificate until it is obtained", ", ".join(slot.hosts))
         if self.acme is not None and self.acme.plan != plan:
-            self.acme.stop()  # reaped in _acme_exited, which starts the new one
+            if self.acme.pid:
+                self.acme.stop()  # reaped in _acme_exited, which starts the new one
+            else:
+                self.acme = None  # waiting to be restarted: the new plan replaces it
         if self.acme is None and plan is not None:
             self._start_acme(plan)
 
@@ -673,6 +677,7 @@ class Master:
     def _acme_exited(self, status: int) -> None:
         proc = self.acme
         assert proc is not None
+        pid = proc.pid
         proc.exited()
         plan = self.current.runtime.acme if self.current is not None else None
         if self.stopping or plan is None:
@@ -682,7 +687,7 @@ class Master:
             self._start_acme(plan)  # replaced for a reload: at once
             return
         delay = proc.delay
-        diag.error("ACME service %d died (%s); restarting in %.0fs", proc.pid or 0,
+        diag.error("ACME service %d died (%s); restarting in %.0fs", pid,
                    _exit_cause(status), delay)
         proc.delay = min(delay * 2, service_proc.BACKOFF_MAX)
         proc.restart_at = time.monotonic() + delay
@@ -699,11 +704,13 @@ class Master:
                 self._apply_certificate(self.current, update)
         backlog, self._cert_backlog = self._cert_backlog, []
         live = {w.pid: w for w in self._all_workers()}
-        for pid, source, fd in backlog:
+        stuck: set[int] = set()  # in order: nothing for a worker passes an older update
+        for pid, key, fd in backlog:
             w = live.get(pid)
-            if w is not None and not handover.send(w.control, handover.encode_cert(source),
-                                                   [fd]):
-                self._cert_backlog.append((pid, source, fd))
+            if w is not None and (pid in stuck or not handover.send(
+                    w.control, handover.encode_cert(key), [fd])):
+                stuck.add(pid)
+                self._cert_backlog.append((pid, key, fd))
                 continue
             os.close(fd)
 
@@ -714,15 +721,31 @@ class Master:
             for slot in gen.runtime.slots:
                 if slot.source == update.source:
                     slot.swap(update.fd, update.info, update.version)
-            message = handover.encode_cert(update.source)
+            key = source_key(update.source)
+            message = handover.encode_cert(key)
+            waiting = {pid for pid, _, _ in self._cert_backlog}
             for w in gen.workers.values():
-                if not handover.send(w.control, message, [update.fd]):
-                    self._cert_backlog.append((w.pid, update.source, os.dup(update.fd)))
+                if w.pid in waiting:
+                    # Behind the updates it has not received yet, and instead of an older
+                    # one of the same certificate.
+                    self._drop_backlog(w.pid, key)
+                    self._cert_backlog.append((w.pid, key, os.dup(update.fd)))
+                elif not handover.send(w.control, message, [update.fd]):
+                    self._cert_backlog.append((w.pid, key, os.dup(update.fd)))
         except Exception as exc:  # a bug must cost this update, never the master
             diag.exception("certificate %s not swapped in: %s", update.label, exc)
         finally:
             os.close(update.fd)
         self._write_status()
+
+    def _drop_backlog(self, pid: int, key: str) -> None:
+        kept = []
+        for entry in self._cert_backlog:
+            if entry[0] == pid and entry[1] == key:
+                os.close(entry[2])
+            else:
+                kept.append(entry)
+        self._cert_backlog = kept
 
     def _certificate_status(self, gen: Generation) -> list[dict[str, Any]]:
         states = self.acme.states if self.acme is not None else {}

@@ -238,8 +238,14 @@ class Worker:
             why = "not an ACME name"
         elif hello.alpn != (ACME_TLS_ALPN,):
             why = "acme-tls/1 offered with other protocols"
-        elif self.answers is None or (context := self.answers.tls_alpn01(hello.sni)) is None:
+        elif self.answers is None:
             why = "no challenge pending"
+        else:
+            try:
+                context = self.answers.tls_alpn01(hello.sni)
+                why = "no challenge pending"
+            except (OSError, TlsError, ValueError) as exc:  # e.g. out of descriptors
+                why = f"cannot build the challenge answer: {exc}"
         if context is None:
             self._refuse(sock, conn, NO_APPLICATION_PROTOCOL)
             self.finish(conn, f"acme_tls_alpn_refused: {why}")
@@ -409,11 +415,11 @@ class Worker:
                 for fd in fds:
                     os.close(fd)
 
-    def _new_certificate(self, source: str, fd: int) -> None:
-        """The master validated a new certificate for ``source``: new handshakes use it,
-        connections already made keep theirs (certs/slots.py)."""
+    def _new_certificate(self, key: str, fd: int) -> None:
+        """The master validated a new certificate for the source ``key`` names: new
+        handshakes use it, connections already made keep theirs (certs/slots.py)."""
         for slot in self.runtime.slots:
-            if slot.source == source:
+            if slot.key == key:
                 try:
                     slot.swap(fd, None, "")
                 except TlsError as exc:  # the master loaded the same bytes: a bug if so

@@ -94,3 +94,16 @@ def test_check_says_when_the_storage_cannot_be_used(tmp_path: Path) -> None:
         f'[acme]\nstorage = "{tmp_path}/file/acme"\n' + SITE))
     assert code == 1
     assert "acme.storage: " in err and f"{tmp_path}/file" in err, err
+
+
+def test_check_says_when_the_ca_bundle_cannot_be_used(tmp_path: Path) -> None:
+    """Found in review: a missing ``ca`` passed check and failed later, in the ACME
+    service, as a failed order."""
+    (tmp_path / "garbage.pem").write_text("not PEM")
+    for ca, reason in ((tmp_path / "missing.pem", "No such file or directory"),
+                       (tmp_path / "garbage.pem", "")):
+        code, _, err = run_check(tmp_path, (
+            f'[server]\nlisten = ["127.0.0.1:1"]\nstate_dir = "{tmp_path}/state"\n'
+            f'[acme]\nca = "{ca}"\n' + SITE))
+        assert code == 1
+        assert "acme.ca: cannot be used to trust the ACME directory: " + reason in err, err

@@ -37,6 +37,7 @@ from sniport.wire import acme
 AUTO = "auto.acme.test"
 FILES = "files.acme.test"
 LAN = "lan.acme.test"
+CLOSED = "closed.acme.test"  # a passthrough block that denies the tests' address
 SWAP_WAIT = 15.0  # the watcher looks every 3 s; workers apply at once
 
 
@@ -116,7 +117,10 @@ def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]
         + site_block("files", [FILES], files, route("/", respond={"body": "files"}))
         + "[[passthrough]]\n" + toml_lines(
             name="lan", hosts=[LAN], upstreams=[f"127.0.0.1:{backend.port}"],
-            http_upstream=f"127.0.0.1:{plain.server_address[1]}"))
+            http_upstream=f"127.0.0.1:{plain.server_address[1]}")
+        + "[[passthrough]]\n" + toml_lines(
+            name="closed", hosts=[CLOSED], upstreams=[f"127.0.0.1:{backend.port}"],
+            http_upstream=f"127.0.0.1:{plain.server_address[1]}", deny=["127.0.0.1/32"]))
     s = start_sniport(config, tmp)
     try:
         yield Setup(s, pki, tmp, DirectoryStorage(str(tmp / "state" / "acme")), backend, files)
@@ -233,6 +237,13 @@ def test_http_01_answers_before_the_redirect(setup: Setup) -> None:
     with plain_conn(setup.http_port) as c:  # withdrawn: gone at once
         c.send(request_bytes(acme.http01_path(ch.token), AUTO))
         assert c.response().status == 404
+        # A site with certificate files may be renewed by another ACME client (certbot
+        # --webroot) that the CA reaches through the redirect: not intercepted.
+        c.send(request_bytes(acme.http01_path(ch.token), FILES))
+        r = c.response()
+        assert r.status == 308
+        assert r.header("location") == \
+            f"https://{FILES}:{setup.s.port}{acme.http01_path(ch.token)}"
 
 
 def test_plain_http_for_a_passthrough_name_goes_to_its_http_upstream(setup: Setup) -> None:
@@ -243,6 +254,17 @@ def test_plain_http_for_a_passthrough_name_goes_to_its_http_upstream(setup: Setu
         assert r.body == f"backend GET /.well-known/acme-challenge/abc {LAN}:80 0".encode()
         c.send(request_bytes("/upload", LAN, method="POST", body=b"x" * 1000))
         assert c.response().body == f"backend POST /upload {LAN} 1000".encode()
+
+
+def test_http_upstream_keeps_the_blocks_deny_list_but_lets_its_challenges_through(
+        setup: Setup) -> None:
+    with plain_conn(setup.http_port) as c:
+        c.send(request_bytes("/private", CLOSED))
+        assert c.response().status == 403
+        c.send(request_bytes("/.well-known/acme-challenge/abc", CLOSED))
+        r = c.response()
+        assert r.status == 200
+        assert r.body == f"backend GET /.well-known/acme-challenge/abc {CLOSED} 0".encode()
 
 
 def wait_served(port: int, name: str, fingerprint: str, timeout: float = SWAP_WAIT) -> float:

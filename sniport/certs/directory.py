@@ -11,8 +11,9 @@ Layout::
         <sha256(directory_url)[:16]>.key   account key PEM (PKCS8, EC P-256), 0600
       certificates/                 0700
         <id>/                       0700
-          fullchain.pem             0644, leaf first
-          privkey.pem               0600
+          bundle.pem                0600, the key then the chain (leaf first): one file, so
+                                    one rename replaces the pair
+          fullchain.pem             0644, the chain alone, for people and other tools
       challenges/                   0755  read by the workers
         http-01/<token>             0644, the key authorization (ascii)
         tls-alpn-01/<name>          0644, the key authorization
@@ -32,9 +33,9 @@ Rules:
   or the new one, never half of one.
 - An account key is never replaced: a new one is linked into place (fails if one appeared
   meanwhile, then that one is used) and a corrupt one raises (replacing it loses the account).
-- A certificate is saved key first, then chain; a reader checks the stats did not change
-  while it read and that the key matches the leaf, and retries briefly otherwise, so it
-  never pairs a new chain with an old key.
+- A certificate and its key are saved as one file (``bundle.pem``), so a reader, or a
+  crash between two writes, can never pair a new chain with an old key; a reader still
+  checks that the key matches the leaf (a bundle damaged by hand is refused).
 - A lock is removed (released, or broken when stale) by renaming it to a unique name first
   and checking its content there: two breakers cannot both win, and nobody deletes a lock
   that another process took in the meantime (it is linked back).
@@ -302,48 +303,43 @@ class DirectoryStorage:
 
     def _cert_paths(self, names: Sequence[str]) -> tuple[str, str]:
         base = self._p("certificates", cert_id(names))
-        return os.path.join(base, "fullchain.pem"), os.path.join(base, "privkey.pem")
+        return os.path.join(base, "bundle.pem"), os.path.join(base, "fullchain.pem")
 
     def certificate_version(self, names: Sequence[str]) -> str | None:
-        chain, key = self._cert_paths(names)
-        a, b = _stamp(chain), _stamp(key)
-        return None if a is None or b is None else f"{a}/{b}"
+        return _stamp(self._cert_paths(names)[0])
 
     def load_certificate(self, names: Sequence[str]) -> StoredCertificate | None:
-        """Blocks up to ~0.4 s while a writer is between its two renames."""
-        chain_path, key_path = self._cert_paths(names)
-        trouble = "changed while being read"
-        for delay in (*_READ_RETRIES, None):
-            before = self.certificate_version(names)
+        bundle_path = self._cert_paths(names)[0]
+        for _ in range(3):
+            before = _stamp(bundle_path)
             if before is None:
                 return None
             try:
-                chain_pem = _read_capped(chain_path, _PEM_CAP)
-                key_pem = _read_capped(key_path, _PEM_CAP)
+                bundle = _read_capped(bundle_path, 2 * _PEM_CAP)
             except FileNotFoundError:
-                chain_pem = key_pem = b""  # replaced or removed meanwhile: the stats differ
+                continue  # replaced meanwhile: read the new one
             except (OSError, ValueError) as exc:
-                raise StorageError(f"cannot read {chain_path} or its key: {exc}") from exc
-            if self.certificate_version(names) == before:
-                if _matches(chain_pem, key_pem, chain_path):
-                    return StoredCertificate(chain_pem, key_pem, before)
-                trouble = "private key does not match the certificate"
-            if delay is not None:
-                time.sleep(delay)
-        raise StorageError(f"{chain_path}: {trouble}")
+                raise StorageError(f"cannot read {bundle_path}: {exc}") from exc
+            if _stamp(bundle_path) != before:
+                continue  # replaced while read: the rename is atomic, read again
+            key_pem, chain_pem = _split_bundle(bundle)
+            if not _matches(chain_pem, key_pem, bundle_path):
+                raise StorageError(f"{bundle_path}: the private key does not match the "
+                                   "certificate")
+            return StoredCertificate(chain_pem, key_pem, before)
+        raise StorageError(f"{bundle_path}: changed while being read, three times")
 
     def save_certificate(self, names: Sequence[str], chain_pem: bytes, key_pem: bytes) -> None:
-        chain_path, key_path = self._cert_paths(names)
+        bundle_path, chain_path = self._cert_paths(names)
         self._ready()
-        folder = os.path.dirname(chain_path)
+        folder = os.path.dirname(bundle_path)
         try:
             os.makedirs(folder, exist_ok=True)
             os.chmod(folder, 0o700)
         except OSError as exc:
             raise StorageError(f"cannot create {folder}: {_reason(exc)}") from exc
-        # Key first: a reader seeing the new key with the old chain finds a mismatch and
-        # retries; the chain's rename completes the pair.
-        _write_atomic(key_path, key_pem, 0o600)
+        # One file, one rename: the pair changes at once or not at all.
+        _write_atomic(bundle_path, key_pem.rstrip(b"\n") + b"\n" + chain_pem, 0o600)
         _write_atomic(chain_path, chain_pem, 0o644)
 
     # --- locks -------------------------------------------------------------------------
@@ -374,7 +370,7 @@ class DirectoryStorage:
                         held = f.read(_ANSWER_CAP)
                 except FileNotFoundError:
                     continue  # released meanwhile: try again
-                if time.time() - mtime < stale_after:
+                if time.time() - mtime < stale_after and not _holder_gone(held):
                     return None
                 _remove_if(path, held)  # only the stale one we judged: a fresh one stays
         except OSError as exc:
@@ -455,6 +451,31 @@ def _load_account_key(path: str, pem: bytes) -> ec.EllipticCurvePrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
         raise ValueError("not an EC P-256 key")
     return key
+
+
+def _split_bundle(bundle: bytes) -> tuple[bytes, bytes]:
+    """(key PEM, chain PEM) of a ``bundle.pem``: the private key block, then the rest."""
+    end = b"PRIVATE KEY-----"
+    at = bundle.find(end, bundle.find(end) + len(end))  # the key's END line
+    if at < 0:
+        return b"", bundle
+    cut = at + len(end)
+    return bundle[:cut] + b"\n", bundle[cut:].lstrip(b"\n")
+
+
+def _holder_gone(held: bytes) -> bool:
+    """The lock names a process of this host that no longer exists (it died mid-order,
+    e.g. SIGKILLed): stale at once, not after ``stale_after``."""
+    parts = held.decode("utf-8", "replace").split()
+    if len(parts) < 2 or parts[1] != socket.gethostname() or not parts[0].isdigit():
+        return False
+    try:
+        os.kill(int(parts[0]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _matches(chain_pem: bytes, key_pem: bytes, where: str) -> bool:

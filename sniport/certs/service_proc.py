@@ -31,6 +31,7 @@ from sniport.logs import diag
 
 MAX_LINE = 64 * 1024
 BACKOFF_MIN, BACKOFF_MAX = 2.0, 300.0
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
 
 
 class ServiceProcess:
@@ -49,10 +50,23 @@ class ServiceProcess:
 
     def start(self) -> None:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
+        # A stop signal between the fork and the child's own handlers would go to the
+        # master's handler (a queue nobody reads in the child) and be lost: blocked across
+        # the fork, then the defaults (terminate) until the child's loop takes over.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
         if pid == 0:
             code = 1
             try:
+                for sig in STOP_SIGNALS:
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
                 os.close(read_fd)
                 self._close_in_child()
                 code = _child_main(self.plan, write_fd, self._lifeline)
@@ -60,6 +74,7 @@ class ServiceProcess:
                 traceback.print_exc()
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         self.pid, self.read_fd = pid, read_fd

@@ -16,10 +16,17 @@ Rules:
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ssl
 from collections.abc import Sequence
 
 from sniport.net.tls import CertInfo, context_from_descriptor
+
+
+def source_key(source: str) -> str:
+    """A short name for ``source`` in control messages (a source lists every name of an
+    ACME certificate: up to 100, too long for one message)."""
+    return hashlib.sha256(source.encode()).hexdigest()[:24]
 
 
 def file_source(cert: str, key: str) -> str:
@@ -31,13 +38,14 @@ def acme_source(names: Sequence[str]) -> str:
 
 
 class CertSlot:
-    __slots__ = ("context", "hosts", "http2", "info", "kind", "source", "temporary",
+    __slots__ = ("context", "hosts", "http2", "info", "key", "kind", "source", "temporary",
                  "tickets", "updated", "version")
 
     def __init__(self, source: str, kind: str, context: ssl.SSLContext, info: CertInfo | None,
                  *, http2: bool, tickets: bool, version: str = "",
                  temporary: bool = False) -> None:
         self.source = source  # file_source() / acme_source() / "self-signed:SITE"
+        self.key = source_key(source)
         self.kind = kind  # "file", "acme" or "self-signed", for status
         self.context = context
         self.info = info

@@ -86,10 +86,12 @@ class CertWatcher:
             same = by_source.get(source, [])
             hosts = sorted({h for s in same for h in s.hosts})
             info = same[0].info if same else None
+            # The version of what the slots serve (stat'ed before the files were read), so
+            # that a change between that read and now is seen at the first look.
+            served = same[0].version if same else file_version(cert, key)
             self._watched.append(_Watched(
                 source, f"{cert} / {key}", functools.partial(file_version, cert, key),
-                functools.partial(_read_files, cert, key), file_version(cert, key), hosts,
-                info))
+                functools.partial(_read_files, cert, key), served or None, hosts, info))
         if storage is not None:
             for source, same in by_source.items():
                 if not source.startswith("acme:"):

@@ -79,6 +79,12 @@ class HttpsRedirectApp:
         named = route is not None and route.rule in ("exact", "wildcard")
         if named and route is not None and route.kind == "passthrough" and route.block \
                 and (forward := self._forward.get(route.block.name)) is not None:
+            # The block's allow/deny lists hold here as on the TLS port, except for the
+            # machine's own HTTP-01 answers (the CA validates from anywhere).
+            if route.acl is not None and not route.acl.permits(ex.conn.client_ip) \
+                    and not path.startswith(HTTP01_PREFIX):
+                ex.error(403, "denied")
+                return
             req.path = path  # normalised, as a site's proxy sends it
             ex.route_name = "http_upstream"
             forward.handle(ex, path)
@@ -86,7 +92,10 @@ class HttpsRedirectApp:
         if route is None or route.kind != "terminate" or not named:
             ex.error(404, "not_a_site_host")
             return
-        if self._answers is not None and path.startswith(HTTP01_PREFIX):
+        # Only ACME sites' names: a site with certificate files may be renewed by another
+        # client (certbot --webroot) that the CA reaches through the redirect.
+        if self._answers is not None and path.startswith(HTTP01_PREFIX) \
+                and getattr(route.block, "tls", None) == "acme":
             key_auth = self._answers.http01(path[len(HTTP01_PREFIX):])
             if key_auth is None:
                 ex.error(404, "acme_challenge_unknown")
