@@ -256,9 +256,21 @@ class Worker:
     async def _answer_challenge(self, sock: socket.socket, conn: ConnRecord,
                                 context: ssl.SSLContext) -> None:
         """The handshake is the answer (RFC 8737 section 3): then the connection closes."""
+        transport = await self._handshake(sock, conn, asyncio.Protocol, context)
+        if transport is not None:
+            transport.close()
+            self.finish(conn, "acme_tls_alpn_01")
+
+    async def _handshake(self, sock: socket.socket, conn: ConnRecord,
+                         factory: Callable[[], asyncio.BaseProtocol],
+                         context: ssl.SSLContext) -> asyncio.BaseTransport | None:
+        """TLS on the socket as it is (the hello still unread in it); None (the connection
+        ended, with its reason) if the handshake fails."""
         try:
             transport, _ = await self.loop.connect_accepted_socket(
-                asyncio.Protocol, sock, ssl=context, ssl_handshake_timeout=self.handshake_timeout,
+                factory, sock, ssl=context, ssl_handshake_timeout=self.handshake_timeout,
+                # A close sends close_notify and waits this long for the client's: not the
+                # 30 s default, or every graceful stop would wait on lazy clients.
                 ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT)
         except asyncio.CancelledError:
             sock.close()
@@ -267,9 +279,14 @@ class Worker:
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             sock.close()
             self.finish(conn, f"tls_handshake_failed: {_tls_reason(exc)}")
-            return
-        transport.close()
-        self.finish(conn, "acme_tls_alpn_01")
+            return None
+        except Exception as exc:  # a bug here must cost one connection, never the worker
+            diag.exception("terminating TLS for %s", conn.client)
+            sock.close()
+            if conn in self.live:
+                self.finish(conn, f"internal_error: {type(exc).__name__}")
+            return None
+        return transport
 
     @staticmethod
     def _refuse(sock: socket.socket, conn: ConnRecord, alert: bytes) -> None:
@@ -309,26 +326,7 @@ class Worker:
             made.append(proto)
             return proto
 
-        try:
-            await self.loop.connect_accepted_socket(
-                lambda: _Alpn(protocol), sock, ssl=site.context,
-                ssl_handshake_timeout=self.handshake_timeout,
-                # A close sends close_notify and waits this long for the client's: not the
-                # 30 s default, or every graceful stop would wait on lazy clients.
-                ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT)
-        except asyncio.CancelledError:
-            sock.close()
-            self.finish(conn, "shutdown")
-            raise
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
-            sock.close()
-            self.finish(conn, f"tls_handshake_failed: {_tls_reason(exc)}")
-            return
-        except Exception as exc:  # a bug here must cost one connection, never the worker
-            diag.exception("terminating TLS for %s", conn.client)
-            sock.close()
-            if conn in self.live:
-                self.finish(conn, f"internal_error: {type(exc).__name__}")
+        if await self._handshake(sock, conn, lambda: _Alpn(protocol), site.context) is None:
             return
         if conn in self.live:  # else it ended already, during connection_made
             conn.handler = _HttpHandle(made[0])

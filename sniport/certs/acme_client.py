@@ -38,7 +38,7 @@ from sniport import __version__
 from sniport.addresses import AddressError, parse_http_upstream
 from sniport.certs.storage import Storage, StorageError
 from sniport.config import ProxyHandler
-from sniport.http.upstream import Upstream, UpstreamConn, upstream_tls_context
+from sniport.http.upstream import OneResponse, Upstream, UpstreamConn, upstream_tls_context
 from sniport.logs import diag
 from sniport.wire import acme
 
@@ -70,7 +70,7 @@ def _bad_url_char(url: str) -> bool:
     return any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url)
 
 
-class _Collector:
+class _Collector(OneResponse):
     """A ``ResponseHandler`` that keeps status, headers and (capped) body of one response."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, conn: UpstreamConn, head: bool) -> None:
@@ -132,18 +132,6 @@ class _Collector:
             self._fail("connection closed in the middle of the response body")
         else:
             self._fail("connection closed before a complete response")
-
-    def upstream_paused(self) -> None:
-        pass
-
-    def upstream_resumed(self) -> None:
-        pass
-
-    def cork(self) -> None:
-        pass
-
-    def uncork(self) -> None:
-        pass
 
 
 class AcmeHttp:

@@ -430,7 +430,24 @@ class HealthChecker:
         return True, ""
 
 
-class _Probe:
+class OneResponse:
+    """A base for handlers that read one whole response on a connection of their own
+    (health checks, the ACME client): no flow control to pass on, nothing to cork."""
+
+    def upstream_paused(self) -> None:
+        pass
+
+    def upstream_resumed(self) -> None:
+        pass
+
+    def cork(self) -> None:
+        pass
+
+    def uncork(self) -> None:
+        pass
+
+
+class _Probe(OneResponse):
     """A ResponseHandler that only wants the status code of a health check."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, conn: UpstreamConn) -> None:
@@ -466,15 +483,3 @@ class _Probe:
 
     def upstream_lost(self) -> None:
         self._set(OSError("connection closed before a response"))
-
-    def upstream_paused(self) -> None:
-        pass
-
-    def upstream_resumed(self) -> None:
-        pass
-
-    def cork(self) -> None:
-        pass
-
-    def uncork(self) -> None:
-        pass

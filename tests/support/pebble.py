@@ -28,6 +28,16 @@ from support.backends import free_port
 PEBBLE = shutil.which("pebble") or "/usr/bin/pebble"
 
 
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 @dataclass
 class PebbleInfo:
     directory_url: str
@@ -37,13 +47,7 @@ class PebbleInfo:
     log_path: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        _terminate(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -108,13 +112,7 @@ class ChallTestSrv:
     proc: subprocess.Popen[bytes]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        _terminate(self.proc)
 
 
 def start_challtestsrv(tmp_path: Path) -> ChallTestSrv:
