@@ -329,11 +329,24 @@ class _Certificates:
             self.notes.append(f"site {site.name}: ACME certificate for {names} from "
                               f"{self.storage_path} (not after {until} UTC); renewed by "
                               f"{how} from {acme.directory}")
+        elif (nearest := self._nearest(site) if acme_ok else None) is not None:
+            # The site's hosts changed: the certificate of its former hosts serves them
+            # until one for all of them is obtained (not a self-signed one for all).
+            chain_pem, key_pem, info = nearest
+            context = context_from_pem(chain_pem, key_pem, tickets=self.tickets,
+                                       http2=site.http2)
+            slot = CertSlot(source, "acme", context, info, http2=site.http2,
+                            tickets=self.tickets, temporary=True,
+                            stand_in=f"the certificate for {', '.join(info.names)}")
+            self.notes.append(f"site {site.name}: no ACME certificate for {names} yet: one "
+                              f"will be ordered from {acme.directory} by {how}, stored in "
+                              f"{self.storage_path}; until then the one for "
+                              f"{', '.join(info.names)} serves")
         else:
             cert, key = self_signed(state_dir(self.loaded), site.name, list(site.hosts))
             context = server_context(cert, key, tickets=self.tickets, http2=site.http2)
             slot = CertSlot(source, "acme", context, _file_info(cert), http2=site.http2,
-                            tickets=self.tickets, temporary=True)
+                            tickets=self.tickets, temporary=True, stand_in="self-signed")
             self.notes.append(f"site {site.name}: no ACME certificate for {names} yet: one "
                               f"will be ordered from {acme.directory} by {how}, stored in "
                               f"{self.storage_path}; a temporary self-signed certificate is "
@@ -342,6 +355,28 @@ class _Certificates:
             self.notes.append(f"site {site.name}: http-01 is not used: server.http_listen "
                               "is empty")
         return self._slots.setdefault((source, site.http2), slot)
+
+    def _nearest(self, site: Site) -> tuple[bytes, bytes, CertInfo] | None:
+        """The stored, valid certificate that covers the most of ``site``'s hosts (None
+        if none covers any)."""
+        best: tuple[int, bytes, bytes, CertInfo] | None = None
+        try:
+            candidates = self.storage.stored_names()
+        except StorageError:
+            return None
+        for names in candidates:
+            covered = sum(covers(list(names), h) for h in site.hosts)
+            if not covered or (best is not None and covered <= best[0]):
+                continue
+            try:
+                stored = self.storage.load_certificate(names)
+                if stored is None:
+                    continue
+                info = check_pair(stored.chain_pem, stored.key_pem)
+            except (StorageError, TlsError):
+                continue
+            best = (covered, stored.chain_pem, stored.key_pem, info)
+        return None if best is None else best[1:]
 
     def slots(self) -> list[CertSlot]:
         return list(self._slots.values())

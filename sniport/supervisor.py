@@ -653,8 +653,10 @@ class Master:
                                    storage)
         for slot in runtime.slots:
             if slot.temporary:
-                diag.warning("no ACME certificate for %s yet: serving a temporary self-signed "
-                             "certificate until it is obtained", ", ".join(slot.hosts))
+                stand_in = "a temporary self-signed certificate" if slot.stand_in == \
+                    "self-signed" else slot.stand_in
+                diag.warning("no ACME certificate for %s yet: serving %s until it is "
+                             "obtained", ", ".join(slot.hosts), stand_in)
         if self.acme is not None and self.acme.plan != plan:
             if self.acme.pid:
                 self.acme.stop()  # reaped in _acme_exited, which starts the new one
@@ -761,7 +763,7 @@ class Master:
             out.append({
                 "site": site.site.name,
                 "hosts": slot.hosts,
-                "source": "self-signed (until ACME obtains one)" if slot.temporary
+                "source": f"{slot.stand_in} (until ACME obtains one)" if slot.temporary
                 else slot.kind,
                 "names": info.names if info else [],
                 "issuer": info.issuer if info else "",

@@ -350,3 +350,40 @@ def test_certificate_files_rewritten_under_load_fail_no_request(setup: Setup) ->
     finally:
         load.stop()
     assert load.ok > 20 and load.failures == []
+
+
+def test_a_site_whose_hosts_grew_keeps_its_certificate_until_the_new_one_comes(
+        pki: Pki, tmp_path: Path) -> None:
+    """Found in review: adding a host to an ACME site made its certificate (keyed by its
+    set of names) missing, and every host fell back to the self-signed stand-in until the
+    new order succeeded. The certificate of the former hosts serves meanwhile."""
+    one, two = "one.grow.test", "two.grow.test"
+    storage = DirectoryStorage(str(tmp_path / "state" / "acme"))
+    chain, key = pki.cert(one, directory=tmp_path / "obtained")
+    storage.save_certificate([one], chain.read_bytes(), key.read_bytes())
+
+    def config(hosts: list[str]) -> str:
+        return ("[server]\n" + toml_lines(listen=["127.0.0.1:0"], workers=1,
+                                          state_dir=tmp_path / "state")
+                + "\n[acme]\n" + toml_lines(directory="https://127.0.0.1:1/dir")
+                + "\n" + site_block("grow", hosts, "acme", route("/", respond={"body": "g"})))
+
+    s = start_sniport(config([one]), tmp_path)
+    try:
+        assert fetch(s.port, one, pki.client_context(), "/").body == b"g"
+        (tmp_path / "sniport.toml").write_text(config([one, two]))
+        mark = s.mark()
+        assert run_cli("reload", "-c", str(tmp_path / "sniport.toml"),
+                       cwd=tmp_path).returncode == 0
+        s.wait_log(rf"no ACME certificate for {one}, {two} yet: serving the certificate for "
+                   rf"{one} until it is obtained", start=mark)
+        assert fetch(s.port, one, pki.client_context(), "/").body == b"g"  # verified
+        status = json.loads((tmp_path / "state" / "sniport.status.json").read_text())
+        assert status["certificates"][0]["source"] == \
+            f"the certificate for {one} (until ACME obtains one)"
+        both_chain, both_key = pki.cert(one, two, directory=tmp_path / "both")
+        storage.save_certificate([two, one], both_chain.read_bytes(), both_key.read_bytes())
+        wait_served(s.port, two, pem_fingerprint(both_chain.read_bytes()))
+        assert fetch(s.port, two, pki.client_context(), "/").body == b"g"
+    finally:
+        s.stop()

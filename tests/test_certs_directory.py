@@ -520,3 +520,13 @@ def test_a_lock_whose_holder_died_on_this_host_is_broken_at_once(store: Director
     assert store.try_lock(NAMES, stale_after=600) is None
     path.write_text(f"{dead.pid} elsewhere.example {time.time():.9f}")
     assert store.try_lock(NAMES, stale_after=600) is None
+
+
+def test_stored_names_are_read_from_each_certificate(store: DirectoryStorage) -> None:
+    assert store.stored_names() == []
+    store.save_certificate(["a.example.com"], *pair("a.example.com"))
+    store.save_certificate(["b.example.com"], *pair("b.example.com"))
+    junk = Path(store.path) / "certificates" / "junk"
+    junk.mkdir()
+    (junk / "fullchain.pem").write_text("not PEM")  # ignored, not an error
+    assert sorted(store.stored_names()) == [("a.example.com",), ("b.example.com",)]

@@ -342,6 +342,23 @@ class DirectoryStorage:
         _write_atomic(bundle_path, key_pem.rstrip(b"\n") + b"\n" + chain_pem, 0o600)
         _write_atomic(chain_path, chain_pem, 0o644)
 
+    def stored_names(self) -> list[tuple[str, ...]]:
+        """From each certificate's public ``fullchain.pem`` (its leaf's DNS names)."""
+        found = []
+        try:
+            folders = sorted(os.listdir(self._p("certificates")))
+        except OSError:
+            return []
+        for folder in folders:
+            try:
+                leaf = x509.load_pem_x509_certificate(_read_capped(
+                    self._p("certificates", folder, "fullchain.pem"), _PEM_CAP))
+                san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            except (OSError, ValueError, x509.ExtensionNotFound):
+                continue  # not a certificate of ours: ignored
+            found.append(tuple(sorted(san.value.get_values_for_type(x509.DNSName))))
+        return found
+
     # --- locks -------------------------------------------------------------------------
 
     def try_lock(self, names: Sequence[str], stale_after: float) -> _FileLock | None:

@@ -38,12 +38,12 @@ def acme_source(names: Sequence[str]) -> str:
 
 
 class CertSlot:
-    __slots__ = ("context", "hosts", "http2", "info", "key", "kind", "source", "temporary",
-                 "tickets", "updated", "version")
+    __slots__ = ("context", "hosts", "http2", "info", "key", "kind", "source", "stand_in",
+                 "temporary", "tickets", "updated", "version")
 
     def __init__(self, source: str, kind: str, context: ssl.SSLContext, info: CertInfo | None,
                  *, http2: bool, tickets: bool, version: str = "",
-                 temporary: bool = False) -> None:
+                 temporary: bool = False, stand_in: str = "") -> None:
         self.source = source  # file_source() / acme_source() / "self-signed:SITE"
         self.key = source_key(source)
         self.kind = kind  # "file", "acme" or "self-signed", for status
@@ -52,7 +52,8 @@ class CertSlot:
         self.http2 = http2
         self.tickets = tickets
         self.version = version  # the source's version of what is loaded
-        self.temporary = temporary  # an ACME site's self-signed stand-in until one is obtained
+        self.temporary = temporary  # an ACME site's stand-in until its own is obtained:
+        self.stand_in = stand_in  # "self-signed", or the certificate of its former hosts
         self.hosts: list[str] = []  # of the sites it serves
         self.updated = datetime.datetime.now(datetime.UTC)
 
@@ -65,4 +66,5 @@ class CertSlot:
             self.info = info
         self.version = version
         self.temporary = False
+        self.stand_in = ""
         self.updated = datetime.datetime.now(datetime.UTC)

@@ -63,6 +63,10 @@ class Storage(Protocol):
 
     def save_certificate(self, names: Sequence[str], chain_pem: bytes, key_pem: bytes) -> None: ...
 
+    def stored_names(self) -> list[tuple[str, ...]]:
+        """The name sets of the certificates stored: when a site's hosts change, the one
+        nearest to them serves until the site's own is obtained."""
+
     def try_lock(self, names: Sequence[str], stale_after: float) -> CertLock | None:
         """The lock for ordering ``names``, or None if another process holds it. A lock not
         refreshed for ``stale_after`` seconds is broken (its holder died)."""
