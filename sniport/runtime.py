@@ -391,7 +391,10 @@ class _Certificates:
         usable = tuple(c for c in acme.challenges
                        if c != "http-01" or self.config.server.http_listen)
         settings = AcmeSettings(acme.directory, acme.ca, acme.email, usable, acme.renew_before)
-        certs = tuple(ManagedCert(s.name, tuple(s.hosts)) for s in self._acme_sites)
+        # Sorted: a reload that only moves blocks around is the same plan (the service and
+        # its orders in flight go on).
+        certs = tuple(sorted((ManagedCert(s.name, tuple(s.hosts))
+                             for s in self._acme_sites), key=lambda c: c.site))
         return AcmePlan(settings, self.storage_path, certs)
 
 
