@@ -3,8 +3,9 @@
 Job: one small interface for what the ACME service and the workers share: the account key,
 the certificates obtained, the locks that stop two processes ordering the same names, and
 the challenge answers (RFC 8555 section 8) that any worker (and later any instance) must be
-able to give while the CA validates. The directory backend is ``certs/directory.py``; a
-Redis backend (issue 11) implements the same interface.
+able to give while the CA validates. The directory backend is ``certs/directory.py``; the
+Redis backend (issue 11) is ``certs/redis_store.py``; ``certs/backends.py`` picks one from the
+``storage`` setting. Workers read challenge answers through ``ChallengeSource`` (async).
 
 Rules:
 - Certificates are keyed by their set of names (order does not matter), never by a site's
@@ -81,3 +82,18 @@ class Storage(Protocol):
 
     def tls_alpn01(self, name: str) -> str | None:
         """The key authorization of the pending TLS-ALPN-01 challenge for ``name``, or None."""
+
+
+class ChallengeSource(Protocol):
+    """A worker's read-only view of the pending challenge answers, for its event loop:
+    ``Storage.http01``/``tls_alpn01`` may block (a network round trip with Redis), these
+    must not. They never raise: a failure is a miss (None), logged by the source."""
+
+    async def http01(self, token: str) -> str | None:
+        """The key authorization for an HTTP-01 token, or None."""
+
+    async def tls_alpn01(self, name: str) -> str | None:
+        """The key authorization of the pending TLS-ALPN-01 challenge for ``name``, or None."""
+
+    async def close(self) -> None:
+        """Let go of connections (idempotent; the source can be used again afterwards)."""
