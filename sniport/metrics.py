@@ -25,6 +25,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 from bisect import bisect_left
@@ -308,8 +309,11 @@ class SharedMetrics:
                 if key in shown or any(numbers)}
 
     def close(self) -> None:
-        self._all.release()
-        self._map.close()
+        """Unmap, unless slot views handed out are still alive (then the mapping goes with
+        the last of them)."""
+        with contextlib.suppress(BufferError):
+            self._all.release()
+            self._map.close()
 
 
 def _series_numbers(family: Family, cells: list[int], base: int) -> list[float]:
