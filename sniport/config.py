@@ -178,6 +178,9 @@ class Listen(_Model):
     address: ListenAddress
     mode: str | None = None  # unix sockets only: octal permission bits of the file
     owner: str | None = None  # unix sockets only: "user" or "user:group"
+    # Every connection starts with a PROXY v1/v2 header from a load balancer in
+    # trusted_proxies (DESIGN.md "PROXY protocol from a load balancer").
+    proxy_protocol: bool = False
 
     @field_validator("mode")
     @classmethod
@@ -564,7 +567,6 @@ class Config(_Model):
 # A path element "*" stands for every entry of an array of tables.
 NOT_SUPPORTED_YET: tuple[tuple[str, ...], ...] = (
     ("server", "metrics_listen"),
-    ("server", "listen", "*", "proxy_protocol"),
     ("passthrough", "*", "protocol"),
 )
 
@@ -866,6 +868,11 @@ def _cross_checks(config: Config, named: set[str]) -> Iterable[tuple[str, str]]:
         listens[entry.address] = where
         if isinstance(entry.address, TcpAddress) and (entry.mode or entry.owner):
             yield where, "mode and owner apply to unix sockets only"
+        if entry.proxy_protocol and isinstance(entry.address, TcpAddress) \
+                and not config.server.trusted_proxies:
+            yield (f"{where}.proxy_protocol", "needs server.trusted_proxies: the load "
+                   "balancers whose PROXY headers are believed (from anyone else the "
+                   "connection is closed)")
 
 
 def _acme_checks(config: Config) -> Iterable[tuple[str, str]]:

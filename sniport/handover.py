@@ -53,6 +53,8 @@ class Relayed:
     age: float  # seconds since the connection arrived
     up_eof: bool  # the client has ended its direction (half-close passed on)
     down_eof: bool
+    via: str = ""  # through a PROXY header: the balancer (ConnRecord.via)
+    proxy_id: str = ""
 
 
 def encode(op: str, ident: int, relayed: Relayed | None = None) -> bytes:

@@ -42,7 +42,9 @@ from sniport.net.passthrough import PassthroughConnection
 from sniport.net.poller import Poller
 from sniport.net.relay import PipePool
 from sniport.net.tls import TlsError
+from sniport.routing import Acl
 from sniport.runtime import Runtime, SiteRuntime
+from sniport.wire import proxyproto
 from sniport.wire.acme import ACME_TLS_ALPN
 from sniport.wire.alerts import ACCESS_DENIED, NO_APPLICATION_PROTOCOL, UNRECOGNIZED_NAME
 from sniport.wire.clienthello import Hello, NotTLS
@@ -90,7 +92,11 @@ class Worker:
         self.limits = Limits(server.header_timeout, server.keepalive_timeout)
         self.h2limits = h2_limits(server)
         self.h2_max_queued = server.http2_max_queued_output
-        self.listeners = [Listener(self, b) for b in bound]
+        # ``bound`` is in the order of ``[server] listen`` (the master binds them so).
+        self.listeners = [Listener(self, b, e.proxy_protocol)
+                          for b, e in zip(bound, server.listen, strict=False)]
+        # Whose PROXY headers are believed (DESIGN.md "PROXY protocol from a load balancer").
+        self.trusted = Acl(server.trusted_proxies, []) if server.trusted_proxies else None
         self._http_bound = http_bound or []
         self._http_servers: list[asyncio.AbstractServer] = []
         tcp_ports = [b.address.port for b in bound if isinstance(b.address, TcpAddress)]
@@ -171,6 +177,20 @@ class Worker:
         sock.setblocking(False)
         ip = peer[0] if isinstance(peer, tuple) else ""
         conn = ConnRecord(peer, ip, listener.label, self.loop.time())
+        if listener.proxy_protocol:
+            # A unix-socket listener's peers are whoever its file mode lets in: trusted.
+            if ip and (self.trusted is None or not self.trusted.permits(ip)):
+                sock.close()
+                self._log(conn, "proxy_untrusted")
+                return
+            # The client is known only once the header is read: counted per IP then.
+            conn.via, conn.ip = conn.client, ""
+            LEDGER.take()
+            self.live.add(conn)
+            reader = HelloReader(self, sock, conn, listener.bound.is_unix, proxy=True)
+            conn.handler = reader
+            reader.start()
+            return
         if self.per_ip_limit and ip:
             count = self.per_ip.get(ip, 0)
             if count >= self.per_ip_limit:
@@ -183,6 +203,38 @@ class Worker:
         reader = HelloReader(self, sock, conn, listener.bound.is_unix)
         conn.handler = reader
         reader.start()
+
+    def proxied(self, conn: ConnRecord, header: proxyproto.Proxied) -> bool:
+        """A PROXY header was read: its source is the client from now on (allow/deny,
+        per-IP limits, logs, X-Forwarded-For, the PROXY header sent upstream); LOCAL and
+        UNKNOWN keep the socket's addresses (a balancer's health check). False, with the
+        line written, if the per-IP limit refuses the client."""
+        if header.command == "PROXY" and header.source is not None:
+            conn.peer = header.source
+            conn.ip = header.client_ip() or ""
+            conn.local = header.dest
+        else:
+            conn.ip = conn.peer[0] if isinstance(conn.peer, tuple) else ""
+        unique = header.unique_id
+        if unique:
+            # As text when it is printable without spaces (HAProxy's unique-id-format), else
+            # hex: a log field never carries raw bytes.
+            printable = all(33 <= b < 127 for b in unique)
+            conn.proxy_id = unique.decode("ascii") if printable else unique.hex()
+        ip = conn.ip
+        if self.per_ip_limit and ip:
+            count = self.per_ip.get(ip, 0)
+            if count >= self.per_ip_limit:
+                self._release_ip_free(conn)
+                self._log(conn, "per_ip_limit")
+                return False
+            self.per_ip[ip] = count + 1
+        return True
+
+    def _release_ip_free(self, conn: ConnRecord) -> None:
+        """Off the books without the per-IP count it never took."""
+        conn.ip = ""
+        self._release(conn)
 
     # -- routing --------------------------------------------------------------------------
 
@@ -435,6 +487,7 @@ class Worker:
         conn.sni, conn.alpn, conn.hello_size = relayed.sni, tuple(relayed.alpn), relayed.hello
         conn.route, conn.upstream = relayed.route, relayed.upstream
         conn.up, conn.down = relayed.up, relayed.down
+        conn.via, conn.proxy_id = relayed.via, relayed.proxy_id
         LEDGER.take(2)
         self.live.add(conn)
         if self.per_ip_limit and conn.ip:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from sniport.net.poller import Poller
     from sniport.net.relay import PipePool
     from sniport.wire.clienthello import Hello, NotTLS
+    from sniport.wire.proxyproto import Proxied
 
 
 class Abortable(Protocol):
@@ -39,6 +40,7 @@ class Owner(Protocol):
     def dispatch(self, sock: socket.socket, conn: ConnRecord, outcome: Hello | NotTLS) -> None:
         ...
     def finish(self, conn: ConnRecord, reason: str) -> None: ...
+    def proxied(self, conn: ConnRecord, header: Proxied) -> bool: ...
     def forget(self, conn: ConnRecord) -> None: ...
     def offer(self, handler: Any, relayed: Relayed, fds: list[int]) -> bool: ...
 
@@ -51,12 +53,15 @@ class ConnRecord:
         "hello_size",
         "ip",
         "listener",
+        "local",
         "peer",
+        "proxy_id",
         "route",
         "sni",
         "start",
         "up",
         "upstream",
+        "via",
     )
 
     def __init__(self, peer: Any, ip: str, listener: str, start: float) -> None:
@@ -72,6 +77,11 @@ class ConnRecord:
         self.down = 0  # bytes upstream -> client
         self.start = start
         self.handler: Abortable | None = None
+        # Through a PROXY header: the balancer it came from, the address the client
+        # connected to (for the header sent upstream), the balancer's unique id.
+        self.via = ""
+        self.local: Any = None
+        self.proxy_id = ""
 
     @property
     def client(self) -> str:
@@ -81,7 +91,7 @@ class ConnRecord:
         return "unix"
 
     def fields(self, now: float, end: str) -> dict[str, Any]:
-        return {
+        fields = {
             "client": self.client,
             "listener": self.listener,
             "sni": self.sni,
@@ -94,3 +104,8 @@ class ConnRecord:
             "duration": round(now - self.start, 3),
             "end": end,
         }
+        if self.via:  # only for connections through a PROXY header: the usual line unchanged
+            fields["via"] = self.via
+            if self.proxy_id:
+                fields["proxy_id"] = self.proxy_id
+        return fields

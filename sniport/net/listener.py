@@ -30,6 +30,7 @@ from sniport.deadlines import deadlines_for
 from sniport.logs import diag
 from sniport.net.binding import DEFER_ACCEPT, BoundListener
 from sniport.net.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLRDHUP
+from sniport.wire import proxyproto
 from sniport.wire.clienthello import MAX_HELLO_BYTES, ClientHelloParser, MalformedHello, NeedMore
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ ACCEPT_BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the
 RESOURCE_PAUSE = 0.1  # seconds to stop accepting when the process is out of descriptors
 UNIX_REARM = 0.005  # seconds between peeks of a partial hello on a unix socket
 PEEK_SIZE = MAX_HELLO_BYTES + 1  # one byte more than the cap, so an oversized hello is seen
+PROXY_V2_MAX = 4096  # bytes of a v2 header after its fixed 16 (addresses and TLVs)
 
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 READ_EVENTS = EPOLLIN | EPOLLRDHUP
@@ -67,10 +69,13 @@ def arrival_time(sock: socket.socket, now: float, deferred: bool) -> float:
 
 
 class Listener:
-    __slots__ = ("_active", "_loop", "_worker", "bound", "fd", "label", "sock")
+    __slots__ = ("_active", "_loop", "_worker", "bound", "fd", "label", "proxy_protocol",
+                 "sock")
 
-    def __init__(self, worker: Owner, bound: BoundListener) -> None:
+    def __init__(self, worker: Owner, bound: BoundListener,
+                 proxy_protocol: bool = False) -> None:
         self.bound = bound
+        self.proxy_protocol = proxy_protocol  # each connection starts with a PROXY header
         self.label = str(bound.address)
         self.sock = bound.sock
         self.fd = bound.sock.fileno()
@@ -118,6 +123,7 @@ class HelloReader:
         "_lowat",
         "_parser",
         "_poller",
+        "_proxy",
         "_rearm",
         "_registered",
         "_seen",
@@ -130,8 +136,10 @@ class HelloReader:
         "sock",
     )
 
-    def __init__(self, worker: Owner, sock: socket.socket, conn: ConnRecord, unix: bool) -> None:
+    def __init__(self, worker: Owner, sock: socket.socket, conn: ConnRecord, unix: bool,
+                 proxy: bool = False) -> None:
         self._worker = worker
+        self._proxy = proxy  # a PROXY header comes first: read it, then peek the hello
         self._loop = worker.loop
         self._poller = worker.poller
         self.sock = sock
@@ -163,6 +171,10 @@ class HelloReader:
                        f"client_error: {exc.strerror}")
             return
         if not data:
+            if self._proxy:
+                self._fail("eof_before_proxy_header" if self._seen == 0 else
+                           "eof_in_proxy_header")
+                return
             self._fail("eof_before_hello" if self._seen == 0 else "eof_in_hello")
             return
         if len(data) == self._seen:
@@ -172,6 +184,9 @@ class HelloReader:
                 self._fail("eof_in_hello")
             else:
                 self._wait(READ_EVENTS)
+            return
+        if self._proxy:
+            self._proxy_header(data, events)
             return
         try:
             outcome = self._parser.feed(memoryview(data)[self._seen :])
@@ -189,6 +204,49 @@ class HelloReader:
             return
         self._stop_waiting()
         self._worker.dispatch(self.sock, self.conn, outcome)
+
+    def _proxy_header(self, data: bytes, events: int) -> None:
+        """DESIGN.md "PROXY protocol from a load balancer": the header is consumed exactly
+        (peeked, parsed, then read to its last byte), so that the hello behind it stays in
+        the socket; ``client_hello_timeout`` bounds both."""
+        header = proxyproto.parse(data, max_v2=PROXY_V2_MAX)
+        if isinstance(header, proxyproto.Invalid):
+            self._fail(f"proxy_protocol_invalid: {header.reason}")
+            return
+        if isinstance(header, proxyproto.NeedMore):
+            self._seen = len(data)
+            if not self._unix:
+                self._lowat = True
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, header.at_least)
+            self._wait(READ_EVENTS)
+            return
+        try:
+            taken = self.sock.recv(header.length)
+        except OSError as exc:
+            self._fail(f"client_error: {exc.strerror}")
+            return
+        if len(taken) != header.length:  # it was all there (peeked): never, but say so
+            self._fail("proxy_protocol_invalid: header not read whole")
+            return
+        self._proxy = False
+        self._seen = 0
+        if self._lowat:
+            self._lowat = False
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        if not self._worker.proxied(self.conn, header):
+            self._fail_closed()
+            return
+        if len(data) > header.length:
+            self._peek(0)  # the hello came with it
+        else:
+            self._wait(READ_EVENTS)
+
+    def _fail_closed(self) -> None:
+        """The worker refused the connection and wrote its line: only release it here."""
+        if self._registered:
+            self._poller.forget(self.fd)
+        self._cancel_timers()
+        self.sock.close()
 
     def _wait(self, mask: int) -> None:
         if self._unix and self._seen:

@@ -124,7 +124,8 @@ class PassthroughConnection:
             alpn=list(conn.alpn), hello=conn.hello_size, route=conn.route,
             upstream=conn.upstream, peer=list(conn.peer) if isinstance(conn.peer, tuple)
             else str(conn.peer or ""), ip=conn.ip, listener=conn.listener, up=up, down=down,
-            age=self._loop.time() - conn.start, up_eof=up_eof, down_eof=down_eof)
+            age=self._loop.time() - conn.start, up_eof=up_eof, down_eof=down_eof,
+            via=conn.via, proxy_id=conn.proxy_id)
         self._moving = "offered"
         if self._worker.offer(self, relayed, [self._sock.fileno(), self._up.fileno()]):
             deadlines_for(self._loop).after(self, OFFER_TIMEOUT)
@@ -178,7 +179,9 @@ class PassthroughConnection:
         mode = self._rt.block.proxy_protocol
         if mode != "off":
             src = _endpoint(self._conn.peer)
-            dst = _endpoint(self._sock.getsockname())
+            # The address the client connected to: the balancer's, when a PROXY header
+            # named it, else this socket's.
+            dst = _endpoint(self._conn.local or self._sock.getsockname())
             self._header = (proxyproto.encode_v1(src, dst) if mode == "v1"
                             else proxyproto.encode_v2(src, dst, self._sni))
             self._send_header()
