@@ -507,10 +507,14 @@ class Acme(_Model):
     @field_validator("storage")
     @classmethod
     def _storage(cls, v: str) -> str:
-        if v.startswith(("redis://", "rediss://")):
-            raise ValueError(f"{v!r}: Redis storage: not supported yet (a directory path)")
         if not v:
             raise ValueError('must not be empty (default "{state_dir}/acme")')
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", v):
+            from sniport.certs.redis_store import parse_url
+
+            if not v.lower().startswith(("redis://", "rediss://")):
+                raise ValueError(f"{v!r}: a directory path, redis:// or rediss://")
+            parse_url(v)  # ValueError saying what is wrong
         return v
 
 

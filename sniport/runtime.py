@@ -31,7 +31,9 @@ from cryptography import x509
 
 from sniport.addresses import AddressError
 from sniport.certs.acme_service import AcmeSettings, ManagedCert
+from sniport.certs.backends import open_storage
 from sniport.certs.directory import DirectoryStorage
+from sniport.certs.redis_store import RedisStorage
 from sniport.certs.slots import CertSlot, acme_source, file_source
 from sniport.certs.storage import StorageError
 from sniport.certs.watch import file_version
@@ -141,7 +143,8 @@ def build_runtime(loaded: LoadedConfig, problems: Sequence[Problem] = (), *,
             problem(f"{block_path(config, block)}.upstreams", str(exc))
     site_tls: dict[str, CertSlot] = {}
     certs = _Certificates(loaded, check_only, notes)
-    acme_ok = certs.acme_storage_ready(problem)
+    acme_ok = certs.acme_storage_ready(
+        problem, lambda path, reason: warnings.append(Problem(source, path, reason)))
     for site in config.site:
         where = block_path(config, site)
         try:
@@ -233,19 +236,30 @@ class _Certificates:
         self._watches: dict[str, FileWatch] = {}
         self._acme_sites: list[Site] = [s for s in self.config.site if s.tls == "acme"]
         acme = self.config.acme
-        self.storage_path = acme.storage.replace("{state_dir}", str(state_dir(loaded)))
-        self.storage = DirectoryStorage(self.storage_path)
+        # A directory (the default) or a Redis URL shared by several instances.
+        self.storage_setting = acme.storage.replace("{state_dir}", str(state_dir(loaded)))
+        self.storage = open_storage(self.storage_setting)
+        self.shared = isinstance(self.storage, RedisStorage)
+        self.storage_path = self.storage.description
 
     def label(self, site: Site) -> str:
         if isinstance(site.tls, TlsFiles):
             return site.tls.cert
         return f"({site.tls})"
 
-    def acme_storage_ready(self, problem: Callable[[str, str], None]) -> bool:
-        """The ACME storage can be used (``check`` says so when it cannot)."""
+    def acme_storage_ready(self, problem: Callable[[str, str], None],
+                           warn: Callable[[str, str], None]) -> bool:
+        """The ACME storage can be used (``check`` says so when it cannot). A shared storage
+        that cannot be reached now is a warning, not a refusal: the instance serves what it
+        has (a reload keeps the certificates it serves) and the watcher and the ACME
+        service retry; a restart must not depend on Redis being up."""
         if not self._acme_sites:
             return False
         why = self.storage.problem()
+        if why and self.shared:
+            warn("acme.storage", f"{why}; certificates are served from what this instance "
+                 "has until it can be reached (retried every few seconds)")
+            return False
         if why:
             problem("acme.storage", why)
             return False
@@ -256,6 +270,8 @@ class _Certificates:
             except (OSError, ssl.SSLError) as exc:
                 problem("acme.ca", f"cannot be used to trust the ACME directory: "
                         f"{getattr(exc, 'strerror', None) or exc}")
+        if not isinstance(self.storage, DirectoryStorage):
+            return True
         if not self.check_only:
             try:
                 self.storage.ensure()
@@ -395,7 +411,7 @@ class _Certificates:
         # its orders in flight go on).
         certs = tuple(sorted((ManagedCert(s.name, tuple(s.hosts))
                              for s in self._acme_sites), key=lambda c: c.site))
-        return AcmePlan(settings, self.storage_path, certs)
+        return AcmePlan(settings, self.storage_setting, certs)
 
 
 def _file_info(cert: str) -> CertInfo | None:

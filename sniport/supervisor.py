@@ -41,7 +41,7 @@ from typing import Any
 from sniport import __version__, handover
 from sniport.addresses import Address, TcpAddress, UnixAddress
 from sniport.certs import service_proc
-from sniport.certs.directory import DirectoryStorage
+from sniport.certs.backends import open_storage
 from sniport.certs.service_proc import ServiceProcess
 from sniport.certs.slots import source_key
 from sniport.certs.watch import CertWatcher, Update
@@ -647,7 +647,7 @@ class Master:
         """Watch the serving generation's certificate sources; run its ACME service."""
         runtime = gen.runtime
         plan = runtime.acme
-        storage = DirectoryStorage(plan.storage) if plan is not None else None
+        storage = open_storage(plan.storage) if plan is not None else None
         self.watcher = CertWatcher(runtime.slots,
                                    [(w.source, w.cert, w.key) for w in runtime.file_watches],
                                    storage)
@@ -693,6 +693,20 @@ class Master:
                    _exit_cause(status), delay)
         proc.delay = min(delay * 2, service_proc.BACKOFF_MAX)
         proc.restart_at = time.monotonic() + delay
+
+    def _carry_certificates(self, runtime: Runtime) -> None:
+        """An ACME site the new config could only give a stand-in (its storage out of
+        reach: Redis down) keeps the certificate the running generation serves for the same
+        names, so that a reload never trades a real certificate for a self-signed one."""
+        if self.current is None:
+            return
+        serving = {(s.source, s.http2): s for s in self.current.runtime.slots
+                   if not s.temporary}
+        for slot in runtime.slots:
+            prev = serving.get((slot.source, slot.http2))
+            if slot.temporary and slot.kind == "acme" and prev is not None:
+                slot.context, slot.info, slot.version = prev.context, prev.info, prev.version
+                slot.temporary, slot.stand_in = False, ""
 
     def _certificates(self) -> None:
         """Each turn of the loop: a due ACME restart, certificate sources looked at (every
@@ -807,6 +821,7 @@ class Master:
             return
         for warning in runtime.warnings:
             diag.warning("%s", warning)
+        self._carry_certificates(runtime)
         try:
             self._bind(runtime, {})
             self.pending = self._new_generation(runtime)

@@ -22,8 +22,8 @@ from typing import Any
 
 from sniport import handover
 from sniport.addresses import TcpAddress
+from sniport.certs.backends import challenge_source
 from sniport.certs.challenges import ChallengeAnswers
-from sniport.certs.directory import DirectoryStorage
 from sniport.config import ProxyHandler, Server
 from sniport.handover import Relayed
 from sniport.http.accesslog import RequestLog
@@ -101,7 +101,7 @@ class Worker:
         self._http_servers: list[asyncio.AbstractServer] = []
         tcp_ports = [b.address.port for b in bound if isinstance(b.address, TcpAddress)]
         acme = runtime.acme
-        self.answers = ChallengeAnswers(DirectoryStorage(acme.storage)) if acme else None
+        self.answers = ChallengeAnswers(challenge_source(acme.storage)) if acme else None
         forward: dict[str, ProxyRoute] = {
             block.name: ProxyRoute(ProxyHandler.model_construct(upstreams=[block.http_upstream]),
                                    "/", list(server.trusted_proxies))
@@ -285,7 +285,6 @@ class Worker:
         their hellos are relayed untouched, whatever they offer.) The site's allow/deny
         lists do not apply: the CA validates from addresses nobody lists, and the answer
         reveals nothing."""
-        context = None
         if not site.acme or hello.sni not in site.site.hosts:
             why = "not an ACME name"
         elif hello.alpn != (ACME_TLS_ALPN,):
@@ -293,21 +292,30 @@ class Worker:
         elif self.answers is None:
             why = "no challenge pending"
         else:
-            try:
-                context = self.answers.tls_alpn01(hello.sni)
-                why = "no challenge pending"
-            except (OSError, TlsError, ValueError) as exc:  # e.g. out of descriptors
-                why = f"cannot build the challenge answer: {exc}"
+            # The answer is looked up in the storage (a file, or Redis): asynchronously.
+            task = self.loop.create_task(self._answer_challenge(sock, conn, self.answers,
+                                                                hello.sni))
+            conn.handler = _TaskHandle(task)
+            return
+        self._refuse(sock, conn, NO_APPLICATION_PROTOCOL)
+        self.finish(conn, f"acme_tls_alpn_refused: {why}")
+
+    async def _answer_challenge(self, sock: socket.socket, conn: ConnRecord,
+                                answers: ChallengeAnswers, name: str) -> None:
+        """The handshake is the answer (RFC 8737 section 3): then the connection closes."""
+        why = "no challenge pending"
+        try:
+            context = await answers.tls_alpn01(name)
+        except asyncio.CancelledError:
+            sock.close()
+            self.finish(conn, "shutdown")
+            raise
+        except (OSError, TlsError, ValueError) as exc:  # e.g. out of descriptors
+            context, why = None, f"cannot build the challenge answer: {exc}"
         if context is None:
             self._refuse(sock, conn, NO_APPLICATION_PROTOCOL)
             self.finish(conn, f"acme_tls_alpn_refused: {why}")
             return
-        task = self.loop.create_task(self._answer_challenge(sock, conn, context))
-        conn.handler = _TaskHandle(task)
-
-    async def _answer_challenge(self, sock: socket.socket, conn: ConnRecord,
-                                context: ssl.SSLContext) -> None:
-        """The handshake is the answer (RFC 8737 section 3): then the connection closes."""
         transport = await self._handshake(sock, conn, asyncio.Protocol, context)
         if transport is not None:
             transport.close()

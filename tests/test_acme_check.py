@@ -32,7 +32,8 @@ def test_defaults_and_the_staging_shortcut() -> None:
     ('[acme]\nchallenges = ["http-01", "http-01"]\n', "acme.challenges", "listed twice"),
     ('[acme]\nchallenges = []\n', "acme.challenges", "at least 1"),
     ('[acme]\nchallenges = ["tls-sni-01"]\n', "acme.challenges", "expected"),
-    ('[acme]\nstorage = "redis://127.0.0.1:6379/0"\n', "acme.storage", "not supported yet"),
+    ('[acme]\nstorage = "redis://127.0.0.1:99999/0"\n', "acme.storage", "Port out of range"),
+    ('[acme]\nstorage = "s3://bucket/acme"\n', "acme.storage", "redis://"),
     ('[acme]\nrenew_before = "soon"\n', "acme.renew_before", "duration"),
     ('[acme]\nsecret = 1\n', "acme.secret", "unknown key"),
     # http-01 needs port 80; a wildcard needs dns-01.

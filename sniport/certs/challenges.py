@@ -8,7 +8,9 @@ to workers, they look when a challenge arrives.
 
 Rules:
 - Only reads: workers that dropped their privileges read the storage's challenge answers,
-  which are not secret (a key authorization is what the CA fetches in the clear).
+  which are not secret (a key authorization is what the CA fetches in the clear). Reads
+  are async (``ChallengeSource``): a local file for the directory storage, a bounded Redis
+  call for a shared one; a failure is a miss, never an exception.
 - The TLS-ALPN-01 context offers exactly ``acme-tls/1`` (RFC 8737 section 4: the
   handshake must negotiate it) and serves the challenge certificate for that one name,
   built when first asked and kept while the same key authorization is pending.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import ssl
 
-from sniport.certs.storage import Storage
+from sniport.certs.storage import ChallengeSource
 from sniport.net.tls import context_from_pem
 from sniport.wire.acme import ACME_TLS_ALPN, tls_alpn01_certificate
 
@@ -26,16 +28,16 @@ CACHE = 64  # challenge contexts kept per worker (names being validated at the s
 
 
 class ChallengeAnswers:
-    def __init__(self, storage: Storage) -> None:
-        self._storage = storage
+    def __init__(self, source: ChallengeSource) -> None:
+        self._source = source
         self._contexts: dict[tuple[str, str], ssl.SSLContext] = {}
 
-    def http01(self, token: str) -> str | None:
-        return self._storage.http01(token)
+    async def http01(self, token: str) -> str | None:
+        return await self._source.http01(token)
 
-    def tls_alpn01(self, name: str) -> ssl.SSLContext | None:
+    async def tls_alpn01(self, name: str) -> ssl.SSLContext | None:
         """The context answering the TLS-ALPN-01 challenge pending for ``name``, or None."""
-        key_auth = self._storage.tls_alpn01(name)
+        key_auth = await self._source.tls_alpn01(name)
         if key_auth is None:
             return None
         ctx = self._contexts.get((name, key_auth))

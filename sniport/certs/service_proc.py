@@ -121,12 +121,12 @@ def _child_main(plan: Any, report_fd: int, lifeline_fd: int) -> int:
     import uvloop
 
     from sniport.certs.acme_service import run_service
-    from sniport.certs.directory import DirectoryStorage
+    from sniport.certs.backends import open_storage
 
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_IGN if sig != signal.SIGCHLD else signal.SIG_DFL)
-    storage = DirectoryStorage(plan.storage)
+    storage = open_storage(plan.storage)
 
     def report(states: list[Any]) -> None:
         line = json.dumps([asdict(s) for s in states], default=str).encode() + b"\n"

@@ -10,6 +10,7 @@ port sends every host of a site to https:// with 308 and answers 404 for any oth
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -96,13 +97,31 @@ class HttpsRedirectApp:
         # client (certbot --webroot) that the CA reaches through the redirect.
         if self._answers is not None and path.startswith(HTTP01_PREFIX) \
                 and getattr(route.block, "tls", None) == "acme":
-            key_auth = self._answers.http01(path[len(HTTP01_PREFIX):])
-            if key_auth is None:
-                ex.error(404, "acme_challenge_unknown")
-                return
-            ex.note = "acme_http_01"
-            ex.respond(200, [("Content-Type", "text/plain")], key_auth.encode("ascii"))
+            # Looked up in the storage (a file, or Redis): the answer comes asynchronously.
+            task = asyncio.ensure_future(_answer_http01(
+                ex, self._answers, path[len(HTTP01_PREFIX):]))
+            _PENDING.add(task)
+            task.add_done_callback(_PENDING.discard)
             return
         location = redirect_target(f"https://{host}{self._port}", path, req.query, True)
         ex.respond(308, [("Location", location), ("Content-Type", "text/plain; charset=utf-8")],
                    f"308 -> {location}\n".encode())
+
+
+_PENDING: set[asyncio.Future[None]] = set()  # the answers being looked up (kept referenced)
+
+
+async def _answer_http01(ex: Exchange, answers: ChallengeAnswers, token: str) -> None:
+    """RFC 8555 section 8.3: the key authorization, as text; 404 for a token not pending."""
+    try:
+        key_auth = await answers.http01(token)
+    except Exception as exc:  # a bug must cost this answer, never the worker
+        ex.error(500, f"acme_challenge_error: {type(exc).__name__}")
+        return
+    if ex.finished:
+        return  # the client went away meanwhile
+    if key_auth is None:
+        ex.error(404, "acme_challenge_unknown")
+        return
+    ex.note = "acme_http_01"
+    ex.respond(200, [("Content-Type", "text/plain")], key_auth.encode("ascii"))
