@@ -214,6 +214,9 @@ class Server(_Model):
         min_length=1,
     )
     http_listen: list[ListenEntry] = []
+    # Prometheus text at /metrics, served by the master: "127.0.0.1:9109" ("": off).
+    metrics_listen: Annotated[Address | None, BeforeValidator(
+        lambda v: None if v == "" else _listen_address(v))] = None
     workers: Annotated[int | Literal["auto"], BeforeValidator(_workers_value)] = "auto"
     max_connections: int = Field(default=4096, ge=1)
     max_connections_per_ip: int = Field(default=0, ge=0)
@@ -570,7 +573,6 @@ class Config(_Model):
 # Keys of the contract that this version does not do yet: present in a file, they are refused.
 # A path element "*" stands for every entry of an array of tables.
 NOT_SUPPORTED_YET: tuple[tuple[str, ...], ...] = (
-    ("server", "metrics_listen"),
     ("passthrough", "*", "protocol"),
 )
 
@@ -863,6 +865,11 @@ def _cross_checks(config: Config, named: set[str]) -> Iterable[tuple[str, str]]:
         if entry.address in listen_ports and not (isinstance(entry.address, TcpAddress)
                                                   and entry.address.port == 0):
             yield f"server.http_listen[{i}]", f"{entry.address} is also in server.listen"
+    metrics_at = config.server.metrics_listen
+    any_port = isinstance(metrics_at, TcpAddress) and metrics_at.port == 0
+    if metrics_at is not None and not any_port and metrics_at in [
+            e.address for e in [*config.server.listen, *config.server.http_listen]]:
+        yield "server.metrics_listen", f"{metrics_at} is also a listen or http_listen address"
     listens: dict[Address, str] = {}
     for i, entry in enumerate(config.server.listen):
         where = f"server.listen[{i}]"

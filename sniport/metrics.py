@@ -185,6 +185,26 @@ class Layout:
         return self._index[(family, tuple(labels[name] for name in fam.labels))]
 
 
+class RouteCells:
+    """The cells one route's requests are counted in, found once at setup: the request
+    counters by status class and protocol, and the duration histogram's first cell."""
+
+    __slots__ = ("duration", "requests")
+
+    def __init__(self, layout: Layout, site: str, route: str) -> None:
+        self.requests = tuple(
+            layout.cell("sniport_http_requests_total", site=site, route=route, status=sc,
+                        protocol=proto)
+            for sc in STATUS_CLASSES for proto in PROTOCOLS)
+        self.duration = layout.cell("sniport_http_request_duration_seconds", site=site,
+                                    route=route)
+
+    def request_cell(self, status: int, http2: bool) -> int:
+        """The counter of a response's status class (an out-of-range status is clamped)."""
+        klass = min(max(status // 100, 1), 5) - 1
+        return self.requests[klass * 2 + http2]
+
+
 class WorkerMetrics:
     """A worker's handle on its slot. Hot path: ``m.view[cell] += n`` or ``m.add(cell, n)``.
 
@@ -290,7 +310,7 @@ class SharedMetrics:
         totals: Values = {key: list(numbers) for key, numbers in self._retired.items()}
         shown: set[Key] = set()
         for i, layout in active:
-            cells = self.slot_view(i).tolist()
+            cells = self.slot_view(i)[:layout.size].tolist()  # only what it uses
             for family, labels, base in layout.series:
                 numbers = _series_numbers(family, cells, base)
                 key = (family.name, labels)
@@ -382,3 +402,37 @@ def render(values: Mapping[Key, Sequence[float]],
             out.append(f"{fam.name}_count{plain} {_number(cumulative)}")
     out.append("")
     return "\n".join(out).encode()
+
+
+# The process's own handle, for the rare events counted far from the worker (upstream
+# connect errors, health changes): a worker sets it at start; elsewhere nothing is counted.
+_current: WorkerMetrics | None = None
+
+
+def use(m: WorkerMetrics | None) -> None:
+    global _current
+    _current = m
+
+
+def _count(family: str, **labels: str) -> int | None:
+    m = _current
+    if m is None:
+        return None
+    try:
+        return m.layout.cell(family, **labels)
+    except KeyError:  # a label the config does not name: not counted
+        return None
+
+
+def upstream_error(label: str) -> None:
+    """A connection attempt to the upstream ``label`` failed (refused, timeout...)."""
+    cell = _count("sniport_upstream_connect_errors_total", upstream=label)
+    if cell is not None and _current is not None:
+        _current.view[cell] += 1
+
+
+def upstream_health(label: str, healthy: bool) -> None:
+    """This worker's view of the upstream ``label`` (active health checks)."""
+    cell = _count("sniport_upstream_healthy_workers", upstream=label)
+    if cell is not None and _current is not None:
+        _current.view[cell] = int(healthy)

@@ -23,7 +23,7 @@ import os
 import pwd
 import ssl
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from sniport.certs.slots import CertSlot, acme_source, file_source
 from sniport.certs.storage import StorageError
 from sniport.certs.watch import file_version
 from sniport.config import (
+    Config,
     ConfigError,
     LoadedConfig,
     Problem,
@@ -47,8 +48,10 @@ from sniport.config import (
     block_path,
 )
 from sniport.http.contract import Handler
+from sniport.http.proxy import ProxyRoute
 from sniport.http.site import SiteApp, default_handlers
 from sniport.logs import AccessLog, LogFileError, check_access_log, open_access_log
+from sniport.metrics import Layout
 from sniport.net.passthrough import PassthroughRuntime
 from sniport.net.tls import (
     CertInfo,
@@ -110,6 +113,7 @@ class Runtime:
     slots: list[CertSlot] = field(default_factory=list)  # each certificate served, once
     file_watches: list[FileWatch] = field(default_factory=list)
     acme: AcmePlan | None = None  # None: no site says tls = "acme"
+    layout: Layout = field(default_factory=Layout)  # the series its workers count (metrics.py)
 
     def close(self) -> None:
         """Release what the build opened (a reload that is given up, a generation gone)."""
@@ -217,8 +221,26 @@ def build_runtime(loaded: LoadedConfig, problems: Sequence[Problem] = (), *,
         slot = site_tls[site.name]
         slot.hosts.extend(h for h in site.hosts if h not in slot.hosts)
         sites[site.name] = SiteRuntime(site, slot, SiteApp(site, table, handler))
+    layout = metrics_layout(config, passthrough, handlers.values())
+    for site_rt in sites.values():
+        site_rt.app.count_in(layout)
     return Runtime(loaded, table, passthrough, sites, warnings, notes, access_log,
-                   certs.slots(), certs.watches(), certs.acme_plan())
+                   certs.slots(), certs.watches(), certs.acme_plan(), layout)
+
+
+def metrics_layout(config: Config, passthrough: dict[str, PassthroughRuntime],
+                   handlers: Iterable[Handler]) -> Layout:
+    """Every series this config can count (metrics.py): labels from config names only."""
+    upstreams = [label for rt in passthrough.values() for label in rt.upstream_labels]
+    for handler in handlers:
+        if isinstance(handler, ProxyRoute):
+            upstreams += [u.label for u in handler.upstreams]
+    return Layout(
+        listeners=[str(e.address) for e in config.server.listen],
+        passthrough_blocks=[b.name for b in config.passthrough],
+        sites=[s.name for s in config.site],
+        routes=[(s.name, path) for s in config.site for path in ("", *(r.path for r in s.route))],
+        upstreams=upstreams)
 
 
 class _Certificates:

@@ -48,10 +48,16 @@ from sniport.certs.watch import CertWatcher, Update
 from sniport.config import ConfigError, Listen
 from sniport.http import h2conn
 from sniport.logs import diag
+from sniport.metrics import Key, SharedMetrics, render
+from sniport.metrics_http import MetricsEndpoint
 from sniport.net.binding import BindError, BoundListener, bind_one, tune_listener
 from sniport.runtime import Runtime
 from sniport.systemd import activated_sockets, notify
 
+# Shared metrics: slots for the workers alive at once (two generations while a reload drains,
+# and respawns), cells for the largest config (untouched pages of the mapping cost nothing).
+METRIC_SLOTS = 64
+METRIC_CELLS = 1 << 17
 READY_TIMEOUT = 15.0  # seconds new workers have to report ready before a reload is given up
 STOP_GRACE = 5.0  # beyond drain_timeout, before a worker that does not exit is killed
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
@@ -77,6 +83,7 @@ class WorkerProc:
     started: float
     control: socket.socket  # the master's end of the worker's control socket
     ready: bool = False
+    mslot: int | None = None  # its slot in the shared metrics (None: not counted)
 
 
 @dataclass
@@ -155,6 +162,12 @@ class Master:
         self._adopt_turn = 0
         self._reload_started = 0.0  # monotonic start of the reload under way
         self.watcher: CertWatcher | None = None  # the current generation's certificates
+        # Counters in shared memory, mapped before the first fork (metrics.py); the
+        # endpoint that serves their totals, when metrics_listen is set.
+        self.metrics = SharedMetrics(METRIC_SLOTS, METRIC_CELLS)
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        self._metrics_at: Address | None = None
+        self._reloads = {"ok": 0, "failed": 0}
         self.acme: ServiceProcess | None = None
         self._cert_backlog: list[tuple[int, str, int]] = []  # (pid, source, fd) not yet sent
 
@@ -171,6 +184,7 @@ class Master:
         inherited = self._inherited_sockets()
         try:
             self._bind(runtime, inherited)
+            self._bind_metrics(runtime)
         except BindError as exc:
             for b in self.listeners.values():
                 b.close()
@@ -291,10 +305,22 @@ class Master:
             acme_fd = self.acme.read_fd if self.acme is not None else -1
             if acme_fd >= 0:
                 fds.append(acme_fd)
+            endpoint = self.metrics_endpoint
+            scrape = set(endpoint.fds()) if endpoint is not None else set()
+            writable_fds = endpoint.fds_writable() if endpoint is not None else []
             try:
-                readable, _, _ = select.select(fds, [], [], timeout)
+                readable, writable, _ = select.select([*fds, *scrape], writable_fds, [],
+                                                      timeout)
             except InterruptedError:
                 continue
+            if endpoint is not None:
+                for fd in writable:
+                    endpoint.on_writable(fd)
+                for fd in readable:
+                    if fd in scrape:
+                        endpoint.on_readable(fd)
+                endpoint.expire(time.monotonic())
+                readable = [fd for fd in readable if fd not in scrape]
             for fd in readable:
                 if fd == self._wake_r:
                     with contextlib.suppress(BlockingIOError):
@@ -318,6 +344,10 @@ class Master:
             times.append(self._stop_deadline)
         if self.acme is not None and not self.acme.pid and not self.stopping:
             times.append(self.acme.restart_at)
+        if self.metrics_endpoint is not None:
+            deadline = self.metrics_endpoint.next_deadline()
+            if deadline is not None:
+                times.append(deadline)
         return max(0.0, min(times) - now)
 
     # -- signals --------------------------------------------------------------------------
@@ -395,6 +425,15 @@ class Master:
         http_bound = [self.listeners[k] for k in gen.keys if k not in listen_keys]
         access_log = gen.runtime.access_log
         assert access_log is not None
+        layout = gen.runtime.layout
+        mslot = None
+        if gen.runtime.loaded.config.server.metrics_listen is not None:
+            if self.metrics.fits(layout):
+                mslot = self.metrics.acquire_slot()
+            if mslot is None:
+                diag.warning("metrics: no room for worker slot %d of generation %d (the "
+                             "config names too many series, or too many workers at once); "
+                             "its work is not counted", slot, gen.number)
         try:
             pid = os.fork()
         except OSError as exc:
@@ -402,6 +441,8 @@ class Master:
             os.close(ready_w)
             control.close()
             theirs.close()
+            if mslot is not None:
+                self.metrics.retire_slot(mslot, layout)
             raise SpawnError(f"cannot start a worker: {exc.strerror}") from None
         if pid == 0:  # the worker
             code = 1
@@ -411,8 +452,9 @@ class Master:
                 self._close_in_child(keep={id(b) for b in bound + http_bound})
                 from sniport.worker import worker_main
 
+                wm = self.metrics.worker_metrics(mslot, layout) if mslot is not None else None
                 code = worker_main(gen.runtime, bound, http_bound, access_log,
-                                   self._life_r, ready_w, theirs)
+                                   self._life_r, ready_w, theirs, wm)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -420,7 +462,8 @@ class Master:
         os.close(ready_w)
         theirs.close()
         control.setblocking(False)
-        gen.workers[pid] = WorkerProc(pid, gen.number, slot, ready_r, time.monotonic(), control)
+        gen.workers[pid] = WorkerProc(pid, gen.number, slot, ready_r, time.monotonic(), control,
+                                      mslot=mslot)
         self._write_status()
 
     def _close_in_child(self, keep: set[int]) -> None:
@@ -435,6 +478,8 @@ class Master:
         for b in self.listeners.values():
             if id(b) not in keep:
                 b.sock.close()  # not this worker's: closing our copy touches no file
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()  # the child's copies: the master's stay open
         if self.acme is not None and self.acme.read_fd >= 0:
             os.close(self.acme.read_fd)
         for _, _, fd in self._cert_backlog:
@@ -547,6 +592,10 @@ class Master:
             w.control.close()
             if w.ready_fd >= 0:
                 os.close(w.ready_fd)
+            if w.mslot is not None:
+                # Reaped: nobody writes it any more. Its counters join the totals (never
+                # lost, never counted twice) and the slot is free for another worker.
+                self.metrics.retire_slot(w.mslot, gen.runtime.layout)
             cause = _exit_cause(status)
             if gen.draining or self.stopping:
                 diag.debug("worker %d (generation %d) exited: %s", pid, gen.number, cause)
@@ -694,6 +743,43 @@ class Master:
         proc.delay = min(delay * 2, service_proc.BACKOFF_MAX)
         proc.restart_at = time.monotonic() + delay
 
+    # -- metrics (metrics.py): the totals of every worker, served at metrics_listen -------
+
+    def _bind_metrics(self, runtime: Runtime) -> None:
+        """The /metrics listener the config names: kept if unchanged, else the new one is
+        bound (BindError, and nothing changed, if it cannot be) and the old one closed."""
+        wanted = runtime.loaded.config.server.metrics_listen
+        if wanted == self._metrics_at and (wanted is None) == (self.metrics_endpoint is None):
+            return
+        endpoint = None
+        if wanted is not None:
+            bound = bind_one(Listen.model_validate({"address": str(wanted)}))
+            bound.sock.setblocking(False)
+            endpoint = MetricsEndpoint(bound.sock, self._render_metrics)
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
+        self.metrics_endpoint, self._metrics_at = endpoint, wanted
+        if endpoint is not None:
+            diag.info("metrics at http://%s/metrics", _sock_key(endpoint.sock))
+
+    def _render_metrics(self) -> bytes:
+        active = [(w.mslot, gen.runtime.layout) for gen in self.generations
+                  for w in gen.workers.values() if w.mslot is not None]
+        return render(self.metrics.collect(active, self._master_values()))
+
+    def _master_values(self) -> dict[Key, float]:
+        values: dict[Key, float] = {}
+        for result, count in self._reloads.items():
+            values[("sniport_config_reloads_total", (result,))] = float(count)
+        gen = self.current
+        if gen is not None:
+            for site in gen.runtime.sites.values():
+                info = site.slot.info
+                if info is not None:
+                    values[("sniport_certificate_not_after_seconds", (site.site.name,))] = \
+                        info.not_after.timestamp()
+        return values
+
     def _carry_certificates(self, runtime: Runtime) -> None:
         """An ACME site the new config could only give a stand-in (its storage out of
         reach: Redis down) keeps the certificate the running generation serves for the same
@@ -823,6 +909,7 @@ class Master:
             diag.warning("%s", warning)
         self._carry_certificates(runtime)
         try:
+            self._bind_metrics(runtime)
             self._bind(runtime, {})
             self.pending = self._new_generation(runtime)
         except (BindError, SpawnError) as exc:
@@ -835,6 +922,7 @@ class Master:
             return
 
     def _reload_done(self, ok: bool, result: str, problems: list[str] | None = None) -> None:
+        self._reloads["ok" if ok else "failed"] += 1
         self.last_reload = ReloadOutcome(self._reload_started, time.time(), ok, result,
                                          problems or [])
         self._write_status()
@@ -873,6 +961,8 @@ class Master:
 
     def _cleanup(self) -> None:
         self._kill_all(signal.SIGKILL)
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         if self.acme is not None and self.acme.pid:
             _kill(self.acme.pid, signal.SIGKILL)
         for _, _, fd in self._cert_backlog:

@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from sniport import handover
+from sniport import handover, metrics
 from sniport.addresses import TcpAddress
 from sniport.certs.backends import challenge_source
 from sniport.certs.challenges import ChallengeAnswers
@@ -34,6 +34,7 @@ from sniport.http.handlers import HttpsRedirectApp
 from sniport.http.proxy import ProxyRoute
 from sniport.http.site import SiteApp, lifecycle
 from sniport.logs import AccessLog, diag, throttle
+from sniport.metrics import DECISIONS, HELLO_REASONS, NO_BLOCK, WorkerMetrics, hello_reason
 from sniport.net.binding import BoundListener
 from sniport.net.conn import ConnRecord
 from sniport.net.descriptors import LEDGER, MOST_PER_CONNECTION, RESERVE, soft_limit
@@ -72,8 +73,13 @@ class Worker:
     def __init__(self, runtime: Runtime, bound: list[BoundListener], access_log: AccessLog,
                  loop: asyncio.AbstractEventLoop,
                  http_bound: list[BoundListener] | None = None,
-                 control: socket.socket | None = None) -> None:
+                 control: socket.socket | None = None,
+                 worker_metrics: WorkerMetrics | None = None) -> None:
         self.loop = loop
+        # This worker's metrics slot (metrics.py): a private one when nobody reads it.
+        self.m = worker_metrics or WorkerMetrics.disabled(runtime.layout)
+        self.mview = self.m.view
+        self._mcells = _MetricCells(runtime, self.m)
         self.runtime = runtime
         self.table = runtime.table
         server = runtime.loaded.config.server
@@ -87,13 +93,14 @@ class Worker:
         self.access_log = access_log
         self.pipes = PipePool()
         self.poller = Poller(loop)
-        self.request_log = RequestLog(access_log)
+        self.request_log = RequestLog(access_log, self.mview)
         self.handshake_timeout = server.handshake_timeout
         self.limits = Limits(server.header_timeout, server.keepalive_timeout)
         self.h2limits = h2_limits(server)
         self.h2_max_queued = server.http2_max_queued_output
         # ``bound`` is in the order of ``[server] listen`` (the master binds them so).
-        self.listeners = [Listener(self, b, e.proxy_protocol)
+        self.listeners = [Listener(self, b, e.proxy_protocol, str(e.address),
+                                   self._mcells.open.get(str(e.address), -1))
                           for b, e in zip(bound, server.listen, strict=False)]
         # Whose PROXY headers are believed (DESIGN.md "PROXY protocol from a load balancer").
         self.trusted = Acl(server.trusted_proxies, []) if server.trusted_proxies else None
@@ -123,6 +130,9 @@ class Worker:
     # -- accepting ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        metrics.use(self.m)
+        for cell in self._mcells.healthy:
+            self.mview[cell] = 1  # until a health check says otherwise
         if self.control is not None:
             self.control.setblocking(False)
             self.loop.add_reader(self.control.fileno(), self._on_control)
@@ -177,6 +187,7 @@ class Worker:
         sock.setblocking(False)
         ip = peer[0] if isinstance(peer, tuple) else ""
         conn = ConnRecord(peer, ip, listener.label, self.loop.time())
+        conn.mlabel, conn.mopen = listener.mlabel, listener.mopen
         if listener.proxy_protocol:
             # A unix-socket listener's peers are whoever its file mode lets in: trusted.
             if ip and (self.trusted is None or not self.trusted.permits(ip)):
@@ -187,6 +198,7 @@ class Worker:
             conn.via, conn.ip = conn.client, ""
             LEDGER.take()
             self.live.add(conn)
+            self._mopen(conn, 1)
             reader = HelloReader(self, sock, conn, listener.bound.is_unix, proxy=True)
             conn.handler = reader
             reader.start()
@@ -195,11 +207,13 @@ class Worker:
             count = self.per_ip.get(ip, 0)
             if count >= self.per_ip_limit:
                 sock.close()
+                self.mview[self._mcells.denied_per_ip] += 1
                 self._log(conn, "per_ip_limit")
                 return
             self.per_ip[ip] = count + 1
         LEDGER.take()  # the client's socket, given back in finish()
         self.live.add(conn)
+        self._mopen(conn, 1)
         reader = HelloReader(self, sock, conn, listener.bound.is_unix)
         conn.handler = reader
         reader.start()
@@ -226,6 +240,7 @@ class Worker:
             count = self.per_ip.get(ip, 0)
             if count >= self.per_ip_limit:
                 self._release_ip_free(conn)
+                self.mview[self._mcells.denied_per_ip] += 1
                 self._log(conn, "per_ip_limit")
                 return False
             self.per_ip[ip] = count + 1
@@ -248,6 +263,19 @@ class Worker:
             route = self.table.non_tls()
         conn.route = route.label
         denied = route.acl is not None and not route.acl.permits(conn.ip)
+        block = route.block.name if route.block is not None else ""
+        challenge = route.kind == "terminate" and isinstance(outcome, Hello) \
+            and ACME_TLS_ALPN in outcome.alpn
+        cells = self._mcells
+        if route.kind == "reject":
+            decision = "reject" if isinstance(outcome, Hello) else "non_tls"
+        else:
+            decision = "acme_challenge" if challenge else route.kind
+        cell = cells.connections.get((conn.mlabel, decision, block))
+        if cell is not None:
+            self.mview[cell] += 1
+        if denied:
+            self.mview[cells.denied_acl[block]] += 1
         if denied and route.kind != "terminate":
             # A passthrough block's client that its allow/deny lists refuse: a TLS
             # access_denied alert (for bytes that are not TLS, just the close).
@@ -260,8 +288,8 @@ class Worker:
             self.finish(conn, f"rejected_{route.rule}")
             return
         assert route.block is not None
-        if route.kind == "terminate" and isinstance(outcome, Hello) \
-                and ACME_TLS_ALPN in outcome.alpn:
+        if challenge:
+            assert isinstance(outcome, Hello)
             self._acme_challenge(sock, conn, outcome, self.runtime.sites[route.block.name])
             return
         if route.kind == "passthrough":
@@ -386,8 +414,13 @@ class Worker:
             made.append(proto)
             return proto
 
+        tls = self._mcells.tls.get(site.site.name)
         if await self._handshake(sock, conn, lambda: _Alpn(protocol), site.context) is None:
+            if tls is not None:
+                self.mview[tls[1]] += 1
             return
+        if tls is not None:
+            self.mview[tls[0]] += 1
         if conn in self.live:  # else it ended already, during connection_made
             conn.handler = _HttpHandle(made[0])
             if self.draining:  # the drain began during the handshake
@@ -396,9 +429,23 @@ class Worker:
     # -- ending ---------------------------------------------------------------------------
 
     def finish(self, conn: ConnRecord, reason: str) -> None:
-        """``conn`` has ended: its one log line."""
+        """``conn`` has ended: its one log line, and what the metrics count at the end."""
         if self._release(conn):
             self._log(conn, reason)
+            route = conn.route
+            if route.startswith("passthrough:"):
+                cells = self._mcells.relayed.get(route)
+                if cells is not None:
+                    self.mview[cells[0]] += conn.up
+                    self.mview[cells[1]] += conn.down
+            elif not route:
+                cell = self._mcells.hello_failure(reason)
+                if cell is not None:
+                    self.mview[cell] += 1
+
+    def _mopen(self, conn: ConnRecord, delta: int) -> None:
+        if conn.mopen >= 0:
+            self.mview[conn.mopen] += delta
 
     def forget(self, conn: ConnRecord) -> None:
         """``conn`` moved to another worker: it is not ours any more, and its log line is
@@ -411,6 +458,7 @@ class Worker:
         if conn not in self.live:
             return False
         self.live.discard(conn)
+        self._mopen(conn, -1)
         LEDGER.give()
         conn.handler = None
         if self.per_ip_limit and conn.ip:
@@ -496,8 +544,12 @@ class Worker:
         conn.route, conn.upstream = relayed.route, relayed.upstream
         conn.up, conn.down = relayed.up, relayed.down
         conn.via, conn.proxy_id = relayed.via, relayed.proxy_id
+        for listener in self.listeners:  # the same sockets in every generation
+            if listener.label == relayed.listener:
+                conn.mlabel, conn.mopen = listener.mlabel, listener.mopen
         LEDGER.take(2)
         self.live.add(conn)
+        self._mopen(conn, 1)
         if self.per_ip_limit and conn.ip:
             self.per_ip[conn.ip] = self.per_ip.get(conn.ip, 0) + 1
         if rt is None:  # the master checked the block exists; a bug if not
@@ -542,6 +594,49 @@ class Worker:
                 diag.info("drain: %d connection(s) still open after %gs; closing them",
                           len(self.live), timeout)
         self.close()
+
+
+class _MetricCells:
+    """The cells of this worker's counters (metrics.py ``Layout``), found once at start so
+    that counting is one indexed add: connections by listener, decision and block; open
+    connections by listener; denials; TLS handshakes by site; relayed bytes by block;
+    ClientHello failures by reason; upstream health."""
+
+    def __init__(self, runtime: Runtime, m: WorkerMetrics) -> None:
+        layout = m.layout
+        config = runtime.loaded.config
+        listeners = [str(e.address) for e in config.server.listen]
+        blocks = [NO_BLOCK, *(b.name for b in config.passthrough), *(s.name for s in config.site)]
+        self.connections = {
+            (lst, decision, block): layout.cell("sniport_connections_total", listener=lst,
+                                                decision=decision, block=block)
+            for lst in listeners for decision in DECISIONS for block in blocks}
+        self.open = {lst: layout.cell("sniport_open_connections", listener=lst)
+                     for lst in listeners}
+        self.denied_acl = {block: layout.cell("sniport_denied_connections_total", block=block,
+                                              kind="acl") for block in blocks}
+        self.denied_per_ip = layout.cell("sniport_denied_connections_total", block=NO_BLOCK,
+                                         kind="per_ip_limit")
+        self.tls = {s.name: (layout.cell("sniport_tls_handshakes_total", site=s.name),
+                             layout.cell("sniport_tls_handshake_failures_total", site=s.name))
+                    for s in config.site}
+        self.relayed = {f"passthrough:{b.name}": tuple(
+            layout.cell("sniport_passthrough_bytes_total", block=b.name, direction=d)
+            for d in ("up", "down")) for b in config.passthrough}
+        self._hello = {r: layout.cell("sniport_clienthello_failures_total", reason=r)
+                       for r in HELLO_REASONS}
+        self.healthy = [layout.cell("sniport_upstream_healthy_workers", upstream=label)
+                        for (label,) in layout.domains["upstream"]]
+
+    def hello_failure(self, reason: str) -> int | None:
+        """The ClientHello failure a connection that reached no route ended with, if any."""
+        if reason.startswith("malformed_hello: "):
+            return self._hello[hello_reason(reason[len("malformed_hello: "):])]
+        if reason == "client_hello_timeout":
+            return self._hello["timeout"]
+        if reason in ("eof_before_hello", "eof_in_hello", "client_reset"):
+            return self._hello["closed"]
+        return None
 
 
 def _tls_reason(exc: BaseException) -> str:
@@ -629,7 +724,8 @@ EXIT_PRIVILEGES = 3  # the worker would not drop privileges: it refused to serve
 
 def worker_main(runtime: Runtime, bound: list[BoundListener], http_bound: list[BoundListener],
                 access_log: AccessLog, lifeline_fd: int, ready_fd: int,
-                control: socket.socket | None = None) -> int:
+                control: socket.socket | None = None,
+                worker_metrics: WorkerMetrics | None = None) -> int:
     """The body of a forked worker process; returns its exit code.
 
     The event loop is created here, after the fork. Signals: SIGTERM/SIGQUIT drain, SIGINT
@@ -665,7 +761,7 @@ def worker_main(runtime: Runtime, bound: list[BoundListener], http_bound: list[B
     async def serve() -> None:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_loop_exception)
-        worker = Worker(runtime, bound, access_log, loop, http_bound, control)
+        worker = Worker(runtime, bound, access_log, loop, http_bound, control, worker_metrics)
         done: asyncio.Future[None] = loop.create_future()
         tasks: list[asyncio.Task[None]] = []
 

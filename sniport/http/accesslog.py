@@ -1,19 +1,25 @@
-"""One access-log line per HTTP request.
+"""One access-log line per HTTP request, and its count in the metrics.
 
 Rules: the combined log format plus SNI, Host, time to first byte and total time by default;
 one JSON object with the same fields when ``log_format = "json"``. Formatted only when the
-log is on.
+log is on. Every request of a site is counted (status class, protocol, duration) in the
+worker's metrics slot whether the log is on or not: two indexed adds and a bisect.
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
 from sniport.logs import AccessLog, clf_quoted, text_field
+from sniport.metrics import DURATION_BUCKETS
 
 if TYPE_CHECKING:
     from sniport.http.contract import Connection, Exchange
+
+
+_SUM = len(DURATION_BUCKETS) + 1  # a histogram's sum cell, after its buckets (metrics.py)
 
 
 def _clf_time() -> str:
@@ -21,14 +27,27 @@ def _clf_time() -> str:
 
 
 class RequestLog:
-    __slots__ = ("_log", "enabled")
+    __slots__ = ("_log", "_view", "enabled")
 
-    def __init__(self, log: AccessLog) -> None:
+    def __init__(self, log: AccessLog, view: memoryview | None = None) -> None:
         self._log = log
         self.enabled = log.enabled
+        # The worker's metrics slot (metrics.WorkerMetrics.view); a private one if none.
+        self._view = view if view is not None else memoryview(bytearray(8)).cast("q")
 
     def request(self, conn: Connection, ex: Exchange, now: float) -> None:
         req = ex.request
+        cells = ex.mcells
+        if cells is not None:
+            view = self._view
+            status = ex.status // 100
+            klass = status - 1 if 1 <= status <= 5 else (0 if status < 1 else 4)
+            view[cells.requests[klass * 2 + (ex.stream_id != 0)]] += 1
+            elapsed = now - req.start
+            view[cells.duration + bisect_left(DURATION_BUCKETS, elapsed)] += 1
+            view[cells.duration + _SUM] += int(elapsed * 1_000_000)
+        if not self.enabled:
+            return
         ttfb = round(ex.ttfb - req.start, 6) if ex.ttfb else None
         total = round(now - req.start, 6)
         if self._log.json:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from sniport.http.request import Request
+    from sniport.metrics import RouteCells
 
 
 class Connection(Protocol):
@@ -73,6 +74,7 @@ class Exchange(Protocol):
     note: str  # a reason for the log
     upstream: str  # the proxy's upstream, for the log
     route_name: str
+    mcells: RouteCells | None  # where it is counted (metrics.py), set by the site
     add_headers: bytes  # the route's "Name: value\r\n" lines
     remove_headers: frozenset[bytes]  # lower-case names the route removes
     errors: ErrorResponder | None  # the site's error pages

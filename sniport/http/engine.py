@@ -632,8 +632,7 @@ class HttpConnection(asyncio.Protocol):
         transport.write(data)
 
     def _log(self, ex: Exchange) -> None:
-        if self.log.enabled:
-            self.log.request(self, ex, time.monotonic())
+        self.log.request(self, ex, time.monotonic())  # counted always, logged if on
 
     # -- flow control and deadlines -------------------------------------------------------
 

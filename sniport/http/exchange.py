@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sniport.http.contract import ErrorResponder
     from sniport.http.request import Request
+    from sniport.metrics import RouteCells
 
 REASONS = {s.value: s.phrase for s in HTTPStatus}
 
@@ -30,6 +31,7 @@ class ExchangeBase:
         "finished",
         "head_sent",
         "is_head",
+        "mcells",
         "note",
         "on_abort",
         "on_resume",
@@ -54,6 +56,9 @@ class ExchangeBase:
         self.note = ""  # a reason for the log, e.g. why a request was refused
         self.upstream = ""  # the proxy's upstream, for the log
         self.route_name = ""
+        # The metrics cells of its site and route (http/site.py ``RouteCells``), or None:
+        # the plain-HTTP port's requests are not counted per site.
+        self.mcells: RouteCells | None = None
         self.add_headers = b""  # pre-encoded "Name: value\r\n" lines of the route
         self.remove_headers: frozenset[bytes] = frozenset()  # lower-case names
         self.errors: ErrorResponder | None = None  # the site's error pages, once routed

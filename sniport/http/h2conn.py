@@ -525,8 +525,7 @@ class H2Connection(asyncio.Protocol):
 
     def stream_done(self, stream: H2Stream) -> None:
         """The handler of ``stream`` is done (the stream may still be sending)."""
-        if self.log.enabled:
-            self.log.request(self, stream, time.monotonic())
+        self.log.request(self, stream, time.monotonic())  # counted always, logged if on
         if stream.flushed:
             self.stream_flushed(stream)
         self.flush()
@@ -570,8 +569,7 @@ class H2Connection(asyncio.Protocol):
         on_abort, stream.on_abort = stream.on_abort, None
         if on_abort is not None:
             on_abort()
-        if self.log.enabled:
-            self.log.request(self, stream, time.monotonic())
+        self.log.request(self, stream, time.monotonic())  # counted always, logged if on
 
     def _connection_ended(self, ev: wire.ConnectionEnded) -> None:
         if ev.by_client and self.machine.answerable:

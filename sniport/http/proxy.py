@@ -30,6 +30,7 @@ import asyncio
 import ssl
 from typing import TYPE_CHECKING
 
+from sniport import metrics
 from sniport.config import ProxyHandler
 from sniport.deadlines import deadlines_for
 from sniport.http.request import BodyTooLarge, ClientGone
@@ -218,6 +219,7 @@ class ProxyExchange:
         assert up is not None
         reason = _connect_reason(exc)
         self.last_reason = reason
+        metrics.upstream_error(up.label)
         up.failed(self.loop.time(), reason)
         diag.warning("proxy: upstream %s: %s", up.label, reason)
         # Nothing reached the application: any request may go to the next upstream.

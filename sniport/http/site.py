@@ -30,6 +30,7 @@ from sniport.http.contract import Exchange, Handler, WorkerHandler
 from sniport.http.handlers import Redirect, Respond
 from sniport.http.request import BodyTooLarge
 from sniport.http.static import StaticFiles
+from sniport.metrics import Layout, RouteCells
 from sniport.routing import Network, RouteTable
 from sniport.wire.httprules import BadPath, normalize_path
 
@@ -40,12 +41,14 @@ BODYLESS_LIMIT = 1024 * 1024
 
 
 class CompiledRoute:
-    __slots__ = ("add_headers", "handler", "max_body", "name", "prefix", "remove_headers")
+    __slots__ = ("add_headers", "handler", "max_body", "mcells", "name", "prefix",
+                 "remove_headers")
 
     def __init__(self, route: SiteRoute, handler: Handler) -> None:
         self.prefix = route.path
         self.name = route.path
         self.handler = handler
+        self.mcells: RouteCells | None = None  # set by SiteApp.count_in
         self.add_headers = b"".join(f"{k}: {v}\r\n".encode("latin-1")
                                     for k, v in route.headers.items())
         # A header the route sets replaces the handler's own (Cache-Control, say).
@@ -66,6 +69,13 @@ class SiteApp:
         self.routes = [CompiledRoute(r, handler_factory(r)) for r in site.route]
         self._routes = sorted(self.routes, key=lambda r: len(r.prefix), reverse=True)
         self._error_pages = dict(site.error_pages)
+        self.unrouted: RouteCells | None = None  # requests that reach no route (400, 421...)
+
+    def count_in(self, layout: Layout) -> None:
+        """Find this site's metrics cells (once, at load: never per request)."""
+        self.unrouted = RouteCells(layout, self.name, "")
+        for route in self.routes:
+            route.mcells = RouteCells(layout, self.name, route.name)
 
     def host(self, raw: bytes) -> tuple[str, bool] | None:
         """The name in a Host header value and whether this site serves it, or None for a
@@ -101,6 +111,7 @@ class SiteApp:
     def handle(self, ex: Exchange) -> None:
         req = ex.request
         ex.errors = self
+        ex.mcells = self.unrouted
         raw: bytes | None = None
         repeated = False
         for name, value in req.headers:
@@ -145,6 +156,7 @@ class SiteApp:
             self.fail(ex, 404, "no_route")
             return
         ex.route_name = route.name
+        ex.mcells = route.mcells
         ex.add_headers = route.add_headers
         ex.remove_headers = route.remove_headers
         if route.max_body:

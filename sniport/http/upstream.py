@@ -34,6 +34,7 @@ from typing import Any, Literal, Protocol
 
 import httptools
 
+from sniport import metrics
 from sniport.addresses import HttpUpstream, TcpAddress, UnixAddress
 from sniport.config import ProxyHandler
 from sniport.deadlines import Deadlines, deadlines_for
@@ -395,6 +396,7 @@ class HealthChecker:
             up = self.upstream
             if ok != up.healthy:
                 up.healthy = ok
+                metrics.upstream_health(up.label, ok)
                 if ok:
                     diag.info("upstream %s is up (health check %s)", up.label, health.path)
                 else:

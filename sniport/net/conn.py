@@ -54,6 +54,8 @@ class ConnRecord:
         "ip",
         "listener",
         "local",
+        "mlabel",
+        "mopen",
         "peer",
         "proxy_id",
         "route",
@@ -82,6 +84,8 @@ class ConnRecord:
         self.via = ""
         self.local: Any = None
         self.proxy_id = ""
+        self.mlabel = ""  # the listener's metrics label, and its open-connections cell
+        self.mopen = -1
 
     @property
     def client(self) -> str:

@@ -69,12 +69,14 @@ def arrival_time(sock: socket.socket, now: float, deferred: bool) -> float:
 
 
 class Listener:
-    __slots__ = ("_active", "_loop", "_worker", "bound", "fd", "label", "proxy_protocol",
-                 "sock")
+    __slots__ = ("_active", "_loop", "_worker", "bound", "fd", "label", "mlabel", "mopen",
+                 "proxy_protocol", "sock")
 
     def __init__(self, worker: Owner, bound: BoundListener,
-                 proxy_protocol: bool = False) -> None:
+                 proxy_protocol: bool = False, mlabel: str = "", mopen: int = -1) -> None:
         self.bound = bound
+        self.mlabel = mlabel  # its label in the metrics: the config's address (port 0 too)
+        self.mopen = mopen  # its open-connections cell in the worker's metrics slot
         self.proxy_protocol = proxy_protocol  # each connection starts with a PROXY header
         self.label = str(bound.address)
         self.sock = bound.sock

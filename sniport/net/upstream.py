@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sniport import metrics
 from sniport.addresses import Address, TcpAddress, UnixAddress, resolve
 from sniport.deadlines import deadlines_for
 from sniport.logs import diag, throttle
@@ -130,6 +131,7 @@ class UpstreamConnect:
             sock.close()
             LEDGER.give()
             self._reason = _REASONS.get(err, f"upstream_error: {errno.errorcode.get(err, err)}")
+            metrics.upstream_error(target.label)
 
     def _on_event(self, events: int) -> None:
         # Writable, or an error (EPOLLERR: refused, unreachable): SO_ERROR tells which.
@@ -146,12 +148,14 @@ class UpstreamConnect:
         if err == 0:
             err = errno.ECONNRESET
         self._reason = _REASONS.get(err, f"upstream_error: {errno.errorcode.get(err, err)}")
+        metrics.upstream_error(self._targets[self._index].label)
         self._drop()
         self._next()
 
     def expired(self, now: float) -> None:
         """``connect_timeout`` for this attempt: on to the next upstream."""
         self._reason = "upstream_timeout"
+        metrics.upstream_error(self._targets[self._index].label)
         self._drop()
         self._next()
 
