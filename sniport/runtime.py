@@ -31,9 +31,8 @@ from cryptography import x509
 
 from sniport.addresses import AddressError
 from sniport.certs.acme_service import AcmeSettings, ManagedCert
-from sniport.certs.backends import open_storage
+from sniport.certs.backends import is_redis, open_storage
 from sniport.certs.directory import DirectoryStorage
-from sniport.certs.redis_store import RedisStorage
 from sniport.certs.slots import CertSlot, acme_source, file_source
 from sniport.certs.storage import StorageError
 from sniport.certs.watch import file_version
@@ -261,7 +260,7 @@ class _Certificates:
         # A directory (the default) or a Redis URL shared by several instances.
         self.storage_setting = acme.storage.replace("{state_dir}", str(state_dir(loaded)))
         self.storage = open_storage(self.storage_setting)
-        self.shared = isinstance(self.storage, RedisStorage)
+        self.shared = is_redis(self.storage_setting)
         self.storage_path = self.storage.description
 
     def label(self, site: Site) -> str:

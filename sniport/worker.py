@@ -229,6 +229,7 @@ class Worker:
             conn.local = header.dest
         else:
             conn.ip = conn.peer[0] if isinstance(conn.peer, tuple) else ""
+            conn.probe = True
         unique = header.unique_id
         if unique:
             # As text when it is printable without spaces (HAProxy's unique-id-format), else
@@ -430,6 +431,10 @@ class Worker:
 
     def finish(self, conn: ConnRecord, reason: str) -> None:
         """``conn`` has ended: its one log line, and what the metrics count at the end."""
+        if conn.probe and reason in ("eof_before_hello", "client_reset"):
+            # A balancer's health check: a LOCAL header, then a close (HAProxy resets), not
+            # a client's failure.
+            reason = "balancer_check"
         if self._release(conn):
             self._log(conn, reason)
             route = conn.route

@@ -54,13 +54,12 @@ def test_v2_keys_not_built_yet_are_refused_as_such() -> None:
     "not supported yet" (not "unknown key", and never accepted and ignored)."""
     from test_config import problems
 
-    text = ('[server]\nmetrics_listen = "127.0.0.1:9109"\n'
+    text = ('[server]\n'
             '[acme]\nchallenges = ["dns-01"]\n'
             '[[passthrough]]\nname = "p"\nhosts = ["p.x"]\nupstreams = ["127.0.0.1:1"]\n'
             'protocol = "ssh"\n'
             + SITE + '[default]\nnon_tls = "http"\n')
     found = {(p.path, "not supported yet" in p.reason) for p in problems(text)}
     assert found == {
-        ("server.metrics_listen", True),
         ("acme.challenges", True),
         ("passthrough[0](p).protocol", True), ("default.non_tls", True)}

@@ -11,6 +11,7 @@ certificate between them and both serve it; each instance's /metrics counts its 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import socket
@@ -19,6 +20,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 from support.backends import App, echo_of, free_port, header_values, start_tls_backend
 from support.clients import recv_to_eof
@@ -30,6 +32,9 @@ from support.process import Sniport, start_sniport
 from support.redis import start_redis
 from support.waiting import wait_until
 
+from sniport.certs.redis_store import RedisStorage
+from sniport.wire import acme, proxyproto
+
 APP = "app.fleet.test"
 PT = "pt.fleet.test"
 CLIENT_IP = "127.0.0.2"
@@ -37,15 +42,17 @@ HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 METRICS_AT = r"metrics at http://127\.0\.0\.1:(\d+)/metrics"
 
 
-def haproxy_config(front: int, servers: list[int]) -> str:
+def haproxy_config(front: int, servers: list[int], check: str = "") -> str:
     lines = [
         "global", "    maxconn 256",
+        # retries + redispatch: a connection refused by an instance not started yet (the
+        # CA validates at once) goes to the other, as a production balancer would.
         "defaults", "    mode tcp", "    timeout connect 5s", "    timeout client 30s",
-        "    timeout server 30s",
+        "    timeout server 30s", "    retries 3", "    option redispatch 1",
         "frontend https", f"    bind 127.0.0.1:{front}", "    default_backend sniports",
         "backend sniports", "    balance roundrobin",
     ]
-    lines += [f"    server s{i} 127.0.0.1:{port} send-proxy-v2"
+    lines += [f"    server s{i} 127.0.0.1:{port} send-proxy-v2{check}"
               for i, port in enumerate(servers)]
     return "\n".join(lines) + "\n"
 
@@ -134,10 +141,28 @@ def test_haproxy_two_instances_redis_and_pebble(tmp_path: Path, pki: Pki) -> Non
         ordered = [len(re.findall(rf"acme: certificate for {APP} (obtained|renewed)", log))
                    for log in logs]
         assert sum(ordered) == 1, ordered
-        # The CA's checks came through HAProxy to both instances, the one that did not
-        # order included: any instance answers any challenge.
-        other = logs[ordered.index(0)]
-        assert "acme_tls_alpn_01" in other
+        # The CA's checks came through HAProxy (which instance got them depends on which was
+        # up first). That any instance answers any challenge, whichever published it: a
+        # challenge put in Redis as a service does is answered by each instance directly.
+        challenge = acme.Challenge("tls-alpn-01", APP, "https://ca.invalid/c", "tok-fleet",
+                                   "tok-fleet.key-authorization")
+        store = RedisStorage(redis.url)
+        store.publish_challenge(challenge)
+        digest = hashlib.sha256(challenge.key_authorization.encode()).digest()
+        for s in instances:
+            raw = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+            raw.sendall(proxyproto.V2_SIGNATURE + bytes([0x20, 0x00, 0, 0]))  # LOCAL
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            ctx.set_alpn_protocols([acme.ACME_TLS_ALPN])
+            with ctx.wrap_socket(raw, server_hostname=APP) as tls:
+                assert tls.selected_alpn_protocol() == acme.ACME_TLS_ALPN
+                der = tls.getpeercert(binary_form=True)
+                assert der is not None
+            ext = x509.load_der_x509_certificate(der).extensions.get_extension_for_oid(
+                acme.ID_PE_ACME_IDENTIFIER)
+            assert ext.value.public_bytes() == b"\x04\x20" + digest
+        store.withdraw_challenge(challenge)
         # The client's address, through HAProxy's PROXY v2, for the app and both logs.
         for _ in range(4):
             with verified.wrap_socket(via_haproxy(front), server_hostname=APP) as tls:
@@ -159,6 +184,27 @@ def test_haproxy_two_instances_redis_and_pebble(tmp_path: Path, pki: Pki) -> Non
                 for s in instances]
         counted = sum(metric(u, "sniport_http_requests_total", site="app") for u in urls)
         assert counted == 4
+        # HAProxy's health checks (``check`` on a send-proxy-v2 server) send a LOCAL header
+        # and close: logged as such, never as bad input, and not counted as a failure. (A
+        # second HAProxy, started now: checks that fail at start mark a server down at once,
+        # which would have sent the CA's first validations nowhere.)
+        (tmp_path / "checks.cfg").write_text(haproxy_config(
+            free_port(), [s.port for s in instances], " check inter 200ms"))
+        checker = subprocess.Popen([HAPROXY, "-db", "-f", str(tmp_path / "checks.cfg")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: all(any(c.get("end") == "balancer_check"
+                                       for c in conn_lines(s)) for s in instances),
+                       10, "HAProxy's checks reaching both instances")
+        finally:
+            checker.terminate()
+            checker.wait(10)
+        for s, url in zip(instances, urls, strict=True):
+            ends = {c.get("end", "") for c in conn_lines(s) if c.get("sni") == "-"}
+            assert "balancer_check" in ends, ends
+            assert not {e for e in ends if e.startswith(("proxy_protocol", "eof", "client_"))}, \
+                ends
+            assert metric(url, "sniport_clienthello_failures_total") == 0
     finally:
         if proxy is not None:
             proxy.terminate()

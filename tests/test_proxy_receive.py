@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -202,3 +203,15 @@ def test_the_per_ip_limit_counts_the_header_source(setup: Setup) -> None:
     assert header_values(other, "X-Forwarded-For") == ["203.0.113.51"]
     for sock in held:
         sock.close()
+
+
+def test_a_balancers_health_check_is_logged_as_one_and_not_as_a_failure(setup: Setup) -> None:
+    """HAProxy's ``check`` on a send-proxy-v2 server: a LOCAL header, then a reset."""
+    for close in ("fin", "reset"):
+        sock = balancer(setup.s.port, proxyproto.V2_SIGNATURE + bytes([0x20, 0x00, 0, 0]))
+        client = f"127.0.0.1:{sock.getsockname()[1]}"
+        time.sleep(0.1)
+        if close == "reset":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        assert wait_conn(setup.s, client=client)["end"] == "balancer_check"

@@ -7,6 +7,8 @@ Rules:
 - ``redis://`` and ``rediss://`` are Redis (``certs/redis_store.py``); any other
   ``scheme://`` is refused (ValueError); everything else is a directory path.
 - Opening does no I/O: ``problem()`` says whether the storage can be used.
+- redis-py is imported only when a Redis storage is configured (it is big, and a single
+  instance never needs it).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import re
 
 from sniport.certs.directory import DirectoryStorage
-from sniport.certs.redis_store import RedisChallenges, RedisStorage
 from sniport.certs.storage import ChallengeSource, Storage
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -35,6 +36,8 @@ def is_redis(storage_setting: str) -> bool:
 def open_storage(storage_setting: str, *, timeout: float = 2.0) -> Storage:
     """The ``Storage`` the setting names (ValueError for a bad URL)."""
     if is_redis(storage_setting):
+        from sniport.certs.redis_store import RedisStorage  # only a fleet pays for redis-py
+
         return RedisStorage(storage_setting, timeout=timeout)
     return DirectoryStorage(storage_setting)
 
@@ -42,6 +45,8 @@ def open_storage(storage_setting: str, *, timeout: float = 2.0) -> Storage:
 def challenge_source(storage_setting: str, *, timeout: float = 2.0) -> ChallengeSource:
     """The async challenge reader for the setting (ValueError for a bad URL)."""
     if is_redis(storage_setting):
+        from sniport.certs.redis_store import RedisChallenges
+
         return RedisChallenges(storage_setting, timeout=timeout)
     return DirectoryChallenges(storage_setting)
 

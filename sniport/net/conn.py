@@ -57,6 +57,7 @@ class ConnRecord:
         "mlabel",
         "mopen",
         "peer",
+        "probe",
         "proxy_id",
         "route",
         "sni",
@@ -84,6 +85,7 @@ class ConnRecord:
         self.via = ""
         self.local: Any = None
         self.proxy_id = ""
+        self.probe = False  # a LOCAL/UNKNOWN PROXY header: the balancer's own health check
         self.mlabel = ""  # the listener's metrics label, and its open-connections cell
         self.mopen = -1
 
