@@ -38,12 +38,15 @@ def _pong(port: int, password: str | None) -> bool:
         return False
 
 
-def start_redis(tmp_path: Path, *, password: str | None = None) -> RedisInfo:
-    """A redis-server answering PING; stop it with ``.stop()``."""
+def start_redis(tmp_path: Path, *, password: str | None = None,
+                port: int | None = None) -> RedisInfo:
+    """A redis-server answering PING (on ``port`` if given: a restart where it was); stop
+    it with ``.stop()``."""
     folder = tmp_path / f"redis-{time.monotonic_ns()}"
     folder.mkdir()
+    wanted = port
     for _ in range(3):  # the free port may be taken before redis binds it
-        port = free_port()
+        port = wanted if wanted is not None else free_port()
         args = ["/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", str(folder),
                 "--enable-debug-command", "local"]
