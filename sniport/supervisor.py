@@ -58,6 +58,7 @@ from sniport.systemd import activated_sockets, notify
 # and respawns), cells for the largest config (untouched pages of the mapping cost nothing).
 METRIC_SLOTS = 64
 METRIC_CELLS = 1 << 17
+MASTER_STORAGE_TIMEOUT = 0.5  # seconds for one look at a shared (Redis) ACME storage
 READY_TIMEOUT = 15.0  # seconds new workers have to report ready before a reload is given up
 STOP_GRACE = 5.0  # beyond drain_timeout, before a worker that does not exit is killed
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
@@ -696,7 +697,10 @@ class Master:
         """Watch the serving generation's certificate sources; run its ACME service."""
         runtime = gen.runtime
         plan = runtime.acme
-        storage = open_storage(plan.storage) if plan is not None else None
+        # A short timeout: the master's loop must not wait long on a slow Redis (the looks
+        # back off while it fails: certs/watch.py).
+        storage = open_storage(plan.storage, timeout=MASTER_STORAGE_TIMEOUT) \
+            if plan is not None else None
         self.watcher = CertWatcher(runtime.slots,
                                    [(w.source, w.cert, w.key) for w in runtime.file_watches],
                                    storage)

@@ -32,6 +32,7 @@ from sniport.logs import diag
 from sniport.net.tls import CertInfo, TlsError, check_pair, covers, pem_descriptor
 
 INTERVAL = 3.0  # seconds between looks
+STORAGE_BACKOFF_MAX = 60.0  # between looks at a storage that keeps failing
 
 
 @dataclass
@@ -53,6 +54,8 @@ class _Watched:
     hosts: list[str]
     served: CertInfo | None
     failed: str | None = None  # a version that failed once: logged if it fails again
+    skip_until: float = 0.0  # a storage that failed: not asked again before then
+    backoff: float = 0.0
 
 
 def file_version(cert: str, key: str) -> str | None:
@@ -111,11 +114,25 @@ class CertWatcher:
         self._next = now + INTERVAL
         updates = []
         for w in self._watched:
+            if now < w.skip_until:
+                continue
             try:
                 update = self._look(w)
+            except StorageError as exc:
+                # A shared storage out of reach (Redis down or slow): each look may cost
+                # the master its timeout, so looks back off, 3 s doubling to a minute.
+                w.backoff = min(max(INTERVAL, w.backoff * 2), STORAGE_BACKOFF_MAX)
+                w.skip_until = now + w.backoff
+                if w.backoff < STORAGE_BACKOFF_MAX or w.failed != "storage":
+                    diag.warning("certificate watch %s: %s; looking again in %.0fs", w.label,
+                                 exc, w.backoff)
+                w.failed = "storage"
+                continue
             except Exception as exc:  # a bug here must cost a swap, never the master
                 diag.exception("certificate watch %s: %s", w.label, exc)
                 continue
+            if w.backoff:
+                w.backoff, w.failed = 0.0, None  # reached again
             if update is not None:
                 updates.append(update)
         return updates
@@ -149,10 +166,7 @@ class CertWatcher:
 
 
 def _storage_version(storage: Storage, names: list[str]) -> str | None:
-    try:
-        return storage.certificate_version(names)
-    except StorageError:
-        return None
+    return storage.certificate_version(names)  # StorageError: the look backs off
 
 
 def _storage_read(storage: Storage, names: list[str]) -> tuple[bytes, bytes] | None:
