@@ -209,6 +209,7 @@ def build_runtime(loaded: LoadedConfig, problems: Sequence[Problem] = (), *,
         except LogFileError as exc:
             problem("server.access_log", str(exc))
     if found:
+        certs.close()
         raise ConfigError(found)
 
     def handler(route: SiteRoute) -> Handler:
@@ -220,6 +221,7 @@ def build_runtime(loaded: LoadedConfig, problems: Sequence[Problem] = (), *,
         slot = site_tls[site.name]
         slot.hosts.extend(h for h in site.hosts if h not in slot.hosts)
         sites[site.name] = SiteRuntime(site, slot, SiteApp(site, table, handler))
+    certs.close()  # its Redis connection, if any: not to be inherited by every worker
     layout = metrics_layout(config, passthrough, handlers.values())
     for site_rt in sites.values():
         site_rt.app.count_in(layout)
@@ -262,6 +264,11 @@ class _Certificates:
         self.storage = open_storage(self.storage_setting)
         self.shared = is_redis(self.storage_setting)
         self.storage_path = self.storage.description
+
+    def close(self) -> None:
+        closer = getattr(self.storage, "close", None)
+        if self.shared and closer is not None:
+            closer()
 
     def label(self, site: Site) -> str:
         if isinstance(site.tls, TlsFiles):

@@ -58,6 +58,7 @@ from sniport.systemd import activated_sockets, notify
 # and respawns), cells for the largest config (untouched pages of the mapping cost nothing).
 METRIC_SLOTS = 64
 METRIC_CELLS = 1 << 17
+RENDER_EVERY = 1.0  # seconds a rendered /metrics is reused
 MASTER_STORAGE_TIMEOUT = 0.5  # seconds for one look at a shared (Redis) ACME storage
 READY_TIMEOUT = 15.0  # seconds new workers have to report ready before a reload is given up
 STOP_GRACE = 5.0  # beyond drain_timeout, before a worker that does not exit is killed
@@ -165,8 +166,10 @@ class Master:
         self.watcher: CertWatcher | None = None  # the current generation's certificates
         # Counters in shared memory, mapped before the first fork (metrics.py); the
         # endpoint that serves their totals, when metrics_listen is set.
-        self.metrics = SharedMetrics(METRIC_SLOTS, METRIC_CELLS)
+        self.metrics: SharedMetrics | None = None  # made in start(), before the first fork
         self.metrics_endpoint: MetricsEndpoint | None = None
+        self._metrics_pending: tuple[MetricsEndpoint | None, Address | None] | None = None
+        self._rendered = (0.0, b"")  # (when, what): scrapes within a second share one
         self._metrics_at: Address | None = None
         self._reloads = {"ok": 0, "failed": 0}
         self.acme: ServiceProcess | None = None
@@ -182,10 +185,14 @@ class Master:
         setup_diagnostics(server.log_level)
         for warning in runtime.warnings:
             diag.warning("%s", warning)
+        # Slots for every worker alive at once: a reload's two generations, and respawns.
+        self.metrics = SharedMetrics(max(METRIC_SLOTS, 4 * worker_count(server.workers) + 8),
+                                     METRIC_CELLS)
         inherited = self._inherited_sockets()
         try:
             self._bind(runtime, inherited)
             self._bind_metrics(runtime)
+            self._swap_metrics()
         except BindError as exc:
             for b in self.listeners.values():
                 b.close()
@@ -428,6 +435,7 @@ class Master:
         assert access_log is not None
         layout = gen.runtime.layout
         mslot = None
+        assert self.metrics is not None
         if gen.runtime.loaded.config.server.metrics_listen is not None:
             if self.metrics.fits(layout):
                 mslot = self.metrics.acquire_slot()
@@ -453,7 +461,8 @@ class Master:
                 self._close_in_child(keep={id(b) for b in bound + http_bound})
                 from sniport.worker import worker_main
 
-                wm = self.metrics.worker_metrics(mslot, layout) if mslot is not None else None
+                wm = self.metrics.worker_metrics(mslot, layout) \
+                    if mslot is not None and self.metrics is not None else None
                 code = worker_main(gen.runtime, bound, http_bound, access_log,
                                    self._life_r, ready_w, theirs, wm)
             except BaseException:
@@ -481,6 +490,8 @@ class Master:
                 b.sock.close()  # not this worker's: closing our copy touches no file
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()  # the child's copies: the master's stay open
+        if self._metrics_pending is not None and self._metrics_pending[0] is not None:
+            self._metrics_pending[0].close()
         if self.acme is not None and self.acme.read_fd >= 0:
             os.close(self.acme.read_fd)
         for _, _, fd in self._cert_backlog:
@@ -521,6 +532,7 @@ class Master:
         addresses = ", ".join(str(self.listeners[k].address) for k in gen.keys)
         self._close_unused()
         self._watch(gen)
+        self._swap_metrics()
         if not old:
             self._write_pid()
         self._write_status()  # the files first: whoever reads the log line finds them fresh
@@ -550,6 +562,7 @@ class Master:
 
     def _abandon(self, gen: Generation, reason: str) -> None:
         self.pending = None
+        self._drop_pending_metrics()
         for w in gen.workers.values():
             _kill(w.pid, signal.SIGKILL)
         gen.draining = True
@@ -593,7 +606,7 @@ class Master:
             w.control.close()
             if w.ready_fd >= 0:
                 os.close(w.ready_fd)
-            if w.mslot is not None:
+            if w.mslot is not None and self.metrics is not None:
                 # Reaped: nobody writes it any more. Its counters join the totals (never
                 # lost, never counted twice) and the slot is free for another worker.
                 self.metrics.retire_slot(w.mslot, gen.runtime.layout)
@@ -750,8 +763,10 @@ class Master:
     # -- metrics (metrics.py): the totals of every worker, served at metrics_listen -------
 
     def _bind_metrics(self, runtime: Runtime) -> None:
-        """The /metrics listener the config names: kept if unchanged, else the new one is
-        bound (BindError, and nothing changed, if it cannot be) and the old one closed."""
+        """Bind the /metrics listener the config names, if it differs from the one serving
+        (BindError, and nothing changed, if it cannot be); ``_swap_metrics`` puts it in
+        place once the new generation serves, ``_drop_pending_metrics`` if it never does."""
+        self._drop_pending_metrics()
         wanted = runtime.loaded.config.server.metrics_listen
         if wanted == self._metrics_at and (wanted is None) == (self.metrics_endpoint is None):
             return
@@ -760,16 +775,37 @@ class Master:
             bound = bind_one(Listen.model_validate({"address": str(wanted)}))
             bound.sock.setblocking(False)
             endpoint = MetricsEndpoint(bound.sock, self._render_metrics)
+        self._metrics_pending = (endpoint, wanted)
+
+    def _swap_metrics(self) -> None:
+        if self._metrics_pending is None:
+            return
+        (endpoint, wanted), self._metrics_pending = self._metrics_pending, None
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
         self.metrics_endpoint, self._metrics_at = endpoint, wanted
         if endpoint is not None:
             diag.info("metrics at http://%s/metrics", _sock_key(endpoint.sock))
 
+    def _drop_pending_metrics(self) -> None:
+        if self._metrics_pending is not None:
+            endpoint = self._metrics_pending[0]
+            if endpoint is not None:
+                endpoint.close()
+            self._metrics_pending = None
+
     def _render_metrics(self) -> bytes:
+        """The totals, rendered at most once a second (a scraper that asks in a loop, or
+        a config with very many series, costs the master one render a second)."""
+        now = time.monotonic()
+        if now - self._rendered[0] < RENDER_EVERY and self._rendered[1]:
+            return self._rendered[1]
+        assert self.metrics is not None
         active = [(w.mslot, gen.runtime.layout) for gen in self.generations
                   for w in gen.workers.values() if w.mslot is not None]
-        return render(self.metrics.collect(active, self._master_values()))
+        text = render(self.metrics.collect(active, self._master_values()))
+        self._rendered = (time.monotonic(), text)
+        return text
 
     def _master_values(self) -> dict[Key, float]:
         values: dict[Key, float] = {}
@@ -917,6 +953,7 @@ class Master:
             self._bind(runtime, {})
             self.pending = self._new_generation(runtime)
         except (BindError, SpawnError) as exc:
+            self._drop_pending_metrics()
             if not any(g.runtime is runtime for g in self.generations):
                 runtime.close()
             self._close_unused()

@@ -229,7 +229,9 @@ class Worker:
             conn.local = header.dest
         else:
             conn.ip = conn.peer[0] if isinstance(conn.peer, tuple) else ""
-            conn.probe = True
+            # LOCAL is what balancers send for their own checks; UNKNOWN and unix sources
+            # are real clients whose address the balancer could not give.
+            conn.probe = header.command == "LOCAL"
         unique = header.unique_id
         if unique:
             # As text when it is printable without spaces (HAProxy's unique-id-format), else
@@ -443,7 +445,7 @@ class Worker:
                 if cells is not None:
                     self.mview[cells[0]] += conn.up
                     self.mview[cells[1]] += conn.down
-            elif not route:
+            elif not route and not (conn.via and not conn.ip):  # not before its PROXY header
                 cell = self._mcells.hello_failure(reason)
                 if cell is not None:
                     self.mview[cell] += 1

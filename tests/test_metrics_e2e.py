@@ -178,3 +178,35 @@ def test_counters_never_go_down_across_reloads_even_while_scraped(setup: Setup) 
     total = sum(v for (name, labels), v in last.items()
                 if name == "sniport_http_requests_total")
     assert total >= 6 + 8
+
+
+def test_metrics_listen_moves_with_a_reload_and_stays_when_the_reload_fails(
+        setup: Setup) -> None:
+    """Found in review: a reload that failed after binding the new /metrics address had
+    already closed the old one. Now the new address is bound first (a failure changes
+    nothing) and takes over only when the new generation serves."""
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    try:
+        setup.config.write_text(setup.text.replace('metrics_listen = "127.0.0.1:0"',
+                                                   f'metrics_listen = "127.0.0.1:{port}"'))
+        mark = setup.s.mark()
+        setup.s.signal(signal.SIGHUP)
+        setup.s.wait_log(r"reload failed", start=mark)
+        assert scrape(setup.url)  # the old address still answers
+    finally:
+        taken.close()
+    free = socket.create_server(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    setup.config.write_text(setup.text.replace('metrics_listen = "127.0.0.1:0"',
+                                               f'metrics_listen = "127.0.0.1:{port}"'))
+    mark = setup.s.mark()
+    setup.s.signal(signal.SIGHUP)
+    setup.s.wait_log(r"reloaded \S+ \(generation \d+\)", start=mark)
+    time.sleep(1.1)  # a render is reused for a second (supervisor.RENDER_EVERY)
+    moved = scrape(f"http://127.0.0.1:{port}/metrics")
+    assert value(moved, "sniport_config_reloads_total", result="failed") >= 1
+    with pytest.raises(OSError):
+        scrape(setup.url)  # the old one is closed
+    setup.config.write_text(setup.text)

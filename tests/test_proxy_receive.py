@@ -215,3 +215,14 @@ def test_a_balancers_health_check_is_logged_as_one_and_not_as_a_failure(setup: S
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
         assert wait_conn(setup.s, client=client)["end"] == "balancer_check"
+
+
+def test_a_balancer_that_hangs_up_inside_its_header_is_named_so(setup: Setup) -> None:
+    """Found in review: a close in the middle of the header was logged (and counted) as a
+    ClientHello cut short."""
+    sock = balancer(setup.s.port, b"PROXY TCP4 1.2.3")
+    client = f"127.0.0.1:{sock.getsockname()[1]}"
+    time.sleep(0.1)
+    sock.shutdown(socket.SHUT_WR)
+    assert closed_without_answer(sock)
+    assert wait_conn(setup.s, client=client)["end"] == "eof_in_proxy_header"

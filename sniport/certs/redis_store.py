@@ -470,6 +470,10 @@ def _checked(call: Any, storage: RedisStorage) -> str:
     return result
 
 
+MAX_LOOKUPS = 8  # Redis lookups in flight per worker (RedisChallenges)
+MAX_WAITING = 256  # lookups waiting for one of those; past it, a miss
+
+
 class RedisChallenges:
     """``ChallengeSource`` on ``redis.asyncio``: a worker's challenge reads, which must not
     block its event loop. Never raises: a failure is a miss (None) and a log line at most
@@ -481,6 +485,11 @@ class RedisChallenges:
         self._client: redis.asyncio.Redis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._throttle = Throttle()  # a Redis that is down fails every read: one line a second
+        # Lookups anyone can cause (a challenge hello, a GET on port 80): a few Redis
+        # connections at most per worker, the rest wait their turn (within the timeout), and
+        # past MAX_WAITING a lookup is a miss: a flood on a slow Redis costs it nothing more.
+        self._waiting = 0
+        self._slots: asyncio.Semaphore | None = None
 
     def _get_client(self) -> redis.asyncio.Redis:
         loop = asyncio.get_running_loop()
@@ -492,11 +501,28 @@ class RedisChallenges:
                 retry_on_error=[],
             )
             self._loop = loop
+            self._slots = asyncio.Semaphore(MAX_LOOKUPS)
         return self._client
 
     async def _get(self, key: str | None) -> str | None:
-        if key is None:
+        if key is None or self._waiting >= MAX_WAITING:
             return None
+        self._get_client()  # (re)made for this loop, with its semaphore
+        assert self._slots is not None
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            return None
+        finally:
+            self._waiting -= 1
+        try:
+            return await self._lookup(key)
+        finally:
+            self._slots.release()
+
+    async def _lookup(self, key: str) -> str | None:
         try:
             client = self._get_client()
             value = await asyncio.wait_for(client.get(key), self.timeout)

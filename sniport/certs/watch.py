@@ -15,6 +15,8 @@ Rules (DESIGN.md "Certificates", README "Certificates"):
   that fails is judged again at the next look and only logged if it failed twice in the
   same state, so a renewal caught half-way is not reported as broken.
 - Only stat() runs every few seconds; files are read when their stat changes.
+- A shared storage (Redis) is looked at within a time budget per round, and left alone
+  (3 s doubling to a minute) while it fails: the master's loop never waits long on it.
 - Nothing here raises: an unreadable file or storage is a log line and a later retry.
 """
 
@@ -33,6 +35,7 @@ from sniport.net.tls import CertInfo, TlsError, check_pair, covers, pem_descript
 
 INTERVAL = 3.0  # seconds between looks
 STORAGE_BACKOFF_MAX = 60.0  # between looks at a storage that keeps failing
+STORAGE_ROUND_BUDGET = 0.5  # seconds of storage looks per round; the rest wait their turn
 
 
 @dataclass
@@ -54,8 +57,7 @@ class _Watched:
     hosts: list[str]
     served: CertInfo | None
     failed: str | None = None  # a version that failed once: logged if it fails again
-    skip_until: float = 0.0  # a storage that failed: not asked again before then
-    backoff: float = 0.0
+    shared: bool = False  # in the ACME storage (else files)
 
 
 def file_version(cert: str, key: str) -> str | None:
@@ -81,6 +83,9 @@ class CertWatcher:
                  storage: Storage | None, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._next = clock() + INTERVAL
+        self._storage_skip_until = 0.0  # a storage that failed: not asked again before then
+        self._storage_backoff = 0.0
+        self._storage_next = 0  # where the next round's storage looks start
         self._watched: list[_Watched] = []
         by_source: dict[str, list[CertSlot]] = {}
         for slot in slots:
@@ -105,7 +110,8 @@ class CertWatcher:
                     source, f"ACME {', '.join(names)}",
                     functools.partial(_storage_version, storage, names),
                     functools.partial(_storage_read, storage, names),
-                    first.version or None, names, None if first.temporary else first.info))
+                    first.version or None, names, None if first.temporary else first.info,
+                    shared=True))
 
     def poll(self, force: bool = False) -> list[Update]:
         now = self._clock()
@@ -113,26 +119,44 @@ class CertWatcher:
             return []
         self._next = now + INTERVAL
         updates = []
-        for w in self._watched:
-            if now < w.skip_until:
-                continue
+        files = [w for w in self._watched if not w.shared]
+        shared = [w for w in self._watched if w.shared]
+        if shared and now >= self._storage_skip_until:
+            # The storage's looks, from where the last round stopped, within a time budget:
+            # many ACME sites on a slow storage must not hold the master's loop.
+            start = self._storage_next % len(shared)
+            shared = shared[start:] + shared[:start]
+            budget_end = time.monotonic() + STORAGE_ROUND_BUDGET
+            for i, w in enumerate(shared):
+                if time.monotonic() >= budget_end:
+                    self._storage_next = start + i
+                    break
+                try:
+                    update = self._look(w)
+                except StorageError as exc:
+                    # Out of reach (Redis down or slow): every look may cost the master its
+                    # timeout, so the storage is left alone, 3 s doubling to a minute.
+                    self._storage_backoff = min(max(INTERVAL, self._storage_backoff * 2),
+                                                STORAGE_BACKOFF_MAX)
+                    self._storage_skip_until = now + self._storage_backoff
+                    if self._storage_backoff < STORAGE_BACKOFF_MAX:
+                        diag.warning("certificate watch: %s; looking again in %.0fs", exc,
+                                     self._storage_backoff)
+                    break
+                except Exception as exc:  # a bug here must cost a swap, never the master
+                    diag.exception("certificate watch %s: %s", w.label, exc)
+                    continue
+                self._storage_backoff = 0.0  # reached
+                if update is not None:
+                    updates.append(update)
+            else:
+                self._storage_next = 0
+        for w in files:
             try:
                 update = self._look(w)
-            except StorageError as exc:
-                # A shared storage out of reach (Redis down or slow): each look may cost
-                # the master its timeout, so looks back off, 3 s doubling to a minute.
-                w.backoff = min(max(INTERVAL, w.backoff * 2), STORAGE_BACKOFF_MAX)
-                w.skip_until = now + w.backoff
-                if w.backoff < STORAGE_BACKOFF_MAX or w.failed != "storage":
-                    diag.warning("certificate watch %s: %s; looking again in %.0fs", w.label,
-                                 exc, w.backoff)
-                w.failed = "storage"
-                continue
             except Exception as exc:  # a bug here must cost a swap, never the master
                 diag.exception("certificate watch %s: %s", w.label, exc)
                 continue
-            if w.backoff:
-                w.backoff, w.failed = 0.0, None  # reached again
             if update is not None:
                 updates.append(update)
         return updates

@@ -38,10 +38,10 @@ class RequestLog:
     def request(self, conn: Connection, ex: Exchange, now: float) -> None:
         req = ex.request
         cells = ex.mcells
-        if cells is not None:
+        if cells is not None and ex.status:  # 0: gone before any response; not a status
             view = self._view
             status = ex.status // 100
-            klass = status - 1 if 1 <= status <= 5 else (0 if status < 1 else 4)
+            klass = status - 1 if 1 <= status <= 5 else 4
             view[cells.requests[klass * 2 + (ex.stream_id != 0)]] += 1
             elapsed = now - req.start
             view[cells.duration + bisect_left(DURATION_BUCKETS, elapsed)] += 1

@@ -183,12 +183,12 @@ class HelloReader:
             # Nothing new: a peek never sees the end of stream behind bytes still unread,
             # but epoll reports the peer's shutdown (EPOLLRDHUP).
             if events & HANGUP_EVENTS:
-                self._fail("eof_in_hello")
+                self._fail("eof_in_proxy_header" if self._proxy else "eof_in_hello")
             else:
                 self._wait(READ_EVENTS)
             return
         if self._proxy:
-            self._proxy_header(data, events)
+            self._proxy_header(data)
             return
         try:
             outcome = self._parser.feed(memoryview(data)[self._seen :])
@@ -207,7 +207,7 @@ class HelloReader:
         self._stop_waiting()
         self._worker.dispatch(self.sock, self.conn, outcome)
 
-    def _proxy_header(self, data: bytes, events: int) -> None:
+    def _proxy_header(self, data: bytes) -> None:
         """DESIGN.md "PROXY protocol from a load balancer": the header is consumed exactly
         (peeked, parsed, then read to its last byte), so that the hello behind it stays in
         the socket; ``client_hello_timeout`` bounds both."""
