@@ -158,10 +158,11 @@ class Ports:
     app_backend: int = 20080
     relay_a: int = 20901  # bench/relay_compare.py
     relay_b: int = 20902
+    sniport_metrics: int = 20909  # sniport's /metrics, with --sniport-metrics only
 
     def all(self) -> list[int]:
         return [self.seed, self.sniport, self.direct, self.pass_backend, self.app_backend,
-                self.relay_a, self.relay_b]
+                self.relay_a, self.relay_b, self.sniport_metrics]
 
 
 PORTS = Ports()
@@ -471,28 +472,43 @@ class Nginx(Server):
 
 
 class Sniport(Server):
-    def __init__(self, label: str, port: int, run: Path, workers: int, lab: Path) -> None:
+    def __init__(self, label: str, port: int, run: Path, workers: int, lab: Path,
+                 metrics: bool = False) -> None:
         super().__init__(label, port, run)
         run.mkdir(parents=True, exist_ok=True)
         (run / "state").mkdir(exist_ok=True)
         self.workers = workers
+        self.metrics = metrics
         self.config = run / "sniport.toml"
-        self.config.write_text(sniport_config(workers, run / "state", lab))
+        self.config.write_text(sniport_config(workers, run / "state", lab, metrics=metrics))
         self.command = [str(VENV_PY), "-m", "sniport", "run", "-c", str(self.config)]
         self.env = snapshot_env(lab)
+
+    def start(self) -> None:
+        if self.metrics:  # the master binds it: nobody else may hold it
+            ensure_free([PORTS.sniport_metrics])
+        super().start()
 
     def ready(self) -> None:  # the master and its workers
         wait_for(lambda: len(self.pids()) >= 1 + self.workers, 20,
                  f"{self.label}'s {self.workers} worker(s)")
+        if self.metrics:
+            wait_for(lambda: listening(PORTS.sniport_metrics), 20,
+                     f"{self.label}'s /metrics on {PORTS.sniport_metrics}")
 
     def problems(self) -> list[str]:
         return [line for line in self.log_text().splitlines()
                 if re.search(r"Traceback|ERROR|CRITICAL|Error:|exception|died", line)]
 
 
-def sniport_config(workers: int, state_dir: Path | str, lab: Path | str) -> str:
+def sniport_config(workers: int, state_dir: Path | str, lab: Path | str, *,
+                   metrics: bool = False) -> str:
     """The sniport equivalent of nginx-seed.conf + http-servers.inc: pass.test passed
-    through, static.test and app.test terminated with the same certificates."""
+    through, static.test and app.test terminated with the same certificates. ``metrics``
+    (--sniport-metrics) adds [server] metrics_listen: workers then count into the shared
+    mapping the master serves, instead of a private buffer (issue 11 item 3)."""
+    metrics_line = (f'metrics_listen = "127.0.0.1:{PORTS.sniport_metrics}"  # --sniport-metrics; '
+                    "nginx: no equivalent\n" if metrics else "")
     return f"""\
 # sniport's side of the bench: the equivalent of nginx-seed.conf + http-servers.inc
 [server]
@@ -508,7 +524,7 @@ header_timeout = "60s"        # nginx: client_header_timeout 60s (M6 holds conne
 keepalive_timeout = "75s"     # nginx: keepalive_timeout 75s
 http2_max_requests = 1000000  # nginx: keepalive_requests 1000000 (HTTP/2 streams too, 1.19.7+)
 http2_max_streams = 128       # nginx: http2_max_concurrent_streams 128 (its default)
-
+{metrics_line}
 [[passthrough]]
 name = "pass"
 hosts = ["{PASS_HOST}"]
@@ -1231,7 +1247,8 @@ def make_server(name: str, session: Session, workers: int, rnd: int, tag: str) -
         conf = session.lab.render("nginx-seed.conf", run, workers,
                                   listen=f"unix:{run}/https.sock")
         return Nginx("nginx seed", PORTS.seed, run, conf, workers)
-    return Sniport("sniport", PORTS.sniport, run, workers, session.lab.dir)
+    return Sniport("sniport", PORTS.sniport, run, workers, session.lab.dir,
+                   metrics=session.args.sniport_metrics)
 
 
 # A job: (measure key, what it runs on a started server -> [(scale, sample)], settle slack)
@@ -1722,6 +1739,10 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
         f"passthrough target (bench/nginx/backend-pass.conf) on 127.0.0.1:{PORTS.pass_backend}"
         ", the 100-byte app (bench/nginx/backend-app.conf) on 127.0.0.1:"
         f"{PORTS.app_backend}",
+        ("- sniport metrics: ON (--sniport-metrics): [server] metrics_listen = 127.0.0.1:"
+         f"{PORTS.sniport_metrics}, workers count into the master's shared mapping"
+         if a.sniport_metrics else "- sniport metrics: off (no metrics_listen: workers count "
+         "into a private buffer; --sniport-metrics turns them on)"),
         "- TLS, identical for both (and the passthrough backend): TLS 1.3, "
         "TLS_AES_256_GCM_SHA384, X25519, ECDSA P-256 certificates, session tickets and caches "
         "off (nginx: ssl_session_tickets off, ssl_session_cache off, NumTickets 0; sniport: "
@@ -1815,7 +1836,7 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
         lines.append(f"- {label}: {len(found)} line(s) like `{found[0]}`")
     lines += ["", "## sniport config used", "", "```toml",
               sniport_config(workers_list[0], "$OUT/run/sniport-wW-rN-TAG/state",
-                             "$SCRATCH").rstrip().replace(
+                             "$SCRATCH", metrics=a.sniport_metrics).rstrip().replace(
                   f"workers = {workers_list[0]}                   # nginx: worker_processes "
                   f"{workers_list[0]}", "workers = W                   # nginx: "
                   "worker_processes W"),
@@ -1869,6 +1890,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--page-browsers", type=int, default=8,
                    help="M8 page loads at once (bench/pageload.py --browsers); default 8")
     p.add_argument("--no-relay", action="store_true", help="skip bench/relay_compare.py")
+    p.add_argument("--sniport-metrics", action="store_true",
+                   help=f"sniport with [server] metrics_listen = 127.0.0.1:{PORTS.sniport_metrics}"
+                   " (Prometheus counters in shared memory); default off (a private buffer)")
     p.add_argument("--relay-bytes", type=int, default=GIB, help="relay_compare bytes per run")
     p.add_argument("--out", default=str(BENCH / "RESULTS.md"),
                    help="markdown report; '-' for stdout only; default bench/RESULTS.md")
