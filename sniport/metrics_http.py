@@ -21,7 +21,6 @@ Rules:
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import time
 from collections.abc import Callable
@@ -124,8 +123,8 @@ class MetricsEndpoint:
         except OSError:
             self._close(fd)
             return
-        if conn.state == "closing":
-            if not data:
+        if conn.state != "reading":  # answered already: what comes now is read and dropped
+            if not data and conn.state == "closing":
                 self._close(fd)
             return
         if not data:  # the client gave up before its request was complete
@@ -173,12 +172,16 @@ class MetricsEndpoint:
                 diag.warning("metrics: cannot accept a connection: %s", exc.strerror)
                 return
             sock.setblocking(False)
-            if len(self._conns) >= self.max_connections:
-                with contextlib.suppress(OSError):
-                    sock.send(BUSY)  # a fresh socket's buffer holds these few bytes
-                sock.close()
+            if len(self._conns) >= 2 * self.max_connections:
+                sock.close()  # a flood: not even a 503
                 continue
-            self._conns[sock.fileno()] = _Conn(sock, self.clock() + self.request_timeout)
+            conn = _Conn(sock, self.clock() + self.request_timeout)
+            self._conns[sock.fileno()] = conn
+            if len(self._conns) > self.max_connections:
+                # Over the cap: 503, sent the way every answer is (then a half-close and
+                # a short linger), so that the request the client is sending meanwhile
+                # does not turn the close into a reset that destroys the 503.
+                self._answer(conn, BUSY)
 
     def _respond(self, conn: _Conn) -> bytes:
         method = conn.parser.get_method()

@@ -478,7 +478,8 @@ def test_reload_binds_new_listeners_and_closes_removed_ones(
                     start=mark)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port_b), timeout=TIMEOUT).close()
-    assert not Path(sock).exists()
+    # The log line comes just before the close that removes the file.
+    wait_until(lambda: not Path(sock).exists(), TIMEOUT, "the socket file removed")
     assert master.status()["listeners"] == [f"127.0.0.1:{port_a}"]
     report("test_reload_binds_new_listeners_and_closes_removed_ones", sent)
 
