@@ -1,8 +1,9 @@
 """The ClientHello parser (sniport/wire/clienthello.py): real hellos, table tests, properties.
 
-Vectors: the captured hellos in tests/data/clienthellos (see the README there), hellos that
-Python's own ``ssl`` module writes into a MemoryBIO, and hellos built here field by field
-(RFC 8446 section 4.1.2; RFC 6066 section 3; RFC 7301 section 3.1).
+Vectors: the captured hellos in tests/data/clienthellos (see the README there: how they were
+captured, and why every Chromium one offers ECH), hellos that Python's own ``ssl`` module
+writes into a MemoryBIO, and hellos built here field by field (RFC 8446 section 4.1.2;
+RFC 6066 section 3; RFC 7301 section 3.1; RFC 9849 section 5).
 """
 
 from __future__ import annotations
@@ -32,17 +33,23 @@ DATA = Path(__file__).parent / "data" / "clienthellos"
 TLS13, TLS12, TLS11, TLS10 = 0x0304, 0x0303, 0x0302, 0x0301
 GREASE_5A5A = 0x5A5A
 H2_H1 = ("h2", "http/1.1")
+ECH = 0xFE0D  # encrypted_client_hello, RFC 9849 section 5
 ALL_FOUR = (TLS13, TLS12, TLS11, TLS10)
 
-# file -> (size, sni, alpn, supported_versions); every capture has legacy_version 0x0303.
-REAL: dict[str, tuple[int, str | None, tuple[str, ...], tuple[int, ...]]] = {
-    "chromium-156.bin": (1920, "example.test", H2_H1, (GREASE_5A5A, TLS13, TLS12)),
-    "curl-7.88.1.bin": (517, "example.test", H2_H1, ALL_FOUR),
-    "gnutls-3.7.9.bin": (394, "example.test", (), ALL_FOUR),
-    "node-20-tls.bin": (388, "example.test", H2_H1, (TLS13, TLS12)),
-    "openssl-3.0.19-s_client-nosni.bin": (297, None, (), ALL_FOUR),
-    "openssl-3.0.19-s_client.bin": (318, "example.test", (), ALL_FOUR),
-    "python-3.11-ssl.bin": (517, "example.test", H2_H1, (TLS13, TLS12)),
+# file -> (size, sni, alpn, supported_versions, ech); every capture has legacy_version 0x0303.
+# Chromium sends a GREASE encrypted_client_hello on every connection (RFC 9849 section 6.2):
+# its captures say ech=True although no ECH config was ever published; the others send none.
+REAL: dict[str, tuple[int, str | None, tuple[str, ...], tuple[int, ...], bool]] = {
+    "chromium-150-ech-grease.bin": (1792, "example.test", H2_H1, (0xCACA, TLS13, TLS12), True),
+    "chromium-150-ech-grease-2.bin": (1728, "example.test", H2_H1, (0xFAFA, TLS13, TLS12),
+                                      True),
+    "chromium-156.bin": (1920, "example.test", H2_H1, (GREASE_5A5A, TLS13, TLS12), True),
+    "curl-7.88.1.bin": (517, "example.test", H2_H1, ALL_FOUR, False),
+    "gnutls-3.7.9.bin": (394, "example.test", (), ALL_FOUR, False),
+    "node-20-tls.bin": (388, "example.test", H2_H1, (TLS13, TLS12), False),
+    "openssl-3.0.19-s_client-nosni.bin": (297, None, (), ALL_FOUR, False),
+    "openssl-3.0.19-s_client.bin": (318, "example.test", (), ALL_FOUR, False),
+    "python-3.11-ssl.bin": (517, "example.test", H2_H1, (TLS13, TLS12), False),
 }
 
 
@@ -51,8 +58,9 @@ def real_hello(name: str) -> bytes:
 
 
 def expected_real(name: str) -> Hello:
-    size, sni, alpn, versions = REAL[name]
-    return Hello(sni=sni, alpn=alpn, versions=versions, legacy_version=TLS12, size=size)
+    size, sni, alpn, versions, ech = REAL[name]
+    return Hello(sni=sni, alpn=alpn, versions=versions, legacy_version=TLS12, size=size,
+                 ech=ech)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,6 +88,16 @@ def alpn_ext(*protocols: bytes) -> bytes:
 def versions_ext(*versions: int) -> bytes:
     lst = b"".join(u16(v) for v in versions)
     return ext(43, bytes([len(lst)]) + lst)
+
+
+def ech_outer_ext(config_id: int = 0x2A, enc: bytes = bytes(32), payload: bytes = bytes(144),
+                  ext_type: int = ECH) -> bytes:
+    """An outer ECHClientHello (RFC 9849 section 5): type outer(0), HPKE suite
+    (HKDF-SHA256, AES-128-GCM), config_id, enc<0..2^16-1>, payload<1..2^16-1>. A GREASE one
+    (section 6.2) has the same shape with random contents."""
+    body = (b"\x00" + u16(0x0001) + u16(0x0001) + bytes([config_id]) + u16(len(enc)) + enc
+            + u16(len(payload)) + payload)
+    return ext(ext_type, body)
 
 
 def hello_body(
@@ -309,6 +327,82 @@ def test_all_three_extensions_and_unknown_ones() -> None:
     data = hello_bytes(exts, legacy=TLS10)
     assert parse(data) == Hello("Mixed.Case.example", ("h2", "http/1.1", "\xff\x00x"),
                                 (TLS13, TLS12), TLS10, len(data))
+
+
+# Encrypted ClientHello (RFC 9849): ``ech`` says the extension was offered; a real outer
+# hello and a GREASE one look alike, and the SNI reported is the outer (public) name.
+# (id, extensions) -> (sni, alpn, ech)
+ECH_CASES: list[tuple[str, bytes, str | None, tuple[str, ...], bool]] = [
+    ("outer ECH with public name and ALPN",
+     sni_ext(b"public.example") + ech_outer_ext() + alpn_ext(b"h2", b"http/1.1"),
+     "public.example", H2_H1, True),
+    ("ECH first, before the SNI",
+     ech_outer_ext(payload=bytes(250)) + sni_ext(b"public.example"),
+     "public.example", (), True),
+    ("ECH last, after GREASE and padding",
+     ext(0xDADA, b"") + sni_ext(b"public.example") + ext(21, bytes(40)) + ech_outer_ext(),
+     "public.example", (), True),
+    ("ECH without any SNI", ech_outer_ext(), None, (), True),
+    # Presence is what counts; the payload is the TLS endpoint's to judge.
+    ("empty ECH extension", sni_ext(b"public.example") + ext(ECH, b""),
+     "public.example", (), True),
+    ("inner-type ECH marker", sni_ext(b"public.example") + ext(ECH, b"\x01"),
+     "public.example", (), True),
+    # The careful path (the fast one gives up on these SNI forms) reports it too.
+    ("careful path: empty server_name", ext(0, b"") + ech_outer_ext() + alpn_ext(b"h2"),
+     None, ("h2",), True),
+    ("careful path: other name types",
+     ext(0, u16(25) + b"\x07" + u16(5) + b"other" + b"\x00" + u16(14) + b"public.example")
+     + ech_outer_ext(),
+     "public.example", (), True),
+    # Not RFC 9849's ECH: the ESNI drafts' encrypted_server_name, the interim ECH draft
+    # codepoints and ech_outer_extensions (which only ever appears in the encrypted inner hello).
+    ("ESNI 0xffce is not ECH", sni_ext(b"public.example") + ext(0xFFCE, bytes(40)),
+     "public.example", (), False),
+    ("draft-08 0xfe08 is not ECH",
+     sni_ext(b"public.example") + ech_outer_ext(ext_type=0xFE08), "public.example", (), False),
+    ("draft-10 0xfe0a is not ECH",
+     sni_ext(b"public.example") + ech_outer_ext(ext_type=0xFE0A), "public.example", (), False),
+    ("ech_outer_extensions 0xfd00 is not ECH",
+     sni_ext(b"public.example") + ext(0xFD00, b"\x02\x00\x0a"), "public.example", (), False),
+    ("no ECH", sni_ext(b"public.example") + alpn_ext(b"h2"), "public.example", ("h2",), False),
+]
+
+
+@pytest.mark.parametrize(("exts", "sni", "alpn", "ech"), [c[1:] for c in ECH_CASES],
+                         ids=[c[0] for c in ECH_CASES])
+def test_ech_offered(exts: bytes, sni: str | None, alpn: tuple[str, ...], ech: bool) -> None:
+    data = hello_bytes(exts + versions_ext(TLS13))
+    want = Hello(sni, alpn, (TLS13,), TLS12, len(data), ech)
+    assert parse(data) == want
+    # The same however the bytes arrive.
+    assert feed_checked([data[i : i + 1] for i in range(len(data))]) == want
+
+
+def test_hello_stays_positional_with_ech_last_and_off_by_default() -> None:
+    hello = Hello("a.example", ("h2",), (TLS13,), TLS12, 100)
+    assert hello.ech is False
+    assert Hello("a.example", ("h2",), (TLS13,), TLS12, 100, True).ech is True
+
+
+def test_chromium_offers_ech_and_routes_on_the_outer_name() -> None:
+    for name in ("chromium-150-ech-grease.bin", "chromium-150-ech-grease-2.bin"):
+        hello = parse(real_hello(name))
+        assert isinstance(hello, Hello)
+        assert (hello.ech, hello.sni, hello.alpn) == (True, "example.test", H2_H1)
+
+
+@pytest.mark.parametrize("name", ["curl-7.88.1.bin", "openssl-3.0.19-s_client.bin",
+                                  "openssl-3.0.19-s_client-nosni.bin"])
+def test_curl_and_openssl_offer_no_ech(name: str) -> None:
+    hello = parse(real_hello(name))
+    assert isinstance(hello, Hello) and hello.ech is False
+
+
+def test_ech_repeated_is_malformed() -> None:
+    with pytest.raises(MalformedHello) as info:
+        parse(hello_bytes(ech_outer_ext() + sni_ext(b"public.example") + ech_outer_ext()))
+    assert info.value.reason == f"extension {ECH} repeated"
 
 
 def test_empty_server_name_extension_means_no_name() -> None:
@@ -551,7 +645,7 @@ def test_any_record_split_gives_the_same_hello(name: str,
     resplit = records(msg, record_cuts)
     assert len(resplit) == len(msg) + 5 * (len(set(record_cuts)) + 1)
     want = Hello(expected.sni, expected.alpn, expected.versions, expected.legacy_version,
-                 len(resplit))
+                 len(resplit), expected.ech)
     assert parse(resplit) == want
     segment_cuts = data.draw(st.lists(st.integers(1, len(resplit) - 1), max_size=30),
                              label="segments")
@@ -605,12 +699,16 @@ def test_generated_hello_round_trips(sni: str | None, alpn: list[bytes],
         parts.append(alpn_ext(*alpn))
     if versions is not None:
         parts.append(versions_ext(*versions))
+    # The drawn "other" types may include encrypted_client_hello itself, or it is added.
+    ech = data.draw(st.booleans(), label="ech") or any(p[:2] == u16(ECH) for p in parts)
+    if ech and not any(p[:2] == u16(ECH) for p in parts):
+        parts.append(ech_outer_ext())
     order = data.draw(st.permutations(parts), label="order")
     msg = handshake(hello_body(b"".join(order), legacy=legacy, session_id=session_id))
     cuts = data.draw(st.lists(st.integers(1, len(msg) - 1), max_size=5), label="records")
     raw = records(msg, cuts)
     assert parse(raw) == Hello(sni, tuple(p.decode("latin-1") for p in alpn),
-                               tuple(versions or ()), legacy, len(raw))
+                               tuple(versions or ()), legacy, len(raw), ech)
 
 
 def mutate(raw: bytes, data: st.DataObject) -> bytes:

@@ -2,7 +2,15 @@
 
 Job: from the first bytes a client sends, tell whether they are TLS and, once the whole
 ClientHello handshake message has arrived, extract what routing needs: the SNI host_name,
-the ALPN protocol list, supported_versions and the legacy version.
+the ALPN protocol list, supported_versions and the legacy version, and whether Encrypted
+ClientHello was offered.
+
+ECH (RFC 9849): ``Hello.ech`` is True when the hello carries an ``encrypted_client_hello``
+extension. It means "offered", nothing more: a real ClientHelloOuter and a GREASE one
+(RFC 9849 section 6.2; Chromium sends GREASE ECH on every connection) look alike on the
+wire, so a router cannot tell them apart. Either way the SNI reported is the outer one (the
+public name), and routing uses it; the extension's payload is not checked here — the TLS
+endpoint that receives the connection judges it.
 
 Rules:
 - No I/O here (no asyncio, socket or ssl import): bytes in, a typed outcome out.
@@ -32,6 +40,11 @@ MAX_RECORD_PAYLOAD = 1 << 14
 EXT_SERVER_NAME = 0  # RFC 6066 section 3
 EXT_ALPN = 16  # RFC 7301 section 3.1
 EXT_SUPPORTED_VERSIONS = 43  # RFC 8446 section 4.2.1
+# RFC 9849 section 5 (also the codepoint of the later drafts, which clients deployed).
+# Earlier experimental codepoints are deliberately not counted: encrypted_server_name 0xffce
+# of the ESNI drafts and the interim ECH draft codepoints (e.g. 0xfe08 of draft -08) were
+# opt-in experiments that current clients no longer send; "offered" means RFC 9849's ECH.
+EXT_ENCRYPTED_CLIENT_HELLO = 0xFE0D
 NAME_TYPE_HOST_NAME = 0
 _PRINTABLE = re.compile(rb"[\x21-\x7e]+")
 
@@ -53,6 +66,8 @@ class Hello:
     versions: tuple[int, ...]
     legacy_version: int
     size: int
+    # Last and defaulted: Hello is also built positionally with the five fields above.
+    ech: bool = False  # an encrypted_client_hello extension was offered (real or GREASE)
 
 
 @dataclass(slots=True)
@@ -228,6 +243,7 @@ def _fast_path(b: bytes, size: int) -> Hello | None:
     sni: str | None = None
     alpn: tuple[str, ...] = ()
     versions: tuple[int, ...] = ()
+    ech = False
     seen: set[int] = set()
     while pos < end:
         if pos + 4 > end:
@@ -265,8 +281,11 @@ def _fast_path(b: bytes, size: int) -> Hello | None:
             if length < 3 or k != length - 1 or k & 1:
                 return None
             versions = struct.unpack(f"!{k // 2}H", b[pos + 1 : stop])
+        elif ext_type == EXT_ENCRYPTED_CLIENT_HELLO:
+            # Last in the chain: the other extensions pay one more comparison, nothing else.
+            ech = True
         pos = stop
-    return Hello(sni, alpn, versions, (b[0] << 8) | b[1], size)
+    return Hello(sni, alpn, versions, (b[0] << 8) | b[1], size, ech)
 
 
 def _careful_path(body: memoryview, size: int) -> Hello:
@@ -286,6 +305,7 @@ def _careful_path(body: memoryview, size: int) -> Hello:
     sni: str | None = None
     alpn: tuple[str, ...] = ()
     versions: tuple[int, ...] = ()
+    ech = False
     if r.left() == 0:
         # A TLS 1.0-1.2 hello may end here: no extensions at all.
         return Hello(None, (), (), legacy_version, size)
@@ -313,8 +333,10 @@ def _careful_path(body: memoryview, size: int) -> Hello:
             alpn = _parse_alpn(memoryview(block)[pos : pos + length])
         elif ext_type == EXT_SUPPORTED_VERSIONS:
             versions = _parse_supported_versions(memoryview(block)[pos : pos + length])
+        elif ext_type == EXT_ENCRYPTED_CLIENT_HELLO:
+            ech = True
         pos += length
-    return Hello(sni, alpn, versions, legacy_version, size)
+    return Hello(sni, alpn, versions, legacy_version, size, ech)
 
 
 def _parse_server_name(data: memoryview) -> str | None:
