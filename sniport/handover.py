@@ -54,6 +54,7 @@ class Relayed:
     up_eof: bool  # the client has ended its direction (half-close passed on)
     down_eof: bool
     via: str = ""  # through a PROXY header: the balancer (ConnRecord.via)
+    ech: bool = False
     proxy_id: str = ""
 
 

@@ -261,7 +261,8 @@ class Worker:
             conn.sni = outcome.sni
             conn.alpn = outcome.alpn
             conn.hello_size = outcome.size
-            route = self.table.decide(outcome.sni)
+            conn.ech = outcome.ech
+            route = self.table.decide(outcome.sni)  # an ECH hello: by its outer (public) name
         else:
             route = self.table.non_tls()
         conn.route = route.label
@@ -550,7 +551,7 @@ class Worker:
         conn.sni, conn.alpn, conn.hello_size = relayed.sni, tuple(relayed.alpn), relayed.hello
         conn.route, conn.upstream = relayed.route, relayed.upstream
         conn.up, conn.down = relayed.up, relayed.down
-        conn.via, conn.proxy_id = relayed.via, relayed.proxy_id
+        conn.via, conn.proxy_id, conn.ech = relayed.via, relayed.proxy_id, relayed.ech
         for listener in self.listeners:  # the same sockets in every generation
             if listener.label == relayed.listener:
                 conn.mlabel, conn.mopen = listener.mlabel, listener.mopen

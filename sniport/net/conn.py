@@ -49,6 +49,7 @@ class ConnRecord:
     __slots__ = (
         "alpn",
         "down",
+        "ech",
         "handler",
         "hello_size",
         "ip",
@@ -74,6 +75,7 @@ class ConnRecord:
         self.sni: str | None = None
         self.alpn: tuple[str, ...] = ()
         self.hello_size = 0
+        self.ech = False  # the hello offered ECH (real or GREASE: a router cannot tell)
         self.route = ""
         self.upstream = ""
         self.up = 0  # bytes client -> upstream
@@ -110,6 +112,8 @@ class ConnRecord:
             "duration": round(now - self.start, 3),
             "end": end,
         }
+        if self.ech:  # RFC 9849: said only when offered, so other lines are unchanged
+            fields["ech"] = "offered"
         if self.via:  # only for connections through a PROXY header: the usual line unchanged
             fields["via"] = self.via
             if self.proxy_id:
