@@ -409,6 +409,13 @@ def _number(text: str) -> int:
     return int(text) if len(text) <= 19 else _BIG
 
 
+def _digits_less(a: str, b: str) -> bool:
+    """``int(a) < int(b)`` for decimal digit strings of any length, without building huge
+    ints (``_number`` caps them, which would make two different huge values equal)."""
+    a, b = a.lstrip("0") or "0", b.lstrip("0") or "0"
+    return (len(a), a) < (len(b), b)
+
+
 def parse_range(value: str, size: int) -> ByteRange | Unsatisfiable | None:
     """One byte range, UNSATISFIABLE, or None to send the whole representation.
 
@@ -434,10 +441,10 @@ def parse_range(value: str, size: int) -> ByteRange | Unsatisfiable | None:
         if size == 0:
             return None  # an empty representation: send it whole (RFC 9110 section 14.1.2)
         return ByteRange(max(0, size - suffix), size - 1)
+    if last and _digits_less(last, first):
+        return None  # invalid, so ignored (RFC 9110 section 14.1.1)
     start = _number(first)
     end = _number(last) if last else size - 1
-    if last and end < start:
-        return None  # invalid, so ignored (RFC 9110 section 14.1.1)
     if start >= size:
         return UNSATISFIABLE
     return ByteRange(start, min(end, size - 1))
