@@ -512,11 +512,11 @@ class Acme(_Model):
     def _storage(cls, v: str) -> str:
         if not v:
             raise ValueError('must not be empty (default "{state_dir}/acme")')
-        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", v):
+        from sniport.certs.backends import is_redis  # (imported here: no cycle at load)
+
+        if is_redis(v):  # ValueError for another scheme
             from sniport.certs.redis_store import parse_url
 
-            if not v.lower().startswith(("redis://", "rediss://")):
-                raise ValueError(f"{v!r}: a directory path, redis:// or rediss://")
             parse_url(v)  # ValueError saying what is wrong
         return v
 

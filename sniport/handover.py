@@ -69,13 +69,13 @@ def encode_cert(key: str) -> bytes:
     """master -> worker ``cert``: the certificate of the source with this key changed
     (certs/slots.py ``source_key``); the one descriptor attached holds the new chain and
     key (net.tls.pem_descriptor)."""
-    return json.dumps({"op": "cert", "id": 0, "source": key}).encode()
+    return json.dumps({"op": "cert", "id": 0, "key": key}).encode()
 
 
-def cert_source(data: bytes) -> str:
-    key = json.loads(data).get("source")
+def cert_key(data: bytes) -> str:
+    key = json.loads(data).get("key")
     if not isinstance(key, str):
-        raise ValueError("cert message without a source")
+        raise ValueError("cert message without a key")
     return key
 
 

@@ -58,6 +58,8 @@ NO_BLOCK = ""  # the block label of a connection that reached no block (reject, 
 # Request durations in seconds, Prometheus' default buckets.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0)
+# A histogram series: one cell per bucket, one for what is above every bound, then the sum.
+SUM_OFFSET = len(DURATION_BUCKETS) + 1
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,7 @@ class WorkerMetrics:
     metrics off is the same and nobody reads it.
     """
 
-    __slots__ = ("view", "layout", "enabled", "_bounds", "_nbuckets")
+    __slots__ = ("view", "layout", "enabled", "_bounds")
 
     def __init__(self, view: memoryview, layout: Layout, enabled: bool = True) -> None:
         if view.format != CELL_FORMAT or len(view) < layout.size:
@@ -221,7 +223,6 @@ class WorkerMetrics:
         self.layout = layout
         self.enabled = enabled
         self._bounds = DURATION_BUCKETS
-        self._nbuckets = len(DURATION_BUCKETS)
 
     @classmethod
     def disabled(cls, layout: Layout) -> WorkerMetrics:
@@ -243,7 +244,7 @@ class WorkerMetrics:
         view = self.view
         # le is "less than or equal": the first bound >= seconds (bisect_left).
         view[base + bisect_left(self._bounds, seconds)] += 1
-        view[base + self._nbuckets + 1] += int(seconds * 1_000_000)
+        view[base + SUM_OFFSET] += int(seconds * 1_000_000)
 
 
 class SharedMetrics:

@@ -266,9 +266,7 @@ class _Certificates:
         self.storage_path = self.storage.description
 
     def close(self) -> None:
-        closer = getattr(self.storage, "close", None)
-        if self.shared and closer is not None:
-            closer()
+        self.storage.close()
 
     def label(self, site: Site) -> str:
         if isinstance(site.tls, TlsFiles):

@@ -512,7 +512,7 @@ class Worker:
                     return
                 op, ident, relayed = handover.decode(data)
                 if op == "cert" and len(fds) == 1:
-                    self._new_certificate(handover.cert_source(data), fds[0])
+                    self._new_certificate(handover.cert_key(data), fds[0])
                     continue
                 if op == "adopt" and relayed is not None and len(fds) == handover.DESCRIPTORS:
                     self._adopt(relayed, fds)

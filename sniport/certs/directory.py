@@ -435,6 +435,9 @@ class DirectoryStorage:
             return None
         return _answer(self._p("challenges", "tls-alpn-01", name))
 
+    def close(self) -> None:
+        """Nothing held open between calls."""
+
 
 def _answer(path: str) -> str | None:
     try:

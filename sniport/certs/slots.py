@@ -15,7 +15,6 @@ Rules:
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import ssl
 from collections.abc import Sequence
@@ -39,7 +38,7 @@ def acme_source(names: Sequence[str]) -> str:
 
 class CertSlot:
     __slots__ = ("context", "hosts", "http2", "info", "key", "kind", "source", "stand_in",
-                 "temporary", "tickets", "updated", "version")
+                 "temporary", "tickets", "version")
 
     def __init__(self, source: str, kind: str, context: ssl.SSLContext, info: CertInfo | None,
                  *, http2: bool, tickets: bool, version: str = "",
@@ -55,7 +54,6 @@ class CertSlot:
         self.temporary = temporary  # an ACME site's stand-in until its own is obtained:
         self.stand_in = stand_in  # "self-signed", or the certificate of its former hosts
         self.hosts: list[str] = []  # of the sites it serves
-        self.updated = datetime.datetime.now(datetime.UTC)
 
     def swap(self, fd: int, info: CertInfo | None, version: str) -> None:
         """Load the certificate and key in ``fd`` (``net.tls.pem_descriptor``) and serve it
@@ -67,4 +65,3 @@ class CertSlot:
         self.version = version
         self.temporary = False
         self.stand_in = ""
-        self.updated = datetime.datetime.now(datetime.UTC)

@@ -83,6 +83,9 @@ class Storage(Protocol):
     def tls_alpn01(self, name: str) -> str | None:
         """The key authorization of the pending TLS-ALPN-01 challenge for ``name``, or None."""
 
+    def close(self) -> None:
+        """Release connections (Redis); nothing for a directory."""
+
 
 class ChallengeSource(Protocol):
     """A worker's read-only view of the pending challenge answers, for its event loop:

@@ -13,13 +13,10 @@ from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
 from sniport.logs import AccessLog, clf_quoted, text_field
-from sniport.metrics import DURATION_BUCKETS
+from sniport.metrics import DURATION_BUCKETS, SUM_OFFSET
 
 if TYPE_CHECKING:
     from sniport.http.contract import Connection, Exchange
-
-
-_SUM = len(DURATION_BUCKETS) + 1  # a histogram's sum cell, after its buckets (metrics.py)
 
 
 def _clf_time() -> str:
@@ -45,7 +42,7 @@ class RequestLog:
             view[cells.requests[klass * 2 + (ex.stream_id != 0)]] += 1
             elapsed = now - req.start
             view[cells.duration + bisect_left(DURATION_BUCKETS, elapsed)] += 1
-            view[cells.duration + _SUM] += int(elapsed * 1_000_000)
+            view[cells.duration + SUM_OFFSET] += int(elapsed * 1_000_000)
         if not self.enabled:
             return
         ttfb = round(ex.ttfb - req.start, 6) if ex.ttfb else None

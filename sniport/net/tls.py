@@ -263,26 +263,6 @@ def _set_groups(ctx: ssl.SSLContext) -> None:
                      GROUPS.decode(), exc)
 
 
-def certificate_names(cert: str) -> list[str]:
-    """The DNS names of the leaf certificate (subjectAltName; the CN only if there is none).
-    Raises TlsError when the file cannot be read or holds no PEM certificate."""
-    why = _unreadable(cert)
-    if why:
-        raise TlsError(f"cannot read {cert}: {why}")
-    try:
-        leaf = x509.load_pem_x509_certificate(Path(cert).read_bytes())
-    except OSError as exc:
-        raise TlsError(f"cannot read {cert}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise TlsError(f"{cert} holds no PEM certificate: {exc}") from None
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        return [n.lower().rstrip(".") for n in san.value.get_values_for_type(x509.DNSName)]
-    except x509.ExtensionNotFound:
-        return [str(a.value).lower() for a in
-                leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-
-
 def covers(names: list[str], host: str) -> bool:
     """Whether a certificate with ``names`` is valid for ``host`` (itself maybe a wildcard)."""
     if host in names:

@@ -71,6 +71,9 @@ class MemoryStorage:
         self.saves += 1
         self.certs[_key(names)] = StoredCertificate(chain_pem, key_pem, str(self._counter))
 
+    def close(self) -> None:
+        pass
+
     def stored_names(self) -> list[tuple[str, ...]]:
         return [tuple(sorted(key)) for key in self.certs]
 
