@@ -196,27 +196,30 @@ class Worker:
                 return
             # The client is known only once the header is read: counted per IP then.
             conn.via, conn.ip = conn.client, ""
-            LEDGER.take()
-            self.live.add(conn)
-            self._mopen(conn, 1)
-            reader = HelloReader(self, sock, conn, listener.bound.is_unix, proxy=True)
-            conn.handler = reader
-            reader.start()
+        elif not self._take_ip(conn):
+            sock.close()
+            self._log(conn, "per_ip_limit")
             return
-        if self.per_ip_limit and ip:
-            count = self.per_ip.get(ip, 0)
-            if count >= self.per_ip_limit:
-                sock.close()
-                self.mview[self._mcells.denied_per_ip] += 1
-                self._log(conn, "per_ip_limit")
-                return
-            self.per_ip[ip] = count + 1
         LEDGER.take()  # the client's socket, given back in finish()
         self.live.add(conn)
         self._mopen(conn, 1)
-        reader = HelloReader(self, sock, conn, listener.bound.is_unix)
+        reader = HelloReader(self, sock, conn, listener.bound.is_unix,
+                             proxy=listener.proxy_protocol)
         conn.handler = reader
         reader.start()
+
+    def _take_ip(self, conn: ConnRecord) -> bool:
+        """Count ``conn`` under ``max_connections_per_ip`` (False, counted as a denial, if
+        its address is at the limit; ``_release`` gives the place back)."""
+        ip = conn.ip
+        if not self.per_ip_limit or not ip:
+            return True
+        count = self.per_ip.get(ip, 0)
+        if count >= self.per_ip_limit:
+            self.mview[self._mcells.denied_per_ip] += 1
+            return False
+        self.per_ip[ip] = count + 1
+        return True
 
     def proxied(self, conn: ConnRecord, header: proxyproto.Proxied) -> bool:
         """A PROXY header was read: its source is the client from now on (allow/deny,
@@ -238,15 +241,10 @@ class Worker:
             # hex: a log field never carries raw bytes.
             printable = all(33 <= b < 127 for b in unique)
             conn.proxy_id = unique.decode("ascii") if printable else unique.hex()
-        ip = conn.ip
-        if self.per_ip_limit and ip:
-            count = self.per_ip.get(ip, 0)
-            if count >= self.per_ip_limit:
-                self._release_ip_free(conn)
-                self.mview[self._mcells.denied_per_ip] += 1
-                self._log(conn, "per_ip_limit")
-                return False
-            self.per_ip[ip] = count + 1
+        if not self._take_ip(conn):
+            self._release_ip_free(conn)
+            self._log(conn, "per_ip_limit")
+            return False
         return True
 
     def _release_ip_free(self, conn: ConnRecord) -> None:
