@@ -22,7 +22,7 @@ from typing import Any
 from sniport import __version__
 from sniport.config import ConfigError, parse_file
 from sniport.defaults import parse_embedded
-from sniport.routing import explain
+from sniport.routing import FIRST_BYTES, FirstBytes, Route, RouteTable, explain
 from sniport.runtime import Runtime, build_runtime
 
 SEARCH_PATH = (Path("sniport.toml"), Path("/etc/sniport/sniport.toml"))
@@ -99,18 +99,41 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  {name:<40} -> {route.label}{also}")
     print(f"  {'(no server name)':<40} -> {runtime.table.decide(None).label}")
     print(f"  {'(any other name)':<40} -> {config.default.to}")
-    print(f"  {'(not TLS)':<40} -> {config.default.non_tls}")
+    for label, route in _first_bytes_rows(runtime.table):
+        print(f"  {label:<40} -> {route.label}")
     return 0
+
+
+_FIRST_BYTES_LABELS: dict[FirstBytes, str] = {
+    "ssh": "(not TLS: SSH)", "http": "(not TLS: HTTP/1.x)", "other": "(not TLS: other bytes)",
+    "silent": "(silent client)"}
+
+
+def _first_bytes_rows(table: RouteTable) -> list[tuple[str, Route]]:
+    """Where bytes that are not TLS go: by what they are when the config tells them apart,
+    else all to [default].non_tls; and silent clients when [default].silent is set."""
+    if not table.detects:
+        rows = [("(not TLS)", table.non_tls())]
+        if table.silent_after:
+            rows.append(("(silent client)", table.by_first_bytes("silent")))
+        return rows
+    return [(_FIRST_BYTES_LABELS[first], table.by_first_bytes(first)) for first in FIRST_BYTES
+            if first != "silent" or table.silent_after]
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
     runtime = prepare(_existing_config(args.config), [], check_only=True)
     table = runtime.table
+    if args.protocol is not None:
+        first: FirstBytes = args.protocol
+        print(f"{_FIRST_BYTES_LABELS[first]} -> {explain(table.by_first_bytes(first), None)}")
+        return 0
     if args.host is None:
         for name, route in table.entries():
             print(f"{name:<40} {explain(route, name)}")
         print(f"{'(no server name)':<40} {explain(table.decide(None), None)}")
-        print(f"{'(not TLS)':<40} {explain(table.non_tls(), None)}")
+        for label, route in _first_bytes_rows(table):
+            print(f"{label:<40} {explain(route, None)}")
         return 0
     host = args.host or None
     print(f"{args.host or '(no server name)'} -> {explain(table.decide(host), host)}")
@@ -331,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="signal the master and return at once")
         if name == "routes":
             p.add_argument("host", nargs="?", help="a server name ('' for none)")
+            p.add_argument("--protocol", choices=FIRST_BYTES,
+                           help="where a connection goes whose first bytes are not TLS but "
+                                "this (silent: a client that sends nothing)")
         if name == "status":
             p.add_argument("--json", action="store_true",
                            help="the master's status file as it is (JSON)")

@@ -221,6 +221,9 @@ class Server(_Model):
     max_connections: int = Field(default=4096, ge=1)
     max_connections_per_ip: int = Field(default=0, ge=0)
     client_hello_timeout: PositiveDuration = 10.0
+    # A client that has sent nothing this long is taken to wait for the server to speak
+    # first, and goes to [default].silent (when that names a block).
+    non_tls_timeout: PositiveDuration = 2.0
     handshake_timeout: PositiveDuration = 10.0
     header_timeout: PositiveDuration = 15.0
     keepalive_timeout: Duration = 75.0  # 0: no keep-alive (as nginx's keepalive_timeout 0)
@@ -270,7 +273,39 @@ def _plain_http_upstream(value: Any) -> HttpUpstream | None:
         raise ValueError(str(exc)) from None
 
 
+def _protocol(value: Any) -> Any:
+    if value == "http":
+        raise ValueError('"http": not supported yet; plaintext HTTP on the TLS port is '
+                         'answered by [default] non_tls = "http" (308 to https://, and a '
+                         "passthrough block's http_upstream for its hosts)")
+    return value
+
+
+_NO_HOSTS = object()  # a TLS block without `hosts` (see Passthrough._hosts_required)
+
+
+def _hosts_given(value: Any) -> Any:
+    if value is _NO_HOSTS:
+        raise ValueError("required key missing")
+    return value
+
+
 class Passthrough(Block):
+    # "tls": matched by the hosts of its ClientHello; "ssh": matched by the client's first
+    # bytes (an RFC 4253 identification line), on the same port, and has no hosts.
+    protocol: Annotated[Literal["tls", "ssh"], BeforeValidator(_protocol)] = "tls"
+    hosts: Annotated[list[HostName], BeforeValidator(_hosts_given)] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hosts_required(cls, data: Any) -> Any:
+        """`hosts` is required of a TLS block only: reported as missing with the block's
+        other problems (a check across keys would run only once the rest is valid)."""
+        if isinstance(data, Mapping) and "hosts" not in data \
+                and data.get("protocol", "tls") == "tls":
+            return {**data, "hosts": _NO_HOSTS}
+        return data
+
     upstreams: list[UpstreamAddress] = Field(min_length=1)
     proxy_protocol: Literal["off", "v1", "v2"] = "off"
     connect_timeout: PositiveDuration = 5.0
@@ -540,7 +575,8 @@ class Site(Block):
 
 class Default(_Model):
     to: str = "reject"
-    non_tls: str = "close"
+    non_tls: str = "close"  # "close", "http" or "passthrough:NAME"
+    silent: str = "close"  # clients silent for non_tls_timeout: "close" or "passthrough:NAME"
 
     @field_validator("to")
     @classmethod
@@ -552,8 +588,13 @@ class Default(_Model):
     @field_validator("non_tls")
     @classmethod
     def _non_tls(cls, v: str) -> str:
-        if v == "http":
-            raise ValueError('"http": not supported yet ("close" or "passthrough:NAME")')
+        if v not in ("close", "http") and not v.startswith("passthrough:"):
+            raise ValueError(f"{v!r}: expected \"close\", \"http\" or \"passthrough:NAME\"")
+        return v
+
+    @field_validator("silent")
+    @classmethod
+    def _silent(cls, v: str) -> str:
         if v != "close" and not v.startswith("passthrough:"):
             raise ValueError(f"{v!r}: expected \"close\" or \"passthrough:NAME\"")
         return v
@@ -572,9 +613,7 @@ class Config(_Model):
 
 # Keys of the contract that this version does not do yet: present in a file, they are refused.
 # A path element "*" stands for every entry of an array of tables.
-NOT_SUPPORTED_YET: tuple[tuple[str, ...], ...] = (
-    ("passthrough", "*", "protocol"),
-)
+NOT_SUPPORTED_YET: tuple[tuple[str, ...], ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,9 +772,9 @@ def _validate(model: type[_Model], value: Mapping[str, Any], loc: tuple[str | in
         return _partial(model, kept)
 
 
-# Keys without which a block means nothing: a block whose name or hosts failed is not
-# salvaged (its checks across blocks would only add noise).
-_REQUIRED_FOR_SALVAGE = frozenset({"name", "hosts"})
+# Keys without which a block means nothing: a block whose name, hosts or protocol failed
+# is not salvaged (its checks across blocks would only add noise).
+_REQUIRED_FOR_SALVAGE = frozenset({"name", "hosts", "protocol"})
 
 
 def _partial(model: type[_Model], kept: Mapping[str, Any]) -> Any:
@@ -832,6 +871,33 @@ def block_path(config: Config, block: Block) -> str:
     return f"{kind}[{index}]({block.name})"
 
 
+def _protocol_checks(config: Config) -> Iterable[tuple[str, str]]:
+    """A TLS passthrough block is found by its hosts, a protocol block by its first bytes:
+    each needs what finds it, and one protocol is one block's."""
+    claimed: dict[str, str] = {}
+    for block in config.passthrough:
+        where = block_path(config, block)
+        if block.protocol == "tls":
+            if not block.hosts:  # hosts = []
+                yield (f"{where}.hosts", "a TLS passthrough block is found by the server "
+                       'names of its hosts: list at least one (or set protocol = "ssh")')
+            continue
+        if block.hosts:
+            yield (f"{where}.hosts", f'a protocol = "{block.protocol}" block is found by the '
+                   "client's first bytes, not by a server name: remove hosts")
+        if block.http_upstream is not None:
+            yield (f"{where}.http_upstream", f'a protocol = "{block.protocol}" block has no '
+                   "hosts for plain HTTP to be sent by")
+        if block.protocol in claimed:
+            yield (f"{where}.protocol", f"protocol {block.protocol!r} is already claimed by "
+                   f"{claimed[block.protocol]}")
+        else:
+            claimed[block.protocol] = where
+        if config.default.to == f"passthrough:{block.name}":
+            yield ("default.to", f"{config.default.to!r} is a protocol = "
+                   f'"{block.protocol}" block: TLS connections cannot go there')
+
+
 def _cross_checks(config: Config, named: set[str]) -> Iterable[tuple[str, str]]:
     names: dict[str, str] = {}
     hosts: dict[str, str] = {}
@@ -846,11 +912,21 @@ def _cross_checks(config: Config, named: set[str]) -> Iterable[tuple[str, str]]:
                 yield f"{where}.hosts[{i}]", f"host {host!r} is already claimed by {hosts[host]}"
             else:
                 hosts[host] = f"{where}.hosts[{i}]"
+    yield from _protocol_checks(config)
     kinds = {n for n in named if n.startswith("passthrough:")}
     if config.default.to != "reject" and config.default.to not in named:
         yield "default.to", f"{config.default.to!r} names no block of that kind"
-    if config.default.non_tls != "close" and config.default.non_tls not in kinds:
+    if config.default.non_tls not in ("close", "http") and config.default.non_tls not in kinds:
         yield "default.non_tls", f"{config.default.non_tls!r} names no passthrough block"
+    if config.default.silent != "close":
+        if config.default.silent not in kinds:
+            yield "default.silent", f"{config.default.silent!r} names no passthrough block"
+        server = config.server
+        if server.non_tls_timeout >= server.client_hello_timeout:
+            yield ("server.non_tls_timeout",
+                   f"{server.non_tls_timeout:g}s is not shorter than client_hello_timeout "
+                   f"({server.client_hello_timeout:g}s): a silent client would be closed "
+                   "before it could go to [default].silent")
     for block in config.site:
         where = block_path(config, block)
         paths: dict[str, int] = {}

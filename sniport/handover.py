@@ -27,7 +27,7 @@ import socket
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sniport.routing import RouteTable
+from sniport.routing import FIRST_BYTES, RouteTable
 
 MAX_MESSAGE = 4096  # bytes of one message: an offer's fields are a few hundred
 DESCRIPTORS = 2  # a relay's client and upstream sockets
@@ -56,6 +56,7 @@ class Relayed:
     via: str = ""  # through a PROXY header: the balancer (ConnRecord.via)
     ech: bool = False
     proxy_id: str = ""
+    proto: str = ""  # routed by its first bytes (routing.FirstBytes), not TLS
 
 
 def encode(op: str, ident: int, relayed: Relayed | None = None) -> bytes:
@@ -116,7 +117,10 @@ def routes_the_same(table: RouteTable, upstreams: dict[str, list[str]],
     """Whether the new config (``table``; each passthrough block's upstream labels) sends
     this connection where it already goes: the same block, an upstream it still lists, and
     a client its allow/deny lists still let in. Pure."""
-    route = table.non_tls() if relayed.non_tls else table.decide(relayed.sni)
+    if relayed.proto in FIRST_BYTES:
+        route = table.by_first_bytes(relayed.proto)
+    else:
+        route = table.non_tls() if relayed.non_tls else table.decide(relayed.sni)
     if route.kind != "passthrough" or route.block is None or route.block.name != relayed.block:
         return False
     if relayed.upstream not in upstreams.get(relayed.block, []):

@@ -6,9 +6,12 @@ to a prebuilt ``Route`` without allocating.
 Rules (DESIGN.md house rule 4): the exact name wins, then the wildcard of its parent
 (``*.example.com`` matches exactly one label, ``a.example.com`` and not ``a.b.example.com``,
 as for certificates, RFC 6125 section 6.4.3), then ``[default].to``; a ClientHello without a
-name goes to ``[default].to`` too, and bytes that are not TLS to ``[default].non_tls``. Client
-addresses are checked against the block's allow/deny lists once the block is known; deny wins.
-No I/O here: no asyncio, socket or ssl import.
+name goes to ``[default].to`` too. Bytes that are not TLS go by what they are
+(``by_first_bytes``): the ``[[passthrough]] protocol`` block that claims them (SSH), else
+``[default].non_tls`` ("http" takes only HTTP/1.x); a client that sends nothing for
+``non_tls_timeout`` goes to ``[default].silent``. Client addresses are checked against the
+block's allow/deny lists once the block is known; deny wins. The README's "Decision order"
+says the same for users. No I/O here: no asyncio, socket or ssl import.
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ from typing import Literal
 from sniport.config import Block, Config, Passthrough
 from sniport.hostnames import normalize_sni
 
-Kind = Literal["passthrough", "terminate", "reject"]
+Kind = Literal["passthrough", "terminate", "reject", "http"]
+Rule = Literal["exact", "wildcard", "no_sni", "unknown_name", "non_tls", "protocol", "silent"]
+# What a connection's first bytes were, when they were not TLS (wire/detect.py): an SSH
+# identification line, an HTTP/1.x request line, something else, or nothing at all for
+# non_tls_timeout.
+FirstBytes = Literal["ssh", "http", "other", "silent"]
+FIRST_BYTES: tuple[FirstBytes, ...] = ("ssh", "http", "other", "silent")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -53,24 +62,27 @@ class Route:
     """What to do with a connection, and why (``rule`` and ``pattern`` explain the choice)."""
 
     kind: Kind
-    block: Block | None  # None for reject
-    rule: Literal["exact", "wildcard", "no_sni", "unknown_name", "non_tls"]
-    pattern: str | None = None  # the configured name that matched
+    block: Block | None  # None for reject and http
+    rule: Rule
+    pattern: str | None = None  # the configured name (or protocol) that matched
     acl: Acl | None = None  # None: everyone is allowed
 
     @property
     def label(self) -> str:
-        """``passthrough:lan``, ``site:blog`` or ``reject``: the decision as logged."""
+        """``passthrough:lan``, ``site:blog``, ``http`` or ``reject``: the decision as
+        logged."""
         if self.block is None:
-            return "reject"
+            return self.kind if self.kind == "http" else "reject"
         return f"{'passthrough' if self.kind == 'passthrough' else 'site'}:{self.block.name}"
 
 
 class RouteTable:
-    __slots__ = ("_exact", "_no_sni", "_non_tls", "_unknown", "_wildcard", "blocks")
+    __slots__ = ("_by_protocol", "_exact", "_no_sni", "_non_tls", "_unknown", "_wildcard",
+                 "blocks", "detects", "silent_after")
 
     def __init__(self, config: Config) -> None:
         self._exact: dict[str, Route] = {}
+        self._by_protocol: dict[str, Route] = {}
         self._wildcard: dict[str, Route] = {}  # keyed by the parent: "example.com"
         self.blocks: dict[str, Block] = {}
         for block in config.blocks():
@@ -78,6 +90,9 @@ class RouteTable:
             self.blocks[f"{prefix}:{block.name}"] = block
             kind = _kind(block)
             acl = Acl(block.allow, block.deny) if block.allow or block.deny else None
+            protocol = getattr(block, "protocol", "tls")
+            if protocol != "tls":
+                self._by_protocol[protocol] = Route(kind, block, "protocol", protocol, acl)
             for host in block.hosts:
                 if host.startswith("*."):
                     self._wildcard[host[2:]] = Route(kind, block, "wildcard", host, acl)
@@ -85,13 +100,22 @@ class RouteTable:
                     self._exact[host] = Route(kind, block, "exact", host, acl)
         self._no_sni = self._named(config.default.to, "no_sni")
         self._unknown = self._named(config.default.to, "unknown_name")
-        self._non_tls = self._named(
-            "reject" if config.default.non_tls == "close" else config.default.non_tls, "non_tls"
-        )
+        non_tls = config.default.non_tls
+        self._non_tls = self._named("reject" if non_tls == "close" else non_tls, "non_tls")
+        if config.default.silent != "close":
+            self._by_protocol["silent"] = self._named(config.default.silent, "silent")
+        # Whether bytes that are not TLS are looked at further (wire/detect.py) before they
+        # are routed, or go to [default].non_tls as soon as the first byte shows it.
+        self.detects = bool(self._by_protocol.keys() - {"silent"}) or non_tls == "http"
+        # Seconds of silence after which a client goes to [default].silent (0: never).
+        self.silent_after = config.server.non_tls_timeout if "silent" in self._by_protocol \
+            else 0.0
 
-    def _named(self, target: str, rule: Literal["no_sni", "unknown_name", "non_tls"]) -> Route:
+    def _named(self, target: str, rule: Rule) -> Route:
         if target == "reject":
             return Route("reject", None, rule)
+        if target == "http":
+            return Route("http", None, rule)
         block = self.blocks[target]  # config validation guarantees it exists
         acl = Acl(block.allow, block.deny) if block.allow or block.deny else None
         return Route(_kind(block), block, rule, target, acl)
@@ -113,13 +137,30 @@ class RouteTable:
     def non_tls(self) -> Route:
         return self._non_tls
 
+    def by_first_bytes(self, first: FirstBytes) -> Route:
+        """Where a connection goes whose first bytes were not TLS, by what they were: the
+        protocol's block if one claims it, else ``[default].non_tls`` — which, when it is
+        "http", takes only HTTP (anything else is closed)."""
+        route = self._by_protocol.get(first)
+        if route is not None:
+            return route
+        if first == "silent":  # no [default].silent: nothing takes a client that says nothing
+            return _CLOSE_SILENT
+        if self._non_tls.kind == "http" and first != "http":
+            return _CLOSE_NON_TLS
+        return self._non_tls
+
     def entries(self) -> list[tuple[str, Route]]:
         """Every configured name with its route, exact names first, for ``check``/``routes``."""
         return [*sorted(self._exact.items()),
                 *sorted((f"*.{k}", v) for k, v in self._wildcard.items())]
 
     def defaults(self) -> list[Route]:
-        return [self._no_sni, self._unknown, self._non_tls]
+        return [self._no_sni, self._unknown, self._non_tls, *self._by_protocol.values()]
+
+
+_CLOSE_NON_TLS = Route("reject", None, "non_tls", "http")  # not for non_tls = "http"
+_CLOSE_SILENT = Route("reject", None, "silent")
 
 
 def _kind(block: Block) -> Kind:
@@ -136,6 +177,16 @@ def explain(route: Route, sni: str | None) -> str:
         why = "no server name in the ClientHello: [default].to"
     elif route.rule == "unknown_name":
         why = f"no block claims {normalize_sni(sni or '')!r}: [default].to"
+    elif route.rule == "protocol":
+        why = f'{route.pattern} first bytes: the protocol = "{route.pattern}" block'
+    elif route.rule == "silent":
+        why = ("silent for non_tls_timeout: [default].silent" if route.block is not None
+               else "silent: no [default].silent, closed at client_hello_timeout")
+    elif route.kind == "http":
+        why = ('HTTP/1.x, not TLS: [default].non_tls = "http" (308 to https:// for a site\'s '
+               "hosts, 404 otherwise)")
+    elif route.pattern == "http" and route.kind == "reject":
+        why = 'not TLS, and [default].non_tls = "http" answers only HTTP/1.x'
     else:
         why = "not TLS: [default].non_tls"
     return f"{route.label}  ({why})"

@@ -50,7 +50,13 @@ from sniport.http import h2conn
 from sniport.logs import diag
 from sniport.metrics import Key, SharedMetrics, render
 from sniport.metrics_http import MetricsEndpoint
-from sniport.net.binding import BindError, BoundListener, bind_one, tune_listener
+from sniport.net.binding import (
+    BindError,
+    BoundListener,
+    bind_one,
+    defers_accept,
+    tune_listener,
+)
 from sniport.runtime import Runtime
 from sniport.systemd import activated_sockets, notify
 
@@ -258,9 +264,10 @@ class Master:
             for key in new:
                 self.listeners.pop(key).close()
             raise BindError("\n".join(errors))
-        hello_timeout = runtime.loaded.config.server.client_hello_timeout
+        defer = defers_accept(runtime.loaded.config.server.client_hello_timeout,
+                              runtime.table.silent_after)
         for key, _ in self._wanted(runtime):
-            tune_listener(self.listeners[key].sock, hello_timeout)
+            tune_listener(self.listeners[key].sock, defer)
         return new
 
     def _paths(self, runtime: Runtime) -> None:

@@ -35,7 +35,7 @@ from sniport.http.proxy import ProxyRoute
 from sniport.http.site import SiteApp, lifecycle
 from sniport.logs import AccessLog, diag, throttle
 from sniport.metrics import DECISIONS, HELLO_REASONS, NO_BLOCK, WorkerMetrics, hello_reason
-from sniport.net.binding import BoundListener
+from sniport.net.binding import BoundListener, defers_accept
 from sniport.net.conn import ConnRecord
 from sniport.net.descriptors import LEDGER, MOST_PER_CONNECTION, RESERVE, soft_limit
 from sniport.net.listener import RESOURCE_PAUSE, HelloReader, Listener
@@ -43,16 +43,22 @@ from sniport.net.passthrough import PassthroughConnection
 from sniport.net.poller import Poller
 from sniport.net.relay import PipePool
 from sniport.net.tls import TlsError
-from sniport.routing import Acl
+from sniport.routing import Acl, FirstBytes
 from sniport.runtime import Runtime, SiteRuntime
 from sniport.wire import proxyproto
 from sniport.wire.acme import ACME_TLS_ALPN
 from sniport.wire.alerts import ACCESS_DENIED, NO_APPLICATION_PROTOCOL, UNRECOGNIZED_NAME
 from sniport.wire.clienthello import Hello, NotTLS
+from sniport.wire.detect import Detected, Silent, Unknown
 from sniport.wire.h2 import Limits as H2Limits
 from sniport.wire.h2 import Rate
 
 SSL_SHUTDOWN_TIMEOUT = 1.0
+
+
+# Bytes read off (and dropped) from a refused client that did not speak TLS, so that the
+# close is a FIN rather than a reset (RFC 9293 section 3.10.7.1: unread data means RST).
+READ_OFF_BEFORE_CLOSE = 16384
 
 
 def connection_cap(configured: int) -> tuple[int, str | None]:
@@ -84,6 +90,9 @@ class Worker:
         self.table = runtime.table
         server = runtime.loaded.config.server
         self.client_hello_timeout = server.client_hello_timeout
+        self.detects = self.table.detects
+        self.silent_after = self.table.silent_after
+        self.defers_accept = defers_accept(self.client_hello_timeout, self.silent_after)
         self.max_connections, warning = connection_cap(server.max_connections)
         if warning:
             diag.warning("%s", warning)
@@ -254,15 +263,30 @@ class Worker:
 
     # -- routing --------------------------------------------------------------------------
 
-    def dispatch(self, sock: socket.socket, conn: ConnRecord, outcome: Hello | NotTLS) -> None:
+    def dispatch(self, sock: socket.socket, conn: ConnRecord,
+                 outcome: Hello | NotTLS | Detected | Unknown | Silent) -> None:
+        """Route a connection by its first bytes (README "Decision order"): a ClientHello
+        by its name, other bytes by what they are."""
+        why = ""  # bytes of no known protocol: what was wrong with them, for the log
         if isinstance(outcome, Hello):
             conn.sni = outcome.sni
             conn.alpn = outcome.alpn
             conn.hello_size = outcome.size
             conn.ech = outcome.ech
             route = self.table.decide(outcome.sni)  # an ECH hello: by its outer (public) name
-        else:
+        elif isinstance(outcome, NotTLS):
             route = self.table.non_tls()
+        else:
+            first: FirstBytes
+            if isinstance(outcome, Detected) and outcome.protocol in ("ssh", "http"):
+                first = "ssh" if outcome.protocol == "ssh" else "http"
+            elif isinstance(outcome, Silent):
+                first = "silent"
+            else:
+                first = "other"
+                why = outcome.reason if isinstance(outcome, Unknown) else ""
+            conn.proto = first
+            route = self.table.by_first_bytes(first)
         conn.route = route.label
         denied = route.acl is not None and not route.acl.permits(conn.ip)
         block = route.block.name if route.block is not None else ""
@@ -287,7 +311,13 @@ class Worker:
         if route.kind == "reject":
             # RFC 6066 section 3: unrecognized_name, fatal.
             self._refuse(sock, conn, UNRECOGNIZED_NAME if isinstance(outcome, Hello) else b"")
-            self.finish(conn, f"rejected_{route.rule}")
+            self.finish(conn, f"rejected_{route.rule}: {why}" if why else
+                        f"rejected_{route.rule}")
+            return
+        if route.kind == "http":
+            # [default] non_tls = "http": answered as on http_listen, on this socket.
+            task = self.loop.create_task(self._plain_http_here(sock, conn))
+            conn.handler = _TaskHandle(task)
             return
         assert route.block is not None
         if challenge:
@@ -297,7 +327,7 @@ class Worker:
         if route.kind == "passthrough":
             handler = PassthroughConnection(self, sock, conn,
                                             self.runtime.passthrough[route.block.name],
-                                            conn.sni, route.rule == "non_tls")
+                                            conn.sni, not isinstance(outcome, Hello))
             conn.handler = handler
             handler.start()
             return
@@ -378,6 +408,34 @@ class Worker:
             return None
         return transport
 
+    async def _plain_http_here(self, sock: socket.socket, conn: ConnRecord) -> None:
+        """Plaintext HTTP on the TLS port: the request line still unread in the socket,
+        served by what serves ``http_listen`` (308 to https:// for site hosts, a passthrough
+        block's http_upstream, ACME HTTP-01, 404 otherwise)."""
+        def closed(reason: str, bytes_in: int, bytes_out: int) -> None:
+            conn.up, conn.down = bytes_in, bytes_out
+            self.finish(conn, reason)
+
+        proto = HttpConnection(self.loop, self._redirect_app, self.limits, self.request_log,
+                               sni=None, client=conn.client, scheme="http", on_close=closed,
+                               client_ip=conn.ip)
+        if self.draining:
+            proto.closing = True
+        try:
+            await self.loop.connect_accepted_socket(lambda: proto, sock)
+        except asyncio.CancelledError:
+            sock.close()
+            self.finish(conn, "shutdown")
+            raise
+        except OSError as exc:
+            sock.close()
+            self.finish(conn, f"client_error: {exc.strerror or type(exc).__name__}")
+            return
+        if conn in self.live:  # else it ended already, during connection_made
+            conn.handler = _HttpHandle(proto)
+            if self.draining:
+                proto.begin_drain()
+
     @staticmethod
     def _refuse(sock: socket.socket, conn: ConnRecord, alert: bytes) -> None:
         """Close a connection we will not serve, with ``alert`` first. The peeked hello is
@@ -386,6 +444,8 @@ class Worker:
         with contextlib.suppress(OSError):
             if conn.hello_size:
                 sock.recv(conn.hello_size)
+            elif not alert:  # bytes that were not TLS: whatever of them is there
+                sock.recv(READ_OFF_BEFORE_CLOSE)
             if alert:
                 sock.send(alert)
         sock.close()
@@ -550,6 +610,7 @@ class Worker:
         conn.route, conn.upstream = relayed.route, relayed.upstream
         conn.up, conn.down = relayed.up, relayed.down
         conn.via, conn.proxy_id, conn.ech = relayed.via, relayed.proxy_id, relayed.ech
+        conn.proto = relayed.proto
         for listener in self.listeners:  # the same sockets in every generation
             if listener.label == relayed.listener:
                 conn.mlabel, conn.mopen = listener.mlabel, listener.mopen

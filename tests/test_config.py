@@ -365,9 +365,9 @@ upstreams = ["no-port"]
     ('non_tls = "passthrough:blog"', "default.non_tls",
      "'passthrough:blog' names no passthrough block"),
     ('non_tls = "site:blog"', "default.non_tls",
-     "'site:blog': expected \"close\" or \"passthrough:NAME\""),
+     "'site:blog': expected \"close\", \"http\" or \"passthrough:NAME\""),
     ('non_tls = "reject"', "default.non_tls",
-     "'reject': expected \"close\" or \"passthrough:NAME\""),
+     "'reject': expected \"close\", \"http\" or \"passthrough:NAME\""),
 ])
 def test_default_names_a_missing_block(default: str, path: str, reason: str) -> None:
     assert only(PASSTHROUGH + SITE + f"[default]\n{default}\n") == (path, reason)
@@ -722,3 +722,61 @@ def test_load_from_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(bad)
     assert info.value.problems == [Problem(str(bad), "server.verbose", "unknown key")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocol blocks, [default] non_tls = "http" and silent clients (issue 12 item 1).
+
+SSH = '[[passthrough]]\nname = "ssh"\nprotocol = "ssh"\nupstreams = ["127.0.0.1:22"]\n'
+
+
+def test_a_protocol_block_and_the_first_bytes_defaults_load() -> None:
+    config = loads(SSH + PASSTHROUGH + '[server]\nnon_tls_timeout = "1s"\n'
+                   '[default]\nnon_tls = "http"\nsilent = "passthrough:ssh"\n', SRC).config
+    ssh = config.passthrough[0]
+    assert ssh.protocol == "ssh" and ssh.hosts == []
+    assert config.passthrough[1].protocol == "tls"
+    assert (config.default.non_tls, config.default.silent) == ("http", "passthrough:ssh")
+    assert config.server.non_tls_timeout == 1.0
+    assert loads(PASSTHROUGH, SRC).config.server.non_tls_timeout == 2.0
+
+
+@pytest.mark.parametrize(("text", "path", "reason"), [
+    (SSH.replace('upstreams', 'hosts = ["ssh.example"]\nupstreams'), "passthrough[0](ssh).hosts",
+     'a protocol = "ssh" block is found by the client\'s first bytes, not by a server name: '
+     "remove hosts"),
+    (SSH + SSH.replace('"ssh"\nprotocol', '"ssh2"\nprotocol'), "passthrough[1](ssh2).protocol",
+     "protocol 'ssh' is already claimed by passthrough[0](ssh)"),
+    (SSH + '[default]\nto = "passthrough:ssh"\n', "default.to",
+     "'passthrough:ssh' is a protocol = \"ssh\" block: TLS connections cannot go there"),
+    (SSH + '[default]\nsilent = "passthrough:nope"\n', "default.silent",
+     "'passthrough:nope' names no passthrough block"),
+    (SSH + '[default]\nsilent = "site:x"\n', "default.silent",
+     "'site:x': expected \"close\" or \"passthrough:NAME\""),
+    (SSH + '[server]\nnon_tls_timeout = "10s"\n[default]\nsilent = "passthrough:ssh"\n',
+     "server.non_tls_timeout", "10s is not shorter than client_hello_timeout (10s): a silent "
+     "client would be closed before it could go to [default].silent"),
+    ('[[passthrough]]\nname = "t"\nhosts = []\nupstreams = ["127.0.0.1:1"]\n',
+     "passthrough[0](t).hosts", "a TLS passthrough block is found by the server names of its "
+     'hosts: list at least one (or set protocol = "ssh")'),
+    ('[[passthrough]]\nname = "t"\nupstreams = ["127.0.0.1:1"]\n',
+     "passthrough[0](t).hosts", "required key missing"),
+    ('[[passthrough]]\nname = "t"\nprotocol = "tls"\nupstreams = ["127.0.0.1:1"]\n',
+     "passthrough[0](t).hosts", "required key missing"),
+    (SSH.replace('"ssh"\nupstreams', '"http"\nupstreams'), "passthrough[0](ssh).protocol",
+     '"http": not supported yet; plaintext HTTP on the TLS port is answered by [default] '
+     'non_tls = "http" (308 to https://, and a passthrough block\'s http_upstream for its '
+     "hosts)"),
+    (SSH.replace('"ssh"\nupstreams', '"xmpp"\nupstreams'), "passthrough[0](ssh).protocol",
+     "Input should be 'tls' or 'ssh'"),
+])
+def test_protocol_block_problems(text: str, path: str, reason: str) -> None:
+    assert only(text) == (path, reason)
+
+
+def test_a_protocol_block_has_no_http_upstream() -> None:
+    found = problems('[server]\nhttp_listen = ["127.0.0.1:0"]\n'
+                     + SSH.replace("upstreams", 'http_upstream = "127.0.0.1:80"\nupstreams'))
+    assert [(p.path, p.reason) for p in found] == [(
+        "passthrough[0](ssh).http_upstream",
+        'a protocol = "ssh" block has no hosts for plain HTTP to be sent by')]

@@ -43,6 +43,17 @@ RELAYED = Relayed(block="lan", non_tls=False, sni="vpn.example.com", alpn=["h2"]
                   up_eof=False, down_eof=True)
 
 
+# A protocol block, put before [default] (the config's last table).
+SSH_BLOCK = """
+[[passthrough]]
+name = "ssh"
+protocol = "ssh"
+upstreams = ["10.9.0.2:22"]
+"""
+SSH_RELAYED = replace(RELAYED, block="ssh", non_tls=True, sni=None, upstream="10.9.0.2:22",
+                      route="passthrough:ssh", proto="ssh")
+
+
 def new_config(text: str) -> tuple[RouteTable, dict[str, list[str]]]:
     config = loads(text, "new.toml").config
     upstreams = {b.name: [str(u) for u in b.upstreams] for b in config.passthrough}
@@ -76,6 +87,15 @@ def new_config(text: str) -> tuple[RouteTable, dict[str, list[str]]]:
     ("non-TLS bytes are closed now", BASE.format(acl="").replace(
         'non_tls = "passthrough:plain"', 'non_tls = "close"'),
      replace(RELAYED, block="plain", non_tls=True, sni=None, upstream="10.9.0.1:22"), False),
+    ("an SSH relay still goes to the ssh block", BASE.format(acl="") + SSH_BLOCK,
+     SSH_RELAYED, True),
+    ("an SSH relay, the ssh block gone: its bytes now go to [default].non_tls",
+     BASE.format(acl=""), SSH_RELAYED, False),
+    ("a silent client's relay still goes to [default].silent",
+     BASE.format(acl="") + 'silent = "passthrough:plain"\n',
+     replace(SSH_RELAYED, proto="silent", block="plain", upstream="10.9.0.1:22"), True),
+    ("a silent client's relay, [default].silent gone", BASE.format(acl=""),
+     replace(SSH_RELAYED, proto="silent", block="plain", upstream="10.9.0.1:22"), False),
 ])
 def test_routes_the_same(why: str, new: str, relayed: Relayed, same: bool) -> None:
     table, upstreams = new_config(new)

@@ -310,3 +310,78 @@ def test_explain(which: str, sni: str | None, sentence: str) -> None:
 def test_explain_non_tls() -> None:
     assert explain(table().non_tls(), None) == "passthrough:exact  (not TLS: [default].non_tls)"
     assert explain(table(REJECTING).non_tls(), None) == "reject  (not TLS: [default].non_tls)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes that are not TLS (issue 12 item 1): by what they are.
+
+SSH_BLOCK = """
+[[passthrough]]
+name = "ssh"
+protocol = "ssh"
+upstreams = ["127.0.0.1:22"]
+deny = ["192.0.2.0/24"]
+
+[[passthrough]]
+name = "mail"
+hosts = ["mail.example"]
+upstreams = ["127.0.0.1:25"]
+"""
+
+
+@pytest.mark.parametrize(("default", "detects", "expected"), [
+    # No protocol block and no "http": the first byte decides, all to non_tls.
+    ('non_tls = "close"', False,
+     {"ssh": "reject", "http": "reject", "other": "reject", "silent": "reject"}),
+    ('non_tls = "passthrough:mail"', False,
+     {"ssh": "passthrough:mail", "http": "passthrough:mail", "other": "passthrough:mail",
+      "silent": "reject"}),
+    ('non_tls = "http"', True,
+     {"ssh": "reject", "http": "http", "other": "reject", "silent": "reject"}),
+    ('non_tls = "http"\nsilent = "passthrough:mail"', True,
+     {"ssh": "reject", "http": "http", "other": "reject", "silent": "passthrough:mail"}),
+])
+def test_first_bytes_without_a_protocol_block(default: str, detects: bool,
+                                              expected: dict[str, str]) -> None:
+    mail = SSH_BLOCK[SSH_BLOCK.index('[[passthrough]]\nname = "mail"'):]
+    t = table(mail + f"[default]\n{default}\n")
+    assert t.detects is detects
+    assert {k: t.by_first_bytes(k).label for k in expected} == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("default", "expected"), [
+    ('non_tls = "close"',
+     {"ssh": "passthrough:ssh", "http": "reject", "other": "reject", "silent": "reject"}),
+    ('non_tls = "passthrough:mail"',
+     {"ssh": "passthrough:ssh", "http": "passthrough:mail", "other": "passthrough:mail"}),
+    ('non_tls = "http"\nsilent = "passthrough:ssh"',
+     {"ssh": "passthrough:ssh", "http": "http", "other": "reject", "silent": "passthrough:ssh"}),
+])
+def test_first_bytes_with_an_ssh_block(default: str, expected: dict[str, str]) -> None:
+    t = table(SSH_BLOCK + f"[default]\n{default}\n")
+    assert t.detects
+    got = {k: t.by_first_bytes(k) for k in expected}  # type: ignore[arg-type]
+    assert {k: r.label for k, r in got.items()} == expected
+    ssh = got["ssh"]
+    assert ssh.rule == "protocol" and ssh.acl is not None and not ssh.acl.permits("192.0.2.9")
+    # An SSH block has no name: no server name reaches it.
+    assert t.decide("ssh").label == "reject"
+
+
+def test_silent_after_is_non_tls_timeout_only_with_a_silent_block() -> None:
+    on = table('[server]\nnon_tls_timeout = "700ms"\n' + SSH_BLOCK
+                + '[default]\nsilent = "passthrough:ssh"\n')
+    assert on.silent_after == pytest.approx(0.7)
+    assert table(SSH_BLOCK).silent_after == 0.0
+
+
+@pytest.mark.parametrize(("default", "first", "why"), [
+    ('non_tls = "http"', "http", 'HTTP/1.x, not TLS: [default].non_tls = "http"'),
+    ('non_tls = "http"', "other", '[default].non_tls = "http" answers only HTTP/1.x'),
+    ('non_tls = "close"', "ssh", 'ssh first bytes: the protocol = "ssh" block'),
+    ('silent = "passthrough:ssh"', "silent", "silent for non_tls_timeout: [default].silent"),
+    ('non_tls = "close"', "silent", "silent: no [default].silent"),
+])
+def test_explain_first_bytes(default: str, first: str, why: str) -> None:
+    t = table(SSH_BLOCK + f"[default]\n{default}\n")
+    assert why in explain(t.by_first_bytes(first), None)  # type: ignore[arg-type]

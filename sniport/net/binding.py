@@ -62,17 +62,23 @@ class BoundListener:
 DEFER_ACCEPT = 1
 
 
-def tune_listener(sock: socket.socket, hello_timeout: float) -> None:
+def defers_accept(hello_timeout: float, silent_after: float) -> bool:
+    """Whether TCP listeners defer accept: not when ``client_hello_timeout``, or the wait
+    before a silent client goes to [default].silent (``silent_after``, 0: none), is shorter
+    than twice the deferral, which would eat most of it."""
+    return hello_timeout >= 2 * DEFER_ACCEPT and not 0 < silent_after < 2 * DEFER_ACCEPT
+
+
+def tune_listener(sock: socket.socket, defer: bool) -> None:
     """Options set on a TCP listener (at bind, and again at each reload) and inherited by
     every accepted connection: TCP_NODELAY (relayed and TLS records are already whole: no
-    Nagle delay), and TCP_DEFER_ACCEPT, so that accept() returns when the client's first
-    bytes (the ClientHello, or a request head) have arrived, not one poll cycle before
-    them; off when ``client_hello_timeout`` is shorter than twice its wait."""
+    Nagle delay), and, if ``defer`` (``defers_accept``), TCP_DEFER_ACCEPT, so that accept()
+    returns when the client's first bytes (the ClientHello, or a request head) have arrived,
+    not one poll cycle before them."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    defer = DEFER_ACCEPT if hello_timeout >= 2 * DEFER_ACCEPT else 0
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT if defer else 0)
 
 
 def bind_one(entry: Listen) -> BoundListener:

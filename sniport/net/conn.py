@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from sniport.net.poller import Poller
     from sniport.net.relay import PipePool
     from sniport.wire.clienthello import Hello, NotTLS
+    from sniport.wire.detect import Detected, Silent, Unknown
     from sniport.wire.proxyproto import Proxied
 
 
@@ -32,13 +33,16 @@ class Owner(Protocol):
     poller: Poller
     pipes: PipePool
     client_hello_timeout: float
+    detects: bool  # bytes that are not TLS are looked at further (RouteTable.detects)
+    silent_after: float  # non_tls_timeout when [default].silent names a block, else 0
+    defers_accept: bool  # its TCP listeners defer accept (net/binding.py defers_accept)
     draining: bool
 
     def at_capacity(self) -> bool: ...
     def out_of_descriptors(self, exc: OSError) -> None: ...
     def accepted(self, listener: Any, sock: socket.socket, peer: Any) -> None: ...
-    def dispatch(self, sock: socket.socket, conn: ConnRecord, outcome: Hello | NotTLS) -> None:
-        ...
+    def dispatch(self, sock: socket.socket, conn: ConnRecord,
+                 outcome: Hello | NotTLS | Detected | Unknown | Silent) -> None: ...
     def finish(self, conn: ConnRecord, reason: str) -> None: ...
     def proxied(self, conn: ConnRecord, header: Proxied) -> bool: ...
     def forget(self, conn: ConnRecord) -> None: ...
@@ -59,6 +63,7 @@ class ConnRecord:
         "mopen",
         "peer",
         "probe",
+        "proto",
         "proxy_id",
         "route",
         "sni",
@@ -76,6 +81,9 @@ class ConnRecord:
         self.alpn: tuple[str, ...] = ()
         self.hello_size = 0
         self.ech = False  # the hello offered ECH (real or GREASE: a router cannot tell)
+        # Not TLS, as the first bytes showed (routing.FirstBytes: ssh, http, other, silent);
+        # "" for TLS, and for bytes routed by their first byte alone.
+        self.proto = ""
         self.route = ""
         self.upstream = ""
         self.up = 0  # bytes client -> upstream
@@ -114,6 +122,8 @@ class ConnRecord:
         }
         if self.ech:  # RFC 9849: said only when offered, so other lines are unchanged
             fields["ech"] = "offered"
+        if self.proto:  # likewise: only for connections that were not TLS
+            fields["proto"] = self.proto
         if self.via:  # only for connections through a PROXY header: the usual line unchanged
             fields["via"] = self.via
             if self.proxy_id:

@@ -14,6 +14,13 @@ Rules:
   backlog), not from accept(): a silent client is held for the timeout, not twice it, and
   sockets that waited in the backlog while sniport was at its cap do not get a fresh
   timeout each. A silent client delays nobody else.
+- Bytes that are not TLS are looked at further (``wire/detect.py``) when the config has a
+  use for it (a ``[[passthrough]] protocol`` block, or ``[default] non_tls = "http"``): until
+  an SSH identification or HTTP/1.x request line is complete, or nothing known can follow,
+  within ``DETECT_MAX_BYTES`` and the same ``client_hello_timeout``. Otherwise the first byte
+  that is not TLS decides, as before.
+- A client that sends nothing at all for ``non_tls_timeout`` (counted like the hello's) goes
+  to ``[default].silent`` when that names a block: it waits for the server to speak first.
 - At ``max_connections`` accepting pauses (the kernel's backlog holds new clients) and resumes
   as connections close; EMFILE/ENFILE pause accepting briefly instead of spinning.
 """
@@ -31,7 +38,15 @@ from sniport.logs import diag
 from sniport.net.binding import DEFER_ACCEPT, BoundListener
 from sniport.net.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLRDHUP
 from sniport.wire import proxyproto
-from sniport.wire.clienthello import MAX_HELLO_BYTES, ClientHelloParser, MalformedHello, NeedMore
+from sniport.wire.clienthello import (
+    MAX_HELLO_BYTES,
+    ClientHelloParser,
+    MalformedHello,
+    NeedMore,
+    NotTLS,
+)
+from sniport.wire.detect import SILENT, detect
+from sniport.wire.detect import NeedMore as DetectMore
 
 if TYPE_CHECKING:
     from sniport.net.conn import ConnRecord, Owner
@@ -41,6 +56,10 @@ RESOURCE_PAUSE = 0.1  # seconds to stop accepting when the process is out of des
 UNIX_REARM = 0.005  # seconds between peeks of a partial hello on a unix socket
 PEEK_SIZE = MAX_HELLO_BYTES + 1  # one byte more than the cap, so an oversized hello is seen
 PROXY_V2_MAX = 4096  # bytes of a v2 header after its fixed 16 (addresses and TLVs)
+# Bytes in which a non-TLS protocol must show itself: an HTTP request line longer than this
+# is not answered on the TLS port (nginx's large_client_header_buffers is 8K; a plain-http
+# URL that long is hardly typed by a person, and SSH's line is 255 at most).
+DETECT_MAX_BYTES = 4096
 
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 READ_EVENTS = EPOLLIN | EPOLLRDHUP
@@ -121,6 +140,7 @@ class HelloReader:
     already); only a client that makes us wait gets a place in the poller and a timer."""
 
     __slots__ = (
+        "_detecting",
         "_loop",
         "_lowat",
         "_parser",
@@ -129,6 +149,7 @@ class HelloReader:
         "_rearm",
         "_registered",
         "_seen",
+        "_silent",
         "_unix",
         "_worker",
         "conn",
@@ -152,6 +173,8 @@ class HelloReader:
         self._lowat = False
         self._unix = unix
         self._registered = False
+        self._detecting = False  # not TLS: wire/detect.py is looking at the first bytes
+        self._silent = False  # the deadline is non_tls_timeout's, not client_hello_timeout's
         self._rearm: asyncio.TimerHandle | None = None
         self.deadline = 0.0
         self.deadline_slot = 0
@@ -190,6 +213,9 @@ class HelloReader:
         if self._proxy:
             self._proxy_header(data)
             return
+        if self._detecting:
+            self._first_bytes(data)
+            return
         try:
             outcome = self._parser.feed(memoryview(data)[self._seen :])
         except MalformedHello as exc:
@@ -197,15 +223,33 @@ class HelloReader:
             return
         self._seen = len(data)
         if isinstance(outcome, NeedMore):
-            if not self._unix:
-                # Readable again only once the missing bytes are all there: no spinning.
-                self._lowat = True
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT,
-                                     len(data) + outcome.at_least)
-            self._wait(READ_EVENTS)
+            self._need(len(data) + outcome.at_least)
+            return
+        if isinstance(outcome, NotTLS) and self._worker.detects:
+            self._detecting = True
+            self._first_bytes(data)
             return
         self._stop_waiting()
         self._worker.dispatch(self.sock, self.conn, outcome)
+
+    def _first_bytes(self, data: bytes) -> None:
+        """Not TLS: which protocol, if any, these bytes begin (wire/detect.py); looked at
+        whole each time, as a prefix can change its verdict only as it grows."""
+        result = detect(data, max_bytes=DETECT_MAX_BYTES)
+        self._seen = len(data)
+        if isinstance(result, DetectMore):
+            self._need(result.at_least)
+            return
+        self._stop_waiting()
+        self._worker.dispatch(self.sock, self.conn, result)
+
+    def _need(self, total: int) -> None:
+        """Wait until ``total`` bytes are there in all."""
+        if not self._unix:
+            # Readable again only once the missing bytes are all there: no spinning.
+            self._lowat = True
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, total)
+        self._wait(READ_EVENTS)
 
     def _proxy_header(self, data: bytes) -> None:
         """DESIGN.md "PROXY protocol from a load balancer": the header is consumed exactly
@@ -242,6 +286,7 @@ class HelloReader:
             self._peek(0)  # the hello came with it
         else:
             self._wait(READ_EVENTS)
+            self._arm_silence()
 
     def _fail_closed(self) -> None:
         """The worker refused the connection and wrote its line: only release it here."""
@@ -263,18 +308,39 @@ class HelloReader:
             self._poller.register(self.fd, mask, self._on_event, self._crashed)
             conn = self.conn
             if not self._unix:
-                deferred = self._seen == 0 and self._worker.client_hello_timeout >= 2 * DEFER_ACCEPT
+                deferred = self._seen == 0 and self._worker.defers_accept
                 conn.start = arrival_time(self.sock, conn.start, deferred)
             deadlines_for(self._loop).set(self, conn.start + self._worker.client_hello_timeout)
+            self._arm_silence()
         else:
             self._poller.modify(self.fd, mask)
+
+    def _arm_silence(self) -> None:
+        """Nothing has come yet: with a ``[default].silent`` block, the wait for a first
+        byte ends at ``non_tls_timeout``."""
+        after = self._worker.silent_after
+        if after and self._seen == 0 and not self._proxy and not self._silent:
+            self._silent = True
+            deadlines_for(self._loop).set(self, min(self.deadline, self.conn.start + after))
 
     def _on_rearm(self) -> None:
         self._rearm = None
         self._poller.modify(self.fd, READ_EVENTS)
 
     def expired(self, now: float) -> None:
-        """``client_hello_timeout`` since the connection arrived."""
+        """``client_hello_timeout`` since the connection arrived, or ``non_tls_timeout``
+        for a client that has said nothing: the server is to speak first."""
+        if self._silent:
+            self._silent = False
+            if self._seen == 0 and not self._proxy:
+                self._stop_waiting()
+                self._worker.dispatch(self.sock, self.conn, SILENT)
+                return
+            # It has spoken since: the rest of its client_hello_timeout.
+            hello_deadline = self.conn.start + self._worker.client_hello_timeout
+            if hello_deadline > now:
+                deadlines_for(self._loop).set(self, hello_deadline)
+                return
         self._fail("client_hello_timeout")
 
     def _crashed(self, exc: BaseException) -> None:

@@ -125,7 +125,8 @@ class PassthroughConnection:
             upstream=conn.upstream, peer=list(conn.peer) if isinstance(conn.peer, tuple)
             else str(conn.peer or ""), ip=conn.ip, listener=conn.listener, up=up, down=down,
             age=self._loop.time() - conn.start, up_eof=up_eof, down_eof=down_eof,
-            via=conn.via, proxy_id=conn.proxy_id, ech=conn.ech)
+            via=conn.via, proxy_id=conn.proxy_id, ech=conn.ech,
+            proto=conn.proto)
         self._moving = "offered"
         if self._worker.offer(self, relayed, [self._sock.fileno(), self._up.fileno()]):
             deadlines_for(self._loop).after(self, OFFER_TIMEOUT)

@@ -33,6 +33,7 @@ Rules (house rule 2: three outcomes, a byte cap, a time cap):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,20 +67,28 @@ class Unknown:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Silent:
+    """Not a result of ``detect``: the caller's verdict on a client that sent nothing at all
+    within its wait (``non_tls_timeout``), i.e. one that waits for the server to speak."""
+
+
+SILENT = Silent()
+
+
 Result = Detected | NeedMore | Unknown
 
 NO_PROTOCOL = "bytes that start no known protocol"
 _SSH = b"SSH-"
 _SSH_VERSIONS = (b"2.0-", b"1.99-")  # RFC 4253 sections 4.2 and 5.1
 _HTTP1 = b"HTTP/1."
-# RFC 9110 section 5.6.2: tchar.
-_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789"
-                   b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _DIGITS = frozenset(b"0123456789")
 _PRINTABLE = frozenset(range(0x20, 0x7F))  # US-ASCII printable, SP included
 _SOFTWARE = _PRINTABLE - {0x20, 0x2D}  # RFC 4253 section 4.2: no whitespace, no minus
-# Bytes a request-target may not hold: whitespace and controls (RFC 9112 section 3.2).
-_NOT_TARGET = frozenset(range(0x00, 0x21)) | {0x7F}
+# Runs of tchar (RFC 9110 section 5.6.2), and of bytes a request-target may hold: no
+# whitespace and no controls (RFC 9112 section 3.2).
+_TOKEN_RUN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*")
+_TARGET_RUN = re.compile(rb"[^\x00-\x20\x7f]*")
 
 
 def detect(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Result:
@@ -159,9 +168,9 @@ def _ssh_problem(line: bytes, *, complete: bool) -> str | None:
 
 def _http(data: bytes, max_bytes: int) -> Result:
     n = len(data)
-    i = 0
-    while i < n and data[i] in _TCHAR:
-        i += 1
+    # Scanned by regular expressions (C speed), not byte by byte in Python: a client that
+    # sends its line a byte at a time makes the caller look again at every byte.
+    i = _TOKEN_RUN.match(data).end()  # type: ignore[union-attr]  # matches the empty run
     if i == 0:
         return Unknown(NO_PROTOCOL)
     if i < n and data[i] != 0x20:
@@ -169,8 +178,7 @@ def _http(data: bytes, max_bytes: int) -> Result:
                        "the first word is not followed by a space (RFC 9112 section 3)")
     i += 1
     start = i
-    while i < n and data[i] not in _NOT_TARGET:
-        i += 1
+    i = _TARGET_RUN.match(data, i).end()  # type: ignore[union-attr]
     if i < n and (i == start or data[i] != 0x20):
         return Unknown("not an HTTP/1.x request line: no request-target followed by a space "
                        "(RFC 9112 section 3)")
