@@ -96,7 +96,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         also = f"  (plain HTTP -> {plain})" if plain is not None else ""
         if block is not None and getattr(block, "tls", None) == "acme":
             also = "  (certificate by ACME)"
-        print(f"  {name:<40} -> {route.label}{also}")
+        print(f"  {_name_and_alpn(name, route):<40} -> {route.label}{also}")
     print(f"  {'(no server name)':<40} -> {runtime.table.decide(None).label}")
     print(f"  {'(any other name)':<40} -> {config.default.to}")
     for label, route in _first_bytes_rows(runtime.table):
@@ -130,14 +130,27 @@ def cmd_routes(args: argparse.Namespace) -> int:
         return 0
     if args.host is None:
         for name, route in table.entries():
-            print(f"{name:<40} {explain(route, name)}")
+            print(f"{_name_and_alpn(name, route):<40} {explain(route, name)}")
         print(f"{'(no server name)':<40} {explain(table.decide(None), None)}")
         for label, route in _first_bytes_rows(table):
             print(f"{label:<40} {explain(route, None)}")
         return 0
     host = args.host or None
-    print(f"{args.host or '(no server name)'} -> {explain(table.decide(host), host)}")
+    offered = [p for p in (args.alpn or "").split(",") if p]
+    shown = args.host or "(no server name)"
+    if offered:
+        shown += f" (ALPN {','.join(offered)})"
+    print(f"{shown} -> {explain(table.decide(host, offered), host)}")
     return 0
+
+
+def _name_and_alpn(name: str, route: Route) -> str:
+    """A name of the table, with the ALPN its block requires, if any."""
+    if route.alpn:
+        return f"{name} [alpn {','.join(route.alpn)}]"
+    if route.rule == "alpn":
+        return f"{name} [other alpn]"
+    return name
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -354,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="signal the master and return at once")
         if name == "routes":
             p.add_argument("host", nargs="?", help="a server name ('' for none)")
+            p.add_argument("--alpn", metavar="P1,P2",
+                           help="the ALPN protocols the hello offers, e.g. xmpp-client")
             p.add_argument("--protocol", choices=FIRST_BYTES,
                            help="where a connection goes whose first bytes are not TLS but "
                                 "this (silent: a client that sends nothing)")

@@ -290,11 +290,28 @@ def _hosts_given(value: Any) -> Any:
     return value
 
 
+def _alpn_ids(value: list[str]) -> list[str]:
+    for proto in value:
+        # RFC 7301 section 3.1: a protocol name is 1 to 255 bytes.
+        if not 1 <= len(proto.encode()) <= 255:
+            raise ValueError(f"{proto!r}: an ALPN protocol name is 1 to 255 bytes")
+        if proto == "acme-tls/1":
+            raise ValueError('"acme-tls/1" is not routed by alpn: a hello for a passthrough '
+                             "name is relayed whatever its ALPN, and a site's is its ACME "
+                             "challenge (DESIGN.md)")
+    if len(set(value)) != len(value):
+        raise ValueError("an ALPN protocol is listed twice")
+    return value
+
+
 class Passthrough(Block):
     # "tls": matched by the hosts of its ClientHello; "ssh": matched by the client's first
     # bytes (an RFC 4253 identification line), on the same port, and has no hosts.
     protocol: Annotated[Literal["tls", "ssh"], BeforeValidator(_protocol)] = "tls"
     hosts: Annotated[list[HostName], BeforeValidator(_hosts_given)] = []
+    # Only hellos that offer one of these (RFC 7301) reach the block; its hosts may then be
+    # claimed by other blocks too (routing.py).
+    alpn: Annotated[list[str], AfterValidator(_alpn_ids)] = []
 
     @model_validator(mode="before")
     @classmethod
@@ -877,6 +894,11 @@ def _protocol_checks(config: Config) -> Iterable[tuple[str, str]]:
     claimed: dict[str, str] = {}
     for block in config.passthrough:
         where = block_path(config, block)
+        if block.alpn and block.http_upstream is not None:
+            yield (f"{where}.http_upstream", "a block with alpn is found only by TLS hellos "
+                   "that offer it: plain HTTP (no ALPN) cannot reach it")
+        if block.alpn and block.protocol != "tls":
+            yield f"{where}.alpn", f'a protocol = "{block.protocol}" block has no ALPN'
         if block.protocol == "tls":
             if not block.hosts:  # hosts = []
                 yield (f"{where}.hosts", "a TLS passthrough block is found by the server "
@@ -898,20 +920,37 @@ def _protocol_checks(config: Config) -> Iterable[tuple[str, str]]:
                    f'"{block.protocol}" block: TLS connections cannot go there')
 
 
+def _alpn_of(block: Block) -> list[str]:
+    return getattr(block, "alpn", [])
+
+
 def _cross_checks(config: Config, named: set[str]) -> Iterable[tuple[str, str]]:
     names: dict[str, str] = {}
-    hosts: dict[str, str] = {}
+    hosts: dict[str, str] = {}  # a host's claim by a block without alpn
+    by_alpn: dict[tuple[str, str], str] = {}  # (host, ALPN protocol) -> the block's claim
     for block in config.blocks():
         where = block_path(config, block)
         if block.name in names:
             yield f"{where}.name", f"name {block.name!r} is already used by {names[block.name]}"
         else:
             names[block.name] = where
+        alpn = _alpn_of(block)
         for i, host in enumerate(block.hosts):
-            if host in hosts:
-                yield f"{where}.hosts[{i}]", f"host {host!r} is already claimed by {hosts[host]}"
-            else:
-                hosts[host] = f"{where}.hosts[{i}]"
+            # A host is one block's, except that blocks with an alpn list may share it with
+            # each other and with one block without: the hello's ALPN chooses (routing.py).
+            if not alpn:
+                if host in hosts:
+                    yield (f"{where}.hosts[{i}]",
+                           f"host {host!r} is already claimed by {hosts[host]}")
+                else:
+                    hosts[host] = f"{where}.hosts[{i}]"
+                continue
+            for proto in alpn:
+                if (host, proto) in by_alpn:
+                    yield (f"{where}.hosts[{i}]", f"host {host!r} with ALPN {proto!r} is "
+                           f"already claimed by {by_alpn[host, proto]}")
+                else:
+                    by_alpn[host, proto] = f"{where}.hosts[{i}]"
     yield from _protocol_checks(config)
     kinds = {n for n in named if n.startswith("passthrough:")}
     if config.default.to != "reject" and config.default.to not in named:

@@ -120,7 +120,7 @@ def routes_the_same(table: RouteTable, upstreams: dict[str, list[str]],
     if relayed.proto in FIRST_BYTES:
         route = table.by_first_bytes(relayed.proto)
     else:
-        route = table.non_tls() if relayed.non_tls else table.decide(relayed.sni)
+        route = table.non_tls() if relayed.non_tls else table.decide(relayed.sni, relayed.alpn)
     if route.kind != "passthrough" or route.block is None or route.block.name != relayed.block:
         return False
     if relayed.upstream not in upstreams.get(relayed.block, []):

@@ -6,7 +6,11 @@ to a prebuilt ``Route`` without allocating.
 Rules (DESIGN.md house rule 4): the exact name wins, then the wildcard of its parent
 (``*.example.com`` matches exactly one label, ``a.example.com`` and not ``a.b.example.com``,
 as for certificates, RFC 6125 section 6.4.3), then ``[default].to``; a ClientHello without a
-name goes to ``[default].to`` too. Bytes that are not TLS go by what they are
+name goes to ``[default].to`` too. Where a name (exact, or the wildcard) is claimed by blocks
+with ``alpn``, the first of them (in config order) that takes a protocol the hello offers
+(RFC 7301) wins; else the name's block without ``alpn``; else, when every block claiming the
+name has ``alpn``, the hello is refused (no_application_protocol, RFC 7301 section 3.2), not
+passed on to a wildcard or the default. Bytes that are not TLS go by what they are
 (``by_first_bytes``): the ``[[passthrough]] protocol`` block that claims them (SSH), else
 ``[default].non_tls`` ("http" takes only HTTP/1.x); a client that sends nothing for
 ``non_tls_timeout`` goes to ``[default].silent``. Client addresses are checked against the
@@ -25,7 +29,8 @@ from sniport.config import Block, Config, Passthrough
 from sniport.hostnames import normalize_sni
 
 Kind = Literal["passthrough", "terminate", "reject", "http"]
-Rule = Literal["exact", "wildcard", "no_sni", "unknown_name", "non_tls", "protocol", "silent"]
+Rule = Literal["exact", "wildcard", "no_sni", "unknown_name", "non_tls", "protocol", "silent",
+               "alpn"]
 # What a connection's first bytes were, when they were not TLS (wire/detect.py): an SSH
 # identification line, an HTTP/1.x request line, something else, or nothing at all for
 # non_tls_timeout.
@@ -66,6 +71,7 @@ class Route:
     rule: Rule
     pattern: str | None = None  # the configured name (or protocol) that matched
     acl: Acl | None = None  # None: everyone is allowed
+    alpn: tuple[str, ...] = ()  # the block takes only hellos offering one of these
 
     @property
     def label(self) -> str:
@@ -77,13 +83,20 @@ class Route:
 
 
 class RouteTable:
-    __slots__ = ("_by_protocol", "_exact", "_no_sni", "_non_tls", "_unknown", "_wildcard",
-                 "blocks", "detects", "silent_after")
+    __slots__ = ("_alpn_exact", "_alpn_wildcard", "_by_protocol", "_exact", "_no_sni",
+                 "_non_tls", "_unknown", "_wildcard", "blocks", "detects", "silent_after")
 
     def __init__(self, config: Config) -> None:
+        # A name's route for any hello: its block without alpn, or, when only blocks with
+        # alpn claim it, the refusal of hellos that offer none of theirs (RFC 7301 section
+        # 3.2: no_application_protocol).
         self._exact: dict[str, Route] = {}
-        self._by_protocol: dict[str, Route] = {}
         self._wildcard: dict[str, Route] = {}  # keyed by the parent: "example.com"
+        # The routes of blocks with alpn, tried in config order before the above: only for
+        # the names they claim, so a config without alpn pays one empty-dict test.
+        self._alpn_exact: dict[str, tuple[Route, ...]] = {}
+        self._alpn_wildcard: dict[str, tuple[Route, ...]] = {}
+        self._by_protocol: dict[str, Route] = {}
         self.blocks: dict[str, Block] = {}
         for block in config.blocks():
             prefix = "passthrough" if isinstance(block, Passthrough) else "site"
@@ -93,11 +106,18 @@ class RouteTable:
             protocol = getattr(block, "protocol", "tls")
             if protocol != "tls":
                 self._by_protocol[protocol] = Route(kind, block, "protocol", protocol, acl)
+            alpn = tuple(getattr(block, "alpn", ()))
             for host in block.hosts:
-                if host.startswith("*."):
-                    self._wildcard[host[2:]] = Route(kind, block, "wildcard", host, acl)
+                wildcard = host.startswith("*.")
+                key = host[2:] if wildcard else host
+                route = Route(kind, block, "wildcard" if wildcard else "exact", host, acl, alpn)
+                if alpn:
+                    alternatives = self._alpn_wildcard if wildcard else self._alpn_exact
+                    alternatives[key] = (*alternatives.get(key, ()), route)
+                    (self._wildcard if wildcard else self._exact).setdefault(
+                        key, Route("reject", None, "alpn", host))
                 else:
-                    self._exact[host] = Route(kind, block, "exact", host, acl)
+                    (self._wildcard if wildcard else self._exact)[key] = route
         self._no_sni = self._named(config.default.to, "no_sni")
         self._unknown = self._named(config.default.to, "unknown_name")
         non_tls = config.default.non_tls
@@ -120,17 +140,25 @@ class RouteTable:
         acl = Acl(block.allow, block.deny) if block.allow or block.deny else None
         return Route(_kind(block), block, rule, target, acl)
 
-    def decide(self, sni: str | None) -> Route:
+    def decide(self, sni: str | None, alpn: Sequence[str] = ()) -> Route:
+        """The route of a hello naming ``sni`` and offering ``alpn`` (in its order). Without
+        ``alpn`` (a Host header, a name typed to ``routes``): the name's block for any
+        hello."""
         if not sni:
             return self._no_sni
         name = normalize_sni(sni)
         route = self._exact.get(name)
         if route is not None:
+            if self._alpn_exact and alpn:
+                return _by_alpn(self._alpn_exact.get(name), alpn, route)
             return route
         dot = name.find(".")
         if dot > 0:
-            route = self._wildcard.get(name[dot + 1 :])
+            parent = name[dot + 1 :]
+            route = self._wildcard.get(parent)
             if route is not None:
+                if self._alpn_wildcard and alpn:
+                    return _by_alpn(self._alpn_wildcard.get(parent), alpn, route)
                 return route
         return self._unknown
 
@@ -151,12 +179,29 @@ class RouteTable:
         return self._non_tls
 
     def entries(self) -> list[tuple[str, Route]]:
-        """Every configured name with its route, exact names first, for ``check``/``routes``."""
-        return [*sorted(self._exact.items()),
-                *sorted((f"*.{k}", v) for k, v in self._wildcard.items())]
+        """Every configured name with its routes, exact names first, for ``check``/
+        ``routes``: those of blocks with alpn first, as ``decide`` tries them."""
+        out: list[tuple[str, Route]] = []
+        for prefix, plain, alternatives in (("", self._exact, self._alpn_exact),
+                                            ("*.", self._wildcard, self._alpn_wildcard)):
+            for key in sorted(plain):
+                out += [(prefix + key, r) for r in alternatives.get(key, ())]
+                out.append((prefix + key, plain[key]))
+        return out
 
     def defaults(self) -> list[Route]:
         return [self._no_sni, self._unknown, self._non_tls, *self._by_protocol.values()]
+
+
+def _by_alpn(alternatives: tuple[Route, ...] | None, offered: Sequence[str],
+             otherwise: Route) -> Route:
+    """The first block (in config order) that takes a protocol the client offers."""
+    if alternatives:
+        for route in alternatives:
+            for proto in route.alpn:
+                if proto in offered:
+                    return route
+    return otherwise
 
 
 _CLOSE_NON_TLS = Route("reject", None, "non_tls", "http")  # not for non_tls = "http"
@@ -169,10 +214,14 @@ def _kind(block: Block) -> Kind:
 
 def explain(route: Route, sni: str | None) -> str:
     """One sentence saying why ``sni`` reaches ``route``, for ``sniport routes``."""
+    offers = f", and the hello offers ALPN {' or '.join(route.alpn)}" if route.alpn else ""
     if route.rule == "exact":
-        why = f"exact name {route.pattern}"
+        why = f"exact name {route.pattern}{offers}"
     elif route.rule == "wildcard":
-        why = f"wildcard {route.pattern} (matches one label)"
+        why = f"wildcard {route.pattern} (matches one label){offers}"
+    elif route.rule == "alpn":
+        why = (f"{route.pattern} is claimed only by blocks with alpn, and the hello offers "
+               "none of theirs: no_application_protocol")
     elif route.rule == "no_sni":
         why = "no server name in the ClientHello: [default].to"
     elif route.rule == "unknown_name":

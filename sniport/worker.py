@@ -273,7 +273,8 @@ class Worker:
             conn.alpn = outcome.alpn
             conn.hello_size = outcome.size
             conn.ech = outcome.ech
-            route = self.table.decide(outcome.sni)  # an ECH hello: by its outer (public) name
+            # An ECH hello: by its outer (public) name.
+            route = self.table.decide(outcome.sni, outcome.alpn)
         elif isinstance(outcome, NotTLS):
             route = self.table.non_tls()
         else:
@@ -309,8 +310,11 @@ class Worker:
             self.finish(conn, "denied")
             return
         if route.kind == "reject":
-            # RFC 6066 section 3: unrecognized_name, fatal.
-            self._refuse(sock, conn, UNRECOGNIZED_NAME if isinstance(outcome, Hello) else b"")
+            # RFC 6066 section 3: unrecognized_name, fatal; RFC 7301 section 3.2:
+            # no_application_protocol for a name whose blocks all want another ALPN.
+            alert = b"" if not isinstance(outcome, Hello) else \
+                NO_APPLICATION_PROTOCOL if route.rule == "alpn" else UNRECOGNIZED_NAME
+            self._refuse(sock, conn, alert)
             self.finish(conn, f"rejected_{route.rule}: {why}" if why else
                         f"rejected_{route.rule}")
             return

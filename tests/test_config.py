@@ -780,3 +780,38 @@ def test_a_protocol_block_has_no_http_upstream() -> None:
     assert [(p.path, p.reason) for p in found] == [(
         "passthrough[0](ssh).http_upstream",
         'a protocol = "ssh" block has no hosts for plain HTTP to be sent by')]
+
+
+# ---------------------------------------------------------------------------------------------
+# alpn on passthrough blocks (issue 12 item 5).
+
+XMPP = ('[[passthrough]]\nname = "xmpp"\nhosts = ["example.com"]\nalpn = ["xmpp-client"]\n'
+        'upstreams = ["127.0.0.1:5222"]\n')
+
+
+def test_alpn_blocks_may_share_a_name_with_one_block_without() -> None:
+    config = loads(XMPP + PASSTHROUGH.replace("vpn.example.com", "example.com"), SRC).config
+    assert config.passthrough[0].alpn == ["xmpp-client"]
+    assert config.passthrough[1].alpn == []
+
+
+@pytest.mark.parametrize(("text", "path", "reason"), [
+    (XMPP + XMPP.replace('"xmpp"', '"xmpp2"'), "passthrough[1](xmpp2).hosts[0]",
+     "host 'example.com' with ALPN 'xmpp-client' is already claimed by "
+     "passthrough[0](xmpp).hosts[0]"),
+    (XMPP.replace('["xmpp-client"]', '["acme-tls/1"]'), "passthrough[0](xmpp).alpn",
+     '"acme-tls/1" is not routed by alpn: a hello for a passthrough name is relayed whatever '
+     "its ALPN, and a site's is its ACME challenge (DESIGN.md)"),
+    (XMPP.replace('["xmpp-client"]', '[""]'), "passthrough[0](xmpp).alpn",
+     "'': an ALPN protocol name is 1 to 255 bytes"),
+    (XMPP.replace('["xmpp-client"]', '["a", "a"]'), "passthrough[0](xmpp).alpn",
+     "an ALPN protocol is listed twice"),
+    (XMPP.replace("upstreams", 'http_upstream = "127.0.0.1:80"\nupstreams')
+     + '[server]\nhttp_listen = ["127.0.0.1:0"]\n', "passthrough[0](xmpp).http_upstream",
+     "a block with alpn is found only by TLS hellos that offer it: plain HTTP (no ALPN) "
+     "cannot reach it"),
+    (SSH.replace("upstreams", 'alpn = ["x"]\nupstreams'), "passthrough[0](ssh).alpn",
+     'a protocol = "ssh" block has no ALPN'),
+])
+def test_alpn_problems(text: str, path: str, reason: str) -> None:
+    assert only(text) == (path, reason)

@@ -126,3 +126,66 @@ def test_every_claimed_name_reaches_its_block(
         else:
             assert table.decide(name).label == label
             assert table.decide(name.upper() + ".").label == label
+
+
+# ALPN in routing (issue 12 item 5): blocks with alpn share names with each other and with
+# the name's block without; the level (exact, then wildcard) is chosen by the name alone.
+PROTOCOLS = ["xmpp-client", "xmpp-server", "h2", "x"]
+
+
+@st.composite
+def alpn_configs(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, str], str,
+                                          list[tuple[str, list[str], list[str]]]]:
+    raw, owner, default = draw(configs())
+    extra: list[tuple[str, list[str], list[str]]] = []  # (label, hosts, alpn) in order
+    taken: set[tuple[str, str]] = set()
+    for i in range(draw(st.integers(0, 3))):
+        hosts = draw(st.lists(st.sampled_from(EXACT + WILDCARDS), unique=True, min_size=1,
+                              max_size=5))
+        alpn = draw(st.lists(st.sampled_from(PROTOCOLS), unique=True, min_size=1, max_size=2))
+        hosts = [h for h in hosts if not any((h, p) in taken for p in alpn)]
+        if not hosts:
+            continue
+        taken |= {(h, p) for h in hosts for p in alpn}
+        raw["passthrough"].append({"name": f"alpn{i}", "hosts": hosts, "alpn": alpn,
+                                   "upstreams": ["127.0.0.1:9"]})
+        extra.append((f"passthrough:alpn{i}", hosts, alpn))
+    return raw, owner, default, extra
+
+
+def alpn_model(owner: dict[str, str], default: str,
+               extra: list[tuple[str, list[str], list[str]]], sni: str,
+               offered: list[str]) -> tuple[str, str]:
+    name = sni.lower().removesuffix(".")
+    claimed = set(owner) | {h for _, hosts, _ in extra for h in hosts}
+    first, dot, parent = name.partition(".")
+    if name in claimed and not name.startswith("*."):
+        key, rule = name, "exact"
+    elif first and dot and f"*.{parent}" in claimed:
+        key, rule = f"*.{parent}", "wildcard"
+    else:
+        return default, "unknown_name"
+    for label, hosts, alpn in extra:  # config order: [[passthrough]] before [[site]]
+        if key in hosts and any(p in offered for p in alpn):
+            return label, rule
+    if key in owner:
+        return owner[key], rule
+    return "reject", "alpn"
+
+
+@PROPS
+@given(alpn_configs(), st.lists(st.tuples(queried_names(),
+                                          st.lists(st.sampled_from(PROTOCOLS + ["acme-tls/1"]),
+                                                   max_size=3)), min_size=1, max_size=20))
+def test_decide_by_alpn_matches_the_model(
+        config: tuple[dict[str, Any], dict[str, str], str,
+                      list[tuple[str, list[str], list[str]]]],
+        queries: list[tuple[str, list[str]]]) -> None:
+    raw, owner, default, extra = config
+    table = RouteTable(from_dict(raw, "test.toml").config)
+    for sni, offered in queries:
+        route = table.decide(sni, offered)
+        assert (route.label, route.rule) == alpn_model(owner, default, extra, sni, offered), (
+            sni, offered)
+        if not offered:  # no ALPN: what the name alone gives
+            assert route == table.decide(sni)

@@ -385,3 +385,83 @@ def test_silent_after_is_non_tls_timeout_only_with_a_silent_block() -> None:
 def test_explain_first_bytes(default: str, first: str, why: str) -> None:
     t = table(SSH_BLOCK + f"[default]\n{default}\n")
     assert why in explain(t.by_first_bytes(first), None)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# ALPN in routing (issue 12 item 5): after the name.
+
+ALPN_CONFIG = """
+[[passthrough]]
+name = "c2s"
+hosts = ["example.com", "*.chat.example"]
+alpn = ["xmpp-client"]
+upstreams = ["127.0.0.1:5222"]
+
+[[passthrough]]
+name = "both"
+hosts = ["example.com"]
+alpn = ["xmpp-server", "x-other"]
+upstreams = ["127.0.0.1:5269"]
+
+[[passthrough]]
+name = "any"
+hosts = ["*.example.com"]
+upstreams = ["127.0.0.1:443"]
+
+[[site]]
+name = "web"
+hosts = ["example.com"]
+tls = "self-signed"
+  [[site.route]]
+  path = "/"
+  respond = { body = "ok" }
+
+[default]
+to = "passthrough:any"
+"""
+
+
+@pytest.mark.parametrize(("sni", "alpn", "label", "rule"), [
+    ("example.com", (), "site:web", "exact"),
+    ("example.com", ("h2", "http/1.1"), "site:web", "exact"),
+    ("example.com", ("xmpp-client",), "passthrough:c2s", "exact"),
+    ("example.com", ("h2", "xmpp-client"), "passthrough:c2s", "exact"),
+    ("example.com", ("xmpp-server",), "passthrough:both", "exact"),
+    ("example.com", ("x-other",), "passthrough:both", "exact"),
+    # Two blocks' protocols offered: the block first in the config wins.
+    ("example.com", ("xmpp-server", "xmpp-client"), "passthrough:c2s", "exact"),
+    # acme-tls/1 is nobody's alpn: a site name's challenge stays the site's.
+    ("example.com", ("acme-tls/1",), "site:web", "exact"),
+    ("EXAMPLE.com.", ("xmpp-client",), "passthrough:c2s", "exact"),
+    ("a.chat.example", ("xmpp-client",), "passthrough:c2s", "wildcard"),
+    # Only ALPN blocks claim the wildcard: other hellos are refused, not defaulted.
+    ("a.chat.example", ("h2",), "reject", "alpn"),
+    ("a.chat.example", (), "reject", "alpn"),
+    ("a.b.chat.example", ("xmpp-client",), "passthrough:any", "unknown_name"),
+    ("www.example.com", ("xmpp-client",), "passthrough:any", "wildcard"),
+])
+def test_decide_by_alpn(sni: str, alpn: tuple[str, ...], label: str, rule: str) -> None:
+    route = table(ALPN_CONFIG).decide(sni, alpn)
+    assert (route.label, route.rule) == (label, rule)
+
+
+def test_a_name_typed_without_alpn_is_the_block_for_any_hello() -> None:
+    """A Host header or ``routes NAME`` has no ALPN: the name's block without alpn."""
+    t = table(ALPN_CONFIG)
+    assert t.decide("example.com").label == "site:web"
+    assert t.decide("x.chat.example").rule == "alpn"
+
+
+def test_entries_list_the_alpn_blocks_before_the_names_block() -> None:
+    rows = [(name, r.label, r.alpn) for name, r in table(ALPN_CONFIG).entries()]
+    assert rows[:3] == [("example.com", "passthrough:c2s", ("xmpp-client",)),
+                        ("example.com", "passthrough:both", ("xmpp-server", "x-other")),
+                        ("example.com", "site:web", ())]
+    assert ("*.chat.example", "reject", ()) in rows
+
+
+def test_explain_says_the_alpn() -> None:
+    t = table(ALPN_CONFIG)
+    assert explain(t.decide("example.com", ["xmpp-client"]), "example.com") == (
+        "passthrough:c2s  (exact name example.com, and the hello offers ALPN xmpp-client)")
+    assert "no_application_protocol" in explain(t.decide("q.chat.example", ["h2"]), None)
