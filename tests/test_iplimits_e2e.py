@@ -163,3 +163,20 @@ def test_rate_per_ip_limits_a_flood_and_spares_other_addresses(
     assert all(r["sni"] == "-" for r in refused)  # closed before any byte was read
     assert not [r for r in conn_lines(s) if r["client"].startswith("127.0.0.2:")
                 and r["end"].startswith("per_ip")]
+
+
+def test_relays_handed_over_at_a_reload_keep_their_places(backend: TlsBackend, pki: Pki,
+                                                          sniport_with: SniportWith) -> None:
+    s, old = start(sniport_with, backend, 'max_connections_per_ip = 2\ndrain_timeout = "5s"\n')
+    held = [open_relay(s.port, pki) for _ in range(2)]
+    mark = s.mark()
+    s.signal(signal.SIGHUP)  # the same config: the relays move to the new workers
+    s.wait_log(r"reloaded", start=mark)
+    wait_until(lambda: not set(old) & set(children(s.pid)), TIMEOUT, "the old workers gone")
+    assert not served(s.port, pki, "127.0.0.1")  # counted where they are now
+    assert held[0].ask_who() == NAME.encode()  # it works, then it ends: a place is free
+    wait_conn(s, client=held[0].label)
+    again = open_relay(s.port, pki)
+    assert not served(s.port, pki, "127.0.0.1")
+    for c in (held[1], again):
+        assert c.ask_who() == NAME.encode()
