@@ -722,3 +722,18 @@ def test_load_from_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(bad)
     assert info.value.problems == [Problem(str(bad), "server.verbose", "unknown key")]
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ('"0"', None), ("0", None), ('"20/s"', (20, 1.0)), ('"100/10s"', (100, 10.0)),
+    ('"65535/1m"', (65535, 60.0))])
+def test_max_connection_rate_per_ip(value: str, expected: tuple[int, float] | None) -> None:
+    assert ok(f"[server]\nmax_connection_rate_per_ip = {value}\n").server \
+        .max_connection_rate_per_ip == expected
+    assert ok("").server.max_connection_rate_per_ip is None  # the default: off
+
+
+@pytest.mark.parametrize("value", ['"20"', '"0/s"', '"65536/s"', "true", '"x/s"', "5"])
+def test_max_connection_rate_per_ip_refused(value: str) -> None:
+    path, _ = only(f"[server]\nmax_connection_rate_per_ip = {value}\n")
+    assert path == "server.max_connection_rate_per_ip"
