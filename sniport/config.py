@@ -201,6 +201,17 @@ def _listen_entry(value: Any) -> Any:
 ListenEntry = Annotated[Listen, BeforeValidator(_listen_entry)]
 
 
+def _optional_rate(value: Any) -> tuple[int, float] | None:
+    """A rate (``parse_rate``), or 0 / "0" for none; the count at most 65535 (iplimits.py
+    counts per worker and window in 16 bits)."""
+    if value in (0, "0") and not isinstance(value, bool):
+        return None
+    count, seconds = parse_rate(value)
+    if count > 0xFFFF:
+        raise ValueError(f"{value!r}: at most 65535 connections per window")
+    return count, seconds
+
+
 def _workers_value(value: Any) -> Any:
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         return value
@@ -219,7 +230,10 @@ class Server(_Model):
         lambda v: None if v == "" else _listen_address(v))] = None
     workers: Annotated[int | Literal["auto"], BeforeValidator(_workers_value)] = "auto"
     max_connections: int = Field(default=4096, ge=1)
-    max_connections_per_ip: int = Field(default=0, ge=0)
+    max_connections_per_ip: int = Field(default=0, ge=0)  # across all workers (iplimits.py)
+    # New connections per address per window, across all workers: "20/s", "100/10s"; "0" off.
+    max_connection_rate_per_ip: Annotated[tuple[int, float] | None,
+                                          BeforeValidator(_optional_rate)] = None
     client_hello_timeout: PositiveDuration = 10.0
     # A client that has sent nothing this long is taken to wait for the server to speak
     # first, and goes to [default].silent (when that names a block).

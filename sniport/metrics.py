@@ -51,7 +51,7 @@ STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 PROTOCOLS = ("HTTP/1.1", "HTTP/2.0")
 HELLO_REASONS = ("timeout", "closed", "too_large", "bad_record", "truncated",
                  "bad_server_name", "other")
-DENIAL_KINDS = ("acl", "per_ip_limit", "max_connections")
+DENIAL_KINDS = ("acl", "per_ip_limit", "per_ip_rate", "max_connections")
 RELOAD_RESULTS = ("ok", "failed")
 NO_BLOCK = ""  # the block label of a connection that reached no block (reject, non_tls...)
 

@@ -47,6 +47,7 @@ from sniport.certs.slots import source_key
 from sniport.certs.watch import CertWatcher, Update
 from sniport.config import ConfigError, Listen
 from sniport.http import h2conn
+from sniport.iplimits import IpTable, size_for
 from sniport.logs import diag
 from sniport.metrics import Key, SharedMetrics, render
 from sniport.metrics_http import MetricsEndpoint
@@ -92,6 +93,7 @@ class WorkerProc:
     control: socket.socket  # the master's end of the worker's control socket
     ready: bool = False
     mslot: int | None = None  # its slot in the shared metrics (None: not counted)
+    ipslot: int | None = None  # its slot in the per-address limits table (iplimits.py)
 
 
 @dataclass
@@ -173,6 +175,9 @@ class Master:
         # Counters in shared memory, mapped before the first fork (metrics.py); the
         # endpoint that serves their totals, when metrics_listen is set.
         self.metrics: SharedMetrics | None = None  # made in start(), before the first fork
+        # The per-address limits every worker shares (iplimits.py): also mapped before the
+        # first fork, sized once, kept across reloads (a reload may turn the limits on).
+        self.iptable: IpTable | None = None
         self.metrics_endpoint: MetricsEndpoint | None = None
         self._metrics_pending: tuple[MetricsEndpoint | None, Address | None] | None = None
         self._rendered = (0.0, b"")  # (when, what): scrapes within a second share one
@@ -194,6 +199,7 @@ class Master:
         # Slots for every worker alive at once: a reload's two generations, and respawns.
         self.metrics = SharedMetrics(max(METRIC_SLOTS, 4 * worker_count(server.workers) + 8),
                                      METRIC_CELLS)
+        self.iptable = IpTable(*size_for(worker_count(server.workers), server.max_connections))
         inherited = self._inherited_sockets()
         try:
             self._bind(runtime, inherited)
@@ -450,6 +456,14 @@ class Master:
                 diag.warning("metrics: no room for worker slot %d of generation %d (the "
                              "config names too many series, or too many workers at once); "
                              "its work is not counted", slot, gen.number)
+        ipslot, iptable = None, self.iptable
+        assert iptable is not None
+        if server.max_connections_per_ip or server.max_connection_rate_per_ip is not None:
+            ipslot = iptable.acquire_slot()
+            if ipslot is None:
+                diag.warning("per-address limits: no room for worker slot %d of generation "
+                             "%d (too many workers at once); it counts its own clients only",
+                             slot, gen.number)
         try:
             pid = os.fork()
         except OSError as exc:
@@ -459,6 +473,8 @@ class Master:
             theirs.close()
             if mslot is not None:
                 self.metrics.retire_slot(mslot, layout)
+            if ipslot is not None:
+                iptable.retire_slot(ipslot)
             raise SpawnError(f"cannot start a worker: {exc.strerror}") from None
         if pid == 0:  # the worker
             code = 1
@@ -471,7 +487,7 @@ class Master:
                 wm = self.metrics.worker_metrics(mslot, layout) \
                     if mslot is not None and self.metrics is not None else None
                 code = worker_main(gen.runtime, bound, http_bound, access_log,
-                                   self._life_r, ready_w, theirs, wm)
+                                   self._life_r, ready_w, theirs, wm, (iptable, ipslot))
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -480,7 +496,7 @@ class Master:
         theirs.close()
         control.setblocking(False)
         gen.workers[pid] = WorkerProc(pid, gen.number, slot, ready_r, time.monotonic(), control,
-                                      mslot=mslot)
+                                      mslot=mslot, ipslot=ipslot)
         self._write_status()
 
     def _close_in_child(self, keep: set[int]) -> None:
@@ -617,6 +633,10 @@ class Master:
                 # Reaped: nobody writes it any more. Its counters join the totals (never
                 # lost, never counted twice) and the slot is free for another worker.
                 self.metrics.retire_slot(w.mslot, gen.runtime.layout)
+            if w.ipslot is not None and self.iptable is not None:
+                # Reaped, however it ended (SIGKILL included): the connections it counted
+                # under the per-address limits are given back.
+                self.iptable.retire_slot(w.ipslot)
             cause = _exit_cause(status)
             if gen.draining or self.stopping:
                 diag.debug("worker %d (generation %d) exited: %s", pid, gen.number, cause)

@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from sniport import handover, metrics
+from sniport import handover, iplimits, metrics
 from sniport.addresses import TcpAddress
 from sniport.certs.backends import challenge_source
 from sniport.certs.challenges import ChallengeAnswers
@@ -33,6 +33,7 @@ from sniport.http.h2conn import H2Connection
 from sniport.http.handlers import HttpsRedirectApp
 from sniport.http.proxy import ProxyRoute
 from sniport.http.site import SiteApp, lifecycle
+from sniport.iplimits import IpLimiter, IpTable
 from sniport.logs import AccessLog, diag, throttle
 from sniport.metrics import DECISIONS, HELLO_REASONS, NO_BLOCK, WorkerMetrics, hello_reason
 from sniport.net.binding import BoundListener, defers_accept
@@ -80,7 +81,8 @@ class Worker:
                  loop: asyncio.AbstractEventLoop,
                  http_bound: list[BoundListener] | None = None,
                  control: socket.socket | None = None,
-                 worker_metrics: WorkerMetrics | None = None) -> None:
+                 worker_metrics: WorkerMetrics | None = None,
+                 ip_table: tuple[IpTable, int | None] | None = None) -> None:
         self.loop = loop
         # This worker's metrics slot (metrics.py): a private one when nobody reads it.
         self.m = worker_metrics or WorkerMetrics.disabled(runtime.layout)
@@ -96,8 +98,8 @@ class Worker:
         self.max_connections, warning = connection_cap(server.max_connections)
         if warning:
             diag.warning("%s", warning)
-        self.per_ip_limit = server.max_connections_per_ip
-        self.per_ip: dict[str, int] = {}
+        # None when both per-address limits are off: then accepting costs nothing more.
+        self.iplimits = ip_limiter(server, ip_table)
         self.live: set[ConnRecord] = set()
         self.access_log = access_log
         self.pipes = PipePool()
@@ -205,9 +207,9 @@ class Worker:
                 return
             # The client is known only once the header is read: counted per IP then.
             conn.via, conn.ip = conn.client, ""
-        elif not self._take_ip(conn):
+        elif self.iplimits is not None and (refused := self._take_ip(conn)):
             sock.close()
-            self._log(conn, "per_ip_limit")
+            self._log(conn, refused)
             return
         LEDGER.take()  # the client's socket, given back in finish()
         self.live.add(conn)
@@ -217,18 +219,22 @@ class Worker:
         conn.handler = reader
         reader.start()
 
-    def _take_ip(self, conn: ConnRecord) -> bool:
-        """Count ``conn`` under ``max_connections_per_ip`` (False, counted as a denial, if
-        its address is at the limit; ``_release`` gives the place back)."""
-        ip = conn.ip
-        if not self.per_ip_limit or not ip:
-            return True
-        count = self.per_ip.get(ip, 0)
-        if count >= self.per_ip_limit:
+    def _take_ip(self, conn: ConnRecord) -> str:
+        """Count ``conn`` under the per-address limits of every worker (iplimits.py): ""
+        if admitted (``_release`` gives its place back), else the reason it is refused,
+        counted as a denial."""
+        limits = self.iplimits
+        if limits is None or not conn.ip:
+            return ""
+        key = limits.admit(conn.ip)
+        if key >= iplimits.NOT_COUNTED:
+            conn.ipkey = key
+            return ""
+        if key == iplimits.OVER_COUNT:
             self.mview[self._mcells.denied_per_ip] += 1
-            return False
-        self.per_ip[ip] = count + 1
-        return True
+            return "per_ip_limit"
+        self.mview[self._mcells.denied_per_ip_rate] += 1
+        return "per_ip_rate"
 
     def proxied(self, conn: ConnRecord, header: proxyproto.Proxied) -> bool:
         """A PROXY header was read: its source is the client from now on (allow/deny,
@@ -250,16 +256,12 @@ class Worker:
             # hex: a log field never carries raw bytes.
             printable = all(33 <= b < 127 for b in unique)
             conn.proxy_id = unique.decode("ascii") if printable else unique.hex()
-        if not self._take_ip(conn):
-            self._release_ip_free(conn)
-            self._log(conn, "per_ip_limit")
+        refused = self._take_ip(conn)
+        if refused:
+            self._release(conn)  # not counted under the per-IP limits: nothing to give back
+            self._log(conn, refused)
             return False
         return True
-
-    def _release_ip_free(self, conn: ConnRecord) -> None:
-        """Off the books without the per-IP count it never took."""
-        conn.ip = ""
-        self._release(conn)
 
     # -- routing --------------------------------------------------------------------------
 
@@ -531,12 +533,9 @@ class Worker:
         self._mopen(conn, -1)
         LEDGER.give()
         conn.handler = None
-        if self.per_ip_limit and conn.ip:
-            left = self.per_ip[conn.ip] - 1
-            if left:
-                self.per_ip[conn.ip] = left
-            else:
-                del self.per_ip[conn.ip]
+        if conn.ipkey >= 0 and self.iplimits is not None:
+            self.iplimits.release(conn.ipkey)
+            conn.ipkey = -1
         if self._drained is not None and not self.live and not self._drained.done():
             self._drained.set_result(None)
         if (self._full and self._accepting and self._resource_timer is None
@@ -621,8 +620,8 @@ class Worker:
         LEDGER.take(2)
         self.live.add(conn)
         self._mopen(conn, 1)
-        if self.per_ip_limit and conn.ip:
-            self.per_ip[conn.ip] = self.per_ip.get(conn.ip, 0) + 1
+        if self.iplimits is not None and conn.ip:  # it keeps its place, even over the limit
+            conn.ipkey = self.iplimits.adopt(conn.ip)
         if rt is None:  # the master checked the block exists; a bug if not
             client.close()
             up.close()
@@ -688,6 +687,8 @@ class _MetricCells:
                                               kind="acl") for block in blocks}
         self.denied_per_ip = layout.cell("sniport_denied_connections_total", block=NO_BLOCK,
                                          kind="per_ip_limit")
+        self.denied_per_ip_rate = layout.cell("sniport_denied_connections_total",
+                                              block=NO_BLOCK, kind="per_ip_rate")
         self.tls = {s.name: (layout.cell("sniport_tls_handshakes_total", site=s.name),
                              layout.cell("sniport_tls_handshake_failures_total", site=s.name))
                     for s in config.site}
@@ -753,6 +754,22 @@ class _Alpn(asyncio.Protocol):
         proto.connection_made(transport)
 
 
+def ip_limiter(server: Server,
+               shared: tuple[IpTable, int | None] | None) -> IpLimiter | None:
+    """The ``[server]`` per-address limits over the master's shared table (this worker's
+    slot in it), or over a private one (the limits then count this worker only) when the
+    master had no slot to give; None when both limits are off."""
+    rate = server.max_connection_rate_per_ip
+    if not server.max_connections_per_ip and rate is None:
+        return None
+    table, slot = shared if shared is not None else (None, None)
+    if table is None or slot is None:
+        table = IpTable(iplimits.MIN_BUCKETS, 1)
+        slot = table.acquire_slot()
+        assert slot is not None
+    return IpLimiter(table, slot, server.max_connections_per_ip, rate)
+
+
 def h2_limits(server: Server) -> H2Limits:
     """The ``[server] http2_*`` keys as the HTTP/2 machine's limits."""
     return H2Limits(
@@ -796,7 +813,8 @@ EXIT_PRIVILEGES = 3  # the worker would not drop privileges: it refused to serve
 def worker_main(runtime: Runtime, bound: list[BoundListener], http_bound: list[BoundListener],
                 access_log: AccessLog, lifeline_fd: int, ready_fd: int,
                 control: socket.socket | None = None,
-                worker_metrics: WorkerMetrics | None = None) -> int:
+                worker_metrics: WorkerMetrics | None = None,
+                ip_table: tuple[IpTable, int | None] | None = None) -> int:
     """The body of a forked worker process; returns its exit code.
 
     The event loop is created here, after the fork. Signals: SIGTERM/SIGQUIT drain, SIGINT
@@ -832,7 +850,8 @@ def worker_main(runtime: Runtime, bound: list[BoundListener], http_bound: list[B
     async def serve() -> None:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_loop_exception)
-        worker = Worker(runtime, bound, access_log, loop, http_bound, control, worker_metrics)
+        worker = Worker(runtime, bound, access_log, loop, http_bound, control, worker_metrics,
+                        ip_table)
         done: asyncio.Future[None] = loop.create_future()
         tasks: list[asyncio.Task[None]] = []
 

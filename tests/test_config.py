@@ -815,3 +815,18 @@ def test_alpn_blocks_may_share_a_name_with_one_block_without() -> None:
 ])
 def test_alpn_problems(text: str, path: str, reason: str) -> None:
     assert only(text) == (path, reason)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ('"0"', None), ("0", None), ('"20/s"', (20, 1.0)), ('"100/10s"', (100, 10.0)),
+    ('"65535/1m"', (65535, 60.0))])
+def test_max_connection_rate_per_ip(value: str, expected: tuple[int, float] | None) -> None:
+    assert ok(f"[server]\nmax_connection_rate_per_ip = {value}\n").server \
+        .max_connection_rate_per_ip == expected
+    assert ok("").server.max_connection_rate_per_ip is None  # the default: off
+
+
+@pytest.mark.parametrize("value", ['"20"', '"0/s"', '"65536/s"', "true", '"x/s"', "5"])
+def test_max_connection_rate_per_ip_refused(value: str) -> None:
+    path, _ = only(f"[server]\nmax_connection_rate_per_ip = {value}\n")
+    assert path == "server.max_connection_rate_per_ip"

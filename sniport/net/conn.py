@@ -57,6 +57,7 @@ class ConnRecord:
         "handler",
         "hello_size",
         "ip",
+        "ipkey",
         "listener",
         "local",
         "mlabel",
@@ -98,6 +99,7 @@ class ConnRecord:
         self.probe = False  # a LOCAL/UNKNOWN PROXY header: the balancer's own health check
         self.mlabel = ""  # the listener's metrics label, and its open-connections cell
         self.mopen = -1
+        self.ipkey = -1  # its place under max_connections_per_ip (iplimits.py); -1: none
 
     @property
     def client(self) -> str:
