@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -280,3 +281,32 @@ def test_config_fixed_upstreams_still_resolve_at_load() -> None:
     """A brace-free upstream is an address as before (a name there is resolved at load)."""
     config = loads(block("lan", ["*.lan.example.com"], ["localhost:9"]), SRC).config
     assert config.passthrough[0].upstreams == [TcpAddress("localhost", 9)]
+
+
+# --------------------------------------------------------------------------------------------
+# The command line: `check` shows the template, `routes NAME` what it makes of NAME
+
+
+def test_cli_check_and_routes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sniport.cli import main
+
+    path = tmp_path / "sniport.toml"
+    path.write_text('[server]\nlisten = ["127.0.0.1:0"]\n'
+                    + block("lan", ["*.lan.example.com"],
+                            ["{label}.lan:443", "unix:/run/lan/{label}.sock", "127.0.0.1:9"]))
+    assert main(["check", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert ("*.lan.example.com                        -> passthrough:lan  (upstream "
+            "{label}.lan:443, unix:/run/lan/{label}.sock: filled per name)") in out
+    assert main(["routes", "-c", str(path), "nas.lan.example.com"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "  upstreams: nas.lan:443, unix:/run/lan/nas.sock, 127.0.0.1:9  (in order; names "
+        "resolved per connection)")
+    assert main(["routes", "-c", str(path), "127.lan.example.com"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "  upstreams: 127.lan:443, unix:/run/lan/127.sock, 127.0.0.1:9  (in order; names "
+        "resolved per connection)")
+    assert main(["routes", "-c", str(path), "a_b.lan.example.com"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "  upstreams: none, the connection is closed (upstream_template: label 'a_b' is not "
+        "a host name label (a-z, 0-9 and '-', not at either end))")
