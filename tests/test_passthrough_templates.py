@@ -165,6 +165,7 @@ def test_cache_answers_and_failures(setup: Setup, pki: Pki) -> None:
     """Later connections for a name take the cached answer (30 s) or failure (5 s): one
     lookup each, however many connections."""
     s = setup.s
+    before = setup.lookups("localhost")  # earlier tests may have looked it up (<30 s ago)
     for _ in range(3):
         answer, client = who(s.port, pki, "localhost.only.test")
         assert answer == b"backend-a.test"
@@ -172,7 +173,7 @@ def test_cache_answers_and_failures(setup: Setup, pki: Pki) -> None:
     for _ in range(3):
         _, client = closed(s.port, pki, "cached.inv.test")
         assert wait_conn(s, client=client)["end"].startswith("upstream_unresolved")
-    assert setup.lookups("localhost") == 1
+    assert setup.lookups("localhost") - before <= 1 and setup.lookups("localhost") >= 1
     assert setup.lookups("cached.invalid") == 1
 
 
