@@ -2,7 +2,8 @@
 
 Rules: parsing is pure and strict; a listen address must be an IP literal (what is bound is
 what is written); an upstream may name a host, resolved once when the config is loaded, never
-per connection.
+per connection (only an upstream template, ``upstream_template.py``, is resolved per
+connection).
 """
 
 from __future__ import annotations

@@ -22,8 +22,10 @@ from typing import Any
 from sniport import __version__
 from sniport.config import ConfigError, parse_file
 from sniport.defaults import parse_embedded
+from sniport.net.passthrough import PassthroughRuntime
 from sniport.routing import FIRST_BYTES, FirstBytes, Route, RouteTable, explain
 from sniport.runtime import Runtime, build_runtime
+from sniport.upstream_template import TemplateError, is_template
 
 SEARCH_PATH = (Path("sniport.toml"), Path("/etc/sniport/sniport.toml"))
 RELOAD_WAIT = 60.0  # seconds `sniport reload` waits for the outcome by default
@@ -96,6 +98,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         also = f"  (plain HTTP -> {plain})" if plain is not None else ""
         if block is not None and getattr(block, "tls", None) == "acme":
             also = "  (certificate by ACME)"
+        templates = [str(u) for u in getattr(block, "upstreams", []) if is_template(str(u))]
+        if templates:
+            also += f"  (upstream {', '.join(templates)}: filled per name)"
         print(f"  {_name_and_alpn(name, route):<40} -> {route.label}{also}")
     print(f"  {'(no server name)':<40} -> {runtime.table.decide(None).label}")
     print(f"  {'(any other name)':<40} -> {config.default.to}")
@@ -140,7 +145,11 @@ def cmd_routes(args: argparse.Namespace) -> int:
     shown = args.host or "(no server name)"
     if offered:
         shown += f" (ALPN {','.join(offered)})"
-    print(f"{shown} -> {explain(table.decide(host, offered), host)}")
+    route = table.decide(host, offered)
+    print(f"{shown} -> {explain(route, host)}")
+    if route.block is not None and route.block.name in runtime.passthrough \
+            and route.kind == "passthrough":
+        _print_filled(runtime.passthrough[route.block.name], host)
     return 0
 
 
@@ -151,6 +160,22 @@ def _name_and_alpn(name: str, route: Route) -> str:
     if route.rule == "alpn":
         return f"{name} [other alpn]"
     return name
+
+
+def _print_filled(rt: PassthroughRuntime, host: str | None) -> None:
+    """A block with upstream templates: the upstreams this name reaches (not resolved)."""
+    if rt.entries is None:
+        return
+    try:
+        plan = rt.plan(host)
+    except TemplateError as exc:
+        print(f"  upstreams: none, the connection is closed (upstream_template: {exc})")
+        return
+    labels: list[str] = []
+    for target in plan:
+        if target.label not in labels:
+            labels.append(target.label)
+    print(f"  upstreams: {', '.join(labels)}  (in order; names resolved per connection)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -47,6 +47,13 @@ from sniport.addresses import (
     parse_http_upstream,
 )
 from sniport.hostnames import HostNameError, normalize
+from sniport.upstream_template import (
+    PLACEHOLDER,
+    TemplateError,
+    UpstreamTemplate,
+    is_template,
+    parse_template,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Value types: durations, sizes, addresses, host names, CIDRs.
@@ -280,11 +287,30 @@ def _plain_http_upstream(value: Any) -> HttpUpstream | None:
         raise ValueError(f"{value!r}: expected \"HOST:PORT\" or \"unix:/PATH\"")
     if value.startswith("https://"):
         raise ValueError(f"{value!r}: http_upstream is plain HTTP (\"HOST:PORT\")")
+    if is_template(value):
+        # Not supported: plain HTTP is routed by its Host header, not by a wildcard's label.
+        raise ValueError(f"{value!r}: {PLACEHOLDER} templates are for upstreams, not "
+                         "http_upstream (write a fixed HOST:PORT)")
     try:
         return parse_http_upstream(value if value.startswith(("http://", "unix:"))
                                    else f"http://{value}")
     except AddressError as exc:
         raise ValueError(str(exc)) from None
+
+
+def _upstream_entry(value: Any) -> Address | UpstreamTemplate:
+    """A passthrough upstream: an address, or a template filled per connection from the
+    label its wildcard host matched (``"{label}.lan:443"``, README "Upstreams from the
+    name")."""
+    if is_template(value):
+        try:
+            return parse_template(value)
+        except TemplateError as exc:
+            raise ValueError(str(exc)) from None
+    return _address(value)
+
+
+UpstreamEntry = Annotated[Address | UpstreamTemplate, BeforeValidator(_upstream_entry)]
 
 
 def _protocol(value: Any) -> Any:
@@ -337,7 +363,7 @@ class Passthrough(Block):
             return {**data, "hosts": _NO_HOSTS}
         return data
 
-    upstreams: list[UpstreamAddress] = Field(min_length=1)
+    upstreams: list[UpstreamEntry] = Field(min_length=1)
     proxy_protocol: Literal["off", "v1", "v2"] = "off"
     connect_timeout: PositiveDuration = 5.0
     idle_timeout: Duration = 3600.0  # 0: no idle limit (a relay closes only when a side does)
@@ -989,6 +1015,7 @@ def _cross_checks(config: Config, named: set[str]) -> Iterable[tuple[str, str]]:
                        f"{route.path!r} is already the path of route[{paths[route.path]}]")
             paths[route.path] = i
     yield from _acme_checks(config)
+    yield from _template_checks(config)
     listen_ports = [e.address for e in config.server.listen]
     for i, entry in enumerate(config.server.http_listen):
         if entry.address in listen_ports and not (isinstance(entry.address, TcpAddress)
@@ -1035,3 +1062,27 @@ def _acme_checks(config: Config) -> Iterable[tuple[str, str]]:
         if relay.http_upstream is not None and not has_http:
             yield (f"{block_path(config, relay)}.http_upstream",
                    "needs server.http_listen (plain HTTP is received there)")
+
+
+def _template_checks(config: Config) -> Iterable[tuple[str, str]]:
+    """Upstream templates need a label: only a connection that a wildcard host matched has
+    one (README "Upstreams from the name")."""
+    defaults = {"to": config.default.to, "non_tls": config.default.non_tls}
+    for relay in config.passthrough:
+        templates = [i for i, u in enumerate(relay.upstreams) if isinstance(u, UpstreamTemplate)]
+        if not templates:
+            continue
+        where = block_path(config, relay)
+        exact = [(i, h) for i, h in enumerate(relay.hosts) if not h.startswith("*.")]
+        for i in templates:
+            for j, host in exact:
+                yield (f"{where}.upstreams[{i}]",
+                       f"{str(relay.upstreams[i])!r}: hosts[{j}] {host!r} is an exact name, which "
+                       f"has no label to fill {PLACEHOLDER} with (use a wildcard host, or "
+                       "a block of its own for exact names)")
+        first = str(relay.upstreams[templates[0]])
+        for key, target in defaults.items():
+            if target == f"passthrough:{relay.name}":
+                yield (f"default.{key}",
+                       f"{target!r} has an upstream template ({first!r}) that a connection "
+                       "without a matching name cannot fill: name a block with fixed upstreams")

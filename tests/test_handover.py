@@ -102,6 +102,27 @@ def test_routes_the_same(why: str, new: str, relayed: Relayed, same: bool) -> No
     assert handover.routes_the_same(table, upstreams, relayed) is same, why
 
 
+TEMPLATED = """
+[[passthrough]]
+name = "lan"
+hosts = ["*.lan.example.com"]
+upstreams = ["{label}.lan:443", "unix:/run/lan/{label}.sock"]
+"""
+
+
+@pytest.mark.parametrize(("upstream", "sni", "same"), [
+    ("nas.lan:443", "nas.lan.example.com", True),
+    ("unix:/run/lan/nas.sock", "nas.lan.example.com", True),
+    ("nas.lan:443", "other.lan.example.com", False),  # not what the template makes of it
+    ("10.8.0.2:443", "nas.lan.example.com", False),
+])
+def test_routes_the_same_with_a_template(upstream: str, sni: str, same: bool) -> None:
+    """A relay to a filled template moves when the new config's template fills the same."""
+    table, upstreams = new_config(TEMPLATED)
+    relayed = replace(RELAYED, sni=sni, upstream=upstream)
+    assert handover.routes_the_same(table, upstreams, relayed) is same
+
+
 def test_messages_round_trip_with_their_descriptors() -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     r, w = socket.socketpair()

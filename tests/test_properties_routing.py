@@ -175,7 +175,7 @@ def alpn_model(owner: dict[str, str], default: str,
 
 @PROPS
 @given(alpn_configs(), st.lists(st.tuples(queried_names(),
-                                          st.lists(st.sampled_from(PROTOCOLS + ["acme-tls/1"]),
+                                          st.lists(st.sampled_from([*PROTOCOLS, "acme-tls/1"]),
                                                    max_size=3)), min_size=1, max_size=20))
 def test_decide_by_alpn_matches_the_model(
         config: tuple[dict[str, Any], dict[str, str], str,

@@ -9,6 +9,9 @@ the relay sends them first, untouched (TLS is not terminated). The PROXY header 
 any client byte, and its send is bounded by ``connect_timeout`` like the connect itself.
 When the worker drains for a reload, a running relay is offered to the new generation once
 it is quiet (``handover.py``); until the master answers (or ``OFFER_TIMEOUT``) it is held.
+An upstream template (``{label}.lan:443``) is filled from the connection's server name before
+the first connect; a name the template refuses ends the connection at once with
+``upstream_template: why`` (the name came from the client: no upstream is tried for it).
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from sniport.addresses import UnixAddress
 from sniport.config import Passthrough
 from sniport.deadlines import deadlines_for
 from sniport.handover import Relayed
 from sniport.net.descriptors import LEDGER
 from sniport.net.poller import EPOLLOUT
 from sniport.net.relay import SpliceRelay
-from sniport.net.upstream import Target, UpstreamConnect, targets_for
+from sniport.net.upstream import Plan, Target, Unresolved, UpstreamConnect, targets_of
+from sniport.upstream_template import TemplateError, UpstreamTemplate, label_for
 from sniport.wire import proxyproto
 
 OFFER_TIMEOUT = 5.0  # seconds a held relay waits for the master's answer, then goes on here
@@ -37,15 +42,46 @@ class PassthroughRuntime:
     """A passthrough block with its upstreams resolved, built once per config load."""
 
     block: Passthrough
-    targets: tuple[Target, ...]
+    targets: tuple[Target, ...]  # the fixed upstreams' targets, in order
+    # Each upstream in order: its targets, or its template (None: no template at all, and
+    # ``targets`` is the whole plan of every connection).
+    entries: tuple[tuple[Target, ...] | UpstreamTemplate, ...] | None = None
 
     @classmethod
     def build(cls, block: Passthrough) -> PassthroughRuntime:
-        return cls(block, tuple(targets_for(block.upstreams)))
+        entries = tuple(up if isinstance(up, UpstreamTemplate) else tuple(targets_of(up))
+                        for up in block.upstreams)
+        targets = tuple(t for e in entries if isinstance(e, tuple) for t in e)
+        templated = any(isinstance(e, UpstreamTemplate) for e in entries)
+        return cls(block, targets, entries if templated else None)
 
     @property
     def upstream_labels(self) -> list[str]:
-        return [t.label for t in self.targets]
+        """What metrics count and a reload compares: fixed upstreams as configured, each
+        template as written (filled names are not config names: unbounded)."""
+        if self.entries is None:
+            return [t.label for t in self.targets]
+        return [label for e in self.entries
+                for label in ([e.text] if isinstance(e, UpstreamTemplate)
+                              else [t.label for t in e])]
+
+    def plan(self, sni: str | None) -> Plan:
+        """The upstreams of one connection, templates filled; TemplateError for a name the
+        templates cannot be filled with."""
+        if self.entries is None:
+            return self.targets
+        label = label_for(sni, self.block.hosts)
+        out: list[Target | Unresolved] = []
+        for entry in self.entries:
+            if not isinstance(entry, UpstreamTemplate):
+                out.extend(entry)
+                continue
+            addr = entry.fill(label)
+            if isinstance(addr, UnixAddress):
+                out.append(Target(socket.AF_UNIX, addr.sockaddr, str(addr), entry.text))
+            else:
+                out.append(Unresolved(addr.host, addr.port, str(addr), entry.text))
+        return out
 
 
 def _endpoint(addr: object) -> proxyproto.Endpoint:
@@ -157,7 +193,12 @@ class PassthroughConnection:
 
     def start(self) -> None:
         # The client socket has TCP_NODELAY from its listener (binding.tune_listener).
-        self._connect = UpstreamConnect(self._loop, self._worker.poller, self._rt.targets,
+        try:
+            plan = self._rt.plan(self._sni)
+        except TemplateError as exc:
+            self._end(f"upstream_template: {exc}")
+            return
+        self._connect = UpstreamConnect(self._loop, self._worker.poller, plan,
                                         self._rt.block.connect_timeout, self._connected)
         self._connect.start()
 

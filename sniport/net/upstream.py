@@ -3,10 +3,13 @@
 Job: open a non-blocking stream socket to the first upstream that accepts within
 ``connect_timeout``; report the socket, or the reason the last one failed.
 
-Rules: names were resolved once when the config was loaded (``Target``), never per
-connection; each attempt has its own timeout; only connect errors fail over (nothing has been
-sent yet, so trying the next upstream is always safe). Plain callbacks, no Task: this runs for
-every new connection.
+Rules: names of fixed upstreams were resolved once when the config was loaded (``Target``);
+a name filled from an upstream template (``Unresolved``, README "Upstreams from the name")
+is resolved when its turn comes, through the worker's ``Resolver`` (cached, bounded by the
+same ``connect_timeout``), and its addresses are then tried in order like a fixed name's.
+Each attempt has its own timeout; connect errors and a name that does not resolve fail over
+(nothing has been sent yet, so trying the next upstream is always safe). Plain callbacks, no
+Task: this runs for every new connection.
 """
 
 from __future__ import annotations
@@ -24,25 +27,49 @@ from sniport.deadlines import deadlines_for
 from sniport.logs import diag, throttle
 from sniport.net.descriptors import LEDGER
 from sniport.net.poller import EPOLLERR, EPOLLHUP, EPOLLOUT, Poller
+from sniport.net.resolver import Addresses, Waiter, resolver_for, with_port
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
     family: int
     sockaddr: Any  # (host, port) / (host, port, flow, scope) / a unix path
-    label: str  # as configured, for logs
+    label: str  # as configured (or as filled from a template), for logs
+    metric: str = ""  # the metrics label when it is not ``label``: the template as configured
+
+    @property
+    def counted(self) -> str:
+        return self.metric or self.label
+
+
+@dataclass(frozen=True, slots=True)
+class Unresolved:
+    """A host name filled from a template: resolved when the connection gets to it."""
+
+    host: str
+    port: int
+    label: str  # "nas.lan:443", for logs
+    metric: str  # the template as configured, for metrics
+
+    @property
+    def counted(self) -> str:
+        return self.metric
 
 
 def targets_for(upstreams: Sequence[Address]) -> list[Target]:
     """Resolve each upstream once; a name may give several addresses, tried in order."""
     out: list[Target] = []
     for up in upstreams:
-        if isinstance(up, UnixAddress):
-            out.append(Target(socket.AF_UNIX, up.sockaddr, str(up)))
-        else:
-            assert isinstance(up, TcpAddress)
-            out.extend(Target(fam, sa, str(up)) for fam, sa in resolve(up))
+        out.extend(targets_of(up))
     return out
+
+
+def targets_of(up: Address) -> list[Target]:
+    """One fixed upstream's targets (a name is resolved now, blocking: at config load)."""
+    if isinstance(up, UnixAddress):
+        return [Target(socket.AF_UNIX, up.sockaddr, str(up))]
+    assert isinstance(up, TcpAddress)
+    return [Target(fam, sa, str(up)) for fam, sa in resolve(up)]
 
 
 _REASONS = {
@@ -56,6 +83,7 @@ _REASONS = {
 }
 
 ConnectDone = Callable[[socket.socket | None, Target | None, str], None]
+Plan = Sequence[Target | Unresolved]
 
 
 class UpstreamConnect:
@@ -70,12 +98,13 @@ class UpstreamConnect:
         "_sock",
         "_targets",
         "_timeout",
+        "_waiter",
         "deadline",
         "deadline_slot",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, poller: Poller,
-                 targets: Sequence[Target], timeout: float, on_done: ConnectDone) -> None:
+                 targets: Plan, timeout: float, on_done: ConnectDone) -> None:
         self._loop = loop
         self._poller = poller
         self._targets = targets
@@ -83,6 +112,7 @@ class UpstreamConnect:
         self._on_done = on_done
         self._index = -1
         self._sock: socket.socket | None = None
+        self._waiter: Waiter | None = None
         self.deadline = 0.0
         self.deadline_slot = 0
         self._reason = "no_upstream"
@@ -101,6 +131,10 @@ class UpstreamConnect:
                 self._on_done(None, None, self._reason)
                 return
             target = self._targets[self._index]
+            if isinstance(target, Unresolved):
+                if self._resolve(target):
+                    return  # waiting for the resolver
+                continue
             try:
                 # Non-blocking from birth: no separate fcntl/ioctl.
                 sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
@@ -131,7 +165,45 @@ class UpstreamConnect:
             sock.close()
             LEDGER.give()
             self._reason = _REASONS.get(err, f"upstream_error: {errno.errorcode.get(err, err)}")
-            metrics.upstream_error(target.label)
+            metrics.upstream_error(target.counted)
+
+    def _resolve(self, target: Unresolved) -> bool:
+        """Put ``target``'s addresses in its place from the cache (False: go on), or start
+        a lookup (True: ``_resolved`` goes on). A failure sets the reason (False)."""
+        resolver = resolver_for(self._loop)
+        found = resolver.cached(target.host)
+        if isinstance(found, tuple):
+            self._expand(target, found)
+            return False
+        if found is None:
+            self._waiter = resolver.resolve(target.host, self._timeout, self._resolved)
+            if self._waiter is not None:
+                return True
+            found = "resolver busy (too many names being looked up)"
+        self._unresolved(target, found)
+        return False
+
+    def _resolved(self, addresses: Addresses | None, why: str) -> None:
+        self._waiter = None
+        target = self._targets[self._index]
+        assert isinstance(target, Unresolved)
+        if addresses is None:
+            self._unresolved(target, why)
+        else:
+            self._expand(target, addresses)
+        self._next()
+
+    def _expand(self, target: Unresolved, addresses: Addresses) -> None:
+        """The name's addresses take its place; ``_next`` tries the first of them."""
+        here = self._index
+        resolved = [Target(family, with_port(sa, target.port), target.label, target.metric)
+                    for family, sa in addresses]
+        self._targets = [*self._targets[:here], *resolved, *self._targets[here + 1:]]
+        self._index = here - 1
+
+    def _unresolved(self, target: Unresolved, why: str) -> None:
+        self._reason = f"upstream_unresolved: {target.host}: {why}"
+        metrics.upstream_error(target.metric)
 
     def _on_event(self, events: int) -> None:
         # Writable, or an error (EPOLLERR: refused, unreachable): SO_ERROR tells which.
@@ -143,19 +215,21 @@ class UpstreamConnect:
             self._poller.unregister(sock.fileno())
             deadlines_for(self._loop).clear(self)
             self._sock = None
-            self._success(sock, self._targets[self._index])
+            target = self._targets[self._index]
+            assert isinstance(target, Target)
+            self._success(sock, target)
             return
         if err == 0:
             err = errno.ECONNRESET
         self._reason = _REASONS.get(err, f"upstream_error: {errno.errorcode.get(err, err)}")
-        metrics.upstream_error(self._targets[self._index].label)
+        metrics.upstream_error(self._targets[self._index].counted)
         self._drop()
         self._next()
 
     def expired(self, now: float) -> None:
         """``connect_timeout`` for this attempt: on to the next upstream."""
         self._reason = "upstream_timeout"
-        metrics.upstream_error(self._targets[self._index].label)
+        metrics.upstream_error(self._targets[self._index].counted)
         self._drop()
         self._next()
 
@@ -165,6 +239,9 @@ class UpstreamConnect:
         done(None, None, f"internal_error: {type(exc).__name__}")
 
     def _drop(self) -> None:
+        if self._waiter is not None:
+            self._waiter.cancel()
+            self._waiter = None
         deadlines_for(self._loop).clear(self)
         if self._sock is not None:
             self._poller.forget(self._sock.fileno())

@@ -124,11 +124,12 @@ class TlsBackend:
     connections: int = 0
     proxy_headers: list[bytes] = field(default_factory=list)
     expect_proxy: str = "off"
+    host: str = "127.0.0.1"
     _stop: bool = False
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def subject_openssl(self) -> str:
         """As ``openssl s_client`` prints it: ``subject=O = x, OU = y, CN = z``."""
@@ -209,10 +210,11 @@ _SHORT_NAMES = {NameOID.COMMON_NAME: "CN", NameOID.ORGANIZATION_NAME: "O",
 
 
 def start_tls_backend(pki: Pki, name: str, *, common_name: bool = True,
-                      expect_proxy: str = "off", unix_path: str | None = None) -> TlsBackend:
+                      expect_proxy: str = "off", unix_path: str | None = None,
+                      host: str = "127.0.0.1", port: int = 0) -> TlsBackend:
     """A TLS backend for ``name`` (its leaf signed by the test CA, with ``CN=name`` unless
-    ``common_name`` is false) on 127.0.0.1:0, or on ``unix_path``; ``expect_proxy`` ("v1",
-    "v2") makes it read a PROXY header before the handshake."""
+    ``common_name`` is false) on ``host:port`` (127.0.0.1:0), or on ``unix_path``;
+    ``expect_proxy`` ("v1", "v2") makes it read a PROXY header before the handshake."""
     leaf = pki.ca.issue_cert(name, common_name=name if common_name else None)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     leaf.configure_cert(ctx)
@@ -227,11 +229,11 @@ def start_tls_backend(pki: Pki, name: str, *, common_name: bool = True,
     else:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, port))
         port = sock.getsockname()[1]
     sock.listen(1024)
     backend = TlsBackend(name, port, sock, ctx, pem, ssl.PEM_cert_to_DER_cert(pem), subject,
-                         expect_proxy=expect_proxy)
+                         expect_proxy=expect_proxy, host=host)
 
     def accept_loop() -> None:
         while not backend._stop:
