@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import html
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ LAST_MODIFIED = "Tue, 14 Nov 2023 22:13:20 GMT"
 DATA = bytes(range(48, 58)) * 10  # b"0123456789" * 10: 100 bytes
 DATA_ETAG = '"6553f100-64"'  # nginx's form: hex mtime, hex size
 NOT_FOUND_PAGE = b"<h1>custom not found</h1>\n"
+HOME = b"<h1>home</h1>\n"  # the root's index.html
 BIG_SIZE = 20 * 1024 * 1024 + 3
 JS = b"console.log('identity');\n"
 JS_GZ = gzip.compress(JS, mtime=0)
@@ -79,11 +81,14 @@ def _build_tree(tmp: Path) -> dict[str, Path]:
     (pubparent / "pub" / "ok.txt").write_bytes(b"public\n")
 
     www = Files(tmp / "www", MTIME)
-    www.add("index.html", "<h1>home</h1>\n")
+    www.add("index.html", HOME)
     www.add("404.html", NOT_FOUND_PAGE)
     www.add("sub/index.html", "<h1>sub</h1>\n")
     www.add("sub/page.html", "<p>page</p>\n")
     (www.root / "nodir").mkdir()
+    (www.root / "live").mkdir()  # its index comes and goes (test_index_changes_on_disk)
+    www.add("gzidx/index.html", b"<p>compressible</p>\n" * 20)
+    www.add("gzidx/index.html.gz", gzip.compress(b"<p>compressible</p>\n" * 20, mtime=0))
     www.add("data.txt", DATA)
     for name in ("a.html", "UPPER.HTML", "app.mjs", "m.wasm", "i.webp", "d.json", "s.css",
                  "v.svg", "f.woff2", "p.avif", "x.unknownext", "noext", "t.txt"):
@@ -251,6 +256,67 @@ def test_index_files(setup: Setup) -> None:
         assert r.header("Content-Type") == "text/html; charset=utf-8"
     r = setup.get("/nodir/")
     assert r.status == 403  # a directory without an index, autoindex off
+
+
+INDEX_ETAG = f'"{MTIME:x}-{len(HOME):x}"'
+
+
+def _same_answer(a: Response, b: Response) -> None:
+    """Equal status, header fields (but Date) and body."""
+    assert (a.status, a.body) == (b.status, b.body)
+    assert [h for h in a.headers if h[0].lower() != "date"] == \
+        [h for h in b.headers if h[0].lower() != "date"]
+
+
+@pytest.mark.parametrize("headers", [
+    (),
+    (("If-None-Match", INDEX_ETAG),),
+    (("If-Modified-Since", LAST_MODIFIED),),
+    (("If-Match", '"nope"'),),
+    (("Range", "bytes=2-5"),),
+    (("Range", "bytes=2-5"), ("If-Range", INDEX_ETAG)),
+    (("Range", "bytes=900-"),),
+    (("Accept-Encoding", "gzip"),),
+], ids=lambda h: "+".join(k for k, _ in h) or "plain")
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("directory", ["/", "/sub/", "/gzidx/"])
+def test_an_index_answers_as_its_named_file(setup: Setup, directory: str, method: str,
+                                            headers: tuple[tuple[str, str], ...]) -> None:
+    """Issue 13: the directory's answer is its index file's, byte for byte but the Date:
+    validators, 304/412, ranges, precompressed variant; first asked and then remembered."""
+    for _ in range(2):
+        by_dir = setup.get(directory, headers=headers, method=method)
+        by_name = setup.get(directory + "index.html", headers=headers, method=method)
+        _same_answer(by_dir, by_name)
+    if directory == "/" and not headers:
+        assert by_dir.header("ETag") == INDEX_ETAG
+
+
+def test_index_changes_on_disk_are_seen(setup: Setup) -> None:
+    """An index file added, changed and removed under a running server: the directory
+    answers the new state once a path's metadata may have been revalidated (STAT_VALID, one
+    second), as the file's own path does."""
+    from sniport.http.static import STAT_VALID
+
+    live = setup.tmp / "www" / "live"
+    index = live / "index.html"
+    settle = STAT_VALID + 0.3
+    assert setup.get("/live/").status == 403
+    try:
+        for n, data in enumerate((b"<p>first</p>\n", b"<p>second, longer</p>\n")):
+            index.write_bytes(data)
+            os.utime(index, (MTIME + n, MTIME + n))
+            time.sleep(settle)
+            by_dir, by_name = setup.get("/live/"), setup.get("/live/index.html")
+            assert (by_dir.status, by_dir.body) == (200, data)
+            assert by_dir.header("ETag") == f'"{MTIME + n:x}-{len(data):x}"'
+            _same_answer(by_dir, by_name)
+            assert setup.get("/live").status == 301  # the slash redirect stays
+    finally:
+        index.unlink(missing_ok=True)
+    time.sleep(settle)
+    assert setup.get("/live/").status == 403
+    assert setup.get("/live/index.html").status == 404
 
 
 @pytest.mark.parametrize(("target", "location"), [

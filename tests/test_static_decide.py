@@ -40,6 +40,8 @@ DATE = http_date(MTIME)
 BEFORE, AFTER = http_date(MTIME - 60), http_date(MTIME + 60)
 HELLO = b"hello world"  # a.txt: 11 bytes
 ETAG = f'"{MTIME:x}-{len(HELLO):x}"'
+HOME = b"<h1>home</h1>"  # index.html
+HOME_ETAG = f'"{MTIME:x}-{len(HOME):x}"'
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root, outside = base / "root", base / "outside"
     files = {
         "a.txt": HELLO,
-        "index.html": b"<h1>home</h1>",
+        "index.html": HOME,
         ".secret": b"s",
         ".well-known/acme-challenge/tok": b"t",
         "dir/.hidden/x": b"x",
@@ -60,6 +62,9 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "style.css": b"css" * 10,
         "style.css.gz": b"gzcss",
         "empty.txt": b"",
+        "gzidx/index.html": b"<p>gz</p>" * 20,
+        "gzidx/index.html.gz": b"gz",
+        "outidx/other.txt": b"o",
     }
     for name, data in files.items():
         path = root / name
@@ -70,6 +75,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "link-in.txt").symlink_to("a.txt")
     (root / "link-out.txt").symlink_to(outside / "secret.txt")
     (root / "dir-out").symlink_to(outside / "sub")
+    (root / "outidx" / "index.html").symlink_to(outside / "secret.txt")
     os.mkfifo(root / "fifo")
     for path in [*root.rglob("*"), *outside.rglob("*")]:
         if not path.is_symlink() and path.is_file():
@@ -84,6 +90,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "spa": {"fallback": "/index.html"},
     "raw": {"precompressed": False},
     "noindex": {"index": []},
+    "twoindex": {"index": ["index.html", "index.htm"]},
 }
 
 
@@ -166,6 +173,17 @@ CASES: list[tuple[str, str, str, dict[str, str], tuple[Any, ...]]] = [
     ("noindex", "GET", "/withindex/", {}, ("403", "directory_without_index")),
     ("autoindex", "GET", "/noindex/", {}, ("listing", "noindex")),
     ("autoindex", "GET", "/withindex/", {}, ("found", "withindex/index.html", None, False, None)),
+    # an index file is answered as the named file is: conditions, ranges, siblings (issue 13)
+    ("plain", "GET", "/", {"If-None-Match": HOME_ETAG}, ("304", "index.html", None, False)),
+    ("plain", "GET", "/", {"If-Modified-Since": DATE}, ("304", "index.html", None, False)),
+    ("plain", "GET", "/", {"If-Match": '"other"'}, ("412",)),
+    ("plain", "GET", "/", {"Range": "bytes=0-3"}, ("found", "index.html", None, False, (0, 3))),
+    ("plain", "GET", "/", {"Range": "bytes=99-"}, ("416", len(HOME))),
+    ("plain", "GET", "/gzidx/", GZ, ("found", "gzidx/index.html.gz", "gzip", True, None)),
+    ("plain", "GET", "/gzidx/", {}, ("found", "gzidx/index.html", None, True, None)),
+    # an index that is a symlink out of the root is no index
+    ("plain", "GET", "/outidx/", {}, ("403", "directory_without_index")),
+    ("autoindex", "GET", "/outidx/", {}, ("listing", "outidx")),
     # the fallback (a single-page app) answers what names no file, with its own conditions
     ("spa", "GET", "/deep/route", {}, ("found", "index.html", None, False, None)),
     ("spa", "GET", "/a.txt", {}, ("found", "a.txt", None, False, None)),
@@ -357,3 +375,110 @@ def test_a_sibling_that_appears_later_brings_vary(tmp_path: Path) -> None:
     assert summary(tmp_path, later) == ("found", "late.txt", None, True, None)
     sf.send(ex, later)  # type: ignore[arg-type]
     assert b"Vary: Accept-Encoding\r\n" in ex.sent[-1][3]
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 13: a directory's index is remembered like a file found, with the same bound
+
+
+@pytest.mark.parametrize("headers", [
+    {}, GZ, BR_GZ, {"If-None-Match": '"x"'}, {"Range": "bytes=1-5"},
+    {"Range": "bytes=1-5", "If-Range": DATE}, {"If-Modified-Since": DATE},
+], ids=lambda h: "+".join(h) or "none")
+@pytest.mark.parametrize("directory", ["/", "/withindex/", "/gzidx/"])
+def test_an_index_is_answered_as_its_named_file(tree: Path, directory: str,
+                                                headers: dict[str, str]) -> None:
+    """The same decision, validators (ETag, Last-Modified) and variant for the directory as
+    for its index file named, first asked and then from the cache."""
+    sf = files(tree, "plain")
+    named = directory + "index.html"
+    for now in (0.0, 0.5):
+        by_dir = sf.decide(request(directory, headers=headers), directory, now)
+        by_name = sf.decide(request(named, headers=headers), named, now)
+        assert summary(tree, by_dir) == summary(tree, by_name)
+        assert isinstance(by_dir, Found | NotModified)
+        assert isinstance(by_name, Found | NotModified)
+        assert by_dir.meta.etag == by_name.meta.etag
+        assert by_dir.meta.last_modified == by_name.meta.last_modified
+
+
+def _state(d: Decision) -> tuple[Any, ...]:
+    if isinstance(d, Found):
+        return ("found", os.path.basename(d.meta.path), d.meta.etag)
+    return ("none",)
+
+
+@pytest.mark.parametrize("config", ["plain", "autoindex"])
+def test_an_index_changed_on_disk_is_seen_as_the_named_file_is(tmp_path: Path,
+                                                                config: str) -> None:
+    """An index file added, changed and removed: within STAT_VALID of the change the
+    directory's answer and the file's own are the old state or the new one, never anything
+    else; after it, both are the new state (metadata is revalidated at most once per
+    STAT_VALID per request path, the directory's as the file's)."""
+    d = tmp_path / "d"
+    d.mkdir()
+    index = d / "index.html"
+    by_dir, by_name = files(tmp_path, config), files(tmp_path, config)
+    without = ("403", "directory_without_index") if config == "plain" else ("listing", "d")
+
+    def check(now: float, *allowed: tuple[Any, ...]) -> None:
+        dd = by_dir.decide(request("/d/"), "/d/", now)
+        dn = by_name.decide(request("/d/index.html"), "/d/index.html", now)
+        if not isinstance(dd, Found):
+            assert summary(tmp_path, dd) == without
+        if not isinstance(dn, Found):
+            assert summary(tmp_path, dn) == ("404", "not_found")
+        assert _state(dd) in allowed, now
+        assert _state(dn) in allowed, now
+
+    def write(data: bytes, mtime: int) -> tuple[Any, ...]:
+        index.write_bytes(data)
+        os.utime(index, (mtime, mtime))
+        return ("found", "index.html", f'"{mtime:x}-{len(data):x}"')
+
+    none = ("none",)
+    check(0.0, none)
+    first = write(b"first", MTIME)
+    for now in (0.2, 0.7):
+        check(now, none, first)
+    check(1.3, first)
+    second = write(b"second version", MTIME + 5)
+    for now in (1.4, 2.0):
+        check(now, first, second)
+    check(2.4, second)
+    index.unlink()
+    for now in (2.5, 3.0):
+        check(now, second, none)
+    check(3.5, none)
+
+
+def test_a_first_index_name_added_later_takes_over(tmp_path: Path) -> None:
+    """With index = ["index.html", "index.htm"], the first name present wins; one added or
+    removed is seen within STAT_VALID."""
+    (tmp_path / "index.htm").write_bytes(b"htm")
+    sf = files(tmp_path, "twoindex")
+    assert summary(tmp_path, sf.decide(request("/"), "/", 0.0))[:2] == ("found", "index.htm")
+    (tmp_path / "index.html").write_bytes(b"html")
+    assert summary(tmp_path, sf.decide(request("/"), "/", 1.5))[:2] == ("found", "index.html")
+    (tmp_path / "index.html").unlink()
+    assert summary(tmp_path, sf.decide(request("/"), "/", 3.0))[:2] == ("found", "index.htm")
+    (tmp_path / "index.htm").unlink()
+    assert summary(tmp_path, sf.decide(request("/"), "/", 4.5)) == \
+        ("403", "directory_without_index")
+
+
+def test_a_remembered_index_answers_its_own_request_path_only(tree: Path) -> None:
+    """The index found for a request is not what an error page or the fallback naming the
+    same directory gets, nor a request for the route's prefix without its slash."""
+    sf = files(tree, "plain")
+    assert isinstance(sf.decide(request("/withindex/"), "/withindex/", 0.0), Found)
+    page = sf.decide(request("/api", "POST"), "/withindex/", 0.1, page=True)
+    assert summary(tree, page) == ("404", "not_found")
+    # A route "/static": "/static/" has the rest "/", "/static" the rest "".
+    assert isinstance(sf.decide(request("/"), "", 0.0), Found)
+    assert summary(tree, sf.decide(request("/static"), "", 0.1)) == ("301", "/static/")
+    spa = StaticFiles(StaticHandler.model_validate({"root": str(tree),
+                                                     "fallback": "/withindex/"}))
+    assert isinstance(spa.decide(request("/withindex/"), "/withindex/", 0.0), Found)
+    missing = spa.decide(request("/deep/route"), "/deep/route", 0.1)
+    assert summary(tree, missing) == ("301", "/deep/route/")

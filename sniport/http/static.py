@@ -23,9 +23,10 @@ Rules:
 - Dotfiles answer 404 unless ``dotfiles = true``; ``/.well-known/`` (RFC 8615) is always
   served, since ACME and security.txt live there.
 - Preconditions in the order of RFC 9110 section 13.2.2, then Range (RFC 9110 section 14).
-- Metadata is cached per path and revalidated with one ``stat`` per request (inode, size,
-  mtime); files up to ``SMALL_FILE`` bytes are served from memory; larger ones stream from
-  the file with backpressure, in bounded memory.
+- Metadata is cached per path and revalidated with one ``stat`` (inode, size, mtime) at most
+  once per ``STAT_VALID`` per request path, a directory's index file alike; files up to
+  ``SMALL_FILE`` bytes are served from memory; larger ones stream from the file with
+  backpressure, in bounded memory.
 """
 
 from __future__ import annotations
@@ -208,6 +209,11 @@ class StaticFiles:
         # Request path -> (its file, when it was stat'ed): a path asked again within
         # STAT_VALID skips decoding, checks and stat. Only files found are remembered.
         self._hits: dict[str, tuple[FileMeta, float]] = {}
+        # The same for directories asked with their slash: the index file found in them
+        # (issue 13: "/" cost five stat calls and a realpath per request without it). Apart
+        # from _hits, as only a request's own path may use it: a fallback or an error page
+        # that names a directory is not answered with its index (see _directory, decide).
+        self._index_hits: dict[str, tuple[FileMeta, float]] = {}
 
     # -- entry points ---------------------------------------------------------------------
 
@@ -234,6 +240,12 @@ class StaticFiles:
         hit = self._hits.get(rest)  # the fast path, before a call more
         if hit is not None and now - hit[1] < STAT_VALID:
             return self._decide_file(req, hit[0], now, page)
+        if not page:
+            hit = self._index_hits.get(rest)
+            # The slash is checked again as the key is the path after the route's prefix,
+            # which for the prefix itself is "" whether or not the request's path has it.
+            if hit is not None and now - hit[1] < STAT_VALID and req.path.endswith("/"):
+                return self._decide_file(req, hit[0], now, False)
         return self._decide_path(req, rest, now, page, not page)
 
     def _decide_path(self, req: Request, rest: str, now: float, page: bool,
@@ -270,7 +282,7 @@ class StaticFiles:
             if not self._inside(fs_path):
                 diag.warning("static: %s leads outside the root %s", fs_path, self.root)
                 return NOT_FOUND
-            return self._directory(req, fs_path, now)
+            return self._directory(req, rest if use_fallback else None, fs_path, now)
         if not stat.S_ISREG(st.st_mode):
             return self._missing(req, now, page, use_fallback)
         meta = self._lookup(fs_path, st)
@@ -289,7 +301,11 @@ class StaticFiles:
             return self._decide_path(req, self.cfg.fallback, now, False, False)
         return NOT_FOUND
 
-    def _directory(self, req: Request, fs_path: str, now: float) -> Decision:
+    def _directory(self, req: Request, rest: str | None, fs_path: str,
+                   now: float) -> Decision:
+        """A directory's answer; its index file is remembered for ``rest`` (the request's
+        own path, None for the fallback's) as a file found is, for STAT_VALID: an index
+        added, changed or removed is seen as late as a named file's change, and no later."""
         if not req.path.endswith("/"):
             # The slash form, so that relative links inside the page resolve (nginx: 301).
             return SlashRedirect(req.path + "/" + (f"?{req.query}" if req.query else ""))
@@ -302,6 +318,10 @@ class StaticFiles:
             if stat.S_ISREG(st.st_mode):
                 meta = self._lookup(candidate, st)
                 if meta.inside:
+                    if rest is not None:
+                        if len(self._index_hits) >= HITS:
+                            self._index_hits.clear()
+                        self._index_hits[rest] = (meta, now)
                     return self._decide_file(req, meta, now, False)
         if self.cfg.autoindex and self._inside(fs_path):
             return Listing(fs_path)
@@ -507,6 +527,7 @@ class StaticFiles:
     def _forget(self, meta: FileMeta) -> None:
         self._meta.pop(meta.path, None)
         self._hits.clear()
+        self._index_hits.clear()
 
     def _open(self, ex: Exchange, meta: FileMeta) -> int:
         """``meta``'s file opened for reading, verified to be what was checked (see the
