@@ -7,7 +7,9 @@ What one run does:
 
 1. a scratch directory with an ECDSA P-256 CA and leaf certificates (pass.test, static.test,
    app.test), the passthrough backend's files (/small 100 B, /big = --bulk-size), static.test's
-   root (/1k.bin, 1024 bytes) and a private hosts file;
+   root (/1k.bin, 1024 bytes; index.html, 1024 bytes, for M3i's /; /100k.bin and /1m.bin for
+   M3s's mix, which wrk asks for in turn through the Lua script ``mix.lua``, MIX_SCRIPT) and
+   a private hosts file;
 2. the nginx configs of ../shared/bench-reference (vendored in bench/nginx/) rendered with a
    private prefix per instance, run as ``nginx -p RUN -c RUN/nginx.conf -e RUN/error.log``;
 3. two backends shared by both servers, each a separate nginx with 1 worker: the TLS
@@ -86,6 +88,25 @@ assert len(SMALL_BODY) == 100
 STATIC_HOST = "static.test"
 STATIC_PATH = "/1k.bin"
 STATIC_BODY = bytes(range(256)) * 4  # 1 KiB, every byte value: a wrong byte shows
+INDEX_PATH = "/"  # M3i: the static root's index.html, found by index resolution
+
+
+def _index_body() -> bytes:
+    """A 1 KiB index.html (exactly 1,024 bytes): what ``/`` of static.test answers."""
+    head = (b"<!doctype html>\n<html lang=\"en\">\n<head><meta charset=\"utf-8\">"
+            b"<title>sniport bench index</title></head>\n<body>\n<h1>static.test</h1>\n<p>")
+    tail = b"</p>\n</body>\n</html>\n"
+    filler = b"The bench's M3i asks for / and gets this page by index resolution. " * 20
+    return head + filler[:1024 - len(head) - len(tail)] + tail
+
+
+INDEX_BODY = _index_body()
+assert len(INDEX_BODY) == 1024, len(INDEX_BODY)
+# M3s: a mix of static sizes over keep-alive, wrk rotating the paths (bench/suite.py writes
+# the Lua script: mix_script). 1 KiB is M3's file itself.
+MIX: tuple[tuple[str, int], ...] = (("/1k.bin", 1 << 10), ("/100k.bin", 100 << 10),
+                                    ("/1m.bin", 1 << 20))
+assert MIX[0] == (STATIC_PATH, len(STATIC_BODY))
 APP_HOST = "app.test"
 APP_PATH = "/"
 PAGE_PATH = "/page/index.html"  # M8: static.test's page and its 30 assets (make_page)
@@ -342,6 +363,9 @@ class Lab:
         www = self.dir / "www"  # static.test's root
         www.mkdir()
         (www / STATIC_PATH.lstrip("/")).write_bytes(STATIC_BODY)
+        (www / "index.html").write_bytes(INDEX_BODY)
+        for path, size in MIX[1:]:  # incompressible, different in every run
+            (www / path.lstrip("/")).write_bytes(os.urandom(size))
         make_page(www)
         self.hosts_file.write_text("127.0.0.1 localhost\n::1 localhost\n"
                                    f"127.0.0.1 {' '.join(hosts)}\n")
@@ -701,6 +725,18 @@ def check_terminated(lab: Lab, port: int) -> list[str]:
                        "(resumption must be off: every handshake full)")
         if again.ticket:
             bad.append("static.test: a session ticket was issued on the second connection")
+        # M3i's / (index resolution) and M3s's sizes: the exact bytes and Content-Length
+        wanted = [(INDEX_PATH, INDEX_BODY)] + [
+            (path, (lab.dir / "www" / path.lstrip("/")).read_bytes()) for path, _ in MIX[1:]]
+        for path, body in wanted:
+            c = _https(lab, port, STATIC_HOST, "GET", path)
+            if c.status != 200 or c.body != body:
+                bad.append(f"static.test{path}: status {c.status}, {len(c.body)} bytes, "
+                           f"{'right' if c.body == body else 'WRONG'} content "
+                           f"(expected {len(body)} bytes)")
+            if c.headers.get("content-length") != str(len(body)):
+                bad.append(f"static.test{path}: Content-Length "
+                           f"{c.headers.get('content-length')}, not {len(body)}")
         b = _https(lab, port, APP_HOST, "GET", APP_PATH)
         bad += check_tls(lab, port, APP_HOST, b)
         if b.status != 200 or b.body != APP_BODY:
@@ -716,7 +752,9 @@ CHECKED = ("pass.test (the backend's certificate) and static.test, app.test (the
            "TLSv1.3, TLS_AES_256_GCM_SHA384, X25519, ECDSA (Python ssl and openssl s_client); no "
            "session ticket; a second static.test handshake offering the first session is not "
            "resumed; pass.test /small 100 B exact, /big length and tail; static.test "
-           f"{STATIC_PATH} 1024 B exact; app.test {APP_PATH} the app's 100 B exact")
+           f"{STATIC_PATH} 1024 B exact, {INDEX_PATH} the root's 1 KiB index.html exact (index "
+           "resolution), " + ", ".join(f"{p} {n:,} B" for p, n in MIX[1:]) + " exact with "
+           f"their Content-Length; app.test {APP_PATH} the app's 100 B exact")
 
 
 def check_app_backend(port: int) -> list[str]:
@@ -863,17 +901,9 @@ def run_wrk(session: Session, server: Server, host: str, path: str, body_len: in
     u1, s1 = cpu_split(pids)
     cpu = (u1 - u0) + (s1 - s0)
     w = parse_wrk(done.stdout)
-    problems = []
-    if done.returncode != 0 or "requests" not in w:
-        problems.append(f"wrk exit {done.returncode}: {done.stdout.strip()} "
-                        f"{done.stderr.strip()}")
+    problems = _wrk_problems(done, w)
     errors = sum(int(v) for k, v in w.items() if k.startswith("err_"))
     non2xx = int(w.get("non_2xx_3xx", 0))
-    if errors:
-        problems.append("wrk socket errors: " + ", ".join(
-            f"{k[4:]} {int(v)}" for k, v in w.items() if k.startswith("err_") and v))
-    if non2xx:
-        problems.append(f"wrk: {non2xx} responses neither 2xx nor 3xx")
     requests = int(w.get("requests", 0))
     per_response = w.get("bytes_read", 0) / requests if requests else 0.0
     if requests and not body_len + 60 <= per_response <= body_len + 800:
@@ -889,6 +919,141 @@ def run_wrk(session: Session, server: Server, host: str, path: str, body_len: in
     return Sample(metrics, {"wrk": w, "bytes_per_response": round(per_response),
                             "utime_s": round(u1 - u0, 2), "stime_s": round(s1 - s0, 2),
                             "wrk_stdout": done.stdout}, problems)
+
+
+MIX_SCRIPT = """\
+-- bench/suite.py M3s: every wrk thread asks for {paths} in turn (one of each per
+-- three requests), on keep-alive connections; each answer's body is counted by its size.
+local paths = {{{lua_paths}}}
+local sizes = {{{lua_sizes}}}
+local reqs = {{}}
+local i = 0
+local threads = {{}}
+
+function setup(thread)
+   table.insert(threads, thread)
+end
+
+function init(args)
+   for k, p in ipairs(paths) do reqs[k] = wrk.format("GET", p) end
+   for k = 1, #sizes do _G["got" .. k] = 0 end
+   wrong = 0
+   not200 = 0
+end
+
+function request()
+   i = i % #reqs + 1
+   return reqs[i]
+end
+
+function response(status, headers, body)
+   if status ~= 200 then not200 = not200 + 1 end
+   local n = #body
+   for k = 1, #sizes do
+      if n == sizes[k] then
+         _G["got" .. k] = _G["got" .. k] + 1
+         return
+      end
+   end
+   wrong = wrong + 1
+end
+
+function done(summary, latency, requests)
+   local got = {{}}
+   local w, bad = 0, 0
+   for k = 1, #sizes do got[k] = 0 end
+   for _, thread in ipairs(threads) do
+      for k = 1, #sizes do got[k] = got[k] + thread:get("got" .. k) end
+      w = w + thread:get("wrong")
+      bad = bad + thread:get("not200")
+   end
+   io.write("sniport-bench-mix: sizes")
+   for k = 1, #sizes do io.write(string.format(" %d:%d", sizes[k], got[k])) end
+   io.write(string.format(" wrong %d not200 %d\\n", w, bad))
+end
+"""
+
+
+def mix_script(session: Session) -> Path:
+    """M3s's Lua script for wrk (written once per run into the output directory)."""
+    path = session.out / "mix.lua"
+    if not path.exists():
+        path.write_text(MIX_SCRIPT.format(
+            paths=", ".join(p for p, _ in MIX),
+            lua_paths=", ".join(f'"{p}"' for p, _ in MIX),
+            lua_sizes=", ".join(str(n) for _, n in MIX)))
+    return path
+
+
+def mix_command(session: Session, port: str) -> list[str]:
+    cmd = wrk_command(session, port, STATIC_HOST, "/", close=False)
+    return [*cmd[:-1], "-s", str(mix_script(session)), cmd[-1]]
+
+
+def run_wrk_mix(session: Session, server: Server) -> Sample:
+    """M3s: wrk with mix.lua against static.test (MIX, one of each size per three requests,
+    keep-alive): req/s, body MB/s, server CPU-us per request and CPU-ms per MB of body (10^6
+    bytes), wrk's errors and non-2xx, and the size of every answer counted by the script:
+    a body of any other size is a problem, and so is a mix off by more than the requests
+    that can be in flight at the end (one per connection)."""
+    pids = server.pids()
+    cmd = mix_command(session, str(server.port))
+    u0, s0 = cpu_split(pids)
+    done = subprocess.run(cmd, capture_output=True, text=True,
+                          timeout=session.args.wrk_duration + 90, check=False)
+    time.sleep(0.2)
+    u1, s1 = cpu_split(pids)
+    cpu = (u1 - u0) + (s1 - s0)
+    w = parse_wrk(done.stdout)
+    problems = _wrk_problems(done, w)
+    requests = int(w.get("requests", 0))
+    got: dict[int, int] = {}
+    wrong = not200 = 0
+    if m := re.search(r"sniport-bench-mix: sizes((?: \d+:\d+)+) wrong (\d+) not200 (\d+)",
+                      done.stdout):
+        got = {int(a): int(b) for a, b in (x.split(":") for x in m.group(1).split())}
+        wrong, not200 = int(m.group(2)), int(m.group(3))
+    elif requests:
+        problems.append("wrk: no sizes line from mix.lua (is the script's done() run?)")
+    counted = sum(got.values()) + wrong
+    if got and counted != requests:
+        problems.append(f"mix.lua counted {counted} answers, wrk {requests} requests")
+    if wrong:
+        problems.append(f"mix.lua: {wrong} answers of a size not in the mix: wrong content?")
+    if not200:
+        problems.append(f"mix.lua: {not200} answers not 200")
+    if got and requests:
+        share = requests / len(MIX)
+        off = {n: c for n, c in got.items() if abs(c - share) > session.args.wrk_connections + 3}
+        if off:
+            problems.append(f"mix.lua: the sizes are not one in {len(MIX)} each ({got} for "
+                            f"{requests} requests)")
+    body_bytes = sum(n * c for n, c in got.items())
+    seconds = w.get("seconds", 0.0)
+    errors = sum(int(v) for k, v in w.items() if k.startswith("err_"))
+    metrics = {"req/s": w.get("rps", 0.0),
+               "CPU-us/req": cpu * 1e6 / requests if requests else 0.0,
+               "MB/s": body_bytes / seconds / 1e6 if seconds else 0.0,
+               "CPU-ms/MB": cpu * 1e3 / (body_bytes / 1e6) if body_bytes else 0.0,
+               "errors": errors, "non-2xx": int(w.get("non_2xx_3xx", 0))}
+    return Sample(metrics, {"wrk": w, "sizes": {str(k): v for k, v in got.items()},
+                            "wrong_size": wrong, "body_bytes": body_bytes,
+                            "utime_s": round(u1 - u0, 2), "stime_s": round(s1 - s0, 2),
+                            "wrk_stdout": done.stdout}, problems)
+
+
+def _wrk_problems(done: subprocess.CompletedProcess[str], w: dict[str, float]) -> list[str]:
+    """wrk's exit, socket errors and non-2xx answers, as problems."""
+    problems = []
+    if done.returncode != 0 or "requests" not in w:
+        problems.append(f"wrk exit {done.returncode}: {done.stdout.strip()} "
+                        f"{done.stderr.strip()}")
+    if any(v for k, v in w.items() if k.startswith("err_")):
+        problems.append("wrk socket errors: " + ", ".join(
+            f"{k[4:]} {int(v)}" for k, v in w.items() if k.startswith("err_") and v))
+    if w.get("non_2xx_3xx"):
+        problems.append(f"wrk: {int(w['non_2xx_3xx'])} responses neither 2xx nor 3xx")
+    return problems
 
 
 def idle_command(session: Session, port: str, sni: str, count: int | None = None) -> list[str]:
@@ -1163,6 +1328,12 @@ MEASURES: tuple[Measure, ...] = (
             *_wrk_measure(PASS_HOST, "/small", SMALL_BODY, close=True)),
     Measure("M3", "M3 static 1 KiB, keep-alive", RATE_REQ,
             *_wrk_measure(STATIC_HOST, STATIC_PATH, STATIC_BODY, close=False)),
+    Measure("M3i", "M3i static 1 KiB index.html as /, keep-alive", RATE_REQ,
+            *_wrk_measure(STATIC_HOST, INDEX_PATH, INDEX_BODY, close=False)),
+    Measure("M3s", "M3s static mix 1 KiB / 100 KiB / 1 MiB (wrk + mix.lua), keep-alive",
+            (*RATE_REQ[:2], Metric("MB/s", "MB/s", False, "{:.0f}"),
+             Metric("CPU-ms/MB", "ms", True, "{:.3f}"), *RATE_REQ[2:]),
+            _cmd(mix_command), run_wrk_mix),
     Measure("M4", "M4 reverse proxy to a 100-byte upstream, keep-alive", RATE_REQ,
             *_wrk_measure(APP_HOST, APP_PATH, APP_BODY, close=False), settle_slack=64),
     Measure("M5", "M5 terminated new connections (TLS handshake + 1 request)", RATE_CONN,
@@ -1179,7 +1350,7 @@ MEASURES: tuple[Measure, ...] = (
                                       for p in ("h1", "h2")), m8_pages),
 )
 # Run order on the shared server: M4 last, its upstream keep-alive connections stay open.
-RUN_ORDER = ("M6p", "M6t", "M1", "M2", "M3", "M5", "M7", "M8", "M4")
+RUN_ORDER = ("M6p", "M6t", "M1", "M2", "M3", "M3i", "M3s", "M5", "M7", "M8", "M4")
 
 
 @dataclass(frozen=True)
