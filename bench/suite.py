@@ -15,8 +15,9 @@ What one run does:
 3. two backends shared by both servers, each a separate nginx with 1 worker: the TLS
    passthrough target (backend-pass.conf) and the 100-byte HTTP app (backend-app.conf);
 4. rounds: in each, for each worker count of --workers (nginx worker_processes = sniport
-   [server].workers), the nginx seed setup and sniport (the equivalent config, see
-   ``sniport_config``) ALTERNATING (the order flips every round and between worker counts),
+   [server].workers), the nginx seed setup, nginx without the hop (nginx-direct.conf, on the
+   terminated measures only: Measure.direct) and sniport (the equivalent config, see
+   ``sniport_config``) ALTERNATING (the order reverses every round and between worker counts),
    each started fresh, checked (right certificate subject and DER, TLS 1.3 with
    TLS_AES_256_GCM_SHA384 over X25519, no session ticket and no resumption, right content on
    every route), then measured. The memory measures (M6p, M6t) each get a server of their own,
@@ -37,7 +38,8 @@ of the same processes. wrk's socket errors and non-2xx responses are counted and
 and the bytes wrk read per response are checked against the size of the right answer.
 
 Measures are a registry (MEASURES), each a function ``(Session, Server) -> Sample`` with its
-metrics and its exact command; the issue 6 targets are in TARGETS.
+metrics and its exact command; the issue 13 targets (ratios sniport / nginx seed, and for some
+sniport / nginx direct) are in TARGETS.
 """
 
 from __future__ import annotations
@@ -810,6 +812,8 @@ class Measure:
     command: Callable[[Session, str], str]  # the exact command, for RESULTS.md
     run: Callable[[Session, Server], Sample]
     fresh: bool = False  # memory: on a server of its own, started just for it
+    # nginx without the hop (nginx-direct.conf) has the terminated sites only: measured there too
+    direct: bool = False
     settle_slack: int = 0  # fds per worker the server may keep after it (upstream keepalive)
 
 
@@ -1327,28 +1331,31 @@ MEASURES: tuple[Measure, ...] = (
     Measure("M2", "M2 new passthrough connections", RATE_CONN,
             *_wrk_measure(PASS_HOST, "/small", SMALL_BODY, close=True)),
     Measure("M3", "M3 static 1 KiB, keep-alive", RATE_REQ,
-            *_wrk_measure(STATIC_HOST, STATIC_PATH, STATIC_BODY, close=False)),
+            *_wrk_measure(STATIC_HOST, STATIC_PATH, STATIC_BODY, close=False), direct=True),
     Measure("M3i", "M3i static 1 KiB index.html as /, keep-alive", RATE_REQ,
-            *_wrk_measure(STATIC_HOST, INDEX_PATH, INDEX_BODY, close=False)),
+            *_wrk_measure(STATIC_HOST, INDEX_PATH, INDEX_BODY, close=False), direct=True),
     Measure("M3s", "M3s static mix 1 KiB / 100 KiB / 1 MiB (wrk + mix.lua), keep-alive",
             (*RATE_REQ[:2], Metric("MB/s", "MB/s", False, "{:.0f}"),
              Metric("CPU-ms/MB", "ms", True, "{:.3f}"), *RATE_REQ[2:]),
-            _cmd(mix_command), run_wrk_mix),
+            _cmd(mix_command), run_wrk_mix, direct=True),
     Measure("M4", "M4 reverse proxy to a 100-byte upstream, keep-alive", RATE_REQ,
-            *_wrk_measure(APP_HOST, APP_PATH, APP_BODY, close=False), settle_slack=64),
+            *_wrk_measure(APP_HOST, APP_PATH, APP_BODY, close=False), settle_slack=64,
+            direct=True),
     Measure("M5", "M5 terminated new connections (TLS handshake + 1 request)", RATE_CONN,
-            *_wrk_measure(STATIC_HOST, STATIC_PATH, STATIC_BODY, close=True)),
+            *_wrk_measure(STATIC_HOST, STATIC_PATH, STATIC_BODY, close=True), direct=True),
     Measure("M6p", "M6 memory per idle passthrough connection", KIB, *_idle_measure(PASS_HOST),
             fresh=True),
     Measure("M6t", "M6 memory per idle terminated connection", KIB,
-            *_idle_measure(STATIC_HOST), fresh=True),
+            *_idle_measure(STATIC_HOST), fresh=True, direct=True),
     Measure("M7", "M7 static 1 KiB over HTTP/2 (h2load -c64 -m10)", RATE_REQ,
-            _cmd(h2load_command), m7_h2load),
+            _cmd(h2load_command), m7_h2load, direct=True),
     Measure("M8", "M8 page load: HTML + 30 assets, new connections each (h1: 6 "
             "connections; h2: 1)", PAGES,
             lambda s, port: "\n".join(shlex.join(pageload_command(s, port, p))
-                                      for p in ("h1", "h2")), m8_pages),
+                                      for p in ("h1", "h2")), m8_pages, direct=True),
 )
+DIRECT_KEYS = frozenset(m.key for m in MEASURES if m.direct)
+SERVERS = ("nginx", "nginx-direct", "sniport")  # record names; labels "nginx seed", ...
 # Run order on the shared server: M4 last, its upstream keep-alive connections stay open.
 RUN_ORDER = ("M6p", "M6t", "M1", "M2", "M3", "M3i", "M3s", "M5", "M7", "M8", "M4")
 
@@ -1359,24 +1366,37 @@ class Target:
     bound: float
     upper: bool  # the ratio must be <= bound (else >=)
     workers: int | None = None  # only with this many workers
+    base: str = "nginx"  # the ratio sniport / this server: "nginx" (seed) or "nginx-direct"
 
 
-TARGETS: dict[tuple[str, str], Target] = {
-    ("M1", "CPU-s/GiB"): Target("<= 0.70", 0.70, True),
-    ("M2", "CPU-ms/conn"): Target("<= 1.00", 1.00, True),
-    ("M3", "CPU-us/req"): Target("<= 0.80", 0.80, True),
-    ("M4", "CPU-us/req"): Target("<= 0.90", 0.90, True),
-    ("M5", "CPU-ms/conn"): Target("<= 1.00", 1.00, True),
-    ("M6p", "KiB/conn"): Target("<= 0.25", 0.25, True),
-    ("M6t", "KiB/conn"): Target("<= 0.85", 0.85, True),
-    ("M1", "MB/s"): Target(">= 1.00 with 2 workers", 1.0, False, 2),
-    ("M2", "conn/s"): Target(">= 1.00 with 2 workers", 1.0, False, 2),
-    ("M3", "req/s"): Target(">= 1.00 with 2 workers", 1.0, False, 2),
-    ("M4", "req/s"): Target(">= 1.00 with 2 workers", 1.0, False, 2),
-    ("M5", "conn/s"): Target(">= 1.00 with 2 workers", 1.0, False, 2),
+def _cpu(bound: float, note: str = "", base: str = "nginx") -> Target:
+    return Target(f"<= {bound:.2f}{note}", bound, True, base=base)
+
+
+_RATE = Target(">= 1.00 with 2 workers", 1.0, False, 2)
+# Issue 13 (item 1 and the targets table): sniport / nginx seed unless the target says
+# "vs direct" (sniport / nginx without the hop, nginx-direct.conf). A measure may have several.
+TARGETS: dict[tuple[str, str], tuple[Target, ...]] = {
+    ("M1", "CPU-s/GiB"): (_cpu(0.50),),
+    ("M2", "CPU-ms/conn"): (_cpu(1.00),),
+    ("M3", "CPU-us/req"): (_cpu(0.80), _cpu(1.00, " vs direct", "nginx-direct")),
+    ("M3i", "CPU-us/req"): (_cpu(0.80), _cpu(1.00, " vs direct", "nginx-direct")),
+    ("M4", "CPU-us/req"): (_cpu(0.90),),
+    ("M5", "CPU-ms/conn"): (_cpu(1.00),),
+    ("M6p", "KiB/conn"): (_cpu(0.25),),
+    ("M6t", "KiB/conn"): (_cpu(0.60),),
+    # "no throughput below nginx's with 2 workers"
+    ("M1", "MB/s"): (_RATE,),
+    ("M2", "conn/s"): (_RATE,),
+    ("M3", "req/s"): (_RATE,),
+    ("M3i", "req/s"): (_RATE,),
+    ("M3s", "MB/s"): (_RATE,),
+    ("M4", "req/s"): (_RATE,),
+    ("M5", "conn/s"): (_RATE,),
     # issue 9 item 4
-    ("M7", "CPU-us/req"): Target("<= 1.50 (issue 9)", 1.50, True),
-    ("M8", "CPU-ms/page h2"): Target("<= 1.00 (issue 9; and sniport h2 < its h1)", 1.00, True),
+    ("M7", "CPU-us/req"): (_cpu(1.50, " (issue 9)"),),
+    ("M8", "CPU-ms/page h2"): (Target("<= 1.00 (issue 9; and sniport h2 < its h1)", 1.00,
+                                      True),),
 }
 
 
@@ -1418,6 +1438,10 @@ def make_server(name: str, session: Session, workers: int, rnd: int, tag: str) -
         conf = session.lab.render("nginx-seed.conf", run, workers,
                                   listen=f"unix:{run}/https.sock")
         return Nginx("nginx seed", PORTS.seed, run, conf, workers)
+    if name == "nginx-direct":
+        conf = session.lab.render("nginx-direct.conf", run, workers,
+                                  listen=f"127.0.0.1:{PORTS.direct}")
+        return Nginx("nginx direct", PORTS.direct, run, conf, workers)
     return Sniport("sniport", PORTS.sniport, run, workers, session.lab.dir,
                    metrics=session.args.sniport_metrics)
 
@@ -1434,8 +1458,8 @@ def server_instance(session: Session, name: str, workers: int, rnd: int, tag: st
     log(f"{where} [{tag}]: starting: {tidy(shlex.join(server.command), session)}")
     server.start()
     try:
-        bad = check_passthrough(session.lab, server.port) + check_terminated(session.lab,
-                                                                              server.port)
+        bad = ([] if name == "nginx-direct" else check_passthrough(session.lab, server.port)
+               ) + check_terminated(session.lab, server.port)
         outcome.checks.append((server.label, "; ".join(bad) if bad else "ok"))
         if bad:
             outcome.problems += [f"{where}, check: {b}" for b in bad]
@@ -1547,7 +1571,10 @@ def run_pass(session: Session, servers: Sequence[str], workers_list: Sequence[in
             order = list(servers) if (rnd + wi) % 2 == 0 else list(reversed(servers))
             for name in order:
                 for tag, jobs in groups:
-                    server_instance(session, name, workers, rnd, tag, jobs, outcome, into)
+                    if name == "nginx-direct":  # no passthrough: the terminated measures only
+                        jobs = [j for j in jobs if j[0] in DIRECT_KEYS]
+                    if jobs:
+                        server_instance(session, name, workers, rnd, tag, jobs, outcome, into)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1633,8 +1660,9 @@ def _values(records: Sequence[Record], key: str, server: str, workers: int, metr
 
 
 def ratio(records: Sequence[Record], key: str, workers: int, metric: str,
-          scale: int = 0) -> float | None:
-    n = _values(records, key, "nginx", workers, metric, scale)
+          scale: int = 0, base: str = "nginx") -> float | None:
+    """sniport's median / ``base``'s (the nginx seed setup unless said), or None."""
+    n = _values(records, key, base, workers, metric, scale)
     s = _values(records, key, "sniport", workers, metric, scale)
     if not n or not s or statistics.median(n) == 0:
         return None
@@ -1678,14 +1706,45 @@ def _cell(records: Sequence[Record], key: str, server: str, workers: int, metric
     return _missing(records, key, server, workers, metric) or "-"
 
 
+LABELS = {"nginx": "nginx seed", "nginx-direct": "nginx direct", "sniport": "sniport"}
+
+
+def bases(servers: Sequence[str]) -> list[str]:
+    """The nginx setups measured in this run, each a denominator of sniport's ratios."""
+    return [b for b in ("nginx", "nginx-direct") if b in servers]
+
+
+def _ratio_name(base: str) -> str:
+    return "sniport / " + ("seed" if base == "nginx" else "direct")
+
+
+def _verdicts(recs: Sequence[Record], key: str, metric: str, targets: Sequence[Target],
+              workers_list: Sequence[int]) -> str:
+    out = []
+    for w in workers_list:
+        out.append(", ".join(
+            (verdict(t, ratio(recs, key, w, metric, base=t.base))
+             if t.workers in (None, w) else "n/a") for t in targets))
+    return " / ".join(out)
+
+
 def summary_table(outcome: Outcome, measures: Sequence[Measure],
-                  workers_list: Sequence[int]) -> list[str]:
+                  workers_list: Sequence[int], servers: Sequence[str]) -> list[str]:
+    """One row per metric: each server's median (min-max) and sniport's ratio to each nginx
+    setup, per worker count; then the issue 13 targets and whether they are met."""
+    shown = [s for s in SERVERS if s in servers]
     head = "| measure |"
     rule = "|---|"
     for w in workers_list:
-        head += f" nginx, {w}w | sniport, {w}w | ratio {w}w |"
-        rule += "---|---|---|"
-    head += " target (issue 6 unless said) | " + " / ".join(f"{w}w" for w in workers_list) + " |"
+        for srv in shown:
+            head += f" {LABELS[srv]}, {w}w |"
+            rule += "---|"
+        if "sniport" in shown:
+            for b in bases(shown):
+                head += f" {_ratio_name(b)}, {w}w |"
+                rule += "---|"
+    head += (" target: sniport / nginx (issue 13 unless said; seed unless \"vs direct\") | "
+             + " / ".join(f"{w}w" for w in workers_list) + " |")
     rule += "---|---|"
     lines = [head, rule]
     recs = outcome.records
@@ -1696,27 +1755,32 @@ def summary_table(outcome: Outcome, measures: Sequence[Measure],
             better = "lower is better" if metric.lower_is_better else "higher is better"
             row = f"| {m.title}: {metric.name} ({better}) |"
             for w in workers_list:
-                r = ratio(recs, m.key, w, metric.name)
-                row += (f" {_cell(recs, m.key, 'nginx', w, metric.name, metric.fmt)} |"
-                        f" {_cell(recs, m.key, 'sniport', w, metric.name, metric.fmt)}"
-                        f" | {'-' if r is None else f'{r:.2f}'} |")
-            target = TARGETS.get((m.key, metric.name))
-            if target is None:
+                for srv in shown:
+                    if srv == "nginx-direct" and not m.direct:
+                        row += " n/a (no passthrough) |"
+                    else:
+                        row += f" {_cell(recs, m.key, srv, w, metric.name, metric.fmt)} |"
+                if "sniport" in shown:
+                    for b in bases(shown):
+                        r = ratio(recs, m.key, w, metric.name, base=b)
+                        row += f" {'-' if r is None else f'{r:.2f}'} |"
+            targets = [t for t in TARGETS.get((m.key, metric.name), ()) if t.base in shown]
+            if not targets:
                 row += " | |"
             else:
-                row += f" {target.text} | " + " / ".join(
-                    verdict(target, ratio(recs, m.key, w, metric.name))
-                    if target.workers in (None, w) else "n/a" for w in workers_list) + " |"
+                row += (" " + "; ".join(t.text for t in targets) + " | "
+                        + _verdicts(recs, m.key, metric.name, targets, workers_list) + " |")
             lines.append(row)
         if any(x.name in COUNTS for x in m.metrics):
             row = f"| {m.title}: load generator errors / non-2xx, sum of rounds |"
             for w in workers_list:
-                cells = []
-                for srv in ("nginx", "sniport"):
+                for srv in shown:
                     e = sum(_values(recs, m.key, srv, w, "errors"))
                     n = sum(_values(recs, m.key, srv, w, "non-2xx"))
-                    cells.append(f"{e:.0f} / {n:.0f}")
-                row += f" {cells[0]} | {cells[1]} | |"
+                    row += (" n/a |" if srv == "nginx-direct" and not m.direct
+                            else f" {e:.0f} / {n:.0f} |")
+                if "sniport" in shown:
+                    row += " |" * len(bases(shown))
             lines.append(row + " 0 / 0 | |")
     return lines
 
@@ -1905,8 +1969,15 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
         "http-servers.inc: stream + ssl_preread on 127.0.0.1:"
         f"{PORTS.seed}, pass.test relayed to the backend, everything else over a unix socket to "
         "`http` servers with `ssl`: static.test a static root, app.test `proxy_pass` with "
-        "upstream keepalive 64) and sniport (config below) on 127.0.0.1:"
-        f"{PORTS.sniport}. Shared backends, each a separate nginx with 1 worker: the TLS "
+        "upstream keepalive 64), "
+        + ("nginx without the hop, \"nginx direct\" (bench/nginx/nginx-direct.conf: the same "
+           f"`http` servers listening on 127.0.0.1:{PORTS.direct} themselves; no passthrough, so "
+           "measured on the terminated measures only: "
+           + ", ".join(m.key for m in MEASURES if m.direct) + "), "
+           if "nginx-direct" in a.servers_list else "")
+        + "and sniport (config below) on 127.0.0.1:"
+        f"{PORTS.sniport}; measured: {', '.join(LABELS[x] for x in a.servers_list)}. "
+        "Shared backends, each a separate nginx with 1 worker: the TLS "
         f"passthrough target (bench/nginx/backend-pass.conf) on 127.0.0.1:{PORTS.pass_backend}"
         ", the 100-byte app (bench/nginx/backend-app.conf) on 127.0.0.1:"
         f"{PORTS.app_backend}",
@@ -1918,8 +1989,8 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
         "TLS_AES_256_GCM_SHA384, X25519, ECDSA P-256 certificates, session tickets and caches "
         "off (nginx: ssl_session_tickets off, ssl_session_cache off, NumTickets 0; sniport: "
         "tls_session_tickets = false); access logs off on both",
-        f"- method: {a.runs} round(s); in each, for each worker count, both servers are "
-        "started fresh, checked, and measured one after the other, the order flipping every "
+        f"- method: {a.runs} round(s); in each, for each worker count, every server is "
+        "started fresh, checked, and measured one after the other, the order reversing every "
         "round and between worker counts; the memory measures (M6) each on a server started "
         "just for them, M1-M5, M7 and M8 on one more start. Figures are medians with the "
         "(min-max) "
@@ -1937,9 +2008,10 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
         "sniport run -c $OUT/run/sniport-wW-rN-TAG/sniport.toml`; the backends: `nginx -p "
         "$OUT/run/backend-pass ...`, `nginx -p $OUT/run/backend-app ...`",
         "",
-        "## Summary: sniport / nginx (medians; ratios of medians)",
+        "## Summary: sniport / nginx seed and sniport / nginx direct (medians; ratios of "
+        "medians)",
         "",
-        *summary_table(outcome, measures, workers_list),
+        *summary_table(outcome, measures, workers_list, a.servers_list),
         "",
         "Reference figures (../shared/bench-reference/README.md, 2026-11-26, 1 worker, nginx "
         "seed): M1 0.73 CPU-s/GiB, M2 0.205 CPU-ms/conn, M3 33 CPU-us/req, M4 35 CPU-us/req, "
@@ -1952,7 +2024,9 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
     ]
     for m in measures:
         lines += [f"## {m.title}", "",
-                  f"Command (PORT = {PORTS.seed} for nginx, {PORTS.sniport} for sniport):",
+                  f"Command (PORT = {PORTS.seed} for the nginx seed setup, "
+                  + (f"{PORTS.direct} for nginx direct, " if m.direct else "")
+                  + f"{PORTS.sniport} for sniport):",
                   "", "```", tidy(m.command(session, "PORT"), session), "```", ""]
         header = ("| workers | server | round | " + " | ".join(x.name for x in m.metrics)
                   + " | raw |")
@@ -1967,10 +2041,11 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
         lines.append("")
         for w in workers_list:
             for metric in m.metrics:
-                rr = ratio(outcome.records, m.key, w, metric.name)
-                if rr is not None and metric.name not in COUNTS:
-                    lines.append(f"- {w} worker(s), ratio sniport / nginx, {metric.name}: "
-                                 f"**{rr:.2f}**")
+                for b in bases(a.servers_list):
+                    rr = ratio(outcome.records, m.key, w, metric.name, base=b)
+                    if rr is not None and metric.name not in COUNTS:
+                        lines.append(f"- {w} worker(s), ratio {_ratio_name(b)}, "
+                                     f"{metric.name}: **{rr:.2f}**")
         lines.append("")
         if m.key == "M8":
             lines += m8_table(outcome.records, workers_list)
@@ -2038,7 +2113,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--measures", default=",".join(m.key for m in MEASURES),
                    help="comma-separated, of " + ", ".join(m.key for m in MEASURES)
                    + " (default all)")
-    p.add_argument("--servers", default="nginx,sniport", help="default nginx,sniport")
+    p.add_argument("--servers", default=",".join(SERVERS),
+                   help="of nginx (the seed setup), nginx-direct (nginx without the hop: "
+                   "nginx-direct.conf, the terminated measures only: "
+                   + ", ".join(m.key for m in MEASURES if m.direct)
+                   + ") and sniport; default all three")
     p.add_argument("--workers", default="1,2", type=_int_list,
                    help="worker counts, each measured (nginx worker_processes = sniport "
                    "[server].workers); default 1,2")
@@ -2101,9 +2180,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     measures = [m for m in MEASURES if m.key in keys]
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
-    if not set(servers) <= {"nginx", "sniport"}:
-        print("--servers: nginx and/or sniport", file=sys.stderr)
+    if not set(servers) <= set(SERVERS):
+        print(f"--servers: of {', '.join(SERVERS)}", file=sys.stderr)
         return 2
+    args.servers_list = servers
 
     try:
         ensure_free(PORTS.all())
