@@ -377,15 +377,23 @@ class Lab:
             f.seek(start)
             return f.read(length)
 
-    def render(self, template: str, run: Path, workers: int, listen: str = "") -> Path:
-        """Render ``template`` (and the includes) into ``run``; returns run/nginx.conf."""
+    def render(self, template: str, run: Path, workers: int, listen: str = "",
+               pass_extra: Sequence[str] = ()) -> Path:
+        """Render ``template`` (and the includes) into ``run``; returns run/nginx.conf.
+        ``pass_extra``: more names for the seed setup's map, each to the passthrough backend
+        like pass.test (the config-size rows), with a map hash big enough for them."""
         run.mkdir(parents=True, exist_ok=True)
         (run / "tmp").mkdir(exist_ok=True)
         (run / "logs").mkdir(exist_ok=True)
         subst = {"@W@": str(workers), "@RUN@": str(run), "@CONF@": str(run),
                  "@LAB@": str(self.dir), "@LISTEN@": listen,
                  "@SEED_PORT@": str(PORTS.seed), "@PASS_PORT@": str(PORTS.pass_backend),
-                 "@APP_PORT@": str(PORTS.app_backend)}
+                 "@APP_PORT@": str(PORTS.app_backend),
+                 "@PASS_EXTRA@": "\n        ".join(f"{h}  127.0.0.1:{PORTS.pass_backend};"
+                                                   for h in pass_extra),
+                 # nginx refuses to build a map hash bigger than map_hash_max_size (2048)
+                 "@MAP_HASH@": (f"map_hash_max_size {max(2048, 4 * len(pass_extra))}; "
+                                "map_hash_bucket_size 64;" if pass_extra else "")}
 
         def fill(text: str) -> str:
             for k, v in subst.items():
@@ -499,16 +507,21 @@ class Nginx(Server):
 
 class Sniport(Server):
     def __init__(self, label: str, port: int, run: Path, workers: int, lab: Path,
-                 metrics: bool = False) -> None:
+                 metrics: bool = False, pass_extra: Sequence[str] = ()) -> None:
         super().__init__(label, port, run)
         run.mkdir(parents=True, exist_ok=True)
         (run / "state").mkdir(exist_ok=True)
         self.workers = workers
         self.metrics = metrics
+        self.lab = lab
         self.config = run / "sniport.toml"
-        self.config.write_text(sniport_config(workers, run / "state", lab, metrics=metrics))
+        self.write_config(pass_extra)
         self.command = [str(VENV_PY), "-m", "sniport", "run", "-c", str(self.config)]
         self.env = snapshot_env(lab)
+
+    def write_config(self, pass_extra: Sequence[str]) -> None:
+        self.config.write_text(sniport_config(self.workers, self.run / "state", self.lab,
+                                              metrics=self.metrics, pass_extra=pass_extra))
 
     def start(self) -> None:
         if self.metrics:  # the master binds it: nobody else may hold it
@@ -528,11 +541,13 @@ class Sniport(Server):
 
 
 def sniport_config(workers: int, state_dir: Path | str, lab: Path | str, *,
-                   metrics: bool = False) -> str:
+                   metrics: bool = False, pass_extra: Sequence[str] = ()) -> str:
     """The sniport equivalent of nginx-seed.conf + http-servers.inc: pass.test passed
     through, static.test and app.test terminated with the same certificates. ``metrics``
     (--sniport-metrics) adds [server] metrics_listen: workers then count into the shared
-    mapping the master serves, instead of a private buffer (issue 11 item 3)."""
+    mapping the master serves, instead of a private buffer (issue 11 item 3). ``pass_extra``:
+    more names in the passthrough block's hosts (the config-size rows)."""
+    hosts = ", ".join(f'"{h}"' for h in (PASS_HOST, *pass_extra))
     metrics_line = (f'metrics_listen = "127.0.0.1:{PORTS.sniport_metrics}"  # --sniport-metrics; '
                     "nginx: no equivalent\n" if metrics else "")
     return f"""\
@@ -553,7 +568,7 @@ http2_max_streams = 128       # nginx: http2_max_concurrent_streams 128 (its def
 {metrics_line}
 [[passthrough]]
 name = "pass"
-hosts = ["{PASS_HOST}"]
+hosts = [{hosts}]
 upstreams = ["127.0.0.1:{PORTS.pass_backend}"]
 
 [[site]]
@@ -1418,6 +1433,7 @@ class Record:
 class Outcome:
     records: list[Record] = field(default_factory=list)
     scaling: list[Record] = field(default_factory=list)
+    config: list[Record] = field(default_factory=list)  # config-size rows: scale = hosts
     problems: list[str] = field(default_factory=list)
     checks: list[tuple[str, str]] = field(default_factory=list)  # (server, result)
     log_lines: list[tuple[str, str]] = field(default_factory=list)  # (server, line)
@@ -1432,18 +1448,19 @@ def loadavg() -> str:
     return Path("/proc/loadavg").read_text().strip()
 
 
-def make_server(name: str, session: Session, workers: int, rnd: int, tag: str) -> Server:
+def make_server(name: str, session: Session, workers: int, rnd: int, tag: str,
+                pass_extra: Sequence[str] = ()) -> Server:
     run = session.out / "run" / f"{name}-w{workers}-r{rnd + 1}-{tag}"
     if name == "nginx":
         conf = session.lab.render("nginx-seed.conf", run, workers,
-                                  listen=f"unix:{run}/https.sock")
+                                  listen=f"unix:{run}/https.sock", pass_extra=pass_extra)
         return Nginx("nginx seed", PORTS.seed, run, conf, workers)
     if name == "nginx-direct":
         conf = session.lab.render("nginx-direct.conf", run, workers,
                                   listen=f"127.0.0.1:{PORTS.direct}")
         return Nginx("nginx direct", PORTS.direct, run, conf, workers)
     return Sniport("sniport", PORTS.sniport, run, workers, session.lab.dir,
-                   metrics=session.args.sniport_metrics)
+                   metrics=session.args.sniport_metrics, pass_extra=pass_extra)
 
 
 # A job: (measure key, what it runs on a started server -> [(scale, sample)], settle slack)
@@ -1451,9 +1468,10 @@ Job = tuple[str, Callable[[Server], list[tuple[int, Sample]]], int]
 
 
 def server_instance(session: Session, name: str, workers: int, rnd: int, tag: str,
-                    jobs: Sequence[Job], outcome: Outcome, into: list[Record]) -> None:
+                    jobs: Sequence[Job], outcome: Outcome, into: list[Record],
+                    pass_extra: Sequence[str] = ()) -> None:
     """Start one server, check every route, run ``jobs`` on it, stop it; record everything."""
-    server = make_server(name, session, workers, rnd, tag)
+    server = make_server(name, session, workers, rnd, tag, pass_extra)
     where = f"round {rnd + 1}, {workers} worker(s), {server.label}"
     log(f"{where} [{tag}]: starting: {tidy(shlex.join(server.command), session)}")
     server.start()
@@ -1486,7 +1504,9 @@ def server_instance(session: Session, name: str, workers: int, rnd: int, tag: st
                     f"{server.log_tail()}")
                 return
             gone = pids0 - set(server.pids())
-            if gone:  # a worker died (and may have been replaced): its CPU time is lost too
+            if gone and key == "C":  # the config-size rows reload: new workers, by design
+                pids0 = set(server.pids())
+            elif gone:  # a worker died (and may have been replaced): its CPU time is lost too
                 outcome.problems.append(f"{where}: process(es) {sorted(gone)} exited during "
                                         f"{key}; log tail:\n{server.log_tail()}")
                 pids0 = set(server.pids())
@@ -1515,6 +1535,134 @@ def log_problems(where: str, lines: Sequence[str], shown: int = 8) -> list[str]:
         out.append(f"{where}, sniport log: {len(counts) - shown} more distinct line(s), "
                    f"{sum(len(f) for f in list(counts.values())[shown:])} in all; see the log")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Config size (issue 13 item 1): routing cost and reload time with many names
+
+RELOAD_MARKER = "reload-marker.hosts.test"
+RELOADS = 3  # per server start: the marker in, out, in again
+RELOAD_STREAK = 5  # handshakes in a row routed the new way before the new config counts
+
+
+def extra_names(hosts: int) -> list[str]:
+    """The names besides pass.test that make the passthrough block ``hosts`` names long."""
+    return [f"h{i:05d}.hosts.test" for i in range(1, hosts)]
+
+
+def peer_cert(port: int, sni: str) -> bytes | None:
+    """The certificate (DER) a TLS 1.3 handshake with ``sni`` gets through ``port``, not
+    verified (which site or backend answered is the question), or None if it failed."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        with (socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+              ctx.wrap_socket(raw, server_hostname=sni) as tls):
+            return tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError):
+        return None
+
+
+def reload_command(session: Session, server: Server) -> list[str]:
+    if isinstance(server, Sniport):
+        return [str(VENV_PY), "-m", "sniport", "reload", "-c", str(server.config)]
+    return ["nginx", "-p", str(server.run), "-c", str(server.run / "nginx.conf"), "-e",
+            str(server.run / "error.log"), "-s", "reload"]
+
+
+def reload_once(session: Session, server: Server, workers: int, names: list[str],
+                marker: bool) -> tuple[dict[str, float], list[str]]:
+    """Write the config with ``names`` (and RELOAD_MARKER if ``marker``), then time from
+    the reload command's start until RELOAD_STREAK handshakes in a row with SNI
+    RELOAD_MARKER reach where the new config sends it: the passthrough backend (pass.test's
+    certificate) with the marker, else the default (static.test's)."""
+    lab = session.lab
+    want = lab.certs_der[PASS_HOST if marker else STATIC_HOST]
+    new = [*names, RELOAD_MARKER] if marker else names
+    if isinstance(server, Sniport):
+        server.write_config(new)
+    else:
+        lab.render("nginx-seed.conf", server.run, workers,
+                   listen=f"unix:{server.run}/https.sock", pass_extra=new)
+    problems = []
+    t0 = time.monotonic()
+    done = subprocess.run(reload_command(session, server), capture_output=True, text=True,
+                          timeout=120, check=False, env=server.env)
+    t_cmd = time.monotonic() - t0
+    if done.returncode != 0:
+        problems.append(f"reload exit {done.returncode}: {done.stdout.strip()} "
+                        f"{done.stderr.strip()}")
+    streak, first, probes = 0, 0.0, 0
+    deadline = t0 + 60
+    while streak < RELOAD_STREAK:
+        if time.monotonic() > deadline:
+            problems.append(f"{RELOAD_MARKER} not routed the new way 60 s after the reload")
+            break
+        got = peer_cert(server.port, RELOAD_MARKER)
+        probes += 1
+        if got == want:
+            if streak == 0:
+                first = time.monotonic() - t0
+            streak += 1
+        else:
+            streak = 0
+    return {"command_s": round(t_cmd, 4), "serving_s": round(first, 4), "probes": probes,
+            "marker": marker}, problems
+
+
+def config_job(session: Session, workers: int,
+               hosts: int) -> Callable[[Server], list[tuple[int, Sample]]]:
+    """With ``hosts`` names in the passthrough block: the server's RSS, M2 (new passthrough
+    connections to pass.test: CPU-ms per connection), then RELOADS reloads, each timed
+    until the new config routes a marker name (reload_once)."""
+    def run(server: Server) -> list[tuple[int, Sample]]:
+        names = extra_names(hosts)
+        problems = []
+        procs = len(server.pids())
+        rss = rss_kib(server.pids()) / 1024
+        if names and peer_cert(server.port, names[-1]) != session.lab.certs_der[PASS_HOST]:
+            problems.append(f"{names[-1]} (the last of {hosts} names) is not passed through")
+        if peer_cert(server.port, RELOAD_MARKER) != session.lab.certs_der[STATIC_HOST]:
+            problems.append(f"{RELOAD_MARKER} does not reach the default before the reloads")
+        m2 = run_wrk(session, server, PASS_HOST, "/small", len(SMALL_BODY), close=True)
+        reloads = []
+        for i in range(RELOADS):
+            got, bad = reload_once(session, server, workers, names, marker=i % 2 == 0)
+            reloads.append(got)
+            problems += [f"reload {i + 1}: {b}" for b in bad]
+            # the previous generation's workers finish draining before the next reload
+            try:
+                wait_for(lambda: len(server.pids()) <= procs, 30,
+                         f"{server.label}'s old workers to exit")
+            except BenchError as exc:
+                problems.append(f"reload {i + 1}: {exc}")
+        metrics = dict(m2.metrics)
+        ok = [r["serving_s"] for r in reloads if r["serving_s"]]
+        if ok:
+            metrics["reload s"] = statistics.median(ok)
+            metrics["reload command s"] = statistics.median(r["command_s"] for r in reloads)
+        metrics["RSS MiB"] = rss
+        return [(hosts, Sample(metrics, m2.raw | {"reloads": reloads, "hosts": hosts},
+                               m2.problems + problems))]
+    return run
+
+
+def run_config_pass(session: Session, servers: Sequence[str], workers_list: Sequence[int],
+                    runs: int, outcome: Outcome) -> None:
+    """The config-size rows: for each count of --config-hosts a fresh server of its own
+    (nginx seed and sniport; nginx direct has no passthrough), alternating as the main pass."""
+    counts = _int_list(session.args.config_hosts)
+    names = [s for s in servers if s != "nginx-direct"]
+    for rnd in range(runs):
+        for wi, workers in enumerate(workers_list):
+            order = names if (rnd + wi) % 2 == 0 else list(reversed(names))
+            for name in order:
+                for n in counts:
+                    server_instance(session, name, workers, rnd, f"hosts{n}",
+                                    [("C", config_job(session, workers, n), 0)], outcome,
+                                    outcome.config, pass_extra=extra_names(n))
 
 
 def main_jobs(session: Session, measures: Sequence[Measure]) -> list[tuple[str, list[Job]]]:
@@ -1931,6 +2079,62 @@ def scaling_section(session: Session, outcome: Outcome, measures: Sequence[Measu
     return [*lines, ""]
 
 
+def config_section(session: Session, outcome: Outcome,
+                   workers_list: Sequence[int]) -> list[str]:
+    a = session.args
+    recs = outcome.config
+    counts = _int_list(a.config_hosts)
+    lines = ["## Config size: routing cost and reload time by number of names (issue 13)", "",
+             f"{a.scaling_runs} round(s), medians with the (min-max) spread. For each count, "
+             "a fresh server whose passthrough block holds that many names (pass.test and "
+             "h00001.hosts.test ...; sniport: [[passthrough]] hosts, nginx seed: the same names "
+             "in the stream `map $ssl_preread_server_name`, with map_hash_max_size raised to fit; "
+             "static.test and app.test besides; nginx direct has no passthrough and is not in "
+             "these rows), checked like every start (the last name is passed through, too). "
+             "Then: RSS of the server's processes; M2 on pass.test (the command of M2: CPU per "
+             "new passthrough connection, which routes each hello among all the names); then "
+             f"{RELOADS} reloads, each after writing the config with {RELOAD_MARKER} added to "
+             "(then removed from, then added to) the passthrough names: \"reload s\" is the "
+             "wall time from the reload command's start until "
+             f"{RELOAD_STREAK} handshakes in a row with that SNI reach where the new config "
+             "sends it (pass.test's certificate, else static.test's, the default), \"reload "
+             "command s\" the command's own wall time (`sniport reload` waits for the "
+             "master's verdict on the new generation; `nginx -s reload` only signals the "
+             "master). A worker replaced by a reload is not reported as a death in these "
+             "rows. Reload commands:", "",
+             "```", tidy(shlex.join([str(VENV_PY), "-m", "sniport", "reload", "-c",
+                                     "$OUT/run/sniport-wW-rN-hostsH/sniport.toml"])),
+             "nginx -p $OUT/run/nginx-wW-rN-hostsH -c $OUT/run/nginx-wW-rN-hostsH/nginx.conf "
+             "-e $OUT/run/nginx-wW-rN-hostsH/error.log -s reload", "```", "",
+             "| workers | names | nginx seed CPU-ms/conn | sniport CPU-ms/conn | ratio | "
+             "nginx seed conn/s | sniport conn/s | nginx seed reload s | sniport reload s | "
+             "nginx seed reload command s | sniport reload command s | nginx seed RSS MiB | "
+             "sniport RSS MiB | wrk errors / non-2xx (nginx; sniport) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for w in workers_list:
+        for n in counts:
+            r = ratio(recs, "C", w, "CPU-ms/conn", n)
+            cells = [_stats(_values(recs, "C", s, w, metric, n), fmt)
+                     for metric, fmt in (("CPU-ms/conn", "{:.3f}"), ("conn/s", "{:.0f}"),
+                                         ("reload s", "{:.3f}"), ("reload command s", "{:.3f}"),
+                                         ("RSS MiB", "{:.1f}"))
+                     for s in ("nginx", "sniport")]
+            errs = "; ".join(f"{sum(_values(recs, 'C', s, w, 'errors', n)):.0f} / "
+                             f"{sum(_values(recs, 'C', s, w, 'non-2xx', n)):.0f}"
+                             for s in ("nginx", "sniport"))
+            lines.append(f"| {w} | {n:,} | {' | '.join(cells[:2])} | "
+                         f"{'-' if r is None else f'{r:.2f}'} | {' | '.join(cells[2:])} | "
+                         f"{errs} |")
+    lines += ["", "Each reload, raw (seconds until served; the command's own):", "",
+              "| workers | server | round | names | reloads: serving_s / command_s |",
+              "|---|---|---|---|---|"]
+    for x in sorted(recs, key=lambda x: (x.workers, x.server, x.scale, x.round)):
+        shown = ", ".join(f"{r['serving_s']:.3f} / {r['command_s']:.3f}"
+                          for r in x.sample.raw.get("reloads", []))
+        lines.append(f"| {x.workers} | {x.server} | {x.round + 1} | {x.scale:,} | {shown} |")
+    return [*lines, ""]
+
+
 def report(session: Session, outcome: Outcome, info: dict[str, str], measures: list[Measure],
            relay_md: str, argv: list[str], elapsed: float, end_info: dict[str, str]) -> str:
     a = session.args
@@ -2052,6 +2256,8 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
 
     if a.scaling:
         lines += scaling_section(session, outcome, measures, workers_list)
+    if a.config_scaling:
+        lines += config_section(session, outcome, workers_list)
 
     lines += ["## Checks before measuring", "",
               f"At every server start, before its measures: {CHECKED}.", ""]
@@ -2127,6 +2333,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--scaling-runs", type=int, default=0, help="default: --runs")
     p.add_argument("--scaling-connections", default="1,64,1000")
     p.add_argument("--scaling-idle", default="1000,4000,8000")
+    p.add_argument("--config-scaling", action="store_true",
+                   help="also the config-size rows (issue 13): with each count of "
+                   "--config-hosts names in the passthrough block (sniport) / the stream map "
+                   "(nginx seed), on a fresh server each: M2's CPU per new connection, the "
+                   "server's RSS, and the wall time of a reload until the new config serves")
+    p.add_argument("--config-hosts", default="10,1000,10000",
+                   help="names in the passthrough block for --config-scaling; default "
+                   "10,1000,10000")
     p.add_argument("--bulk-size", type=int, default=GIB, help="M1 bytes; default 1 GiB")
     p.add_argument("--idle-count", type=int, default=5000, help="M6 connections; default 5000")
     p.add_argument("--wrk-duration", type=int, default=3, help="wrk seconds; default 3")
@@ -2157,6 +2371,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if idle != sorted(idle):
         p.error("--scaling-idle: increasing counts (connections are added)")
     _int_list(args.scaling_connections)
+    _int_list(args.config_hosts)
     return args
 
 
@@ -2222,6 +2437,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.scaling:
             run_pass(session, servers, args.workers_list, args.scaling_runs,
                      scaling_jobs(session, measures), outcome, outcome.scaling)
+        if args.config_scaling:
+            run_config_pass(session, servers, args.workers_list, args.scaling_runs, outcome)
         for backend in backends:
             if not backend.alive():
                 outcome.problems.append(f"the {backend.label} died during the bench")
@@ -2253,7 +2470,8 @@ def main(argv: list[str] | None = None) -> int:
 
         (out / "raw.json").write_text(json.dumps(
             {"machine": info, "end": end_info, "records": dump(outcome.records),
-             "scaling": dump(outcome.scaling), "problems": outcome.problems,
+             "scaling": dump(outcome.scaling), "config": dump(outcome.config),
+             "problems": outcome.problems,
              "checks": outcome.checks, "loads": outcome.loads}, indent=1))
         text = report(session, outcome, info, measures, relay_md, argv,
                       time.monotonic() - t_start, end_info)
