@@ -22,9 +22,10 @@ What one run does:
    TLS_AES_256_GCM_SHA384 over X25519, no session ticket and no resumption, right content on
    every route), then measured. The memory measures (M6p, M6t) each get a server of their own,
    started just for them; M1-M5 share one;
-5. with --scaling, a second pass: M3 and M4 at 1, 64 and 1,000 concurrent connections, M6
-   (passthrough and terminated) at 1,000, 4,000 and 8,000 idle connections held at once on
-   one fresh server (the connections are added, the RSS read at each count);
+5. with --scaling, a second pass: M3 and M4 at 1, 64 and 1,000 concurrent connections (and
+   the peak RSS per busy connection), M6 (passthrough and terminated) at 1, 64, 1,000, 4,000
+   and 8,000 idle connections held at once on one fresh server (the connections are added,
+   the RSS read at each count); with --config-scaling, the config-size rows (run_config_pass);
 6. bench/relay_compare.py (splice vs transport relay), unless --no-relay;
    (M7 and M8, issue 9 item 4, are HTTP/2 against HTTP/1.1: h2load, and bench/pageload.py
    for page loads as a browser makes them; a server that does not select h2 in ALPN shows
@@ -905,17 +906,46 @@ def parse_wrk(text: str) -> dict[str, float]:
     return out
 
 
+class PeakRss:
+    """The highest VmRSS sum of ``pids`` while in the ``with`` block, read every 0.1 s by a
+    thread (the bench's own CPU: never counted as the server's)."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        import threading
+
+        self.pids = pids
+        self.before = rss_kib(pids)
+        self.peak = self.before
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, rss_kib(self.pids))
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def run_wrk(session: Session, server: Server, host: str, path: str, body_len: int, *,
-            close: bool, connections: int | None = None) -> Sample:
+            close: bool, connections: int | None = None, peak_rss: bool = False) -> Sample:
     """wrk against ``server``: the rate, the server's CPU per request (or per connection
     with ``close``), wrk's socket errors and non-2xx responses, and a check that the bytes
-    read per response fit the right answer (body + a head of 60-800 bytes)."""
+    read per response fit the right answer (body + a head of 60-800 bytes). ``peak_rss``
+    (the scaling pass): also the server's peak RSS during the run minus before, per wrk
+    connection ("KiB/conn peak": memory per busy connection)."""
     pids = server.pids()
     cmd = wrk_command(session, str(server.port), host, path, close=close,
                       connections=connections)
     u0, s0 = cpu_split(pids)
-    done = subprocess.run(cmd, capture_output=True, text=True,
-                          timeout=session.args.wrk_duration + 90, check=False)
+    with PeakRss(pids) if peak_rss else contextlib.nullcontext() as rss:
+        done = subprocess.run(cmd, capture_output=True, text=True,
+                              timeout=session.args.wrk_duration + 90, check=False)
     time.sleep(0.2)
     u1, s1 = cpu_split(pids)
     cpu = (u1 - u0) + (s1 - s0)
@@ -935,9 +965,13 @@ def run_wrk(session: Session, server: Server, host: str, path: str, body_len: in
         metrics = {"req/s": w.get("rps", 0.0),
                    "CPU-us/req": cpu * 1e6 / requests if requests else 0.0}
     metrics |= {"errors": errors, "non-2xx": non2xx}
-    return Sample(metrics, {"wrk": w, "bytes_per_response": round(per_response),
-                            "utime_s": round(u1 - u0, 2), "stime_s": round(s1 - s0, 2),
-                            "wrk_stdout": done.stdout}, problems)
+    raw = {"wrk": w, "bytes_per_response": round(per_response), "utime_s": round(u1 - u0, 2),
+           "stime_s": round(s1 - s0, 2), "wrk_stdout": done.stdout}
+    if isinstance(rss, PeakRss):
+        conns = connections or session.args.wrk_connections
+        metrics["KiB/conn peak"] = (rss.peak - rss.before) / conns
+        raw |= {"rss_before_kib": rss.before, "rss_peak_kib": rss.peak}
+    return Sample(metrics, raw, problems)
 
 
 MIX_SCRIPT = """\
@@ -1695,7 +1729,7 @@ def scaling_jobs(session: Session, measures: Sequence[Measure]) -> list[tuple[st
                 c: int) -> Callable[[Server], list[tuple[int, Sample]]]:
         def run(server: Server) -> list[tuple[int, Sample]]:
             return [(c, run_wrk(session, server, host, path, len(body), close=False,
-                                connections=c))]
+                                connections=c, peak_rss=True))]
         return run
 
     for key, sni in (("M6p", PASS_HOST), ("M6t", STATIC_HOST)):
@@ -1992,7 +2026,7 @@ def scaling_section(session: Session, outcome: Outcome, measures: Sequence[Measu
     keys = [m.key for m in measures]
     conns = [int(x) for x in a.scaling_connections.split(",")]
     idle = [int(x) for x in a.scaling_idle.split(",")]
-    lines = ["## Scaling (issue 6 item 4)", "",
+    lines = ["## Scaling (issue 6 item 4, issue 13 item 4)", "",
              f"{a.scaling_runs} round(s), medians with the (min-max) spread; same servers, "
              "checks and order rules as above. M3/M4: wrk with -c1, -c64, -c1000 for "
              f"{a.wrk_duration}s (-t = min(2, connections)); the server's CPU includes the TLS "
@@ -2002,10 +2036,16 @@ def scaling_section(session: Session, outcome: Outcome, measures: Sequence[Measu
              "fresh server per kind; the idle connections are added to the ones already held "
              f"({' -> '.join(f'{n:,}' for n in idle)}) and RSS is read at each count, minus "
              "RSS before the first; KiB/conn = that delta / connections the server still "
-             "held then. nginx seed holds "
+             "held then (at 1 connection this is mostly noise: an allocation or a freed page "
+             "moves it by more than a connection costs). M3/M4 also give the peak RSS during "
+             "the run per busy connection. nginx direct (no passthrough) is in the M3, M4 and "
+             "M6t rows. nginx seed holds "
              "3 descriptors per terminated connection (client, stream -> unix socket, the http "
              "side) and 2 per passthrough one, against worker_rlimit_nofile 20000 per worker; "
              f"the hard RLIMIT_NOFILE here is {sh('ulimit -Hn')}.", ""]
+    shown = [x for x in SERVERS if x in a.servers_list]
+    names = "; ".join(LABELS[x] for x in shown)
+    bs = bases(shown) if "sniport" in shown else []
     for key, host in (("M3", STATIC_HOST), ("M4", APP_HOST)):
         if key not in keys:
             continue
@@ -2015,67 +2055,78 @@ def scaling_section(session: Session, outcome: Outcome, measures: Sequence[Measu
                                                      if key == "M3" else APP_PATH,
                                                      close=False, connections=9999)),
                               session).replace("9999", "C"), "```", "",
-                  "| workers | connections | nginx req/s | sniport req/s | nginx CPU-us/req | "
-                  "sniport CPU-us/req | CPU ratio sniport / nginx | without handshakes (est.): "
-                  "nginx; sniport CPU-us/req, ratio | wrk errors / non-2xx (nginx; sniport) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  f"Each cell: {names}. Peak KiB/conn: the servers' highest RSS during the "
+                  "run (read every 0.1 s) minus RSS before it, per wrk connection: memory per "
+                  "busy connection.", "",
+                  "| workers | connections | req/s | CPU-us/req | "
+                  + " | ".join(f"CPU {_ratio_name(b)}" for b in bs)
+                  + " | without handshakes (est.): CPU-us/req; "
+                  + ", ".join(_ratio_name(b) for b in bs)
+                  + " | peak KiB/conn | wrk errors / non-2xx |",
+                  "|---|---|---|---|" + "---|" * len(bs) + "---|---|---|"]
         for w in workers_list:
             for c in conns:
-                r = ratio(recs, key, w, "CPU-us/req", c)
+                cells = ["; ".join(_stats(_values(recs, key, s, w, metric, c), fmt)
+                                   for s in shown)
+                         for metric, fmt in (("req/s", "{:.0f}"), ("CPU-us/req", "{:.1f}"))]
+                rs = [ratio(recs, key, w, "CPU-us/req", c, base=b) for b in bs]
+                net = {s: net_of_handshakes(outcome, key, s, w, c) for s in shown}
+                net_text = "; ".join(_stats(v, "{:.1f}") for v in net.values())
+                if net.get("sniport"):
+                    net_text += ", " + ", ".join(
+                        f"{statistics.median(net['sniport']) / statistics.median(net[b]):.2f}"
+                        if net.get(b) else "-" for b in bs)
+                peak = "; ".join(_stats(_values(recs, key, s, w, "KiB/conn peak", c),
+                                        "{:.1f}") for s in shown)
                 errs = "; ".join(
                     f"{sum(_values(recs, key, s, w, 'errors', c)):.0f} / "
-                    f"{sum(_values(recs, key, s, w, 'non-2xx', c)):.0f}"
-                    for s in ("nginx", "sniport"))
-                cells = [_stats(_values(recs, key, s, w, metric, c), fmt)
-                         for metric, fmt in (("req/s", "{:.0f}"), ("CPU-us/req", "{:.1f}"))
-                         for s in ("nginx", "sniport")]
-                net = [net_of_handshakes(outcome, key, s, w, c) for s in ("nginx", "sniport")]
-                net_text = "-"
-                if net[0] and net[1]:
-                    net_text = (f"{_stats(net[0], '{:.1f}')}; {_stats(net[1], '{:.1f}')}, "
-                                f"{statistics.median(net[1]) / statistics.median(net[0]):.2f}")
+                    f"{sum(_values(recs, key, s, w, 'non-2xx', c)):.0f}" for s in shown)
                 lines.append(f"| {w} | {c:,} | {' | '.join(cells)} | "
-                             f"{'-' if r is None else f'{r:.2f}'} | {net_text} | {errs} |")
+                             + " | ".join('-' if r is None else f'{r:.2f}' for r in rs)
+                             + f" | {net_text} | {peak} | {errs} |")
         lines.append("")
     for key, sni in (("M6p", PASS_HOST), ("M6t", STATIC_HOST)):
         if key not in keys:
             continue
         title = next(m.title for m in measures if m.key == key)
+        here = [x for x in shown if x != "nginx-direct" or key in DIRECT_KEYS]
+        hb = [b for b in bs if b in here]
         lines += [f"### {title}, by connections held", "",
                   "```", tidy(shlex.join(idle_command(session, "PORT", sni, idle[0])), session)
                   + "   # then on stdin: " + ", ".join(
                       f"'open {n - p}'" for p, n in itertools.pairwise(idle)),
                   "```", "",
-                  "| workers | connections | nginx KiB/conn | sniport KiB/conn | ratio "
-                  "sniport / nginx | nginx RSS delta MiB | sniport RSS delta MiB | connections "
-                  "opened / still open when RSS was read (nginx; sniport) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"Each cell: {'; '.join(LABELS[x] for x in here)}.", "",
+                  "| workers | connections | KiB/conn | "
+                  + " | ".join(_ratio_name(b) for b in hb)
+                  + " | RSS delta MiB | connections opened / still open when RSS was read |",
+                  "|---|---|---|" + "---|" * len(hb) + "---|---|"]
         for w in workers_list:
             for n in idle:
-                rr = ratio(recs, key, w, "KiB/conn", n)
+                rs = [ratio(recs, key, w, "KiB/conn", n, base=b) for b in hb]
                 mine = {s: [x for x in recs if x.measure == key and x.server == s
-                            and x.workers == w and x.scale == n] for s in ("nginx", "sniport")}
-                delta = {s: _stats([(x.sample.raw["rss_after_kib"]
-                                     - x.sample.raw["rss_before_kib"]) / 1024 for x in xs
-                                    if "rss_after_kib" in x.sample.raw], "{:.1f}")
-                         for s, xs in mine.items()}
+                            and x.workers == w and x.scale == n] for s in here}
+                delta = "; ".join(_stats([(x.sample.raw["rss_after_kib"]
+                                           - x.sample.raw["rss_before_kib"]) / 1024 for x in xs
+                                          if "rss_after_kib" in x.sample.raw], "{:.1f}")
+                                  for xs in mine.values())
                 held = "; ".join(
                     _stats([float(x.sample.raw.get("connections", 0)) for x in xs], "{:.0f}")
                     + " / " + _stats([float(x.sample.raw.get("still_open", 0)) for x in xs],
                                      "{:.0f}") for xs in mine.values())
-                kib = [_stats(_values(recs, key, s, w, "KiB/conn", n), "{:.1f}")
-                       for s in ("nginx", "sniport")]
-                lines.append(f"| {w} | {n:,} | {kib[0]} | {kib[1]} | "
-                             f"{'-' if rr is None else f'{rr:.2f}'} | {delta['nginx']} | "
-                             f"{delta['sniport']} | {held} |")
+                kib = "; ".join(_stats(_values(recs, key, s, w, "KiB/conn", n), "{:.1f}")
+                                for s in here)
+                lines.append(f"| {w} | {n:,} | {kib} | "
+                             + " | ".join('-' if r is None else f'{r:.2f}' for r in rs)
+                             + f" | {delta} | {held} |")
         lines.append("")
     lines += ["### Scaling runs, raw", "",
               "| measure | workers | server | round | scale | metrics | raw |",
               "|---|---|---|---|---|---|---|"]
     for x in sorted(recs, key=lambda x: (x.measure, x.workers, x.server, x.scale, x.round)):
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in x.sample.metrics.items())
+        got = ", ".join(f"{k} {v:.4g}" for k, v in x.sample.metrics.items())
         lines.append(f"| {x.measure} | {x.workers} | {x.server} | {x.round + 1} | {x.scale:,} | "
-                     f"{shown} | {_raw_json(x.sample)} |")
+                     f"{got} | {_raw_json(x.sample)} |")
     return [*lines, ""]
 
 
@@ -2332,7 +2383,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "--scaling-idle")
     p.add_argument("--scaling-runs", type=int, default=0, help="default: --runs")
     p.add_argument("--scaling-connections", default="1,64,1000")
-    p.add_argument("--scaling-idle", default="1000,4000,8000")
+    p.add_argument("--scaling-idle", default="1,64,1000,4000,8000",
+                   help="idle connections held at once for the scaling M6 rows (added in "
+                   "turn on one server); default 1,64,1000,4000,8000")
     p.add_argument("--config-scaling", action="store_true",
                    help="also the config-size rows (issue 13): with each count of "
                    "--config-hosts names in the passthrough block (sniport) / the stream map "
