@@ -110,6 +110,7 @@ assert len(INDEX_BODY) == 1024, len(INDEX_BODY)
 MIX: tuple[tuple[str, int], ...] = (("/1k.bin", 1 << 10), ("/100k.bin", 100 << 10),
                                     ("/1m.bin", 1 << 20))
 assert MIX[0] == (STATIC_PATH, len(STATIC_BODY))
+SITES_CERT = "*.sites.test"  # the config-size rows' extra site, one name of it per connection
 APP_HOST = "app.test"
 APP_PATH = "/"
 PAGE_PATH = "/page/index.html"  # M8: static.test's page and its 30 assets (make_page)
@@ -190,6 +191,20 @@ class Ports:
 
 
 PORTS = Ports()
+
+
+@dataclass(frozen=True)
+class Extra:
+    """More names for the config-size rows: in the passthrough block (sniport) / the stream
+    map (nginx seed), each to the passthrough backend like pass.test; and in one more site
+    (sniport [[site]] "bulk" / an nginx `server` with these server_names), SITES_CERT's
+    certificate, static.test's root."""
+
+    passthrough: tuple[str, ...] = ()
+    site: tuple[str, ...] = ()
+
+
+NO_EXTRA = Extra()
 
 
 class BenchError(Exception):
@@ -292,6 +307,11 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
 # The lab: certificates, files, hosts file, rendered configs
 
 
+def cert_stem(host: str) -> str:
+    """The file name of ``host``'s certificate and key in pki/, without .crt / .key."""
+    return host.replace("*", "_")
+
+
 def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
@@ -349,9 +369,10 @@ class Lab:
                     .add_extension(x509.BasicConstraints(ca=False, path_length=None),
                                    critical=True)
                     .sign(ca_key, hashes.SHA256()))
-            (pki / f"{host}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-            (pki / f"{host}.key").write_bytes(_pem_key(key))
-            (pki / f"{host}.key").chmod(0o600)
+            stem = cert_stem(host)
+            (pki / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            (pki / f"{stem}.key").write_bytes(_pem_key(key))
+            (pki / f"{stem}.key").chmod(0o600)
             self.certs_der[host] = cert.public_bytes(serialization.Encoding.DER)
 
         passwww = self.dir / "passwww"
@@ -371,7 +392,7 @@ class Lab:
             (www / path.lstrip("/")).write_bytes(os.urandom(size))
         make_page(www)
         self.hosts_file.write_text("127.0.0.1 localhost\n::1 localhost\n"
-                                   f"127.0.0.1 {' '.join(hosts)}\n")
+                                   f"127.0.0.1 {' '.join(h for h in hosts if '*' not in h)}\n")
 
     def big_slice(self, start: int, length: int) -> bytes:
         with self.big.open("rb") as f:
@@ -379,10 +400,18 @@ class Lab:
             return f.read(length)
 
     def render(self, template: str, run: Path, workers: int, listen: str = "",
-               pass_extra: Sequence[str] = ()) -> Path:
+               extra: Extra = NO_EXTRA) -> Path:
         """Render ``template`` (and the includes) into ``run``; returns run/nginx.conf.
-        ``pass_extra``: more names for the seed setup's map, each to the passthrough backend
-        like pass.test (the config-size rows), with a map hash big enough for them."""
+        ``extra``: more names for the seed setup's map and one more `http` server (the
+        config-size rows), with hashes big enough for them."""
+        pass_extra, site_extra = extra.passthrough, extra.site
+        site_block = ""
+        if site_extra:
+            site_block = (f"server {{\n    listen {listen} ssl http2;\n    server_name "
+                          + "\n        ".join(site_extra) + ";\n"
+                          f"    ssl_certificate {self.dir}/pki/{cert_stem(SITES_CERT)}.crt;\n"
+                          f"    ssl_certificate_key {self.dir}/pki/{cert_stem(SITES_CERT)}.key;\n"
+                          f"    root {self.dir}/www;\n}}")
         run.mkdir(parents=True, exist_ok=True)
         (run / "tmp").mkdir(exist_ok=True)
         (run / "logs").mkdir(exist_ok=True)
@@ -394,7 +423,12 @@ class Lab:
                                                    for h in pass_extra),
                  # nginx refuses to build a map hash bigger than map_hash_max_size (2048)
                  "@MAP_HASH@": (f"map_hash_max_size {max(2048, 4 * len(pass_extra))}; "
-                                "map_hash_bucket_size 64;" if pass_extra else "")}
+                                "map_hash_bucket_size 64;" if pass_extra else ""),
+                 "@SERVER_NAMES_HASH@": (f"server_names_hash_max_size "
+                                         f"{max(1024, 4 * len(site_extra))}; "
+                                         "server_names_hash_bucket_size 64;"
+                                         if site_extra else ""),
+                 "@SITE_EXTRA@": site_block}
 
         def fill(text: str) -> str:
             for k, v in subst.items():
@@ -508,7 +542,7 @@ class Nginx(Server):
 
 class Sniport(Server):
     def __init__(self, label: str, port: int, run: Path, workers: int, lab: Path,
-                 metrics: bool = False, pass_extra: Sequence[str] = ()) -> None:
+                 metrics: bool = False, extra: Extra = NO_EXTRA) -> None:
         super().__init__(label, port, run)
         run.mkdir(parents=True, exist_ok=True)
         (run / "state").mkdir(exist_ok=True)
@@ -516,13 +550,13 @@ class Sniport(Server):
         self.metrics = metrics
         self.lab = lab
         self.config = run / "sniport.toml"
-        self.write_config(pass_extra)
+        self.write_config(extra)
         self.command = [str(VENV_PY), "-m", "sniport", "run", "-c", str(self.config)]
         self.env = snapshot_env(lab)
 
-    def write_config(self, pass_extra: Sequence[str]) -> None:
+    def write_config(self, extra: Extra) -> None:
         self.config.write_text(sniport_config(self.workers, self.run / "state", self.lab,
-                                              metrics=self.metrics, pass_extra=pass_extra))
+                                              metrics=self.metrics, extra=extra))
 
     def start(self) -> None:
         if self.metrics:  # the master binds it: nobody else may hold it
@@ -542,13 +576,27 @@ class Sniport(Server):
 
 
 def sniport_config(workers: int, state_dir: Path | str, lab: Path | str, *,
-                   metrics: bool = False, pass_extra: Sequence[str] = ()) -> str:
+                   metrics: bool = False, extra: Extra = NO_EXTRA) -> str:
     """The sniport equivalent of nginx-seed.conf + http-servers.inc: pass.test passed
     through, static.test and app.test terminated with the same certificates. ``metrics``
     (--sniport-metrics) adds [server] metrics_listen: workers then count into the shared
-    mapping the master serves, instead of a private buffer (issue 11 item 3). ``pass_extra``:
-    more names in the passthrough block's hosts (the config-size rows)."""
-    hosts = ", ".join(f'"{h}"' for h in (PASS_HOST, *pass_extra))
+    mapping the master serves, instead of a private buffer (issue 11 item 3). ``extra``:
+    more names in the passthrough block's hosts and one more site (the config-size rows)."""
+    hosts = ", ".join(f'"{h}"' for h in (PASS_HOST, *extra.passthrough))
+    site_block = ""
+    if extra.site:
+        names = ", ".join(f'"{h}"' for h in extra.site)
+        pem = f"{lab}/pki/{cert_stem(SITES_CERT)}"
+        site_block = f"""
+[[site]]
+name = "bulk"                 # the config-size rows only (nginx: one more server, these names)
+hosts = [{names}]
+tls = {{ cert = "{pem}.crt", key = "{pem}.key" }}
+
+  [[site.route]]
+  path = "/"
+  static = {{ root = "{lab}/www" }}
+"""
     metrics_line = (f'metrics_listen = "127.0.0.1:{PORTS.sniport_metrics}"  # --sniport-metrics; '
                     "nginx: no equivalent\n" if metrics else "")
     return f"""\
@@ -592,7 +640,7 @@ http2 = true
   path = "/"
   # nginx: upstream app_backend {{ server 127.0.0.1:{PORTS.app_backend}; keepalive 64; }}
   proxy = {{ upstreams = ["http://127.0.0.1:{PORTS.app_backend}"], keepalive = 64 }}
-
+{site_block}
 [default]
 to = "site:static"            # nginx: any other name reaches the http servers (static.test first)
 """
@@ -1483,18 +1531,18 @@ def loadavg() -> str:
 
 
 def make_server(name: str, session: Session, workers: int, rnd: int, tag: str,
-                pass_extra: Sequence[str] = ()) -> Server:
+                extra: Extra = NO_EXTRA) -> Server:
     run = session.out / "run" / f"{name}-w{workers}-r{rnd + 1}-{tag}"
     if name == "nginx":
         conf = session.lab.render("nginx-seed.conf", run, workers,
-                                  listen=f"unix:{run}/https.sock", pass_extra=pass_extra)
+                                  listen=f"unix:{run}/https.sock", extra=extra)
         return Nginx("nginx seed", PORTS.seed, run, conf, workers)
     if name == "nginx-direct":
         conf = session.lab.render("nginx-direct.conf", run, workers,
                                   listen=f"127.0.0.1:{PORTS.direct}")
         return Nginx("nginx direct", PORTS.direct, run, conf, workers)
     return Sniport("sniport", PORTS.sniport, run, workers, session.lab.dir,
-                   metrics=session.args.sniport_metrics, pass_extra=pass_extra)
+                   metrics=session.args.sniport_metrics, extra=extra)
 
 
 # A job: (measure key, what it runs on a started server -> [(scale, sample)], settle slack)
@@ -1503,9 +1551,9 @@ Job = tuple[str, Callable[[Server], list[tuple[int, Sample]]], int]
 
 def server_instance(session: Session, name: str, workers: int, rnd: int, tag: str,
                     jobs: Sequence[Job], outcome: Outcome, into: list[Record],
-                    pass_extra: Sequence[str] = ()) -> None:
+                    extra: Extra = NO_EXTRA) -> None:
     """Start one server, check every route, run ``jobs`` on it, stop it; record everything."""
-    server = make_server(name, session, workers, rnd, tag, pass_extra)
+    server = make_server(name, session, workers, rnd, tag, extra)
     where = f"round {rnd + 1}, {workers} worker(s), {server.label}"
     log(f"{where} [{tag}]: starting: {tidy(shlex.join(server.command), session)}")
     server.start()
@@ -1579,9 +1627,12 @@ RELOADS = 3  # per server start: the marker in, out, in again
 RELOAD_STREAK = 5  # handshakes in a row routed the new way before the new config counts
 
 
-def extra_names(hosts: int) -> list[str]:
-    """The names besides pass.test that make the passthrough block ``hosts`` names long."""
-    return [f"h{i:05d}.hosts.test" for i in range(1, hosts)]
+def extra_names(hosts: int) -> Extra:
+    """``hosts`` names, half in the passthrough block (pass.test and h00001.hosts.test ...),
+    half in the extra site (s00001.sites.test ...)."""
+    half = hosts // 2
+    return Extra(tuple(f"h{i:05d}.hosts.test" for i in range(1, half)),
+                 tuple(f"s{i:05d}.sites.test" for i in range(1, hosts - half + 1)))
 
 
 def peer_cert(port: int, sni: str) -> bytes | None:
@@ -1606,7 +1657,7 @@ def reload_command(session: Session, server: Server) -> list[str]:
             str(server.run / "error.log"), "-s", "reload"]
 
 
-def reload_once(session: Session, server: Server, workers: int, names: list[str],
+def reload_once(session: Session, server: Server, workers: int, names: Extra,
                 marker: bool) -> tuple[dict[str, float], list[str]]:
     """Write the config with ``names`` (and RELOAD_MARKER if ``marker``), then time from
     the reload command's start until RELOAD_STREAK handshakes in a row with SNI
@@ -1614,12 +1665,12 @@ def reload_once(session: Session, server: Server, workers: int, names: list[str]
     certificate) with the marker, else the default (static.test's)."""
     lab = session.lab
     want = lab.certs_der[PASS_HOST if marker else STATIC_HOST]
-    new = [*names, RELOAD_MARKER] if marker else names
+    new = Extra((*names.passthrough, RELOAD_MARKER), names.site) if marker else names
     if isinstance(server, Sniport):
         server.write_config(new)
     else:
         lab.render("nginx-seed.conf", server.run, workers,
-                   listen=f"unix:{server.run}/https.sock", pass_extra=new)
+                   listen=f"unix:{server.run}/https.sock", extra=new)
     problems = []
     t0 = time.monotonic()
     done = subprocess.run(reload_command(session, server), capture_output=True, text=True,
@@ -1648,19 +1699,30 @@ def reload_once(session: Session, server: Server, workers: int, names: list[str]
 
 def config_job(session: Session, workers: int,
                hosts: int) -> Callable[[Server], list[tuple[int, Sample]]]:
-    """With ``hosts`` names in the passthrough block: the server's RSS, M2 (new passthrough
-    connections to pass.test: CPU-ms per connection), then RELOADS reloads, each timed
-    until the new config routes a marker name (reload_once)."""
+    """With ``hosts`` names (extra_names): the server's RSS, M2 (new passthrough connections
+    to pass.test) and M5 (new terminated connections to static.test), CPU-ms per connection
+    each, then RELOADS reloads, each timed until the new config routes a marker name
+    (reload_once)."""
     def run(server: Server) -> list[tuple[int, Sample]]:
         names = extra_names(hosts)
         problems = []
         procs = len(server.pids())
         rss = rss_kib(server.pids()) / 1024
-        if names and peer_cert(server.port, names[-1]) != session.lab.certs_der[PASS_HOST]:
-            problems.append(f"{names[-1]} (the last of {hosts} names) is not passed through")
+        last = names.passthrough[-1:]
+        if last and peer_cert(server.port, last[0]) != session.lab.certs_der[PASS_HOST]:
+            problems.append(f"{last[0]} (the last passthrough name) is not passed through")
+        if names.site:  # the last site name: the wildcard certificate, verified, and content
+            try:
+                a = _https(session.lab, server.port, names.site[-1], "GET", STATIC_PATH)
+                if a.cert_der != session.lab.certs_der[SITES_CERT] or a.body != STATIC_BODY:
+                    problems.append(f"{names.site[-1]}: not the {SITES_CERT} certificate or "
+                                    f"not {STATIC_PATH} (status {a.status})")
+            except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
+                problems.append(f"{names.site[-1]}: {type(exc).__name__}: {exc}")
         if peer_cert(server.port, RELOAD_MARKER) != session.lab.certs_der[STATIC_HOST]:
             problems.append(f"{RELOAD_MARKER} does not reach the default before the reloads")
         m2 = run_wrk(session, server, PASS_HOST, "/small", len(SMALL_BODY), close=True)
+        m5 = run_wrk(session, server, STATIC_HOST, STATIC_PATH, len(STATIC_BODY), close=True)
         reloads = []
         for i in range(RELOADS):
             got, bad = reload_once(session, server, workers, names, marker=i % 2 == 0)
@@ -1672,14 +1734,22 @@ def config_job(session: Session, workers: int,
                          f"{server.label}'s old workers to exit")
             except BenchError as exc:
                 problems.append(f"reload {i + 1}: {exc}")
-        metrics = dict(m2.metrics)
+        metrics = {"pass conn/s": m2.metrics["conn/s"],
+                   "pass CPU-ms/conn": m2.metrics["CPU-ms/conn"],
+                   "term conn/s": m5.metrics["conn/s"],
+                   "term CPU-ms/conn": m5.metrics["CPU-ms/conn"],
+                   "errors": m2.metrics["errors"] + m5.metrics["errors"],
+                   "non-2xx": m2.metrics["non-2xx"] + m5.metrics["non-2xx"]}
         ok = [r["serving_s"] for r in reloads if r["serving_s"]]
         if ok:
             metrics["reload s"] = statistics.median(ok)
             metrics["reload command s"] = statistics.median(r["command_s"] for r in reloads)
         metrics["RSS MiB"] = rss
-        return [(hosts, Sample(metrics, m2.raw | {"reloads": reloads, "hosts": hosts},
-                               m2.problems + problems))]
+        raw = {"M2": {k: v for k, v in m2.raw.items() if k != "wrk_stdout"},
+               "M5": {k: v for k, v in m5.raw.items() if k != "wrk_stdout"},
+               "reloads": reloads, "hosts": hosts}
+        return [(hosts, Sample(metrics, raw, [f"M2: {p}" for p in m2.problems]
+                               + [f"M5: {p}" for p in m5.problems] + problems))]
     return run
 
 
@@ -1696,7 +1766,7 @@ def run_config_pass(session: Session, servers: Sequence[str], workers_list: Sequ
                 for n in counts:
                     server_instance(session, name, workers, rnd, f"hosts{n}",
                                     [("C", config_job(session, workers, n), 0)], outcome,
-                                    outcome.config, pass_extra=extra_names(n))
+                                    outcome.config, extra=extra_names(n))
 
 
 def main_jobs(session: Session, measures: Sequence[Measure]) -> list[tuple[str, list[Job]]]:
@@ -2136,17 +2206,21 @@ def config_section(session: Session, outcome: Outcome,
     recs = outcome.config
     counts = _int_list(a.config_hosts)
     lines = ["## Config size: routing cost and reload time by number of names (issue 13)", "",
-             f"{a.scaling_runs} round(s), medians with the (min-max) spread. For each count, "
-             "a fresh server whose passthrough block holds that many names (pass.test and "
-             "h00001.hosts.test ...; sniport: [[passthrough]] hosts, nginx seed: the same names "
-             "in the stream `map $ssl_preread_server_name`, with map_hash_max_size raised to fit; "
-             "static.test and app.test besides; nginx direct has no passthrough and is not in "
-             "these rows), checked like every start (the last name is passed through, too). "
-             "Then: RSS of the server's processes; M2 on pass.test (the command of M2: CPU per "
-             "new passthrough connection, which routes each hello among all the names); then "
-             f"{RELOADS} reloads, each after writing the config with {RELOAD_MARKER} added to "
-             "(then removed from, then added to) the passthrough names: \"reload s\" is the "
-             "wall time from the reload command's start until "
+             f"{a.scaling_runs} round(s), medians with the (min-max) spread; each cell: nginx "
+             "seed; sniport. For each count N, a fresh server with N names: half in the "
+             "passthrough (pass.test and h00001.hosts.test ...; sniport: [[passthrough]] hosts, "
+             "nginx seed: the stream `map $ssl_preread_server_name`, map_hash_max_size raised "
+             "to fit), half in one more terminated site (s00001.sites.test ..., a "
+             f"{SITES_CERT} certificate, static.test's root; sniport: [[site]] \"bulk\", nginx: "
+             "one more `server` after static.test's with those server_names, "
+             "server_names_hash_max_size raised); static.test and app.test besides. nginx "
+             "direct has no passthrough and is not in these rows. Each start is checked like "
+             "every start, and the last passthrough name and the last site name too. Then: "
+             "RSS of the server's processes; M2 on pass.test and M5 on static.test (their "
+             "commands, CPU per new connection: each hello is routed among all the names); "
+             f"then {RELOADS} reloads, each after writing the config with {RELOAD_MARKER} "
+             "added to (then removed from, then added to) the passthrough names: \"reload s\" "
+             "is the wall time from the reload command's start until "
              f"{RELOAD_STREAK} handshakes in a row with that SNI reach where the new config "
              "sends it (pass.test's certificate, else static.test's, the default), \"reload "
              "command s\" the command's own wall time (`sniport reload` waits for the "
@@ -2157,24 +2231,27 @@ def config_section(session: Session, outcome: Outcome,
                                      "$OUT/run/sniport-wW-rN-hostsH/sniport.toml"])),
              "nginx -p $OUT/run/nginx-wW-rN-hostsH -c $OUT/run/nginx-wW-rN-hostsH/nginx.conf "
              "-e $OUT/run/nginx-wW-rN-hostsH/error.log -s reload", "```", "",
-             "| workers | names | nginx seed CPU-ms/conn | sniport CPU-ms/conn | ratio | "
-             "nginx seed conn/s | sniport conn/s | nginx seed reload s | sniport reload s | "
-             "nginx seed reload command s | sniport reload command s | nginx seed RSS MiB | "
-             "sniport RSS MiB | wrk errors / non-2xx (nginx; sniport) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| workers | names | M2 CPU-ms/conn | ratio | M5 CPU-ms/conn | ratio | M2 conn/s | "
+             "M5 conn/s | reload s | reload command s | RSS MiB | wrk errors / non-2xx |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in workers_list:
         for n in counts:
-            r = ratio(recs, "C", w, "CPU-ms/conn", n)
-            cells = [_stats(_values(recs, "C", s, w, metric, n), fmt)
-                     for metric, fmt in (("CPU-ms/conn", "{:.3f}"), ("conn/s", "{:.0f}"),
-                                         ("reload s", "{:.3f}"), ("reload command s", "{:.3f}"),
-                                         ("RSS MiB", "{:.1f}"))
-                     for s in ("nginx", "sniport")]
+            def cell(metric: str, fmt: str, w: int = w, n: int = n) -> str:
+                return "; ".join(_stats(_values(recs, "C", s, w, metric, n), fmt)
+                                 for s in ("nginx", "sniport"))
+
+            def rel(metric: str, w: int = w, n: int = n) -> str:
+                r = ratio(recs, "C", w, metric, n)
+                return "-" if r is None else f"{r:.2f}"
+
             errs = "; ".join(f"{sum(_values(recs, 'C', s, w, 'errors', n)):.0f} / "
                              f"{sum(_values(recs, 'C', s, w, 'non-2xx', n)):.0f}"
                              for s in ("nginx", "sniport"))
-            lines.append(f"| {w} | {n:,} | {' | '.join(cells[:2])} | "
-                         f"{'-' if r is None else f'{r:.2f}'} | {' | '.join(cells[2:])} | "
+            lines.append(f"| {w} | {n:,} | {cell('pass CPU-ms/conn', '{:.3f}')} | "
+                         f"{rel('pass CPU-ms/conn')} | {cell('term CPU-ms/conn', '{:.3f}')} | "
+                         f"{rel('term CPU-ms/conn')} | {cell('pass conn/s', '{:.0f}')} | "
+                         f"{cell('term conn/s', '{:.0f}')} | {cell('reload s', '{:.3f}')} | "
+                         f"{cell('reload command s', '{:.3f}')} | {cell('RSS MiB', '{:.1f}')} | "
                          f"{errs} |")
     lines += ["", "Each reload, raw (seconds until served; the command's own):", "",
               "| workers | server | round | names | reloads: serving_s / command_s |",
@@ -2388,9 +2465,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "turn on one server); default 1,64,1000,4000,8000")
     p.add_argument("--config-scaling", action="store_true",
                    help="also the config-size rows (issue 13): with each count of "
-                   "--config-hosts names in the passthrough block (sniport) / the stream map "
-                   "(nginx seed), on a fresh server each: M2's CPU per new connection, the "
-                   "server's RSS, and the wall time of a reload until the new config serves")
+                   "--config-hosts names, half in the passthrough block (sniport) / the stream "
+                   "map (nginx seed), half in one more site / server, on a fresh server each: "
+                   "M2's and M5's CPU per new connection, the server's RSS, and the wall time "
+                   "of a reload until the new config serves")
     p.add_argument("--config-hosts", default="10,1000,10000",
                    help="names in the passthrough block for --config-scaling; default "
                    "10,1000,10000")
@@ -2469,7 +2547,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"scratch {scratch}; logs and raw data in {out}; load {info['loadavg']}; sniport "
             f"{info['sniport']}, source digest {digest}, run from {snapshot_dir(scratch)}")
         lab = Lab(scratch, args.bulk_size)
-        lab.build([PASS_HOST, STATIC_HOST, APP_HOST])
+        lab.build([PASS_HOST, STATIC_HOST, APP_HOST, SITES_CERT])
         session = Session(lab, args, out)
         log(f"lab ready: certificates, /small, /big = {args.bulk_size} bytes, {STATIC_PATH}")
 
