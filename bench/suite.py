@@ -878,6 +878,7 @@ class Measure:
     fresh: bool = False  # memory: on a server of its own, started just for it
     # nginx without the hop (nginx-direct.conf) has the terminated sites only: measured there too
     direct: bool = False
+    note: str = ""  # how it works, for the report under its command
     settle_slack: int = 0  # fds per worker the server may keep after it (upstream keepalive)
 
 
@@ -1430,11 +1431,23 @@ MEASURES: tuple[Measure, ...] = (
     Measure("M3", "M3 static 1 KiB, keep-alive", RATE_REQ,
             *_wrk_measure(STATIC_HOST, STATIC_PATH, STATIC_BODY, close=False), direct=True),
     Measure("M3i", "M3i static 1 KiB index.html as /, keep-alive", RATE_REQ,
-            *_wrk_measure(STATIC_HOST, INDEX_PATH, INDEX_BODY, close=False), direct=True),
+            *_wrk_measure(STATIC_HOST, INDEX_PATH, INDEX_BODY, close=False), direct=True,
+            note="As M3, on `/`: the static root holds a 1 KiB index.html (1,024 bytes) that "
+            "both servers find by index resolution (nginx: `index` default index.html; "
+            "sniport: the static route's index = [\"index.html\"]); the checks fetch it "
+            "exactly and the bytes wrk read per answer must fit 1,024 + a head."),
     Measure("M3s", "M3s static mix 1 KiB / 100 KiB / 1 MiB (wrk + mix.lua), keep-alive",
             (*RATE_REQ[:2], Metric("MB/s", "MB/s", False, "{:.0f}"),
              Metric("CPU-ms/MB", "ms", True, "{:.3f}"), *RATE_REQ[2:]),
-            _cmd(mix_command), run_wrk_mix, direct=True),
+            _cmd(mix_command), run_wrk_mix, direct=True,
+            note="How the sizes are mixed: $OUT/mix.lua (bench/suite.py MIX_SCRIPT) makes "
+            "each wrk thread ask for " + ", ".join(f"{p} ({n:,} B)" for p, n in MIX)
+            + " in turn, so one of each per three requests, over wrk's keep-alive "
+            "connections; its response() counts every answer by body size and its done() "
+            "prints the counts. A body of another size, an answer not 200, counts that do not "
+            "add up to wrk's requests, or a size off its third by more than the connections "
+            "(the requests in flight at the end) is a problem. CPU-us/req is over all "
+            "answers; CPU-ms/MB is per 10^6 bytes of body; MB/s is body bytes per second."),
     Measure("M4", "M4 reverse proxy to a 100-byte upstream, keep-alive", RATE_REQ,
             *_wrk_measure(APP_HOST, APP_PATH, APP_BODY, close=False), settle_slack=64,
             direct=True),
@@ -2360,6 +2373,8 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
                   + (f"{PORTS.direct} for nginx direct, " if m.direct else "")
                   + f"{PORTS.sniport} for sniport):",
                   "", "```", tidy(m.command(session, "PORT"), session), "```", ""]
+        if m.note:
+            lines += [m.note, ""]
         header = ("| workers | server | round | " + " | ".join(x.name for x in m.metrics)
                   + " | raw |")
         lines += [header, "|" + "---|" * (len(m.metrics) + 4)]
