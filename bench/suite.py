@@ -2456,7 +2456,15 @@ def _int_list(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0])
+    import textwrap
+
+    epilog = "measures:\n" + "\n".join(
+        f"  {m.key:<4} {m.title}" + ("" if m.direct else " (not on nginx direct)")
+        + ("\n" + textwrap.fill(m.note, 92, initial_indent=" " * 7, subsequent_indent=" " * 7)
+           if m.note else "") for m in MEASURES)
+    p = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0],
+                                epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3, help="rounds (medians over them); default 3")
     p.add_argument("--quick", action="store_true", help="1 round (and 1 scaling round)")
     p.add_argument("--measures", default=",".join(m.key for m in MEASURES),
@@ -2485,8 +2493,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "M2's and M5's CPU per new connection, the server's RSS, and the wall time "
                    "of a reload until the new config serves")
     p.add_argument("--config-hosts", default="10,1000,10000",
-                   help="names in the passthrough block for --config-scaling; default "
-                   "10,1000,10000")
+                   help="names for --config-scaling (half passthrough, half one more site); "
+                   "default 10,1000,10000")
     p.add_argument("--bulk-size", type=int, default=GIB, help="M1 bytes; default 1 GiB")
     p.add_argument("--idle-count", type=int, default=5000, help="M6 connections; default 5000")
     p.add_argument("--wrk-duration", type=int, default=3, help="wrk seconds; default 3")
