@@ -2053,16 +2053,20 @@ def summary_table(outcome: Outcome, measures: Sequence[Measure],
 def m8_table(recs: Sequence[Record], workers_list: Sequence[int]) -> list[str]:
     """M8's four columns (server CPU-ms per page, medians) and the issue 9 targets: sniport
     h2 <= nginx h2, and sniport h2 < sniport h1."""
-    lines = ["Server CPU-ms per page load (medians, (min-max) over rounds):", "",
+    lines = ["Server CPU-ms per page load (medians, (min-max) over rounds; \"nginx\" is the "
+             "seed setup; nginx direct's columns at the end):", "",
              "| workers | sniport h1 | sniport h2 | nginx h1 | nginx h2 | sniport h2 / nginx h2 "
              "(target <= 1.00) | sniport h2 / sniport h1 (target < 1.00) | nginx h2 / nginx "
-             "h1 | sniport h1 / nginx h1 |", "|---|---|---|---|---|---|---|---|---|"]
+             "h1 | sniport h1 / nginx h1 | nginx direct h1 | nginx direct h2 | sniport h2 / "
+             "nginx direct h2 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in workers_list:
         cells = [_cell(recs, "M8", s, w, f"CPU-ms/page {p}", "{:.2f}")
                  for s in ("sniport", "nginx") for p in ("h1", "h2")]
+        direct = [_cell(recs, "M8", "nginx-direct", w, f"CPU-ms/page {p}", "{:.2f}")
+                  for p in ("h1", "h2")]
         med = {(s, p): statistics.median(v) if (v := _values(recs, "M8", s, w,
                                                               f"CPU-ms/page {p}")) else None
-               for s in ("sniport", "nginx") for p in ("h1", "h2")}
+               for s in ("sniport", "nginx", "nginx-direct") for p in ("h1", "h2")}
 
         def rel(a: tuple[str, str], b: tuple[str, str], bound: float | None,
                 med: dict[tuple[str, str], float | None] = med) -> str:
@@ -2079,7 +2083,9 @@ def m8_table(recs: Sequence[Record], workers_list: Sequence[int]) -> list[str]:
                      f"{rel(('sniport', 'h2'), ('nginx', 'h2'), 1.0)} | "
                      f"{rel(('sniport', 'h2'), ('sniport', 'h1'), 1.0)} | "
                      f"{rel(('nginx', 'h2'), ('nginx', 'h1'), None)} | "
-                     f"{rel(('sniport', 'h1'), ('nginx', 'h1'), None)} |")
+                     f"{rel(('sniport', 'h1'), ('nginx', 'h1'), None)} | "
+                     f"{' | '.join(direct)} | "
+                     f"{rel(('sniport', 'h2'), ('nginx-direct', 'h2'), None)} |")
     return [*lines, ""]
 
 
