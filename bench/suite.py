@@ -7,21 +7,25 @@ What one run does:
 
 1. a scratch directory with an ECDSA P-256 CA and leaf certificates (pass.test, static.test,
    app.test), the passthrough backend's files (/small 100 B, /big = --bulk-size), static.test's
-   root (/1k.bin, 1024 bytes) and a private hosts file;
+   root (/1k.bin, 1024 bytes; index.html, 1024 bytes, for M3i's /; /100k.bin and /1m.bin for
+   M3s's mix, which wrk asks for in turn through the Lua script ``mix.lua``, MIX_SCRIPT) and
+   a private hosts file;
 2. the nginx configs of ../shared/bench-reference (vendored in bench/nginx/) rendered with a
    private prefix per instance, run as ``nginx -p RUN -c RUN/nginx.conf -e RUN/error.log``;
 3. two backends shared by both servers, each a separate nginx with 1 worker: the TLS
    passthrough target (backend-pass.conf) and the 100-byte HTTP app (backend-app.conf);
 4. rounds: in each, for each worker count of --workers (nginx worker_processes = sniport
-   [server].workers), the nginx seed setup and sniport (the equivalent config, see
-   ``sniport_config``) ALTERNATING (the order flips every round and between worker counts),
+   [server].workers), the nginx seed setup, nginx without the hop (nginx-direct.conf, on the
+   terminated measures only: Measure.direct) and sniport (the equivalent config, see
+   ``sniport_config``) ALTERNATING (the order reverses every round and between worker counts),
    each started fresh, checked (right certificate subject and DER, TLS 1.3 with
    TLS_AES_256_GCM_SHA384 over X25519, no session ticket and no resumption, right content on
    every route), then measured. The memory measures (M6p, M6t) each get a server of their own,
    started just for them; M1-M5 share one;
-5. with --scaling, a second pass: M3 and M4 at 1, 64 and 1,000 concurrent connections, M6
-   (passthrough and terminated) at 1,000, 4,000 and 8,000 idle connections held at once on
-   one fresh server (the connections are added, the RSS read at each count);
+5. with --scaling, a second pass: M3 and M4 at 1, 64 and 1,000 concurrent connections (and
+   the peak RSS per busy connection), M6 (passthrough and terminated) at 1, 64, 1,000, 4,000
+   and 8,000 idle connections held at once on one fresh server (the connections are added,
+   the RSS read at each count); with --config-scaling, the config-size rows (run_config_pass);
 6. bench/relay_compare.py (splice vs transport relay), unless --no-relay;
    (M7 and M8, issue 9 item 4, are HTTP/2 against HTTP/1.1: h2load, and bench/pageload.py
    for page loads as a browser makes them; a server that does not select h2 in ALPN shows
@@ -35,7 +39,8 @@ of the same processes. wrk's socket errors and non-2xx responses are counted and
 and the bytes wrk read per response are checked against the size of the right answer.
 
 Measures are a registry (MEASURES), each a function ``(Session, Server) -> Sample`` with its
-metrics and its exact command; the issue 6 targets are in TARGETS.
+metrics and its exact command; the issue 13 targets (ratios sniport / nginx seed, and for some
+sniport / nginx direct) are in TARGETS.
 """
 
 from __future__ import annotations
@@ -86,6 +91,26 @@ assert len(SMALL_BODY) == 100
 STATIC_HOST = "static.test"
 STATIC_PATH = "/1k.bin"
 STATIC_BODY = bytes(range(256)) * 4  # 1 KiB, every byte value: a wrong byte shows
+INDEX_PATH = "/"  # M3i: the static root's index.html, found by index resolution
+
+
+def _index_body() -> bytes:
+    """A 1 KiB index.html (exactly 1,024 bytes): what ``/`` of static.test answers."""
+    head = (b"<!doctype html>\n<html lang=\"en\">\n<head><meta charset=\"utf-8\">"
+            b"<title>sniport bench index</title></head>\n<body>\n<h1>static.test</h1>\n<p>")
+    tail = b"</p>\n</body>\n</html>\n"
+    filler = b"The bench's M3i asks for / and gets this page by index resolution. " * 20
+    return head + filler[:1024 - len(head) - len(tail)] + tail
+
+
+INDEX_BODY = _index_body()
+assert len(INDEX_BODY) == 1024, len(INDEX_BODY)
+# M3s: a mix of static sizes over keep-alive, wrk rotating the paths (bench/suite.py writes
+# the Lua script: mix_script). 1 KiB is M3's file itself.
+MIX: tuple[tuple[str, int], ...] = (("/1k.bin", 1 << 10), ("/100k.bin", 100 << 10),
+                                    ("/1m.bin", 1 << 20))
+assert MIX[0] == (STATIC_PATH, len(STATIC_BODY))
+SITES_CERT = "*.sites.test"  # the config-size rows' extra site, one name of it per connection
 APP_HOST = "app.test"
 APP_PATH = "/"
 PAGE_PATH = "/page/index.html"  # M8: static.test's page and its 30 assets (make_page)
@@ -166,6 +191,20 @@ class Ports:
 
 
 PORTS = Ports()
+
+
+@dataclass(frozen=True)
+class Extra:
+    """More names for the config-size rows: in the passthrough block (sniport) / the stream
+    map (nginx seed), each to the passthrough backend like pass.test; and in one more site
+    (sniport [[site]] "bulk" / an nginx `server` with these server_names), SITES_CERT's
+    certificate, static.test's root."""
+
+    passthrough: tuple[str, ...] = ()
+    site: tuple[str, ...] = ()
+
+
+NO_EXTRA = Extra()
 
 
 class BenchError(Exception):
@@ -268,6 +307,11 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
 # The lab: certificates, files, hosts file, rendered configs
 
 
+def cert_stem(host: str) -> str:
+    """The file name of ``host``'s certificate and key in pki/, without .crt / .key."""
+    return host.replace("*", "_")
+
+
 def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
@@ -325,9 +369,10 @@ class Lab:
                     .add_extension(x509.BasicConstraints(ca=False, path_length=None),
                                    critical=True)
                     .sign(ca_key, hashes.SHA256()))
-            (pki / f"{host}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-            (pki / f"{host}.key").write_bytes(_pem_key(key))
-            (pki / f"{host}.key").chmod(0o600)
+            stem = cert_stem(host)
+            (pki / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            (pki / f"{stem}.key").write_bytes(_pem_key(key))
+            (pki / f"{stem}.key").chmod(0o600)
             self.certs_der[host] = cert.public_bytes(serialization.Encoding.DER)
 
         passwww = self.dir / "passwww"
@@ -342,24 +387,48 @@ class Lab:
         www = self.dir / "www"  # static.test's root
         www.mkdir()
         (www / STATIC_PATH.lstrip("/")).write_bytes(STATIC_BODY)
+        (www / "index.html").write_bytes(INDEX_BODY)
+        for path, size in MIX[1:]:  # incompressible, different in every run
+            (www / path.lstrip("/")).write_bytes(os.urandom(size))
         make_page(www)
         self.hosts_file.write_text("127.0.0.1 localhost\n::1 localhost\n"
-                                   f"127.0.0.1 {' '.join(hosts)}\n")
+                                   f"127.0.0.1 {' '.join(h for h in hosts if '*' not in h)}\n")
 
     def big_slice(self, start: int, length: int) -> bytes:
         with self.big.open("rb") as f:
             f.seek(start)
             return f.read(length)
 
-    def render(self, template: str, run: Path, workers: int, listen: str = "") -> Path:
-        """Render ``template`` (and the includes) into ``run``; returns run/nginx.conf."""
+    def render(self, template: str, run: Path, workers: int, listen: str = "",
+               extra: Extra = NO_EXTRA) -> Path:
+        """Render ``template`` (and the includes) into ``run``; returns run/nginx.conf.
+        ``extra``: more names for the seed setup's map and one more `http` server (the
+        config-size rows), with hashes big enough for them."""
+        pass_extra, site_extra = extra.passthrough, extra.site
+        site_block = ""
+        if site_extra:
+            site_block = (f"server {{\n    listen {listen} ssl http2;\n    server_name "
+                          + "\n        ".join(site_extra) + ";\n"
+                          f"    ssl_certificate {self.dir}/pki/{cert_stem(SITES_CERT)}.crt;\n"
+                          f"    ssl_certificate_key {self.dir}/pki/{cert_stem(SITES_CERT)}.key;\n"
+                          f"    root {self.dir}/www;\n}}")
         run.mkdir(parents=True, exist_ok=True)
         (run / "tmp").mkdir(exist_ok=True)
         (run / "logs").mkdir(exist_ok=True)
         subst = {"@W@": str(workers), "@RUN@": str(run), "@CONF@": str(run),
                  "@LAB@": str(self.dir), "@LISTEN@": listen,
                  "@SEED_PORT@": str(PORTS.seed), "@PASS_PORT@": str(PORTS.pass_backend),
-                 "@APP_PORT@": str(PORTS.app_backend)}
+                 "@APP_PORT@": str(PORTS.app_backend),
+                 "@PASS_EXTRA@": "\n        ".join(f"{h}  127.0.0.1:{PORTS.pass_backend};"
+                                                   for h in pass_extra),
+                 # nginx refuses to build a map hash bigger than map_hash_max_size (2048)
+                 "@MAP_HASH@": (f"map_hash_max_size {max(2048, 4 * len(pass_extra))}; "
+                                "map_hash_bucket_size 64;" if pass_extra else ""),
+                 "@SERVER_NAMES_HASH@": (f"server_names_hash_max_size "
+                                         f"{max(1024, 4 * len(site_extra))}; "
+                                         "server_names_hash_bucket_size 64;"
+                                         if site_extra else ""),
+                 "@SITE_EXTRA@": site_block}
 
         def fill(text: str) -> str:
             for k, v in subst.items():
@@ -473,16 +542,21 @@ class Nginx(Server):
 
 class Sniport(Server):
     def __init__(self, label: str, port: int, run: Path, workers: int, lab: Path,
-                 metrics: bool = False) -> None:
+                 metrics: bool = False, extra: Extra = NO_EXTRA) -> None:
         super().__init__(label, port, run)
         run.mkdir(parents=True, exist_ok=True)
         (run / "state").mkdir(exist_ok=True)
         self.workers = workers
         self.metrics = metrics
+        self.lab = lab
         self.config = run / "sniport.toml"
-        self.config.write_text(sniport_config(workers, run / "state", lab, metrics=metrics))
+        self.write_config(extra)
         self.command = [str(VENV_PY), "-m", "sniport", "run", "-c", str(self.config)]
         self.env = snapshot_env(lab)
+
+    def write_config(self, extra: Extra) -> None:
+        self.config.write_text(sniport_config(self.workers, self.run / "state", self.lab,
+                                              metrics=self.metrics, extra=extra))
 
     def start(self) -> None:
         if self.metrics:  # the master binds it: nobody else may hold it
@@ -502,11 +576,27 @@ class Sniport(Server):
 
 
 def sniport_config(workers: int, state_dir: Path | str, lab: Path | str, *,
-                   metrics: bool = False) -> str:
+                   metrics: bool = False, extra: Extra = NO_EXTRA) -> str:
     """The sniport equivalent of nginx-seed.conf + http-servers.inc: pass.test passed
     through, static.test and app.test terminated with the same certificates. ``metrics``
     (--sniport-metrics) adds [server] metrics_listen: workers then count into the shared
-    mapping the master serves, instead of a private buffer (issue 11 item 3)."""
+    mapping the master serves, instead of a private buffer (issue 11 item 3). ``extra``:
+    more names in the passthrough block's hosts and one more site (the config-size rows)."""
+    hosts = ", ".join(f'"{h}"' for h in (PASS_HOST, *extra.passthrough))
+    site_block = ""
+    if extra.site:
+        names = ", ".join(f'"{h}"' for h in extra.site)
+        pem = f"{lab}/pki/{cert_stem(SITES_CERT)}"
+        site_block = f"""
+[[site]]
+name = "bulk"                 # the config-size rows only (nginx: one more server, these names)
+hosts = [{names}]
+tls = {{ cert = "{pem}.crt", key = "{pem}.key" }}
+
+  [[site.route]]
+  path = "/"
+  static = {{ root = "{lab}/www" }}
+"""
     metrics_line = (f'metrics_listen = "127.0.0.1:{PORTS.sniport_metrics}"  # --sniport-metrics; '
                     "nginx: no equivalent\n" if metrics else "")
     return f"""\
@@ -527,7 +617,7 @@ http2_max_streams = 128       # nginx: http2_max_concurrent_streams 128 (its def
 {metrics_line}
 [[passthrough]]
 name = "pass"
-hosts = ["{PASS_HOST}"]
+hosts = [{hosts}]
 upstreams = ["127.0.0.1:{PORTS.pass_backend}"]
 
 [[site]]
@@ -550,7 +640,7 @@ http2 = true
   path = "/"
   # nginx: upstream app_backend {{ server 127.0.0.1:{PORTS.app_backend}; keepalive 64; }}
   proxy = {{ upstreams = ["http://127.0.0.1:{PORTS.app_backend}"], keepalive = 64 }}
-
+{site_block}
 [default]
 to = "site:static"            # nginx: any other name reaches the http servers (static.test first)
 """
@@ -701,6 +791,18 @@ def check_terminated(lab: Lab, port: int) -> list[str]:
                        "(resumption must be off: every handshake full)")
         if again.ticket:
             bad.append("static.test: a session ticket was issued on the second connection")
+        # M3i's / (index resolution) and M3s's sizes: the exact bytes and Content-Length
+        wanted = [(INDEX_PATH, INDEX_BODY)] + [
+            (path, (lab.dir / "www" / path.lstrip("/")).read_bytes()) for path, _ in MIX[1:]]
+        for path, body in wanted:
+            c = _https(lab, port, STATIC_HOST, "GET", path)
+            if c.status != 200 or c.body != body:
+                bad.append(f"static.test{path}: status {c.status}, {len(c.body)} bytes, "
+                           f"{'right' if c.body == body else 'WRONG'} content "
+                           f"(expected {len(body)} bytes)")
+            if c.headers.get("content-length") != str(len(body)):
+                bad.append(f"static.test{path}: Content-Length "
+                           f"{c.headers.get('content-length')}, not {len(body)}")
         b = _https(lab, port, APP_HOST, "GET", APP_PATH)
         bad += check_tls(lab, port, APP_HOST, b)
         if b.status != 200 or b.body != APP_BODY:
@@ -716,7 +818,9 @@ CHECKED = ("pass.test (the backend's certificate) and static.test, app.test (the
            "TLSv1.3, TLS_AES_256_GCM_SHA384, X25519, ECDSA (Python ssl and openssl s_client); no "
            "session ticket; a second static.test handshake offering the first session is not "
            "resumed; pass.test /small 100 B exact, /big length and tail; static.test "
-           f"{STATIC_PATH} 1024 B exact; app.test {APP_PATH} the app's 100 B exact")
+           f"{STATIC_PATH} 1024 B exact, {INDEX_PATH} the root's 1 KiB index.html exact (index "
+           "resolution), " + ", ".join(f"{p} {n:,} B" for p, n in MIX[1:]) + " exact with "
+           f"their Content-Length; app.test {APP_PATH} the app's 100 B exact")
 
 
 def check_app_backend(port: int) -> list[str]:
@@ -772,6 +876,9 @@ class Measure:
     command: Callable[[Session, str], str]  # the exact command, for RESULTS.md
     run: Callable[[Session, Server], Sample]
     fresh: bool = False  # memory: on a server of its own, started just for it
+    # nginx without the hop (nginx-direct.conf) has the terminated sites only: measured there too
+    direct: bool = False
+    note: str = ""  # how it works, for the report under its command
     settle_slack: int = 0  # fds per worker the server may keep after it (upstream keepalive)
 
 
@@ -848,32 +955,53 @@ def parse_wrk(text: str) -> dict[str, float]:
     return out
 
 
+class PeakRss:
+    """The highest VmRSS sum of ``pids`` while in the ``with`` block, read every 0.1 s by a
+    thread (the bench's own CPU: never counted as the server's)."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        import threading
+
+        self.pids = pids
+        self.before = rss_kib(pids)
+        self.peak = self.before
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, rss_kib(self.pids))
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def run_wrk(session: Session, server: Server, host: str, path: str, body_len: int, *,
-            close: bool, connections: int | None = None) -> Sample:
+            close: bool, connections: int | None = None, peak_rss: bool = False) -> Sample:
     """wrk against ``server``: the rate, the server's CPU per request (or per connection
     with ``close``), wrk's socket errors and non-2xx responses, and a check that the bytes
-    read per response fit the right answer (body + a head of 60-800 bytes)."""
+    read per response fit the right answer (body + a head of 60-800 bytes). ``peak_rss``
+    (the scaling pass): also the server's peak RSS during the run minus before, per wrk
+    connection ("KiB/conn peak": memory per busy connection)."""
     pids = server.pids()
     cmd = wrk_command(session, str(server.port), host, path, close=close,
                       connections=connections)
     u0, s0 = cpu_split(pids)
-    done = subprocess.run(cmd, capture_output=True, text=True,
-                          timeout=session.args.wrk_duration + 90, check=False)
+    with PeakRss(pids) if peak_rss else contextlib.nullcontext() as rss:
+        done = subprocess.run(cmd, capture_output=True, text=True,
+                              timeout=session.args.wrk_duration + 90, check=False)
     time.sleep(0.2)
     u1, s1 = cpu_split(pids)
     cpu = (u1 - u0) + (s1 - s0)
     w = parse_wrk(done.stdout)
-    problems = []
-    if done.returncode != 0 or "requests" not in w:
-        problems.append(f"wrk exit {done.returncode}: {done.stdout.strip()} "
-                        f"{done.stderr.strip()}")
+    problems = _wrk_problems(done, w)
     errors = sum(int(v) for k, v in w.items() if k.startswith("err_"))
     non2xx = int(w.get("non_2xx_3xx", 0))
-    if errors:
-        problems.append("wrk socket errors: " + ", ".join(
-            f"{k[4:]} {int(v)}" for k, v in w.items() if k.startswith("err_") and v))
-    if non2xx:
-        problems.append(f"wrk: {non2xx} responses neither 2xx nor 3xx")
     requests = int(w.get("requests", 0))
     per_response = w.get("bytes_read", 0) / requests if requests else 0.0
     if requests and not body_len + 60 <= per_response <= body_len + 800:
@@ -886,9 +1014,148 @@ def run_wrk(session: Session, server: Server, host: str, path: str, body_len: in
         metrics = {"req/s": w.get("rps", 0.0),
                    "CPU-us/req": cpu * 1e6 / requests if requests else 0.0}
     metrics |= {"errors": errors, "non-2xx": non2xx}
-    return Sample(metrics, {"wrk": w, "bytes_per_response": round(per_response),
+    raw = {"wrk": w, "bytes_per_response": round(per_response), "utime_s": round(u1 - u0, 2),
+           "stime_s": round(s1 - s0, 2), "wrk_stdout": done.stdout}
+    if isinstance(rss, PeakRss):
+        conns = connections or session.args.wrk_connections
+        metrics["KiB/conn peak"] = (rss.peak - rss.before) / conns
+        raw |= {"rss_before_kib": rss.before, "rss_peak_kib": rss.peak}
+    return Sample(metrics, raw, problems)
+
+
+MIX_SCRIPT = """\
+-- bench/suite.py M3s: every wrk thread asks for {paths} in turn (one of each per
+-- three requests), on keep-alive connections; each answer's body is counted by its size.
+local paths = {{{lua_paths}}}
+local sizes = {{{lua_sizes}}}
+local reqs = {{}}
+local i = 0
+local threads = {{}}
+
+function setup(thread)
+   table.insert(threads, thread)
+end
+
+function init(args)
+   for k, p in ipairs(paths) do reqs[k] = wrk.format("GET", p) end
+   for k = 1, #sizes do _G["got" .. k] = 0 end
+   wrong = 0
+   not200 = 0
+end
+
+function request()
+   i = i % #reqs + 1
+   return reqs[i]
+end
+
+function response(status, headers, body)
+   if status ~= 200 then not200 = not200 + 1 end
+   local n = #body
+   for k = 1, #sizes do
+      if n == sizes[k] then
+         _G["got" .. k] = _G["got" .. k] + 1
+         return
+      end
+   end
+   wrong = wrong + 1
+end
+
+function done(summary, latency, requests)
+   local got = {{}}
+   local w, bad = 0, 0
+   for k = 1, #sizes do got[k] = 0 end
+   for _, thread in ipairs(threads) do
+      for k = 1, #sizes do got[k] = got[k] + thread:get("got" .. k) end
+      w = w + thread:get("wrong")
+      bad = bad + thread:get("not200")
+   end
+   io.write("sniport-bench-mix: sizes")
+   for k = 1, #sizes do io.write(string.format(" %d:%d", sizes[k], got[k])) end
+   io.write(string.format(" wrong %d not200 %d\\n", w, bad))
+end
+"""
+
+
+def mix_script(session: Session) -> Path:
+    """M3s's Lua script for wrk (written once per run into the output directory)."""
+    path = session.out / "mix.lua"
+    if not path.exists():
+        path.write_text(MIX_SCRIPT.format(
+            paths=", ".join(p for p, _ in MIX),
+            lua_paths=", ".join(f'"{p}"' for p, _ in MIX),
+            lua_sizes=", ".join(str(n) for _, n in MIX)))
+    return path
+
+
+def mix_command(session: Session, port: str) -> list[str]:
+    cmd = wrk_command(session, port, STATIC_HOST, "/", close=False)
+    return [*cmd[:-1], "-s", str(mix_script(session)), cmd[-1]]
+
+
+def run_wrk_mix(session: Session, server: Server) -> Sample:
+    """M3s: wrk with mix.lua against static.test (MIX, one of each size per three requests,
+    keep-alive): req/s, body MB/s, server CPU-us per request and CPU-ms per MB of body (10^6
+    bytes), wrk's errors and non-2xx, and the size of every answer counted by the script:
+    a body of any other size is a problem, and so is a mix off by more than the requests
+    that can be in flight at the end (one per connection)."""
+    pids = server.pids()
+    cmd = mix_command(session, str(server.port))
+    u0, s0 = cpu_split(pids)
+    done = subprocess.run(cmd, capture_output=True, text=True,
+                          timeout=session.args.wrk_duration + 90, check=False)
+    time.sleep(0.2)
+    u1, s1 = cpu_split(pids)
+    cpu = (u1 - u0) + (s1 - s0)
+    w = parse_wrk(done.stdout)
+    problems = _wrk_problems(done, w)
+    requests = int(w.get("requests", 0))
+    got: dict[int, int] = {}
+    wrong = not200 = 0
+    if m := re.search(r"sniport-bench-mix: sizes((?: \d+:\d+)+) wrong (\d+) not200 (\d+)",
+                      done.stdout):
+        got = {int(a): int(b) for a, b in (x.split(":") for x in m.group(1).split())}
+        wrong, not200 = int(m.group(2)), int(m.group(3))
+    elif requests:
+        problems.append("wrk: no sizes line from mix.lua (is the script's done() run?)")
+    counted = sum(got.values()) + wrong
+    if got and counted != requests:
+        problems.append(f"mix.lua counted {counted} answers, wrk {requests} requests")
+    if wrong:
+        problems.append(f"mix.lua: {wrong} answers of a size not in the mix: wrong content?")
+    if not200:
+        problems.append(f"mix.lua: {not200} answers not 200")
+    if got and requests:
+        share = requests / len(MIX)
+        off = {n: c for n, c in got.items() if abs(c - share) > session.args.wrk_connections + 3}
+        if off:
+            problems.append(f"mix.lua: the sizes are not one in {len(MIX)} each ({got} for "
+                            f"{requests} requests)")
+    body_bytes = sum(n * c for n, c in got.items())
+    seconds = w.get("seconds", 0.0)
+    errors = sum(int(v) for k, v in w.items() if k.startswith("err_"))
+    metrics = {"req/s": w.get("rps", 0.0),
+               "CPU-us/req": cpu * 1e6 / requests if requests else 0.0,
+               "MB/s": body_bytes / seconds / 1e6 if seconds else 0.0,
+               "CPU-ms/MB": cpu * 1e3 / (body_bytes / 1e6) if body_bytes else 0.0,
+               "errors": errors, "non-2xx": int(w.get("non_2xx_3xx", 0))}
+    return Sample(metrics, {"wrk": w, "sizes": {str(k): v for k, v in got.items()},
+                            "wrong_size": wrong, "body_bytes": body_bytes,
                             "utime_s": round(u1 - u0, 2), "stime_s": round(s1 - s0, 2),
                             "wrk_stdout": done.stdout}, problems)
+
+
+def _wrk_problems(done: subprocess.CompletedProcess[str], w: dict[str, float]) -> list[str]:
+    """wrk's exit, socket errors and non-2xx answers, as problems."""
+    problems = []
+    if done.returncode != 0 or "requests" not in w:
+        problems.append(f"wrk exit {done.returncode}: {done.stdout.strip()} "
+                        f"{done.stderr.strip()}")
+    if any(v for k, v in w.items() if k.startswith("err_")):
+        problems.append("wrk socket errors: " + ", ".join(
+            f"{k[4:]} {int(v)}" for k, v in w.items() if k.startswith("err_") and v))
+    if w.get("non_2xx_3xx"):
+        problems.append(f"wrk: {int(w['non_2xx_3xx'])} responses neither 2xx nor 3xx")
+    return problems
 
 
 def idle_command(session: Session, port: str, sni: str, count: int | None = None) -> list[str]:
@@ -1162,24 +1429,45 @@ MEASURES: tuple[Measure, ...] = (
     Measure("M2", "M2 new passthrough connections", RATE_CONN,
             *_wrk_measure(PASS_HOST, "/small", SMALL_BODY, close=True)),
     Measure("M3", "M3 static 1 KiB, keep-alive", RATE_REQ,
-            *_wrk_measure(STATIC_HOST, STATIC_PATH, STATIC_BODY, close=False)),
+            *_wrk_measure(STATIC_HOST, STATIC_PATH, STATIC_BODY, close=False), direct=True),
+    Measure("M3i", "M3i static 1 KiB index.html as /, keep-alive", RATE_REQ,
+            *_wrk_measure(STATIC_HOST, INDEX_PATH, INDEX_BODY, close=False), direct=True,
+            note="As M3, on `/`: the static root holds a 1 KiB index.html (1,024 bytes) that "
+            "both servers find by index resolution (nginx: `index` default index.html; "
+            "sniport: the static route's index = [\"index.html\"]); the checks fetch it "
+            "exactly and the bytes wrk read per answer must fit 1,024 + a head."),
+    Measure("M3s", "M3s static mix 1 KiB / 100 KiB / 1 MiB (wrk + mix.lua), keep-alive",
+            (*RATE_REQ[:2], Metric("MB/s", "MB/s", False, "{:.0f}"),
+             Metric("CPU-ms/MB", "ms", True, "{:.3f}"), *RATE_REQ[2:]),
+            _cmd(mix_command), run_wrk_mix, direct=True,
+            note="How the sizes are mixed: $OUT/mix.lua (bench/suite.py MIX_SCRIPT) makes "
+            "each wrk thread ask for " + ", ".join(f"{p} ({n:,} B)" for p, n in MIX)
+            + " in turn, so one of each per three requests, over wrk's keep-alive "
+            "connections; its response() counts every answer by body size and its done() "
+            "prints the counts. A body of another size, an answer not 200, counts that do not "
+            "add up to wrk's requests, or a size off its third by more than the connections "
+            "(the requests in flight at the end) is a problem. CPU-us/req is over all "
+            "answers; CPU-ms/MB is per 10^6 bytes of body; MB/s is body bytes per second."),
     Measure("M4", "M4 reverse proxy to a 100-byte upstream, keep-alive", RATE_REQ,
-            *_wrk_measure(APP_HOST, APP_PATH, APP_BODY, close=False), settle_slack=64),
+            *_wrk_measure(APP_HOST, APP_PATH, APP_BODY, close=False), settle_slack=64,
+            direct=True),
     Measure("M5", "M5 terminated new connections (TLS handshake + 1 request)", RATE_CONN,
-            *_wrk_measure(STATIC_HOST, STATIC_PATH, STATIC_BODY, close=True)),
+            *_wrk_measure(STATIC_HOST, STATIC_PATH, STATIC_BODY, close=True), direct=True),
     Measure("M6p", "M6 memory per idle passthrough connection", KIB, *_idle_measure(PASS_HOST),
             fresh=True),
     Measure("M6t", "M6 memory per idle terminated connection", KIB,
-            *_idle_measure(STATIC_HOST), fresh=True),
+            *_idle_measure(STATIC_HOST), fresh=True, direct=True),
     Measure("M7", "M7 static 1 KiB over HTTP/2 (h2load -c64 -m10)", RATE_REQ,
-            _cmd(h2load_command), m7_h2load),
+            _cmd(h2load_command), m7_h2load, direct=True),
     Measure("M8", "M8 page load: HTML + 30 assets, new connections each (h1: 6 "
             "connections; h2: 1)", PAGES,
             lambda s, port: "\n".join(shlex.join(pageload_command(s, port, p))
-                                      for p in ("h1", "h2")), m8_pages),
+                                      for p in ("h1", "h2")), m8_pages, direct=True),
 )
+DIRECT_KEYS = frozenset(m.key for m in MEASURES if m.direct)
+SERVERS = ("nginx", "nginx-direct", "sniport")  # record names; labels "nginx seed", ...
 # Run order on the shared server: M4 last, its upstream keep-alive connections stay open.
-RUN_ORDER = ("M6p", "M6t", "M1", "M2", "M3", "M5", "M7", "M8", "M4")
+RUN_ORDER = ("M6p", "M6t", "M1", "M2", "M3", "M3i", "M3s", "M5", "M7", "M8", "M4")
 
 
 @dataclass(frozen=True)
@@ -1188,24 +1476,37 @@ class Target:
     bound: float
     upper: bool  # the ratio must be <= bound (else >=)
     workers: int | None = None  # only with this many workers
+    base: str = "nginx"  # the ratio sniport / this server: "nginx" (seed) or "nginx-direct"
 
 
-TARGETS: dict[tuple[str, str], Target] = {
-    ("M1", "CPU-s/GiB"): Target("<= 0.70", 0.70, True),
-    ("M2", "CPU-ms/conn"): Target("<= 1.00", 1.00, True),
-    ("M3", "CPU-us/req"): Target("<= 0.80", 0.80, True),
-    ("M4", "CPU-us/req"): Target("<= 0.90", 0.90, True),
-    ("M5", "CPU-ms/conn"): Target("<= 1.00", 1.00, True),
-    ("M6p", "KiB/conn"): Target("<= 0.25", 0.25, True),
-    ("M6t", "KiB/conn"): Target("<= 0.85", 0.85, True),
-    ("M1", "MB/s"): Target(">= 1.00 with 2 workers", 1.0, False, 2),
-    ("M2", "conn/s"): Target(">= 1.00 with 2 workers", 1.0, False, 2),
-    ("M3", "req/s"): Target(">= 1.00 with 2 workers", 1.0, False, 2),
-    ("M4", "req/s"): Target(">= 1.00 with 2 workers", 1.0, False, 2),
-    ("M5", "conn/s"): Target(">= 1.00 with 2 workers", 1.0, False, 2),
+def _cpu(bound: float, note: str = "", base: str = "nginx") -> Target:
+    return Target(f"<= {bound:.2f}{note}", bound, True, base=base)
+
+
+_RATE = Target(">= 1.00 with 2 workers", 1.0, False, 2)
+# Issue 13 (item 1 and the targets table): sniport / nginx seed unless the target says
+# "vs direct" (sniport / nginx without the hop, nginx-direct.conf). A measure may have several.
+TARGETS: dict[tuple[str, str], tuple[Target, ...]] = {
+    ("M1", "CPU-s/GiB"): (_cpu(0.50),),
+    ("M2", "CPU-ms/conn"): (_cpu(1.00),),
+    ("M3", "CPU-us/req"): (_cpu(0.80), _cpu(1.00, " vs direct", "nginx-direct")),
+    ("M3i", "CPU-us/req"): (_cpu(0.80), _cpu(1.00, " vs direct", "nginx-direct")),
+    ("M4", "CPU-us/req"): (_cpu(0.90),),
+    ("M5", "CPU-ms/conn"): (_cpu(1.00),),
+    ("M6p", "KiB/conn"): (_cpu(0.25),),
+    ("M6t", "KiB/conn"): (_cpu(0.60),),
+    # "no throughput below nginx's with 2 workers"
+    ("M1", "MB/s"): (_RATE,),
+    ("M2", "conn/s"): (_RATE,),
+    ("M3", "req/s"): (_RATE,),
+    ("M3i", "req/s"): (_RATE,),
+    ("M3s", "MB/s"): (_RATE,),
+    ("M4", "req/s"): (_RATE,),
+    ("M5", "conn/s"): (_RATE,),
     # issue 9 item 4
-    ("M7", "CPU-us/req"): Target("<= 1.50 (issue 9)", 1.50, True),
-    ("M8", "CPU-ms/page h2"): Target("<= 1.00 (issue 9; and sniport h2 < its h1)", 1.00, True),
+    ("M7", "CPU-us/req"): (_cpu(1.50, " (issue 9)"),),
+    ("M8", "CPU-ms/page h2"): (Target("<= 1.00 (issue 9; and sniport h2 < its h1)", 1.00,
+                                      True),),
 }
 
 
@@ -1227,6 +1528,7 @@ class Record:
 class Outcome:
     records: list[Record] = field(default_factory=list)
     scaling: list[Record] = field(default_factory=list)
+    config: list[Record] = field(default_factory=list)  # config-size rows: scale = hosts
     problems: list[str] = field(default_factory=list)
     checks: list[tuple[str, str]] = field(default_factory=list)  # (server, result)
     log_lines: list[tuple[str, str]] = field(default_factory=list)  # (server, line)
@@ -1241,14 +1543,19 @@ def loadavg() -> str:
     return Path("/proc/loadavg").read_text().strip()
 
 
-def make_server(name: str, session: Session, workers: int, rnd: int, tag: str) -> Server:
+def make_server(name: str, session: Session, workers: int, rnd: int, tag: str,
+                extra: Extra = NO_EXTRA) -> Server:
     run = session.out / "run" / f"{name}-w{workers}-r{rnd + 1}-{tag}"
     if name == "nginx":
         conf = session.lab.render("nginx-seed.conf", run, workers,
-                                  listen=f"unix:{run}/https.sock")
+                                  listen=f"unix:{run}/https.sock", extra=extra)
         return Nginx("nginx seed", PORTS.seed, run, conf, workers)
+    if name == "nginx-direct":
+        conf = session.lab.render("nginx-direct.conf", run, workers,
+                                  listen=f"127.0.0.1:{PORTS.direct}")
+        return Nginx("nginx direct", PORTS.direct, run, conf, workers)
     return Sniport("sniport", PORTS.sniport, run, workers, session.lab.dir,
-                   metrics=session.args.sniport_metrics)
+                   metrics=session.args.sniport_metrics, extra=extra)
 
 
 # A job: (measure key, what it runs on a started server -> [(scale, sample)], settle slack)
@@ -1256,15 +1563,16 @@ Job = tuple[str, Callable[[Server], list[tuple[int, Sample]]], int]
 
 
 def server_instance(session: Session, name: str, workers: int, rnd: int, tag: str,
-                    jobs: Sequence[Job], outcome: Outcome, into: list[Record]) -> None:
+                    jobs: Sequence[Job], outcome: Outcome, into: list[Record],
+                    extra: Extra = NO_EXTRA) -> None:
     """Start one server, check every route, run ``jobs`` on it, stop it; record everything."""
-    server = make_server(name, session, workers, rnd, tag)
+    server = make_server(name, session, workers, rnd, tag, extra)
     where = f"round {rnd + 1}, {workers} worker(s), {server.label}"
     log(f"{where} [{tag}]: starting: {tidy(shlex.join(server.command), session)}")
     server.start()
     try:
-        bad = check_passthrough(session.lab, server.port) + check_terminated(session.lab,
-                                                                              server.port)
+        bad = ([] if name == "nginx-direct" else check_passthrough(session.lab, server.port)
+               ) + check_terminated(session.lab, server.port)
         outcome.checks.append((server.label, "; ".join(bad) if bad else "ok"))
         if bad:
             outcome.problems += [f"{where}, check: {b}" for b in bad]
@@ -1291,7 +1599,9 @@ def server_instance(session: Session, name: str, workers: int, rnd: int, tag: st
                     f"{server.log_tail()}")
                 return
             gone = pids0 - set(server.pids())
-            if gone:  # a worker died (and may have been replaced): its CPU time is lost too
+            if gone and key == "C":  # the config-size rows reload: new workers, by design
+                pids0 = set(server.pids())
+            elif gone:  # a worker died (and may have been replaced): its CPU time is lost too
                 outcome.problems.append(f"{where}: process(es) {sorted(gone)} exited during "
                                         f"{key}; log tail:\n{server.log_tail()}")
                 pids0 = set(server.pids())
@@ -1320,6 +1630,156 @@ def log_problems(where: str, lines: Sequence[str], shown: int = 8) -> list[str]:
         out.append(f"{where}, sniport log: {len(counts) - shown} more distinct line(s), "
                    f"{sum(len(f) for f in list(counts.values())[shown:])} in all; see the log")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Config size (issue 13 item 1): routing cost and reload time with many names
+
+RELOAD_MARKER = "reload-marker.hosts.test"
+RELOADS = 3  # per server start: the marker in, out, in again
+RELOAD_STREAK = 5  # handshakes in a row routed the new way before the new config counts
+
+
+def extra_names(hosts: int) -> Extra:
+    """``hosts`` names, half in the passthrough block (pass.test and h00001.hosts.test ...),
+    half in the extra site (s00001.sites.test ...)."""
+    half = hosts // 2
+    return Extra(tuple(f"h{i:05d}.hosts.test" for i in range(1, half)),
+                 tuple(f"s{i:05d}.sites.test" for i in range(1, hosts - half + 1)))
+
+
+def peer_cert(port: int, sni: str) -> bytes | None:
+    """The certificate (DER) a TLS 1.3 handshake with ``sni`` gets through ``port``, not
+    verified (which site or backend answered is the question), or None if it failed."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        with (socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+              ctx.wrap_socket(raw, server_hostname=sni) as tls):
+            return tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError):
+        return None
+
+
+def reload_command(session: Session, server: Server) -> list[str]:
+    if isinstance(server, Sniport):
+        return [str(VENV_PY), "-m", "sniport", "reload", "-c", str(server.config)]
+    return ["nginx", "-p", str(server.run), "-c", str(server.run / "nginx.conf"), "-e",
+            str(server.run / "error.log"), "-s", "reload"]
+
+
+def reload_once(session: Session, server: Server, workers: int, names: Extra,
+                marker: bool) -> tuple[dict[str, float], list[str]]:
+    """Write the config with ``names`` (and RELOAD_MARKER if ``marker``), then time from
+    the reload command's start until RELOAD_STREAK handshakes in a row with SNI
+    RELOAD_MARKER reach where the new config sends it: the passthrough backend (pass.test's
+    certificate) with the marker, else the default (static.test's)."""
+    lab = session.lab
+    want = lab.certs_der[PASS_HOST if marker else STATIC_HOST]
+    new = Extra((*names.passthrough, RELOAD_MARKER), names.site) if marker else names
+    if isinstance(server, Sniport):
+        server.write_config(new)
+    else:
+        lab.render("nginx-seed.conf", server.run, workers,
+                   listen=f"unix:{server.run}/https.sock", extra=new)
+    problems = []
+    t0 = time.monotonic()
+    done = subprocess.run(reload_command(session, server), capture_output=True, text=True,
+                          timeout=120, check=False, env=server.env)
+    t_cmd = time.monotonic() - t0
+    if done.returncode != 0:
+        problems.append(f"reload exit {done.returncode}: {done.stdout.strip()} "
+                        f"{done.stderr.strip()}")
+    streak, first, probes = 0, 0.0, 0
+    deadline = t0 + 60
+    while streak < RELOAD_STREAK:
+        if time.monotonic() > deadline:
+            problems.append(f"{RELOAD_MARKER} not routed the new way 60 s after the reload")
+            break
+        got = peer_cert(server.port, RELOAD_MARKER)
+        probes += 1
+        if got == want:
+            if streak == 0:
+                first = time.monotonic() - t0
+            streak += 1
+        else:
+            streak = 0
+    return {"command_s": round(t_cmd, 4), "serving_s": round(first, 4), "probes": probes,
+            "marker": marker}, problems
+
+
+def config_job(session: Session, workers: int,
+               hosts: int) -> Callable[[Server], list[tuple[int, Sample]]]:
+    """With ``hosts`` names (extra_names): the server's RSS, M2 (new passthrough connections
+    to pass.test) and M5 (new terminated connections to static.test), CPU-ms per connection
+    each, then RELOADS reloads, each timed until the new config routes a marker name
+    (reload_once)."""
+    def run(server: Server) -> list[tuple[int, Sample]]:
+        names = extra_names(hosts)
+        problems = []
+        procs = len(server.pids())
+        rss = rss_kib(server.pids()) / 1024
+        last = names.passthrough[-1:]
+        if last and peer_cert(server.port, last[0]) != session.lab.certs_der[PASS_HOST]:
+            problems.append(f"{last[0]} (the last passthrough name) is not passed through")
+        if names.site:  # the last site name: the wildcard certificate, verified, and content
+            try:
+                a = _https(session.lab, server.port, names.site[-1], "GET", STATIC_PATH)
+                if a.cert_der != session.lab.certs_der[SITES_CERT] or a.body != STATIC_BODY:
+                    problems.append(f"{names.site[-1]}: not the {SITES_CERT} certificate or "
+                                    f"not {STATIC_PATH} (status {a.status})")
+            except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
+                problems.append(f"{names.site[-1]}: {type(exc).__name__}: {exc}")
+        if peer_cert(server.port, RELOAD_MARKER) != session.lab.certs_der[STATIC_HOST]:
+            problems.append(f"{RELOAD_MARKER} does not reach the default before the reloads")
+        m2 = run_wrk(session, server, PASS_HOST, "/small", len(SMALL_BODY), close=True)
+        m5 = run_wrk(session, server, STATIC_HOST, STATIC_PATH, len(STATIC_BODY), close=True)
+        reloads = []
+        for i in range(RELOADS):
+            got, bad = reload_once(session, server, workers, names, marker=i % 2 == 0)
+            reloads.append(got)
+            problems += [f"reload {i + 1}: {b}" for b in bad]
+            # the previous generation's workers finish draining before the next reload
+            try:
+                wait_for(lambda: len(server.pids()) <= procs, 30,
+                         f"{server.label}'s old workers to exit")
+            except BenchError as exc:
+                problems.append(f"reload {i + 1}: {exc}")
+        metrics = {"pass conn/s": m2.metrics["conn/s"],
+                   "pass CPU-ms/conn": m2.metrics["CPU-ms/conn"],
+                   "term conn/s": m5.metrics["conn/s"],
+                   "term CPU-ms/conn": m5.metrics["CPU-ms/conn"],
+                   "errors": m2.metrics["errors"] + m5.metrics["errors"],
+                   "non-2xx": m2.metrics["non-2xx"] + m5.metrics["non-2xx"]}
+        ok = [r["serving_s"] for r in reloads if r["serving_s"]]
+        if ok:
+            metrics["reload s"] = statistics.median(ok)
+            metrics["reload command s"] = statistics.median(r["command_s"] for r in reloads)
+        metrics["RSS MiB"] = rss
+        raw = {"M2": {k: v for k, v in m2.raw.items() if k != "wrk_stdout"},
+               "M5": {k: v for k, v in m5.raw.items() if k != "wrk_stdout"},
+               "reloads": reloads, "hosts": hosts}
+        return [(hosts, Sample(metrics, raw, [f"M2: {p}" for p in m2.problems]
+                               + [f"M5: {p}" for p in m5.problems] + problems))]
+    return run
+
+
+def run_config_pass(session: Session, servers: Sequence[str], workers_list: Sequence[int],
+                    runs: int, outcome: Outcome) -> None:
+    """The config-size rows: for each count of --config-hosts a fresh server of its own
+    (nginx seed and sniport; nginx direct has no passthrough), alternating as the main pass."""
+    counts = _int_list(session.args.config_hosts)
+    names = [s for s in servers if s != "nginx-direct"]
+    for rnd in range(runs):
+        for wi, workers in enumerate(workers_list):
+            order = names if (rnd + wi) % 2 == 0 else list(reversed(names))
+            for name in order:
+                for n in counts:
+                    server_instance(session, name, workers, rnd, f"hosts{n}",
+                                    [("C", config_job(session, workers, n), 0)], outcome,
+                                    outcome.config, extra=extra_names(n))
 
 
 def main_jobs(session: Session, measures: Sequence[Measure]) -> list[tuple[str, list[Job]]]:
@@ -1352,7 +1812,7 @@ def scaling_jobs(session: Session, measures: Sequence[Measure]) -> list[tuple[st
                 c: int) -> Callable[[Server], list[tuple[int, Sample]]]:
         def run(server: Server) -> list[tuple[int, Sample]]:
             return [(c, run_wrk(session, server, host, path, len(body), close=False,
-                                connections=c))]
+                                connections=c, peak_rss=True))]
         return run
 
     for key, sni in (("M6p", PASS_HOST), ("M6t", STATIC_HOST)):
@@ -1376,7 +1836,10 @@ def run_pass(session: Session, servers: Sequence[str], workers_list: Sequence[in
             order = list(servers) if (rnd + wi) % 2 == 0 else list(reversed(servers))
             for name in order:
                 for tag, jobs in groups:
-                    server_instance(session, name, workers, rnd, tag, jobs, outcome, into)
+                    if name == "nginx-direct":  # no passthrough: the terminated measures only
+                        jobs = [j for j in jobs if j[0] in DIRECT_KEYS]
+                    if jobs:
+                        server_instance(session, name, workers, rnd, tag, jobs, outcome, into)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1462,8 +1925,9 @@ def _values(records: Sequence[Record], key: str, server: str, workers: int, metr
 
 
 def ratio(records: Sequence[Record], key: str, workers: int, metric: str,
-          scale: int = 0) -> float | None:
-    n = _values(records, key, "nginx", workers, metric, scale)
+          scale: int = 0, base: str = "nginx") -> float | None:
+    """sniport's median / ``base``'s (the nginx seed setup unless said), or None."""
+    n = _values(records, key, base, workers, metric, scale)
     s = _values(records, key, "sniport", workers, metric, scale)
     if not n or not s or statistics.median(n) == 0:
         return None
@@ -1507,14 +1971,45 @@ def _cell(records: Sequence[Record], key: str, server: str, workers: int, metric
     return _missing(records, key, server, workers, metric) or "-"
 
 
+LABELS = {"nginx": "nginx seed", "nginx-direct": "nginx direct", "sniport": "sniport"}
+
+
+def bases(servers: Sequence[str]) -> list[str]:
+    """The nginx setups measured in this run, each a denominator of sniport's ratios."""
+    return [b for b in ("nginx", "nginx-direct") if b in servers]
+
+
+def _ratio_name(base: str) -> str:
+    return "sniport / " + ("seed" if base == "nginx" else "direct")
+
+
+def _verdicts(recs: Sequence[Record], key: str, metric: str, targets: Sequence[Target],
+              workers_list: Sequence[int]) -> str:
+    out = []
+    for w in workers_list:
+        out.append(", ".join(
+            (verdict(t, ratio(recs, key, w, metric, base=t.base))
+             if t.workers in (None, w) else "n/a") for t in targets))
+    return " / ".join(out)
+
+
 def summary_table(outcome: Outcome, measures: Sequence[Measure],
-                  workers_list: Sequence[int]) -> list[str]:
+                  workers_list: Sequence[int], servers: Sequence[str]) -> list[str]:
+    """One row per metric: each server's median (min-max) and sniport's ratio to each nginx
+    setup, per worker count; then the issue 13 targets and whether they are met."""
+    shown = [s for s in SERVERS if s in servers]
     head = "| measure |"
     rule = "|---|"
     for w in workers_list:
-        head += f" nginx, {w}w | sniport, {w}w | ratio {w}w |"
-        rule += "---|---|---|"
-    head += " target (issue 6 unless said) | " + " / ".join(f"{w}w" for w in workers_list) + " |"
+        for srv in shown:
+            head += f" {LABELS[srv]}, {w}w |"
+            rule += "---|"
+        if "sniport" in shown:
+            for b in bases(shown):
+                head += f" {_ratio_name(b)}, {w}w |"
+                rule += "---|"
+    head += (" target: sniport / nginx (issue 13 unless said; seed unless \"vs direct\") | "
+             + " / ".join(f"{w}w" for w in workers_list) + " |")
     rule += "---|---|"
     lines = [head, rule]
     recs = outcome.records
@@ -1525,27 +2020,32 @@ def summary_table(outcome: Outcome, measures: Sequence[Measure],
             better = "lower is better" if metric.lower_is_better else "higher is better"
             row = f"| {m.title}: {metric.name} ({better}) |"
             for w in workers_list:
-                r = ratio(recs, m.key, w, metric.name)
-                row += (f" {_cell(recs, m.key, 'nginx', w, metric.name, metric.fmt)} |"
-                        f" {_cell(recs, m.key, 'sniport', w, metric.name, metric.fmt)}"
-                        f" | {'-' if r is None else f'{r:.2f}'} |")
-            target = TARGETS.get((m.key, metric.name))
-            if target is None:
+                for srv in shown:
+                    if srv == "nginx-direct" and not m.direct:
+                        row += " n/a (no passthrough) |"
+                    else:
+                        row += f" {_cell(recs, m.key, srv, w, metric.name, metric.fmt)} |"
+                if "sniport" in shown:
+                    for b in bases(shown):
+                        r = ratio(recs, m.key, w, metric.name, base=b)
+                        row += f" {'-' if r is None else f'{r:.2f}'} |"
+            targets = [t for t in TARGETS.get((m.key, metric.name), ()) if t.base in shown]
+            if not targets:
                 row += " | |"
             else:
-                row += f" {target.text} | " + " / ".join(
-                    verdict(target, ratio(recs, m.key, w, metric.name))
-                    if target.workers in (None, w) else "n/a" for w in workers_list) + " |"
+                row += (" " + "; ".join(t.text for t in targets) + " | "
+                        + _verdicts(recs, m.key, metric.name, targets, workers_list) + " |")
             lines.append(row)
         if any(x.name in COUNTS for x in m.metrics):
             row = f"| {m.title}: load generator errors / non-2xx, sum of rounds |"
             for w in workers_list:
-                cells = []
-                for srv in ("nginx", "sniport"):
+                for srv in shown:
                     e = sum(_values(recs, m.key, srv, w, "errors"))
                     n = sum(_values(recs, m.key, srv, w, "non-2xx"))
-                    cells.append(f"{e:.0f} / {n:.0f}")
-                row += f" {cells[0]} | {cells[1]} | |"
+                    row += (" n/a |" if srv == "nginx-direct" and not m.direct
+                            else f" {e:.0f} / {n:.0f} |")
+                if "sniport" in shown:
+                    row += " |" * len(bases(shown))
             lines.append(row + " 0 / 0 | |")
     return lines
 
@@ -1553,16 +2053,20 @@ def summary_table(outcome: Outcome, measures: Sequence[Measure],
 def m8_table(recs: Sequence[Record], workers_list: Sequence[int]) -> list[str]:
     """M8's four columns (server CPU-ms per page, medians) and the issue 9 targets: sniport
     h2 <= nginx h2, and sniport h2 < sniport h1."""
-    lines = ["Server CPU-ms per page load (medians, (min-max) over rounds):", "",
+    lines = ["Server CPU-ms per page load (medians, (min-max) over rounds; \"nginx\" is the "
+             "seed setup; nginx direct's columns at the end):", "",
              "| workers | sniport h1 | sniport h2 | nginx h1 | nginx h2 | sniport h2 / nginx h2 "
              "(target <= 1.00) | sniport h2 / sniport h1 (target < 1.00) | nginx h2 / nginx "
-             "h1 | sniport h1 / nginx h1 |", "|---|---|---|---|---|---|---|---|---|"]
+             "h1 | sniport h1 / nginx h1 | nginx direct h1 | nginx direct h2 | sniport h2 / "
+             "nginx direct h2 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in workers_list:
         cells = [_cell(recs, "M8", s, w, f"CPU-ms/page {p}", "{:.2f}")
                  for s in ("sniport", "nginx") for p in ("h1", "h2")]
+        direct = [_cell(recs, "M8", "nginx-direct", w, f"CPU-ms/page {p}", "{:.2f}")
+                  for p in ("h1", "h2")]
         med = {(s, p): statistics.median(v) if (v := _values(recs, "M8", s, w,
                                                               f"CPU-ms/page {p}")) else None
-               for s in ("sniport", "nginx") for p in ("h1", "h2")}
+               for s in ("sniport", "nginx", "nginx-direct") for p in ("h1", "h2")}
 
         def rel(a: tuple[str, str], b: tuple[str, str], bound: float | None,
                 med: dict[tuple[str, str], float | None] = med) -> str:
@@ -1579,7 +2083,9 @@ def m8_table(recs: Sequence[Record], workers_list: Sequence[int]) -> list[str]:
                      f"{rel(('sniport', 'h2'), ('nginx', 'h2'), 1.0)} | "
                      f"{rel(('sniport', 'h2'), ('sniport', 'h1'), 1.0)} | "
                      f"{rel(('nginx', 'h2'), ('nginx', 'h1'), None)} | "
-                     f"{rel(('sniport', 'h1'), ('nginx', 'h1'), None)} |")
+                     f"{rel(('sniport', 'h1'), ('nginx', 'h1'), None)} | "
+                     f"{' | '.join(direct)} | "
+                     f"{rel(('sniport', 'h2'), ('nginx-direct', 'h2'), None)} |")
     return [*lines, ""]
 
 
@@ -1609,7 +2115,7 @@ def scaling_section(session: Session, outcome: Outcome, measures: Sequence[Measu
     keys = [m.key for m in measures]
     conns = [int(x) for x in a.scaling_connections.split(",")]
     idle = [int(x) for x in a.scaling_idle.split(",")]
-    lines = ["## Scaling (issue 6 item 4)", "",
+    lines = ["## Scaling (issue 6 item 4, issue 13 item 4)", "",
              f"{a.scaling_runs} round(s), medians with the (min-max) spread; same servers, "
              "checks and order rules as above. M3/M4: wrk with -c1, -c64, -c1000 for "
              f"{a.wrk_duration}s (-t = min(2, connections)); the server's CPU includes the TLS "
@@ -1619,10 +2125,16 @@ def scaling_section(session: Session, outcome: Outcome, measures: Sequence[Measu
              "fresh server per kind; the idle connections are added to the ones already held "
              f"({' -> '.join(f'{n:,}' for n in idle)}) and RSS is read at each count, minus "
              "RSS before the first; KiB/conn = that delta / connections the server still "
-             "held then. nginx seed holds "
+             "held then (at 1 connection this is mostly noise: an allocation or a freed page "
+             "moves it by more than a connection costs). M3/M4 also give the peak RSS during "
+             "the run per busy connection. nginx direct (no passthrough) is in the M3, M4 and "
+             "M6t rows. nginx seed holds "
              "3 descriptors per terminated connection (client, stream -> unix socket, the http "
              "side) and 2 per passthrough one, against worker_rlimit_nofile 20000 per worker; "
              f"the hard RLIMIT_NOFILE here is {sh('ulimit -Hn')}.", ""]
+    shown = [x for x in SERVERS if x in a.servers_list]
+    names = "; ".join(LABELS[x] for x in shown)
+    bs = bases(shown) if "sniport" in shown else []
     for key, host in (("M3", STATIC_HOST), ("M4", APP_HOST)):
         if key not in keys:
             continue
@@ -1632,67 +2144,141 @@ def scaling_section(session: Session, outcome: Outcome, measures: Sequence[Measu
                                                      if key == "M3" else APP_PATH,
                                                      close=False, connections=9999)),
                               session).replace("9999", "C"), "```", "",
-                  "| workers | connections | nginx req/s | sniport req/s | nginx CPU-us/req | "
-                  "sniport CPU-us/req | CPU ratio sniport / nginx | without handshakes (est.): "
-                  "nginx; sniport CPU-us/req, ratio | wrk errors / non-2xx (nginx; sniport) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  f"Each cell: {names}. Peak KiB/conn: the servers' highest RSS during the "
+                  "run (read every 0.1 s) minus RSS before it, per wrk connection: memory per "
+                  "busy connection.", "",
+                  "| workers | connections | req/s | CPU-us/req | "
+                  + " | ".join(f"CPU {_ratio_name(b)}" for b in bs)
+                  + " | without handshakes (est.): CPU-us/req; "
+                  + ", ".join(_ratio_name(b) for b in bs)
+                  + " | peak KiB/conn | wrk errors / non-2xx |",
+                  "|---|---|---|---|" + "---|" * len(bs) + "---|---|---|"]
         for w in workers_list:
             for c in conns:
-                r = ratio(recs, key, w, "CPU-us/req", c)
+                cells = ["; ".join(_stats(_values(recs, key, s, w, metric, c), fmt)
+                                   for s in shown)
+                         for metric, fmt in (("req/s", "{:.0f}"), ("CPU-us/req", "{:.1f}"))]
+                rs = [ratio(recs, key, w, "CPU-us/req", c, base=b) for b in bs]
+                net = {s: net_of_handshakes(outcome, key, s, w, c) for s in shown}
+                net_text = "; ".join(_stats(v, "{:.1f}") for v in net.values())
+                if net.get("sniport"):
+                    net_text += ", " + ", ".join(
+                        f"{statistics.median(net['sniport']) / statistics.median(net[b]):.2f}"
+                        if net.get(b) else "-" for b in bs)
+                peak = "; ".join(_stats(_values(recs, key, s, w, "KiB/conn peak", c),
+                                        "{:.1f}") for s in shown)
                 errs = "; ".join(
                     f"{sum(_values(recs, key, s, w, 'errors', c)):.0f} / "
-                    f"{sum(_values(recs, key, s, w, 'non-2xx', c)):.0f}"
-                    for s in ("nginx", "sniport"))
-                cells = [_stats(_values(recs, key, s, w, metric, c), fmt)
-                         for metric, fmt in (("req/s", "{:.0f}"), ("CPU-us/req", "{:.1f}"))
-                         for s in ("nginx", "sniport")]
-                net = [net_of_handshakes(outcome, key, s, w, c) for s in ("nginx", "sniport")]
-                net_text = "-"
-                if net[0] and net[1]:
-                    net_text = (f"{_stats(net[0], '{:.1f}')}; {_stats(net[1], '{:.1f}')}, "
-                                f"{statistics.median(net[1]) / statistics.median(net[0]):.2f}")
+                    f"{sum(_values(recs, key, s, w, 'non-2xx', c)):.0f}" for s in shown)
                 lines.append(f"| {w} | {c:,} | {' | '.join(cells)} | "
-                             f"{'-' if r is None else f'{r:.2f}'} | {net_text} | {errs} |")
+                             + " | ".join('-' if r is None else f'{r:.2f}' for r in rs)
+                             + f" | {net_text} | {peak} | {errs} |")
         lines.append("")
     for key, sni in (("M6p", PASS_HOST), ("M6t", STATIC_HOST)):
         if key not in keys:
             continue
         title = next(m.title for m in measures if m.key == key)
+        here = [x for x in shown if x != "nginx-direct" or key in DIRECT_KEYS]
+        hb = [b for b in bs if b in here]
         lines += [f"### {title}, by connections held", "",
                   "```", tidy(shlex.join(idle_command(session, "PORT", sni, idle[0])), session)
                   + "   # then on stdin: " + ", ".join(
                       f"'open {n - p}'" for p, n in itertools.pairwise(idle)),
                   "```", "",
-                  "| workers | connections | nginx KiB/conn | sniport KiB/conn | ratio "
-                  "sniport / nginx | nginx RSS delta MiB | sniport RSS delta MiB | connections "
-                  "opened / still open when RSS was read (nginx; sniport) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"Each cell: {'; '.join(LABELS[x] for x in here)}.", "",
+                  "| workers | connections | KiB/conn | "
+                  + " | ".join(_ratio_name(b) for b in hb)
+                  + " | RSS delta MiB | connections opened / still open when RSS was read |",
+                  "|---|---|---|" + "---|" * len(hb) + "---|---|"]
         for w in workers_list:
             for n in idle:
-                rr = ratio(recs, key, w, "KiB/conn", n)
+                rs = [ratio(recs, key, w, "KiB/conn", n, base=b) for b in hb]
                 mine = {s: [x for x in recs if x.measure == key and x.server == s
-                            and x.workers == w and x.scale == n] for s in ("nginx", "sniport")}
-                delta = {s: _stats([(x.sample.raw["rss_after_kib"]
-                                     - x.sample.raw["rss_before_kib"]) / 1024 for x in xs
-                                    if "rss_after_kib" in x.sample.raw], "{:.1f}")
-                         for s, xs in mine.items()}
+                            and x.workers == w and x.scale == n] for s in here}
+                delta = "; ".join(_stats([(x.sample.raw["rss_after_kib"]
+                                           - x.sample.raw["rss_before_kib"]) / 1024 for x in xs
+                                          if "rss_after_kib" in x.sample.raw], "{:.1f}")
+                                  for xs in mine.values())
                 held = "; ".join(
                     _stats([float(x.sample.raw.get("connections", 0)) for x in xs], "{:.0f}")
                     + " / " + _stats([float(x.sample.raw.get("still_open", 0)) for x in xs],
                                      "{:.0f}") for xs in mine.values())
-                kib = [_stats(_values(recs, key, s, w, "KiB/conn", n), "{:.1f}")
-                       for s in ("nginx", "sniport")]
-                lines.append(f"| {w} | {n:,} | {kib[0]} | {kib[1]} | "
-                             f"{'-' if rr is None else f'{rr:.2f}'} | {delta['nginx']} | "
-                             f"{delta['sniport']} | {held} |")
+                kib = "; ".join(_stats(_values(recs, key, s, w, "KiB/conn", n), "{:.1f}")
+                                for s in here)
+                lines.append(f"| {w} | {n:,} | {kib} | "
+                             + " | ".join('-' if r is None else f'{r:.2f}' for r in rs)
+                             + f" | {delta} | {held} |")
         lines.append("")
     lines += ["### Scaling runs, raw", "",
               "| measure | workers | server | round | scale | metrics | raw |",
               "|---|---|---|---|---|---|---|"]
     for x in sorted(recs, key=lambda x: (x.measure, x.workers, x.server, x.scale, x.round)):
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in x.sample.metrics.items())
+        got = ", ".join(f"{k} {v:.4g}" for k, v in x.sample.metrics.items())
         lines.append(f"| {x.measure} | {x.workers} | {x.server} | {x.round + 1} | {x.scale:,} | "
-                     f"{shown} | {_raw_json(x.sample)} |")
+                     f"{got} | {_raw_json(x.sample)} |")
+    return [*lines, ""]
+
+
+def config_section(session: Session, outcome: Outcome,
+                   workers_list: Sequence[int]) -> list[str]:
+    a = session.args
+    recs = outcome.config
+    counts = _int_list(a.config_hosts)
+    lines = ["## Config size: routing cost and reload time by number of names (issue 13)", "",
+             f"{a.scaling_runs} round(s), medians with the (min-max) spread; each cell: nginx "
+             "seed; sniport. For each count N, a fresh server with N names: half in the "
+             "passthrough (pass.test and h00001.hosts.test ...; sniport: [[passthrough]] hosts, "
+             "nginx seed: the stream `map $ssl_preread_server_name`, map_hash_max_size raised "
+             "to fit), half in one more terminated site (s00001.sites.test ..., a "
+             f"{SITES_CERT} certificate, static.test's root; sniport: [[site]] \"bulk\", nginx: "
+             "one more `server` after static.test's with those server_names, "
+             "server_names_hash_max_size raised); static.test and app.test besides. nginx "
+             "direct has no passthrough and is not in these rows. Each start is checked like "
+             "every start, and the last passthrough name and the last site name too. Then: "
+             "RSS of the server's processes; M2 on pass.test and M5 on static.test (their "
+             "commands, CPU per new connection: each hello is routed among all the names); "
+             f"then {RELOADS} reloads, each after writing the config with {RELOAD_MARKER} "
+             "added to (then removed from, then added to) the passthrough names: \"reload s\" "
+             "is the wall time from the reload command's start until "
+             f"{RELOAD_STREAK} handshakes in a row with that SNI reach where the new config "
+             "sends it (pass.test's certificate, else static.test's, the default), \"reload "
+             "command s\" the command's own wall time (`sniport reload` waits for the "
+             "master's verdict on the new generation; `nginx -s reload` only signals the "
+             "master). A worker replaced by a reload is not reported as a death in these "
+             "rows. Reload commands:", "",
+             "```", tidy(shlex.join([str(VENV_PY), "-m", "sniport", "reload", "-c",
+                                     "$OUT/run/sniport-wW-rN-hostsH/sniport.toml"])),
+             "nginx -p $OUT/run/nginx-wW-rN-hostsH -c $OUT/run/nginx-wW-rN-hostsH/nginx.conf "
+             "-e $OUT/run/nginx-wW-rN-hostsH/error.log -s reload", "```", "",
+             "| workers | names | M2 CPU-ms/conn | ratio | M5 CPU-ms/conn | ratio | M2 conn/s | "
+             "M5 conn/s | reload s | reload command s | RSS MiB | wrk errors / non-2xx |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for w in workers_list:
+        for n in counts:
+            def cell(metric: str, fmt: str, w: int = w, n: int = n) -> str:
+                return "; ".join(_stats(_values(recs, "C", s, w, metric, n), fmt)
+                                 for s in ("nginx", "sniport"))
+
+            def rel(metric: str, w: int = w, n: int = n) -> str:
+                r = ratio(recs, "C", w, metric, n)
+                return "-" if r is None else f"{r:.2f}"
+
+            errs = "; ".join(f"{sum(_values(recs, 'C', s, w, 'errors', n)):.0f} / "
+                             f"{sum(_values(recs, 'C', s, w, 'non-2xx', n)):.0f}"
+                             for s in ("nginx", "sniport"))
+            lines.append(f"| {w} | {n:,} | {cell('pass CPU-ms/conn', '{:.3f}')} | "
+                         f"{rel('pass CPU-ms/conn')} | {cell('term CPU-ms/conn', '{:.3f}')} | "
+                         f"{rel('term CPU-ms/conn')} | {cell('pass conn/s', '{:.0f}')} | "
+                         f"{cell('term conn/s', '{:.0f}')} | {cell('reload s', '{:.3f}')} | "
+                         f"{cell('reload command s', '{:.3f}')} | {cell('RSS MiB', '{:.1f}')} | "
+                         f"{errs} |")
+    lines += ["", "Each reload, raw (seconds until served; the command's own):", "",
+              "| workers | server | round | names | reloads: serving_s / command_s |",
+              "|---|---|---|---|---|"]
+    for x in sorted(recs, key=lambda x: (x.workers, x.server, x.scale, x.round)):
+        shown = ", ".join(f"{r['serving_s']:.3f} / {r['command_s']:.3f}"
+                          for r in x.sample.raw.get("reloads", []))
+        lines.append(f"| {x.workers} | {x.server} | {x.round + 1} | {x.scale:,} | {shown} |")
     return [*lines, ""]
 
 
@@ -1734,8 +2320,15 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
         "http-servers.inc: stream + ssl_preread on 127.0.0.1:"
         f"{PORTS.seed}, pass.test relayed to the backend, everything else over a unix socket to "
         "`http` servers with `ssl`: static.test a static root, app.test `proxy_pass` with "
-        "upstream keepalive 64) and sniport (config below) on 127.0.0.1:"
-        f"{PORTS.sniport}. Shared backends, each a separate nginx with 1 worker: the TLS "
+        "upstream keepalive 64), "
+        + ("nginx without the hop, \"nginx direct\" (bench/nginx/nginx-direct.conf: the same "
+           f"`http` servers listening on 127.0.0.1:{PORTS.direct} themselves; no passthrough, so "
+           "measured on the terminated measures only: "
+           + ", ".join(m.key for m in MEASURES if m.direct) + "), "
+           if "nginx-direct" in a.servers_list else "")
+        + "and sniport (config below) on 127.0.0.1:"
+        f"{PORTS.sniport}; measured: {', '.join(LABELS[x] for x in a.servers_list)}. "
+        "Shared backends, each a separate nginx with 1 worker: the TLS "
         f"passthrough target (bench/nginx/backend-pass.conf) on 127.0.0.1:{PORTS.pass_backend}"
         ", the 100-byte app (bench/nginx/backend-app.conf) on 127.0.0.1:"
         f"{PORTS.app_backend}",
@@ -1747,8 +2340,8 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
         "TLS_AES_256_GCM_SHA384, X25519, ECDSA P-256 certificates, session tickets and caches "
         "off (nginx: ssl_session_tickets off, ssl_session_cache off, NumTickets 0; sniport: "
         "tls_session_tickets = false); access logs off on both",
-        f"- method: {a.runs} round(s); in each, for each worker count, both servers are "
-        "started fresh, checked, and measured one after the other, the order flipping every "
+        f"- method: {a.runs} round(s); in each, for each worker count, every server is "
+        "started fresh, checked, and measured one after the other, the order reversing every "
         "round and between worker counts; the memory measures (M6) each on a server started "
         "just for them, M1-M5, M7 and M8 on one more start. Figures are medians with the "
         "(min-max) "
@@ -1766,9 +2359,10 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
         "sniport run -c $OUT/run/sniport-wW-rN-TAG/sniport.toml`; the backends: `nginx -p "
         "$OUT/run/backend-pass ...`, `nginx -p $OUT/run/backend-app ...`",
         "",
-        "## Summary: sniport / nginx (medians; ratios of medians)",
+        "## Summary: sniport / nginx seed and sniport / nginx direct (medians; ratios of "
+        "medians)",
         "",
-        *summary_table(outcome, measures, workers_list),
+        *summary_table(outcome, measures, workers_list, a.servers_list),
         "",
         "Reference figures (../shared/bench-reference/README.md, 2026-11-26, 1 worker, nginx "
         "seed): M1 0.73 CPU-s/GiB, M2 0.205 CPU-ms/conn, M3 33 CPU-us/req, M4 35 CPU-us/req, "
@@ -1781,8 +2375,12 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
     ]
     for m in measures:
         lines += [f"## {m.title}", "",
-                  f"Command (PORT = {PORTS.seed} for nginx, {PORTS.sniport} for sniport):",
+                  f"Command (PORT = {PORTS.seed} for the nginx seed setup, "
+                  + (f"{PORTS.direct} for nginx direct, " if m.direct else "")
+                  + f"{PORTS.sniport} for sniport):",
                   "", "```", tidy(m.command(session, "PORT"), session), "```", ""]
+        if m.note:
+            lines += [m.note, ""]
         header = ("| workers | server | round | " + " | ".join(x.name for x in m.metrics)
                   + " | raw |")
         lines += [header, "|" + "---|" * (len(m.metrics) + 4)]
@@ -1796,16 +2394,19 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
         lines.append("")
         for w in workers_list:
             for metric in m.metrics:
-                rr = ratio(outcome.records, m.key, w, metric.name)
-                if rr is not None and metric.name not in COUNTS:
-                    lines.append(f"- {w} worker(s), ratio sniport / nginx, {metric.name}: "
-                                 f"**{rr:.2f}**")
+                for b in bases(a.servers_list):
+                    rr = ratio(outcome.records, m.key, w, metric.name, base=b)
+                    if rr is not None and metric.name not in COUNTS:
+                        lines.append(f"- {w} worker(s), ratio {_ratio_name(b)}, "
+                                     f"{metric.name}: **{rr:.2f}**")
         lines.append("")
         if m.key == "M8":
             lines += m8_table(outcome.records, workers_list)
 
     if a.scaling:
         lines += scaling_section(session, outcome, measures, workers_list)
+    if a.config_scaling:
+        lines += config_section(session, outcome, workers_list)
 
     lines += ["## Checks before measuring", "",
               f"At every server start, before its measures: {CHECKED}.", ""]
@@ -1861,13 +2462,25 @@ def _int_list(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0])
+    import textwrap
+
+    epilog = "measures:\n" + "\n".join(
+        f"  {m.key:<4} {m.title}" + ("" if m.direct else " (not on nginx direct)")
+        + ("\n" + textwrap.fill(m.note, 92, initial_indent=" " * 7, subsequent_indent=" " * 7)
+           if m.note else "") for m in MEASURES)
+    p = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0],
+                                epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3, help="rounds (medians over them); default 3")
     p.add_argument("--quick", action="store_true", help="1 round (and 1 scaling round)")
     p.add_argument("--measures", default=",".join(m.key for m in MEASURES),
                    help="comma-separated, of " + ", ".join(m.key for m in MEASURES)
                    + " (default all)")
-    p.add_argument("--servers", default="nginx,sniport", help="default nginx,sniport")
+    p.add_argument("--servers", default=",".join(SERVERS),
+                   help="of nginx (the seed setup), nginx-direct (nginx without the hop: "
+                   "nginx-direct.conf, the terminated measures only: "
+                   + ", ".join(m.key for m in MEASURES if m.direct)
+                   + ") and sniport; default all three")
     p.add_argument("--workers", default="1,2", type=_int_list,
                    help="worker counts, each measured (nginx worker_processes = sniport "
                    "[server].workers); default 1,2")
@@ -1876,7 +2489,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "--scaling-idle")
     p.add_argument("--scaling-runs", type=int, default=0, help="default: --runs")
     p.add_argument("--scaling-connections", default="1,64,1000")
-    p.add_argument("--scaling-idle", default="1000,4000,8000")
+    p.add_argument("--scaling-idle", default="1,64,1000,4000,8000",
+                   help="idle connections held at once for the scaling M6 rows (added in "
+                   "turn on one server); default 1,64,1000,4000,8000")
+    p.add_argument("--config-scaling", action="store_true",
+                   help="also the config-size rows (issue 13): with each count of "
+                   "--config-hosts names, half in the passthrough block (sniport) / the stream "
+                   "map (nginx seed), half in one more site / server, on a fresh server each: "
+                   "M2's and M5's CPU per new connection, the server's RSS, and the wall time "
+                   "of a reload until the new config serves")
+    p.add_argument("--config-hosts", default="10,1000,10000",
+                   help="names for --config-scaling (half passthrough, half one more site); "
+                   "default 10,1000,10000")
     p.add_argument("--bulk-size", type=int, default=GIB, help="M1 bytes; default 1 GiB")
     p.add_argument("--idle-count", type=int, default=5000, help="M6 connections; default 5000")
     p.add_argument("--wrk-duration", type=int, default=3, help="wrk seconds; default 3")
@@ -1907,6 +2531,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if idle != sorted(idle):
         p.error("--scaling-idle: increasing counts (connections are added)")
     _int_list(args.scaling_connections)
+    _int_list(args.config_hosts)
     return args
 
 
@@ -1930,9 +2555,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     measures = [m for m in MEASURES if m.key in keys]
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
-    if not set(servers) <= {"nginx", "sniport"}:
-        print("--servers: nginx and/or sniport", file=sys.stderr)
+    if not set(servers) <= set(SERVERS):
+        print(f"--servers: of {', '.join(SERVERS)}", file=sys.stderr)
         return 2
+    args.servers_list = servers
 
     try:
         ensure_free(PORTS.all())
@@ -1950,7 +2576,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"scratch {scratch}; logs and raw data in {out}; load {info['loadavg']}; sniport "
             f"{info['sniport']}, source digest {digest}, run from {snapshot_dir(scratch)}")
         lab = Lab(scratch, args.bulk_size)
-        lab.build([PASS_HOST, STATIC_HOST, APP_HOST])
+        lab.build([PASS_HOST, STATIC_HOST, APP_HOST, SITES_CERT])
         session = Session(lab, args, out)
         log(f"lab ready: certificates, /small, /big = {args.bulk_size} bytes, {STATIC_PATH}")
 
@@ -1971,6 +2597,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.scaling:
             run_pass(session, servers, args.workers_list, args.scaling_runs,
                      scaling_jobs(session, measures), outcome, outcome.scaling)
+        if args.config_scaling:
+            run_config_pass(session, servers, args.workers_list, args.scaling_runs, outcome)
         for backend in backends:
             if not backend.alive():
                 outcome.problems.append(f"the {backend.label} died during the bench")
@@ -2002,7 +2630,8 @@ def main(argv: list[str] | None = None) -> int:
 
         (out / "raw.json").write_text(json.dumps(
             {"machine": info, "end": end_info, "records": dump(outcome.records),
-             "scaling": dump(outcome.scaling), "problems": outcome.problems,
+             "scaling": dump(outcome.scaling), "config": dump(outcome.config),
+             "problems": outcome.problems,
              "checks": outcome.checks, "loads": outcome.loads}, indent=1))
         text = report(session, outcome, info, measures, relay_md, argv,
                       time.monotonic() - t_start, end_info)
