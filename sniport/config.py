@@ -333,8 +333,11 @@ def _hosts_given(value: Any) -> Any:
 def _alpn_ids(value: list[str]) -> list[str]:
     for proto in value:
         # RFC 7301 section 3.1: a protocol name is 1 to 255 bytes.
-        if not 1 <= len(proto.encode()) <= 255:
-            raise ValueError(f"{proto!r}: an ALPN protocol name is 1 to 255 bytes")
+        if not 1 <= len(proto) <= 255 or not proto.isascii() or not proto.isprintable():
+            # Hellos carry bytes; printable ASCII is what registered names are made of
+            # (IANA's ALPN registry) and compares the same however it is decoded.
+            raise ValueError(f"{proto!r}: an ALPN protocol name is 1 to 255 printable "
+                             "ASCII characters")
         if proto == "acme-tls/1":
             raise ValueError('"acme-tls/1" is not routed by alpn: a hello for a passthrough '
                              "name is relayed whatever its ALPN, and a site's is its ACME "
@@ -829,9 +832,9 @@ def _validate(model: type[_Model], value: Mapping[str, Any], loc: tuple[str | in
         return _partial(model, kept)
 
 
-# Keys without which a block means nothing: a block whose name, hosts or protocol failed
-# is not salvaged (its checks across blocks would only add noise).
-_REQUIRED_FOR_SALVAGE = frozenset({"name", "hosts", "protocol"})
+# Keys without which a block means nothing: a block whose name, hosts, protocol or alpn
+# failed is not salvaged (its checks across blocks would only add noise).
+_REQUIRED_FOR_SALVAGE = frozenset({"name", "hosts", "protocol", "alpn"})
 
 
 def _partial(model: type[_Model], kept: Mapping[str, Any]) -> Any:
@@ -975,6 +978,8 @@ def _cross_checks(config: Config, named: set[str]) -> Iterable[tuple[str, str]]:
         else:
             names[block.name] = where
         alpn = _alpn_of(block)
+        if getattr(block, "protocol", "tls") != "tls":
+            continue  # its hosts are refused on their own (_protocol_checks)
         for i, host in enumerate(block.hosts):
             # A host is one block's, except that blocks with an alpn list may share it with
             # each other and with one block without: the hello's ALPN chooses (routing.py).

@@ -270,11 +270,17 @@ class Master:
             for key in new:
                 self.listeners.pop(key).close()
             raise BindError("\n".join(errors))
+        self._tune(runtime)
+        return new
+
+    def _tune(self, runtime: Runtime) -> None:
+        """The listening sockets' options as ``runtime``'s workers expect them (deferred
+        accept: their timers count it in)."""
         defer = defers_accept(runtime.loaded.config.server.client_hello_timeout,
                               runtime.table.silent_after)
         for key, _ in self._wanted(runtime):
-            tune_listener(self.listeners[key].sock, defer)
-        return new
+            if key in self.listeners:
+                tune_listener(self.listeners[key].sock, defer)
 
     def _paths(self, runtime: Runtime) -> None:
         from sniport.runtime import state_dir
@@ -595,6 +601,7 @@ class Master:
             self.exit_code = 1
             self.stop(fast=True)
             return
+        self._tune(self.current.runtime)
         diag.error("reload failed: %s; still serving generation %d", reason,
                    self.current.number)
         notify("READY=1")
@@ -984,6 +991,8 @@ class Master:
             if not any(g.runtime is runtime for g in self.generations):
                 runtime.close()
             self._close_unused()
+            if self.current is not None:
+                self._tune(self.current.runtime)  # as the generation still serving wants
             diag.error("reload failed: %s; still serving the previous config", exc)
             notify("READY=1")
             self._reload_done(False, f"{exc}; {serving}")

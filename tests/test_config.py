@@ -803,7 +803,9 @@ def test_alpn_blocks_may_share_a_name_with_one_block_without() -> None:
      '"acme-tls/1" is not routed by alpn: a hello for a passthrough name is relayed whatever '
      "its ALPN, and a site's is its ACME challenge (DESIGN.md)"),
     (XMPP.replace('["xmpp-client"]', '[""]'), "passthrough[0](xmpp).alpn",
-     "'': an ALPN protocol name is 1 to 255 bytes"),
+     "'': an ALPN protocol name is 1 to 255 printable ASCII characters"),
+    (XMPP.replace('["xmpp-client"]', '["xmpp-clïent"]'), "passthrough[0](xmpp).alpn",
+     "'xmpp-clïent': an ALPN protocol name is 1 to 255 printable ASCII characters"),
     (XMPP.replace('["xmpp-client"]', '["a", "a"]'), "passthrough[0](xmpp).alpn",
      "an ALPN protocol is listed twice"),
     (XMPP.replace("upstreams", 'http_upstream = "127.0.0.1:80"\nupstreams')
@@ -830,3 +832,16 @@ def test_max_connection_rate_per_ip(value: str, expected: tuple[int, float] | No
 def test_max_connection_rate_per_ip_refused(value: str) -> None:
     path, _ = only(f"[server]\nmax_connection_rate_per_ip = {value}\n")
     assert path == "server.max_connection_rate_per_ip"
+
+
+def test_a_block_with_a_bad_alpn_adds_no_claims_of_its_hosts() -> None:
+    """Its alpn failed: the block is not salvaged without it (its hosts would then count as
+    claimed by a block without alpn, and every block sharing them would be reported)."""
+    text = (XMPP.replace('["xmpp-client"]', '["acme-tls/1"]')
+            + PASSTHROUGH.replace("vpn.example.com", "example.com"))
+    assert [p.path for p in problems(text)] == ["passthrough[0](xmpp).alpn"]
+
+
+def test_an_ssh_block_with_hosts_is_one_problem() -> None:
+    text = (SSH.replace("upstreams", 'hosts = ["vpn.example.com"]\nupstreams') + PASSTHROUGH)
+    assert [p.path for p in problems(text)] == ["passthrough[0](ssh).hosts"]

@@ -257,3 +257,74 @@ def test_check_and_routes_print_the_first_bytes_decisions(tmp_path: Path, pki: P
                                      '[default].non_tls = "http" answers only HTTP/1.x)')
     ssh = run_cli("routes", "-c", str(config), "--protocol", "ssh")
     assert "passthrough:ssh" in ssh.stdout and 'protocol = "ssh" block' in ssh.stdout
+
+
+def _banner_then_echo(server: object, conn: socket.socket) -> None:
+    """A server that speaks first (a greeting), then echoes until EOF."""
+    conn.sendall(b"220 ready\r\n")
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+def test_silence_behind_a_proxy_header_is_counted_like_any_other(tmp_path: Path,
+                                                                  pki: Pki) -> None:
+    """Behind a load balancer (PROXY header, then nothing): the silent client goes to
+    [default].silent after non_tls_timeout counted from its arrival, not a second early (the
+    consumed header is data: accept() was not deferred), and an SSH line that comes within
+    non_tls_timeout is routed as SSH."""
+    greeter = start_tcp_server(greeter_handler(16))
+    sink = start_tcp_server(recorder_handler)
+    extra = "[[passthrough]]\n" + toml_lines(name="mail", hosts=["mail.example.test"],
+                                             upstreams=[greeter.address]) + "\n"
+    config = _config(tmp_path, pki, sink.address, extra=extra,
+                     server='trusted_proxies = ["127.0.0.1/32"]\n',
+                     default='silent = "passthrough:mail"\n')
+    config = config.replace('listen = ["127.0.0.1:0"]',
+                            'listen = [{ address = "127.0.0.1:0", proxy_protocol = true }]')
+    s = start_sniport(config, tmp_path)
+    try:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            started = time.monotonic()
+            sock.sendall(b"PROXY TCP4 192.0.2.1 192.0.2.2 1111 443\r\n")
+            assert sock.recv(16)
+            waited = time.monotonic() - started
+        assert 1.8 < waited < 3.0, waited  # non_tls_timeout is 2 s
+        assert wait_conn(s, proto="silent")["client"] == "192.0.2.1:1111"
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            sock.sendall(b"PROXY TCP4 192.0.2.1 192.0.2.2 1112 443\r\n")
+            time.sleep(1.4)
+            sock.sendall(b"SSH-2.0-slow\r\n")
+            sock.shutdown(socket.SHUT_WR)
+            recv_to_eof(sock)
+        wait_until(lambda: sink.received == [b"SSH-2.0-slow\r\n"], 10, "the SSH relay")
+    finally:
+        s.stop()
+        greeter.close()
+        sink.close()
+
+
+def test_a_silent_client_routed_during_a_reload_is_carried_over(tmp_path: Path,
+                                                                  pki: Pki) -> None:
+    """Routed after the old worker began to drain (its non_tls_timeout ended then): the
+    relay is offered to the new generation like the others, not cut at drain_timeout."""
+    server = start_tcp_server(_banner_then_echo)  # type: ignore[arg-type]
+    sink = start_tcp_server(recorder_handler)
+    extra = "[[passthrough]]\n" + toml_lines(name="mail", hosts=["mail.example.test"],
+                                             upstreams=[server.address]) + "\n"
+    s = start_sniport(_config(tmp_path, pki, sink.address, extra=extra,
+                              server='non_tls_timeout = "1s"\ndrain_timeout = "1s"\n',
+                              default='silent = "passthrough:mail"\n'), tmp_path)
+    try:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            time.sleep(0.3)
+            mark = s.mark()
+            s.signal(signal.SIGHUP)  # the drain begins before the silence ends
+            assert sock.recv(64) == b"220 ready\r\n"
+            s.wait_log(r"reloaded \S+ \(generation 2\)", start=mark)
+            time.sleep(2.0)  # past drain_timeout
+            sock.sendall(b"still here")
+            assert sock.recv(64) == b"still here"
+    finally:
+        s.stop()
+        server.close()
+        sink.close()

@@ -141,6 +141,7 @@ class HelloReader:
 
     __slots__ = (
         "_detecting",
+        "_had_bytes",
         "_loop",
         "_lowat",
         "_parser",
@@ -174,6 +175,7 @@ class HelloReader:
         self._unix = unix
         self._registered = False
         self._detecting = False  # not TLS: wire/detect.py is looking at the first bytes
+        self._had_bytes = False  # a PROXY header came and was consumed (_seen starts again)
         self._silent = False  # the deadline is non_tls_timeout's, not client_hello_timeout's
         self._rearm: asyncio.TimerHandle | None = None
         self.deadline = 0.0
@@ -276,6 +278,7 @@ class HelloReader:
             return
         self._proxy = False
         self._seen = 0
+        self._had_bytes = True
         if self._lowat:
             self._lowat = False
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
@@ -308,7 +311,10 @@ class HelloReader:
             self._poller.register(self.fd, mask, self._on_event, self._crashed)
             conn = self.conn
             if not self._unix:
-                deferred = self._seen == 0 and self._worker.defers_accept
+                # accept() returned without data only if nothing at all has come, not
+                # even a PROXY header since consumed.
+                deferred = self._seen == 0 and not self._had_bytes \
+                    and self._worker.defers_accept
                 conn.start = arrival_time(self.sock, conn.start, deferred)
             deadlines_for(self._loop).set(self, conn.start + self._worker.client_hello_timeout)
             self._arm_silence()
@@ -332,16 +338,28 @@ class HelloReader:
         for a client that has said nothing: the server is to speak first."""
         if self._silent:
             self._silent = False
+            hello_deadline = self.conn.start + self._worker.client_hello_timeout
             if self._seen == 0 and not self._proxy:
-                self._stop_waiting()
-                self._worker.dispatch(self.sock, self.conn, SILENT)
+                if not self._bytes_waiting():
+                    self._stop_waiting()
+                    self._worker.dispatch(self.sock, self.conn, SILENT)
+                    return
+                # Its first bytes came in the same turn of the loop as the timer: they
+                # decide, not the silence.
+                deadlines_for(self._loop).set(self, hello_deadline)
+                self._peek(0)
                 return
             # It has spoken since: the rest of its client_hello_timeout.
-            hello_deadline = self.conn.start + self._worker.client_hello_timeout
             if hello_deadline > now:
                 deadlines_for(self._loop).set(self, hello_deadline)
                 return
         self._fail("client_hello_timeout")
+
+    def _bytes_waiting(self) -> bool:
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:
+            return False  # nothing yet (EAGAIN), or an error the next peek reports
 
     def _crashed(self, exc: BaseException) -> None:
         self._fail(f"internal_error: {type(exc).__name__}")

@@ -193,6 +193,10 @@ class PassthroughConnection:
 
     def start(self) -> None:
         # The client socket has TCP_NODELAY from its listener (binding.tune_listener).
+        if self._worker.draining:
+            # Routed after the drain began (a hello, or a silent client's non_tls_timeout,
+            # that ended after it): offered to the new generation like the others.
+            self._moving = "wanted"
         try:
             plan = self._rt.plan(self._sni)
         except TemplateError as exc:
