@@ -542,8 +542,10 @@ class Nginx(Server):
 
 class Sniport(Server):
     def __init__(self, label: str, port: int, run: Path, workers: int, lab: Path,
-                 metrics: bool = False, extra: Extra = NO_EXTRA) -> None:
+                 metrics: bool = False, extra: Extra = NO_EXTRA,
+                 ip_limits: bool = False) -> None:
         super().__init__(label, port, run)
+        self.ip_limits = ip_limits
         run.mkdir(parents=True, exist_ok=True)
         (run / "state").mkdir(exist_ok=True)
         self.workers = workers
@@ -556,7 +558,8 @@ class Sniport(Server):
 
     def write_config(self, extra: Extra) -> None:
         self.config.write_text(sniport_config(self.workers, self.run / "state", self.lab,
-                                              metrics=self.metrics, extra=extra))
+                                              metrics=self.metrics, extra=extra,
+                                              ip_limits=self.ip_limits))
 
     def start(self) -> None:
         if self.metrics:  # the master binds it: nobody else may hold it
@@ -576,12 +579,15 @@ class Sniport(Server):
 
 
 def sniport_config(workers: int, state_dir: Path | str, lab: Path | str, *,
-                   metrics: bool = False, extra: Extra = NO_EXTRA) -> str:
+                   metrics: bool = False, extra: Extra = NO_EXTRA,
+                   ip_limits: bool = False) -> str:
     """The sniport equivalent of nginx-seed.conf + http-servers.inc: pass.test passed
     through, static.test and app.test terminated with the same certificates. ``metrics``
     (--sniport-metrics) adds [server] metrics_listen: workers then count into the shared
     mapping the master serves, instead of a private buffer (issue 11 item 3). ``extra``:
-    more names in the passthrough block's hosts and one more site (the config-size rows)."""
+    more names in the passthrough block's hosts and one more site (the config-size rows).
+    ``ip_limits`` (--sniport-ip-limits): both per-address limits on, set far above what the
+    bench opens, so that every connection pays their cost and none is refused."""
     hosts = ", ".join(f'"{h}"' for h in (PASS_HOST, *extra.passthrough))
     site_block = ""
     if extra.site:
@@ -599,6 +605,9 @@ tls = {{ cert = "{pem}.crt", key = "{pem}.key" }}
 """
     metrics_line = (f'metrics_listen = "127.0.0.1:{PORTS.sniport_metrics}"  # --sniport-metrics; '
                     "nginx: no equivalent\n" if metrics else "")
+    limits_line = ('max_connections_per_ip = 1000000     # --sniport-ip-limits: counted, '
+                   'never reached\nmax_connection_rate_per_ip = "1000000000/s"\n'
+                   if ip_limits else "")
     return f"""\
 # sniport's side of the bench: the equivalent of nginx-seed.conf + http-servers.inc
 [server]
@@ -614,7 +623,7 @@ header_timeout = "60s"        # nginx: client_header_timeout 60s (M6 holds conne
 keepalive_timeout = "75s"     # nginx: keepalive_timeout 75s
 http2_max_requests = 1000000  # nginx: keepalive_requests 1000000 (HTTP/2 streams too, 1.19.7+)
 http2_max_streams = 128       # nginx: http2_max_concurrent_streams 128 (its default)
-{metrics_line}
+{metrics_line}{limits_line}
 [[passthrough]]
 name = "pass"
 hosts = [{hosts}]
@@ -1555,7 +1564,8 @@ def make_server(name: str, session: Session, workers: int, rnd: int, tag: str,
                                   listen=f"127.0.0.1:{PORTS.direct}")
         return Nginx("nginx direct", PORTS.direct, run, conf, workers)
     return Sniport("sniport", PORTS.sniport, run, workers, session.lab.dir,
-                   metrics=session.args.sniport_metrics, extra=extra)
+                   metrics=session.args.sniport_metrics, extra=extra,
+                   ip_limits=session.args.sniport_ip_limits)
 
 
 # A job: (measure key, what it runs on a started server -> [(scale, sample)], settle slack)
@@ -2336,6 +2346,9 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
          f"{PORTS.sniport_metrics}, workers count into the master's shared mapping"
          if a.sniport_metrics else "- sniport metrics: off (no metrics_listen: workers count "
          "into a private buffer; --sniport-metrics turns them on)"),
+        ("- sniport per-address limits: ON (--sniport-ip-limits): max_connections_per_ip and "
+         "max_connection_rate_per_ip set, never reached" if a.sniport_ip_limits else
+         "- sniport per-address limits: off (the default)"),
         "- TLS, identical for both (and the passthrough backend): TLS 1.3, "
         "TLS_AES_256_GCM_SHA384, X25519, ECDSA P-256 certificates, session tickets and caches "
         "off (nginx: ssl_session_tickets off, ssl_session_cache off, NumTickets 0; sniport: "
@@ -2437,7 +2450,8 @@ def report(session: Session, outcome: Outcome, info: dict[str, str], measures: l
         lines.append(f"- {label}: {len(found)} line(s) like `{found[0]}`")
     lines += ["", "## sniport config used", "", "```toml",
               sniport_config(workers_list[0], "$OUT/run/sniport-wW-rN-TAG/state",
-                             "$SCRATCH", metrics=a.sniport_metrics).rstrip().replace(
+                             "$SCRATCH", metrics=a.sniport_metrics,
+                             ip_limits=a.sniport_ip_limits).rstrip().replace(
                   f"workers = {workers_list[0]}                   # nginx: worker_processes "
                   f"{workers_list[0]}", "workers = W                   # nginx: "
                   "worker_processes W"),
@@ -2517,6 +2531,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sniport-metrics", action="store_true",
                    help=f"sniport with [server] metrics_listen = 127.0.0.1:{PORTS.sniport_metrics}"
                    " (Prometheus counters in shared memory); default off (a private buffer)")
+    p.add_argument("--sniport-ip-limits", action="store_true",
+                   help="sniport with max_connections_per_ip and max_connection_rate_per_ip "
+                   "set (far above what the bench opens): their cost, with nothing refused")
     p.add_argument("--relay-bytes", type=int, default=GIB, help="relay_compare bytes per run")
     p.add_argument("--out", default=str(BENCH / "RESULTS.md"),
                    help="markdown report; '-' for stdout only; default bench/RESULTS.md")
