@@ -105,7 +105,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  {'(no server name)':<40} -> {runtime.table.decide(None).label}")
     print(f"  {'(any other name)':<40} -> {config.default.to}")
     for label, route in _first_bytes_rows(runtime.table):
-        print(f"  {label:<40} -> {route.label}")
+        # Bytes that are not TLS get no alert: "close" says what happens to them.
+        print(f"  {label:<40} -> {'close' if route.kind == 'reject' else route.label}")
     return 0
 
 

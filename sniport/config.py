@@ -1072,12 +1072,17 @@ def _acme_checks(config: Config) -> Iterable[tuple[str, str]]:
 def _template_checks(config: Config) -> Iterable[tuple[str, str]]:
     """Upstream templates need a label: only a connection that a wildcard host matched has
     one (README "Upstreams from the name")."""
-    defaults = {"to": config.default.to, "non_tls": config.default.non_tls}
+    defaults = {"to": config.default.to, "non_tls": config.default.non_tls,
+                "silent": config.default.silent}
     for relay in config.passthrough:
         templates = [i for i, u in enumerate(relay.upstreams) if isinstance(u, UpstreamTemplate)]
         if not templates:
             continue
         where = block_path(config, relay)
+        if relay.protocol != "tls":
+            yield (f"{where}.upstreams[{templates[0]}]", f'a protocol = "{relay.protocol}" '
+                   "block has no server name to fill an upstream template from")
+            continue
         exact = [(i, h) for i, h in enumerate(relay.hosts) if not h.startswith("*.")]
         for i in templates:
             for j, host in exact:

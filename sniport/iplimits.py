@@ -30,10 +30,13 @@ Rules:
   address is refused only if both its buckets carry at least the limit from others. With
   load ``lam`` = (connections counted) / ``buckets`` and a limit ``n``, the chance of that is
   at most ``(lam / n) ** 2`` (Markov's bound, each bucket independently); ``buckets`` is
-  sized at four per connection the server can hold at start (``size_for``), so with every
-  worker full of connections from distinct addresses it is at most ``1 / (16 n**2)``: about
-  6% for ``n = 1`` (the tightest limit possible), under 0.2% for ``n = 5``. The same holds
-  for the rate with lam = new connections per window / buckets.
+  sized at four per connection the server can hold at start (``size_for``); each connection
+  is counted in two buckets, so with every worker full of connections from distinct
+  addresses lam is 2 / 4 and the chance at most ``1 / (4 n**2)``: 25% for ``n = 1`` (the
+  tightest limit possible; measured 16% with 4 workers), 1% for ``n = 5``. The same holds
+  for the rate with lam = 2 * new connections per window / buckets. ``MAX_CELLS`` bounds the
+  mapping, so past about 8 workers of 4096 connections there are fewer buckets per
+  connection, and the master warns (``buckets_per_connection``).
 - The rate is a sliding-window counter: each cell holds, for its slot, the window number
   (time.monotonic(), the same clock in every process, divided by the window length) and the
   counts of that window and the one before. The estimate is ``previous * (1 - elapsed
@@ -84,6 +87,13 @@ def size_for(workers: int, max_connections: int) -> tuple[int, int]:
     while buckets < want and buckets < MAX_BUCKETS and buckets * 2 * slots <= MAX_CELLS:
         buckets *= 2
     return buckets, slots
+
+
+def buckets_per_connection(workers: int, max_connections: int) -> float:
+    """What ``size_for`` gives per connection the server can hold (the false-refusal bound
+    in the module docstring assumes four)."""
+    buckets, _ = size_for(workers, max_connections)
+    return buckets / max(1, workers * max_connections)
 
 
 class IpTable:

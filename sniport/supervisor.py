@@ -47,7 +47,7 @@ from sniport.certs.slots import source_key
 from sniport.certs.watch import CertWatcher, Update
 from sniport.config import ConfigError, Listen
 from sniport.http import h2conn
-from sniport.iplimits import IpTable, size_for
+from sniport.iplimits import IpTable, buckets_per_connection, size_for
 from sniport.logs import diag
 from sniport.metrics import Key, SharedMetrics, render
 from sniport.metrics_http import MetricsEndpoint
@@ -199,7 +199,16 @@ class Master:
         # Slots for every worker alive at once: a reload's two generations, and respawns.
         self.metrics = SharedMetrics(max(METRIC_SLOTS, 4 * worker_count(server.workers) + 8),
                                      METRIC_CELLS)
-        self.iptable = IpTable(*size_for(worker_count(server.workers), server.max_connections))
+        workers = worker_count(server.workers)
+        self.iptable = IpTable(*size_for(workers, server.max_connections))
+        per_connection = buckets_per_connection(workers, server.max_connections)
+        if (server.max_connections_per_ip or server.max_connection_rate_per_ip) \
+                and per_connection < 4:
+            diag.warning("per-address limits: %.2g table buckets per connection (%d workers "
+                         "x max_connections %d): with every connection from a different "
+                         "address an innocent address may be refused more often than the "
+                         "1/(4 n^2) of 4 buckets (README, Known limits)", per_connection,
+                         workers, server.max_connections)
         inherited = self._inherited_sockets()
         try:
             self._bind(runtime, inherited)

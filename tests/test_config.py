@@ -845,3 +845,14 @@ def test_a_block_with_a_bad_alpn_adds_no_claims_of_its_hosts() -> None:
 def test_an_ssh_block_with_hosts_is_one_problem() -> None:
     text = (SSH.replace("upstreams", 'hosts = ["vpn.example.com"]\nupstreams') + PASSTHROUGH)
     assert [p.path for p in problems(text)] == ["passthrough[0](ssh).hosts"]
+
+
+@pytest.mark.parametrize(("text", "path"), [
+    ('[[passthrough]]\nname = "lan"\nhosts = ["*.lan.test"]\nupstreams = ["{label}.lan:443"]\n'
+     '[default]\nsilent = "passthrough:lan"\n', "default.silent"),
+    ('[[passthrough]]\nname = "s"\nprotocol = "ssh"\nupstreams = ["{label}.lan:22"]\n',
+     "passthrough[0](s).upstreams[0]"),
+])
+def test_a_template_needs_a_server_name(text: str, path: str) -> None:
+    """A silent client and an SSH client have no server name to fill a template from."""
+    assert only(text)[0] == path

@@ -247,7 +247,7 @@ def test_check_and_routes_print_the_first_bytes_decisions(tmp_path: Path, pki: P
     out = check.stdout
     for label, target in [("(not TLS: SSH)", "passthrough:ssh"),
                           ("(not TLS: HTTP/1.x)", "http"),
-                          ("(not TLS: other bytes)", "reject"),
+                          ("(not TLS: other bytes)", "close"),
                           ("(silent client)", "passthrough:ssh")]:
         assert any(line.split() == [*label.split(), "->", target]
                    for line in out.splitlines()), (label, out)

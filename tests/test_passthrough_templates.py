@@ -23,14 +23,15 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.backends import TlsBackend, start_tls_backend
+from support.backends import TlsBackend, free_port, start_tls_backend
 from support.clients import RawTls, client_label, make_hello, wait_closed
 from support.configs import passthrough_block, server_table, short_unix_path
-from support.logs import wait_conn
+from support.logs import conn_lines, wait_conn
 from support.pki import Pki
 from support.process import Sniport, SniportWith, start_sniport
 from support.waiting import TIMEOUT
@@ -219,3 +220,22 @@ def test_names_reach_two_backends_through_the_hosts_file(pki: Pki, tmp_path: Pat
     finally:
         alpha.close()
         beta.close()
+
+
+def test_a_template_that_leads_back_to_sniport_is_cut(tmp_path: Path, pki: Pki) -> None:
+    """``{label}:PORT`` with sniport's own port, and the label ``localhost``: the upstream is
+    the address the client reached, and relaying would make one new connection per hop until
+    max_connections. The loop is cut: the client's connection closes, and only the
+    connections the cut itself involves are logged."""
+    port = free_port()
+    config = (server_table([f"127.0.0.1:{port}"], "workers = 1")
+              + passthrough_block("loop", ["*.loop.test"], [f"{{label}}:{port}"],
+                                  'connect_timeout = "2s"'))
+    with start_sniport(config, tmp_path) as s:
+        got, _ = closed(s.port, pki, "localhost.loop.test")
+        assert got == b""
+        line = wait_conn(s, end="upstream_loop: the upstream is the address this client "
+                                "reached")
+        assert line["upstream"] == f"localhost:{port}"
+        time.sleep(0.5)
+        assert len(conn_lines(s)) <= 3, conn_lines(s)

@@ -84,6 +84,11 @@ class PassthroughRuntime:
         return out
 
 
+def _plain_ip(ip: str) -> str:
+    """An IPv4-mapped IPv6 address as IPv4, so that the two spellings compare equal."""
+    return ip[7:] if ip.startswith("::ffff:") else ip
+
+
 def _endpoint(addr: object) -> proxyproto.Endpoint:
     if isinstance(addr, tuple):
         return (str(addr[0]), int(addr[1]))
@@ -222,6 +227,9 @@ class PassthroughConnection:
             return
         self._up = up
         self._conn.upstream = target.label
+        if self._loops_back(up):
+            self._end("upstream_loop: the upstream is the address this client reached")
+            return
         mode = self._rt.block.proxy_protocol
         if mode != "off":
             src = _endpoint(self._conn.peer)
@@ -233,6 +241,22 @@ class PassthroughConnection:
             self._send_header()
         else:
             self._start_relay()
+
+    def _loops_back(self, up: socket.socket) -> bool:
+        """Whether the upstream is the very address (ours) the client connected to: an
+        upstream (a template filled with a name that resolves to this machine, or a config
+        mistake) that leads back to this listener would relay to itself, one new connection
+        per hop, until max_connections. Caught at the latest on the second hop, which
+        reached us on the looping address."""
+        if up.family not in (socket.AF_INET, socket.AF_INET6):
+            return False
+        try:
+            peer, mine = up.getpeername(), self._sock.getsockname()
+        except OSError:
+            return False
+        if not isinstance(mine, tuple):
+            return False
+        return bool(peer[1] == mine[1] and _plain_ip(peer[0]) == _plain_ip(mine[0]))
 
     def _send_header(self) -> None:
         assert self._up is not None

@@ -46,8 +46,11 @@ POSITIVE_TTL = 30.0  # seconds an answer is used
 NEGATIVE_TTL = 5.0  # seconds a failure is remembered
 MAX_POSITIVE = 1024  # answers cached per worker
 MAX_NEGATIVE = 256  # failures cached per worker
-MAX_IN_FLIGHT = 16  # names being looked up at once per worker
-THREADS = 4  # getaddrinfo threads per worker
+# Names being looked up at once per worker, each on a thread of its own: a lookup that hangs
+# never makes another name queue behind it for a thread (it would time out there instead of
+# failing at once as "resolver busy").
+MAX_IN_FLIGHT = 8
+THREADS = MAX_IN_FLIGHT  # getaddrinfo threads per worker
 
 Addresses = tuple[tuple[int, Any], ...]  # (family, sockaddr with port 0)
 Lookup = Callable[[str], Addresses]  # blocking; raises ResolveError
@@ -153,7 +156,12 @@ class Resolver:
             if len(self._in_flight) >= self._max_in_flight:
                 return None
             waiters = self._in_flight[host] = []
-            self._start(host)
+            try:
+                self._start(host)
+            except RuntimeError as exc:  # no thread could be started: this name fails now
+                del self._in_flight[host]
+                diag.warning("resolver: cannot look %s up: %s", host, exc)
+                return None
         waiter = Waiter(self, host, timeout, done)
         waiters.append(waiter)
         deadlines_for(self._loop).after(waiter, timeout)
