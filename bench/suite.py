@@ -606,7 +606,7 @@ tls = {{ cert = "{pem}.crt", key = "{pem}.key" }}
     metrics_line = (f'metrics_listen = "127.0.0.1:{PORTS.sniport_metrics}"  # --sniport-metrics; '
                     "nginx: no equivalent\n" if metrics else "")
     limits_line = ('max_connections_per_ip = 1000000     # --sniport-ip-limits: counted, '
-                   'never reached\nmax_connection_rate_per_ip = "1000000000/s"\n'
+                   'never reached\nmax_connection_rate_per_ip = "65535/s"\n'
                    if ip_limits else "")
     return f"""\
 # sniport's side of the bench: the equivalent of nginx-seed.conf + http-servers.inc
