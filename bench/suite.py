@@ -990,6 +990,36 @@ class PeakRss:
         self._thread.join()
 
 
+@dataclass
+class _WrkRun:
+    """One wrk run and the server's CPU around it (user and system seconds)."""
+
+    done: subprocess.CompletedProcess[str]
+    w: dict[str, float]
+    problems: list[str]
+    utime: float
+    stime: float
+    rss: PeakRss | None
+
+    @property
+    def cpu(self) -> float:
+        return self.utime + self.stime
+
+
+def _timed_wrk(session: Session, server: Server, cmd: list[str],
+               peak_rss: bool = False) -> _WrkRun:
+    pids = server.pids()
+    u0, s0 = cpu_split(pids)
+    with PeakRss(pids) if peak_rss else contextlib.nullcontext() as rss:
+        done = subprocess.run(cmd, capture_output=True, text=True,
+                              timeout=session.args.wrk_duration + 90, check=False)
+    time.sleep(0.2)
+    u1, s1 = cpu_split(pids)
+    w = parse_wrk(done.stdout)
+    return _WrkRun(done, w, _wrk_problems(done, w), u1 - u0, s1 - s0,
+                   rss if isinstance(rss, PeakRss) else None)
+
+
 def run_wrk(session: Session, server: Server, host: str, path: str, body_len: int, *,
             close: bool, connections: int | None = None, peak_rss: bool = False) -> Sample:
     """wrk against ``server``: the rate, the server's CPU per request (or per connection
@@ -997,18 +1027,11 @@ def run_wrk(session: Session, server: Server, host: str, path: str, body_len: in
     read per response fit the right answer (body + a head of 60-800 bytes). ``peak_rss``
     (the scaling pass): also the server's peak RSS during the run minus before, per wrk
     connection ("KiB/conn peak": memory per busy connection)."""
-    pids = server.pids()
     cmd = wrk_command(session, str(server.port), host, path, close=close,
                       connections=connections)
-    u0, s0 = cpu_split(pids)
-    with PeakRss(pids) if peak_rss else contextlib.nullcontext() as rss:
-        done = subprocess.run(cmd, capture_output=True, text=True,
-                              timeout=session.args.wrk_duration + 90, check=False)
-    time.sleep(0.2)
-    u1, s1 = cpu_split(pids)
-    cpu = (u1 - u0) + (s1 - s0)
-    w = parse_wrk(done.stdout)
-    problems = _wrk_problems(done, w)
+    run = _timed_wrk(session, server, cmd, peak_rss)
+    done, w, problems, rss = run.done, run.w, run.problems, run.rss
+    cpu = run.cpu
     errors = sum(int(v) for k, v in w.items() if k.startswith("err_"))
     non2xx = int(w.get("non_2xx_3xx", 0))
     requests = int(w.get("requests", 0))
@@ -1023,8 +1046,8 @@ def run_wrk(session: Session, server: Server, host: str, path: str, body_len: in
         metrics = {"req/s": w.get("rps", 0.0),
                    "CPU-us/req": cpu * 1e6 / requests if requests else 0.0}
     metrics |= {"errors": errors, "non-2xx": non2xx}
-    raw = {"wrk": w, "bytes_per_response": round(per_response), "utime_s": round(u1 - u0, 2),
-           "stime_s": round(s1 - s0, 2), "wrk_stdout": done.stdout}
+    raw = {"wrk": w, "bytes_per_response": round(per_response), "utime_s": round(run.utime, 2),
+           "stime_s": round(run.stime, 2), "wrk_stdout": done.stdout}
     if isinstance(rss, PeakRss):
         conns = connections or session.args.wrk_connections
         metrics["KiB/conn peak"] = (rss.peak - rss.before) / conns
@@ -1107,16 +1130,8 @@ def run_wrk_mix(session: Session, server: Server) -> Sample:
     bytes), wrk's errors and non-2xx, and the size of every answer counted by the script:
     a body of any other size is a problem, and so is a mix off by more than the requests
     that can be in flight at the end (one per connection)."""
-    pids = server.pids()
-    cmd = mix_command(session, str(server.port))
-    u0, s0 = cpu_split(pids)
-    done = subprocess.run(cmd, capture_output=True, text=True,
-                          timeout=session.args.wrk_duration + 90, check=False)
-    time.sleep(0.2)
-    u1, s1 = cpu_split(pids)
-    cpu = (u1 - u0) + (s1 - s0)
-    w = parse_wrk(done.stdout)
-    problems = _wrk_problems(done, w)
+    run = _timed_wrk(session, server, mix_command(session, str(server.port)))
+    done, w, problems, cpu = run.done, run.w, run.problems, run.cpu
     requests = int(w.get("requests", 0))
     got: dict[int, int] = {}
     wrong = not200 = 0
@@ -1149,7 +1164,7 @@ def run_wrk_mix(session: Session, server: Server) -> Sample:
                "errors": errors, "non-2xx": int(w.get("non_2xx_3xx", 0))}
     return Sample(metrics, {"wrk": w, "sizes": {str(k): v for k, v in got.items()},
                             "wrong_size": wrong, "body_bytes": body_bytes,
-                            "utime_s": round(u1 - u0, 2), "stime_s": round(s1 - s0, 2),
+                            "utime_s": round(run.utime, 2), "stime_s": round(run.stime, 2),
                             "wrk_stdout": done.stdout}, problems)
 
 
