@@ -1,7 +1,7 @@
 """The embedded default config: what ``sniport run`` serves when there is no config file.
 
 https://localhost:8443/ with a self-signed certificate, answering the built-in welcome page
-(DESIGN.md "Config file").
+(DESIGN.md "Config file"); plaintext HTTP on the port is redirected there.
 """
 
 from __future__ import annotations
@@ -42,5 +42,6 @@ def _raw() -> dict[str, Any]:
                             "content_type": "text/html; charset=utf-8"},
             }],
         }],
-        "default": {"to": "site:welcome"},
+        # http://localhost:8443/ typed by mistake gets its 308 to https://, not a close.
+        "default": {"to": "site:welcome", "non_tls": "http"},
     }

@@ -98,6 +98,13 @@ def test_embedded_default_serves_the_welcome_page(workdir: Path) -> None:
         text = r.stdout.decode()
         assert "\n0\n" in text
         assert pem_fingerprint(text) == pem_fingerprint(certs[0].read_text())
+
+        # http:// typed on the same port: a 308 to the https page, not a closed connection.
+        r = curl("-D", "-", "-o", "/dev/null", "http://localhost:8443/x?y=1")
+        assert r.returncode == 0, r.stderr
+        head, _ = split_curl_output(r.stdout)
+        assert head.status == 308
+        assert head.header("Location") == "https://localhost:8443/x?y=1"
     finally:
         with contextlib.suppress(Exception):
             s.stop()
