@@ -202,3 +202,38 @@ def test_system_lookup_localhost() -> None:
 def test_system_lookup_failure() -> None:
     with pytest.raises(ResolveError):
         system_lookup("nosuch-sniport-name.invalid")
+
+
+def test_a_failed_refresh_serves_the_stale_answer(loop: asyncio.AbstractEventLoop) -> None:
+    """RFC 8767: a machine reachable a moment ago is not cut by a resolver hiccup; while the
+    failure is remembered the stale answer comes straight from the cache."""
+    lookups = Lookups({"nas.lan": ADDR})
+    r = make(loop, lookups, ttl=0.1, negative_ttl=0.3, stale_ttl=5.0)
+    assert ask(loop, r, "nas.lan") == (ADDR, "")
+    loop.run_until_complete(asyncio.sleep(0.15))
+    del lookups.answers["nas.lan"]  # DNS fails now
+    assert ask(loop, r, "nas.lan") == (ADDR, "")
+    assert ask(loop, r, "nas.lan") == (ADDR, "")  # from the cache: no third lookup
+    assert lookups.calls == ["nas.lan", "nas.lan"]
+    r.close()
+
+
+def test_a_hanging_refresh_serves_the_stale_answer(loop: asyncio.AbstractEventLoop) -> None:
+    lookups = Lookups({"nas.lan": ADDR})
+    r = make(loop, lookups, ttl=0.1, stale_ttl=5.0)
+    ask(loop, r, "nas.lan")
+    loop.run_until_complete(asyncio.sleep(0.15))
+    lookups.gate.clear()  # the refresh hangs
+    assert ask(loop, r, "nas.lan", timeout=0.2) == (ADDR, "")
+    lookups.gate.set()
+    r.close()
+
+
+def test_a_stale_answer_is_let_go_after_stale_ttl(loop: asyncio.AbstractEventLoop) -> None:
+    lookups = Lookups({"nas.lan": ADDR})
+    r = make(loop, lookups, ttl=0.1, stale_ttl=0.1)
+    ask(loop, r, "nas.lan")
+    loop.run_until_complete(asyncio.sleep(0.25))
+    del lookups.answers["nas.lan"]
+    assert ask(loop, r, "nas.lan") == (None, "Name or service not known")
+    r.close()

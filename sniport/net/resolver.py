@@ -25,6 +25,9 @@ How and why (README "Upstreams from the name"):
   these are fixed. Bounded: ``MAX_POSITIVE`` answers and ``MAX_NEGATIVE`` failures, each the
   least recently used out first; failures are kept apart so that a client sending made-up
   names cannot push the good answers out.
+- Stale answers (RFC 8767): an expired answer is kept up to ``STALE_TTL`` more; when the
+  lookup that refreshes it fails or times out, it is used instead of the failure (and, while
+  that failure is remembered, straight from the cache).
 
 Rules: one ``Resolver`` per event loop (``resolver_for``); the lookup function is a
 parameter so that the cache and timeout logic can be tested with a resolver that hangs.
@@ -44,6 +47,10 @@ from sniport.logs import diag
 
 POSITIVE_TTL = 30.0  # seconds an answer is used
 NEGATIVE_TTL = 5.0  # seconds a failure is remembered
+# Seconds an expired answer may still be used when its refresh fails or does not come in
+# time (RFC 8767, serving stale data: a DNS hiccup must not cut a machine that was reachable
+# a minute ago; bounded, so a machine that is gone for good is let go).
+STALE_TTL = 3600.0
 MAX_POSITIVE = 1024  # answers cached per worker
 MAX_NEGATIVE = 256  # failures cached per worker
 # Names being looked up at once per worker, each on a thread of its own: a lookup that hangs
@@ -103,7 +110,11 @@ class Waiter:
         done, self._done = self._done, None
         self._resolver._forget(self)
         if done is not None:
-            done(None, f"no answer within {self.timeout:g}s")
+            stale = self._resolver.stale(self._host)
+            if stale is not None:
+                done(stale, "")
+            else:
+                done(None, f"no answer within {self.timeout:g}s")
 
     def _answer(self, addresses: Addresses | None, why: str) -> None:
         done, self._done = self._done, None
@@ -114,12 +125,14 @@ class Waiter:
 class Resolver:
     def __init__(self, loop: asyncio.AbstractEventLoop, lookup: Lookup = system_lookup, *,
                  ttl: float = POSITIVE_TTL, negative_ttl: float = NEGATIVE_TTL,
+                 stale_ttl: float = STALE_TTL,
                  max_positive: int = MAX_POSITIVE, max_negative: int = MAX_NEGATIVE,
                  max_in_flight: int = MAX_IN_FLIGHT, threads: int = THREADS) -> None:
         self._loop = loop
         self._lookup = lookup
         self._ttl = ttl
         self._negative_ttl = negative_ttl
+        self._stale_ttl = stale_ttl
         self._max_positive = max_positive
         self._max_negative = max_negative
         self._max_in_flight = max_in_flight
@@ -138,13 +151,23 @@ class Resolver:
             if hit[0] > now:
                 self._positive.move_to_end(host)
                 return hit[1]
-            del self._positive[host]
+            if hit[0] + self._stale_ttl <= now:
+                del self._positive[host]
+                hit = None
         miss = self._negative.get(host)
         if miss is not None:
             if miss[0] > now:
                 self._negative.move_to_end(host)
-                return miss[1]
+                # Its refresh failed a moment ago: the stale answer, if any, over the failure.
+                return hit[1] if hit is not None else miss[1]
             del self._negative[host]
+        return None
+
+    def stale(self, host: str) -> Addresses | None:
+        """An expired answer for ``host`` still within ``STALE_TTL``, if any."""
+        hit = self._positive.get(host)
+        if hit is not None and hit[0] + self._stale_ttl > self._loop.time():
+            return hit[1]
         return None
 
     def resolve(self, host: str, timeout: float, done: Done) -> Waiter | None:
@@ -199,6 +222,10 @@ class Resolver:
             self._remember(self._negative, host, (now + self._negative_ttl, why),
                            self._max_negative)
             diag.debug("resolver: %s: %s (remembered %gs)", host, why, self._negative_ttl)
+            stale = self.stale(host)
+            if stale is not None:
+                diag.debug("resolver: %s: using the expired answer (RFC 8767)", host)
+                addresses, why = stale, ""
         for waiter in waiters:
             self._forget(waiter, listed=False)
             try:
