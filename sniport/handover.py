@@ -27,8 +27,9 @@ import socket
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from sniport.config import Block
 from sniport.routing import FIRST_BYTES, RouteTable
-from sniport.upstream_template import TemplateError, is_template, label_for, parse_template
+from sniport.upstream_template import TemplateError, UpstreamTemplate, label_for
 
 MAX_MESSAGE = 4096  # bytes of one message: an offer's fields are a few hundred
 DESCRIPTORS = 2  # a relay's client and upstream sockets
@@ -124,22 +125,20 @@ def routes_the_same(table: RouteTable, upstreams: dict[str, list[str]],
         route = table.non_tls() if relayed.non_tls else table.decide(relayed.sni, relayed.alpn)
     if route.kind != "passthrough" or route.block is None or route.block.name != relayed.block:
         return False
-    if not _lists(upstreams.get(relayed.block, []), relayed.upstream, relayed.sni,
-                  route.block.hosts):
+    if relayed.upstream not in upstreams.get(relayed.block, []) \
+            and not _fills_to(route.block, relayed.upstream, relayed.sni):
         return False
     return route.acl is None or route.acl.permits(relayed.ip)
 
 
-def _lists(labels: list[str], upstream: str, sni: str | None, hosts: list[str]) -> bool:
-    """Whether ``upstream`` is one of ``labels``, or what one of them (an upstream template,
-    ``{label}.lan:443``) makes of this connection's name."""
-    if upstream in labels:
-        return True
-    for text in labels:
-        if is_template(text):
-            try:
-                if str(parse_template(text).fill(label_for(sni, hosts))) == upstream:
-                    return True
-            except TemplateError:
-                continue
-    return False
+def _fills_to(block: Block, upstream: str, sni: str | None) -> bool:
+    """Whether one of the block's upstream templates (``{label}.lan:443``), as the new
+    config parsed them, makes ``upstream`` of this connection's name."""
+    templates = [u for u in getattr(block, "upstreams", ()) if isinstance(u, UpstreamTemplate)]
+    if not templates:
+        return False
+    try:
+        label = label_for(sni, block.hosts)
+        return any(str(t.fill(label)) == upstream for t in templates)
+    except TemplateError:
+        return False

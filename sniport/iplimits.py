@@ -36,7 +36,7 @@ Rules:
   tightest limit possible; measured 16% with 4 workers), 1% for ``n = 5``. The same holds
   for the rate with lam = 2 * new connections per window / buckets. ``MAX_CELLS`` bounds the
   mapping, so past about 8 workers of 4096 connections there are fewer buckets per
-  connection, and the master warns (``buckets_per_connection``).
+  connection, and the master warns.
 - The rate is a sliding-window counter: each cell holds, for its slot, the window number
   (time.monotonic(), the same clock in every process, divided by the window length) and the
   counts of that window and the one before. The estimate is ``previous * (1 - elapsed
@@ -87,13 +87,6 @@ def size_for(workers: int, max_connections: int) -> tuple[int, int]:
     while buckets < want and buckets < MAX_BUCKETS and buckets * 2 * slots <= MAX_CELLS:
         buckets *= 2
     return buckets, slots
-
-
-def buckets_per_connection(workers: int, max_connections: int) -> float:
-    """What ``size_for`` gives per connection the server can hold (the false-refusal bound
-    in the module docstring assumes four)."""
-    buckets, _ = size_for(workers, max_connections)
-    return buckets / max(1, workers * max_connections)
 
 
 class IpTable:

@@ -47,7 +47,7 @@ from sniport.certs.slots import source_key
 from sniport.certs.watch import CertWatcher, Update
 from sniport.config import ConfigError, Listen
 from sniport.http import h2conn
-from sniport.iplimits import IpTable, buckets_per_connection, size_for
+from sniport.iplimits import IpTable, size_for
 from sniport.logs import diag
 from sniport.metrics import Key, SharedMetrics, render
 from sniport.metrics_http import MetricsEndpoint
@@ -201,7 +201,7 @@ class Master:
                                      METRIC_CELLS)
         workers = worker_count(server.workers)
         self.iptable = IpTable(*size_for(workers, server.max_connections))
-        per_connection = buckets_per_connection(workers, server.max_connections)
+        per_connection = self.iptable.buckets / max(1, workers * server.max_connections)
         if (server.max_connections_per_ip or server.max_connection_rate_per_ip) \
                 and per_connection < 4:
             diag.warning("per-address limits: %.2g table buckets per connection (%d workers "

@@ -437,6 +437,11 @@ class Worker:
             sock.close()
             self.finish(conn, f"client_error: {exc.strerror or type(exc).__name__}")
             return
+        except Exception as exc:  # a bug here must cost one connection, never the worker
+            diag.exception("plaintext HTTP for %s", conn.client)
+            sock.close()
+            self.finish(conn, f"internal_error: {type(exc).__name__}")
+            return
         if conn in self.live:  # else it ended already, during connection_made
             conn.handler = _HttpHandle(proto)
             if self.draining:

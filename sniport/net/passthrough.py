@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sniport.addresses import UnixAddress
 from sniport.config import Passthrough
@@ -82,6 +82,17 @@ class PassthroughRuntime:
             else:
                 out.append(Unresolved(addr.host, addr.port, str(addr), entry.text))
         return out
+
+
+def _loops_back(family: int, upstream: Any, mine: Any) -> bool:
+    """Whether the upstream just connected to (its sockaddr) is the very address (ours) the
+    client connected to (``mine``): an upstream (a template filled with a name that resolves
+    to this machine, or a config mistake) that leads back to this listener would relay to
+    itself, one new connection per hop, until max_connections. Caught at the latest on the
+    second hop, which reached us on the looping address."""
+    if family not in (socket.AF_INET, socket.AF_INET6) or not isinstance(mine, tuple):
+        return False
+    return bool(upstream[1] == mine[1] and _plain_ip(upstream[0]) == _plain_ip(mine[0]))
 
 
 def _plain_ip(ip: str) -> str:
@@ -227,7 +238,12 @@ class PassthroughConnection:
             return
         self._up = up
         self._conn.upstream = target.label
-        if self._loops_back(up):
+        try:
+            mine = self._sock.getsockname()  # the address the client connected to
+        except OSError as exc:
+            self._end(f"client_error: {exc.strerror}")
+            return
+        if _loops_back(up.family, target.sockaddr, mine):
             self._end("upstream_loop: the upstream is the address this client reached")
             return
         mode = self._rt.block.proxy_protocol
@@ -235,28 +251,12 @@ class PassthroughConnection:
             src = _endpoint(self._conn.peer)
             # The address the client connected to: the balancer's, when a PROXY header
             # named it, else this socket's.
-            dst = _endpoint(self._conn.local or self._sock.getsockname())
+            dst = _endpoint(self._conn.local or mine)
             self._header = (proxyproto.encode_v1(src, dst) if mode == "v1"
                             else proxyproto.encode_v2(src, dst, self._sni))
             self._send_header()
         else:
             self._start_relay()
-
-    def _loops_back(self, up: socket.socket) -> bool:
-        """Whether the upstream is the very address (ours) the client connected to: an
-        upstream (a template filled with a name that resolves to this machine, or a config
-        mistake) that leads back to this listener would relay to itself, one new connection
-        per hop, until max_connections. Caught at the latest on the second hop, which
-        reached us on the looping address."""
-        if up.family not in (socket.AF_INET, socket.AF_INET6):
-            return False
-        try:
-            peer, mine = up.getpeername(), self._sock.getsockname()
-        except OSError:
-            return False
-        if not isinstance(mine, tuple):
-            return False
-        return bool(peer[1] == mine[1] and _plain_ip(peer[0]) == _plain_ip(mine[0]))
 
     def _send_header(self) -> None:
         assert self._up is not None

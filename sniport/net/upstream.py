@@ -56,14 +56,6 @@ class Unresolved:
         return self.metric
 
 
-def targets_for(upstreams: Sequence[Address]) -> list[Target]:
-    """Resolve each upstream once; a name may give several addresses, tried in order."""
-    out: list[Target] = []
-    for up in upstreams:
-        out.extend(targets_of(up))
-    return out
-
-
 def targets_of(up: Address) -> list[Target]:
     """One fixed upstream's targets (a name is resolved now, blocking: at config load)."""
     if isinstance(up, UnixAddress):
