@@ -19,7 +19,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from sniport import __version__
+from sniport import __version__, compiled
 from sniport.config import ConfigError, parse_file
 from sniport.defaults import parse_embedded
 from sniport.net.passthrough import PassthroughRuntime
@@ -371,7 +371,8 @@ COMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sniport", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"sniport {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"sniport {__version__} ({compiled.describe()})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, func, text in COMMANDS:
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sniport import __version__, handover
+from sniport import __version__, compiled, handover
 from sniport.addresses import Address, TcpAddress, UnixAddress
 from sniport.certs import service_proc
 from sniport.certs.backends import open_storage
@@ -581,6 +581,7 @@ class Master:
         else:
             diag.info("sniport %s (%d worker(s)) serving %s on %s", __version__,
                       worker_count(server.workers), gen.runtime.loaded.source, addresses)
+            diag.info("Python code: %s", compiled.describe())
             if gen.runtime.loaded.config.site:
                 diag.info("HTTP/2 engine: %s", h2conn.ENGINE_NAME)
             if self._parent_master:

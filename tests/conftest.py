@@ -12,6 +12,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from support.pki import Pki
 from support.process import Ops, Sniport, SniportWith, start_sniport
 
+from sniport.compiled import HOT_MODULES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to test stale compiled modules: an editable install compiles the hot modules
+    next to their sources (sniport/compiled.py), and Python imports the compiled one first,
+    so a source edited since would not be what runs."""
+    stale = []
+    for module in HOT_MODULES:
+        source = ROOT.joinpath(*module.split(".")).with_suffix(".py")
+        for built in source.parent.glob(f"{source.stem}.*.so"):
+            if built.stat().st_mtime < source.stat().st_mtime:
+                stale.append(str(source.relative_to(ROOT)))
+    if stale:
+        pytest.exit(f"changed since they were compiled: {', '.join(stale)}; rebuild with "
+                    "scripts/test (or .venv/bin/pip install -e .), or install with "
+                    "SNIPORT_PURE_PYTHON=1 to test them as Python", returncode=4)
+
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pki]:

@@ -26,6 +26,7 @@ from support.process import PYTHON, SNIPORT_BIN, Ops, report, run_cli
 from support.waiting import TIMEOUT, wait_until
 
 import sniport
+from sniport import compiled
 
 
 def test_two_workers_and_a_killed_one_is_replaced(ops: Ops, pki: Pki, tmp_path: Path) -> None:
@@ -221,6 +222,7 @@ def test_status_and_version(ops: Ops, pki: Pki, tmp_path: Path) -> None:
     for argv in ([SNIPORT_BIN], [PYTHON, "-m", "sniport"]):
         r = subprocess.run([*argv, "--version"], capture_output=True, text=True,
                            timeout=TIMEOUT)
-        assert (r.returncode, r.stdout, r.stderr) == (0, f"sniport {sniport.__version__}\n", "")
+        expected = f"sniport {sniport.__version__} ({compiled.describe()})\n"
+        assert (r.returncode, r.stdout, r.stderr) == (0, expected, "")
     assert sniport.__version__ == version("sniport")
     report("test_status_and_version", 0)

@@ -12,6 +12,7 @@ from support.process import run_cli
 from support.waiting import TIMEOUT
 
 import sniport
+from sniport import compiled
 
 GOOD = """
 [server]
@@ -160,5 +161,5 @@ def test_version() -> None:
                  [str(Path(sys.executable).parent / "sniport"), "--version"]):
         r = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
         assert r.returncode == 0
-        assert r.stdout == f"sniport {sniport.__version__}\n"
+        assert r.stdout == f"sniport {sniport.__version__} ({compiled.describe()})\n"
     assert sniport.__version__ == "0.1.0"

@@ -34,30 +34,18 @@ from sniport.config import ProxyHandler, loads
 from sniport.http.engine import HttpConnection, Limits
 from sniport.http.proxy import ProxyRoute
 from sniport.http.site import SiteApp, default_handlers
-from sniport.http.upstream import OUTCOMES, Outcome, Upstream, UpstreamLease
+from sniport.http.upstream import OUTCOMES, Outcome, Upstream, UpstreamConn, UpstreamLease
 from sniport.routing import RouteTable
 
 # --------------------------------------------------------------------------------------------
 # The lease alone
 
 
-class _Conn:
-    """What a lease does to its connection, recorded."""
-
-    def __init__(self) -> None:
-        self.pooled = 0
-        self.closed = 0
-
-    def release_when_clean(self, loop: Any) -> None:
-        self.pooled += 1
-
-    def close(self) -> None:
-        self.closed += 1
-
-
-class _Clock:
-    def time(self) -> float:
-        return 100.0
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    lp = uvloop.new_event_loop()
+    yield lp
+    lp.close()
 
 
 def _upstream(max_fails: int = 1) -> Upstream:
@@ -66,22 +54,25 @@ def _upstream(max_fails: int = 1) -> Upstream:
     return Upstream(parse_http_upstream("http://127.0.0.1:9"), cfg, None)
 
 
-def _lease(up: Upstream) -> tuple[UpstreamLease, _Conn]:
-    conn = _Conn()
-    return UpstreamLease(up, conn, _Clock()), conn  # type: ignore[arg-type]
+def _lease(up: Upstream, loop: asyncio.AbstractEventLoop) -> tuple[UpstreamLease, UpstreamConn]:
+    """A lease on a real connection object that never connected (no transport): pooled means
+    in the upstream's idle list, closed means ``closed``."""
+    conn = UpstreamConn(up)
+    return up.lease(conn, loop), conn
 
 
 @pytest.mark.parametrize(("outcome", "pooled", "closed", "fails"), [
-    ("reuse", 1, 0, 0),
-    ("answered", 0, 1, 0),
-    ("failed", 0, 1, 1),
-    ("abandoned", 0, 1, 0),
+    ("reuse", True, False, 0),
+    ("answered", False, True, 0),
+    ("failed", False, True, 1),
+    ("abandoned", False, True, 0),
 ])
 def test_a_lease_counts_once_and_settles_the_connection(
-        outcome: Outcome, pooled: int, closed: int, fails: int) -> None:
+        loop: asyncio.AbstractEventLoop, outcome: Outcome, pooled: bool, closed: bool,
+        fails: int) -> None:
     up = _upstream(max_fails=0)
-    lease, conn = _lease(up)
-    other, _ = _lease(up)
+    lease, conn = _lease(up, loop)
+    other, _ = _lease(up, loop)
     assert up.active == 2
     assert lease.release(outcome, "why")
     assert up.active == 1
@@ -89,20 +80,23 @@ def test_a_lease_counts_once_and_settles_the_connection(
     for again in OUTCOMES:
         assert not lease.release(again, "again")
     assert up.active == 1
-    assert (conn.pooled, conn.closed, up.fails) == (pooled, closed, fails)
+    assert (conn in up.idle, conn.closed, up.fails) == (pooled, closed, fails)
     other.release("abandoned")
     assert up.active == 0
+    up.close_idle()
 
 
-def test_failures_take_an_upstream_down_and_an_answer_brings_it_back() -> None:
+def test_failures_take_an_upstream_down_and_an_answer_brings_it_back(
+        loop: asyncio.AbstractEventLoop) -> None:
     up = _upstream(max_fails=2)
     for _ in range(2):
-        _lease(up)[0].release("failed", "upstream_timeout")
-    assert up.fails == 2 and not up.available(100.0) and up.available(110.0)
-    _lease(up)[0].release("abandoned")  # no verdict: still down
-    assert not up.available(100.0)
-    _lease(up)[0].release("answered")
-    assert up.fails == 0 and up.available(100.0) and up.active == 0
+        _lease(up, loop)[0].release("failed", "upstream_timeout")
+    now = loop.time()
+    assert up.fails == 2 and not up.available(now) and up.available(now + 10.5)
+    _lease(up, loop)[0].release("abandoned")  # no verdict: still down
+    assert not up.available(now)
+    _lease(up, loop)[0].release("answered")
+    assert up.fails == 0 and up.available(now) and up.active == 0
 
 
 # --------------------------------------------------------------------------------------------

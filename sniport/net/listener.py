@@ -151,7 +151,7 @@ class HelloReader:
         "_registered",
         "_seen",
         "_silent",
-        "_unix",
+        "_on_unix",
         "_worker",
         "conn",
         "deadline",
@@ -172,7 +172,7 @@ class HelloReader:
         self._parser = ClientHelloParser()
         self._seen = 0
         self._lowat = False
-        self._unix = unix
+        self._on_unix = unix
         self._registered = False
         self._detecting = False  # not TLS: wire/detect.py is looking at the first bytes
         self._had_bytes = False  # a PROXY header came and was consumed (_seen starts again)
@@ -247,7 +247,7 @@ class HelloReader:
 
     def _need(self, total: int) -> None:
         """Wait until ``total`` bytes are there in all."""
-        if not self._unix:
+        if not self._on_unix:
             # Readable again only once the missing bytes are all there: no spinning.
             self._lowat = True
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, total)
@@ -263,7 +263,7 @@ class HelloReader:
             return
         if isinstance(header, proxyproto.NeedMore):
             self._seen = len(data)
-            if not self._unix:
+            if not self._on_unix:
                 self._lowat = True
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, header.at_least)
             self._wait(READ_EVENTS)
@@ -299,7 +299,7 @@ class HelloReader:
         self.sock.close()
 
     def _wait(self, mask: int) -> None:
-        if self._unix and self._seen:
+        if self._on_unix and self._seen:
             # poll() on a unix socket ignores SO_RCVLOWAT: watch only for a hang-up, and
             # look again shortly.
             mask = EPOLLRDHUP
@@ -310,7 +310,7 @@ class HelloReader:
             self._registered = True
             self._poller.register(self.fd, mask, self._on_event, self._crashed)
             conn = self.conn
-            if not self._unix:
+            if not self._on_unix:
                 # accept() returned without data only if nothing at all has come, not
                 # even a PROXY header since consumed.
                 deferred = self._seen == 0 and not self._had_bytes \

@@ -185,7 +185,7 @@ TRANSITIONS: Final[dict[State, frozenset[State]]] = {
 }
 
 
-class TransitionError(RuntimeError):
+class TransitionError(Exception):
     """A transition the table does not allow: a bug in the machine or its driver."""
 
 

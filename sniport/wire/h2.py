@@ -201,7 +201,12 @@ class Engine(Protocol):
 class _Calm(h2.exceptions.ProtocolError):
     """A limit of ours: the connection ends with ENHANCE_YOUR_CALM."""
 
-    error_code = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        # Set on the instance, not as a class attribute: compiled with mypyc, a class
+        # attribute overriding one of a class from an uncompiled library is not seen by h2,
+        # which reads ``error_code`` to write its GOAWAY.
+        self.error_code = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
 
 class _FrameBuffer(h2.frame_buffer.FrameBuffer):
