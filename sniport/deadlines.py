@@ -123,7 +123,13 @@ class Deadlines:
                         diag.exception("a timeout handler failed (%s)", type(item).__name__)
                 else:
                     self._file(item, int(when * _PER_SECOND) + 1)
-        # Filing above may have armed the timer for a later slot than the earliest left.
+        # Filing above (or a handler) may have armed the timer for a later slot than the
+        # earliest left. (_rearm reads self._timer afresh: here mypy would take it for the
+        # None assigned above, and the compiled build checks that at run time.)
+        self._rearm()
+
+    def _rearm(self) -> None:
+        heap = self._heap
         if heap and (self._timer is None or heap[0] < self._timer_slot):
             self._arm(heap[0])
 

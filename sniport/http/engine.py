@@ -319,11 +319,17 @@ class HttpConnection(asyncio.Protocol):
             self._pump()
         finally:
             self.uncork()
-        if self._h1.state is State.UPGRADED and self.upgraded_to is None:
+        if self._upgrade_waits():
             # An Upgrade head: what follows is the new protocol's, and nobody takes it until
             # the upstream has answered 101. Reading waits, so the bytes held meanwhile are
             # one read's worth, not whatever the client sends (the tunnel resumes it).
             self._pause_reading(8)
+
+    def _upgrade_waits(self) -> bool:
+        # An Upgrade head was read and nobody has taken the connection over yet (a handler
+        # may have, synchronously, while the data was pumped). A method of its own, as
+        # _between_requests.
+        return self._h1.state is State.UPGRADED and self.upgraded_to is None
 
     def cork(self) -> None:
         """Hold writes until ``uncork``: a response head and its body, or the answers to
@@ -539,11 +545,16 @@ class HttpConnection(asyncio.Protocol):
         """The answer and its request are both complete: on with the next request (the
         machine held it, or a protocol error after it, until now)."""
         self.active = None
-        h1 = self._h1
-        h1.response_done()
+        self._h1.response_done()
         self._pump()
-        if self.active is None and h1.state is State.IDLE and not self._lingering:
+        if self._between_requests():
             self._set_read_deadline("keepalive", self.limits.keepalive_timeout)
+
+    def _between_requests(self) -> bool:
+        # A method of its own: read right after ``self.active = None`` and a call that may
+        # set it, the check would be typed by that assignment (mypy narrows attributes
+        # across calls), and the compiled build checks types at run time.
+        return self.active is None and self._h1.state is State.IDLE and not self._lingering
 
     def _fail_request(self, status: int, reason: str, req: Request) -> None:
         """Bad bytes in the body of ``req``, the request being answered. Nothing after them

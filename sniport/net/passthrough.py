@@ -153,7 +153,7 @@ class PassthroughConnection:
         self.relay = SpliceRelay(self._loop, worker.poller, worker.pipes, client, up,
                                  rt.block.idle_timeout, self._relay_done)
         self.relay.carry_on(relayed.up, relayed.down, relayed.up_eof, relayed.down_eof)
-        if worker.draining and self.relay is not None:
+        if worker.draining and self._relaying():
             self.drain()
 
     # -- moving to a worker of a new config ---------------------------------------------
@@ -301,8 +301,15 @@ class PassthroughConnection:
                                  self._sock, self._up, self._rt.block.idle_timeout,
                                  self._relay_done)
         self.relay.start()
-        if self._moving == "wanted" and self.relay is not None:
+        if self._moving == "wanted" and self._relaying():
             self.relay.hold(self._offer)
+
+    def _relaying(self) -> bool:
+        # The relay's first pump may already have ended it (_relay_done). A method of its
+        # own: read right after the assignment above, mypy would type the check by that
+        # assignment (it narrows attributes across calls), and the compiled build checks
+        # types at run time.
+        return self.relay is not None
 
     def _relay_done(self, reason: str, up: int, down: int) -> None:
         self.relay = None  # no cycle left for the garbage collector
