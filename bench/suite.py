@@ -1895,10 +1895,16 @@ def snapshot_env(lab: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(snapshot_dir(lab))}
 
 
-def snapshot(lab: Path) -> str:
-    """Copy sniport's source as it is now into the lab; returns its digest."""
+def snapshot(lab: Path, pure_python: bool = False) -> str:
+    """Copy sniport's source as it is now into the lab, with its compiled modules (mypyc's
+    shims in the package and their shared library beside it) unless ``pure_python``;
+    returns the source's digest."""
     dest = snapshot_dir(lab) / "sniport"
-    shutil.copytree(SNIPORT_SRC, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    skip = ["__pycache__", "*.pyc"] + (["*.so"] if pure_python else [])
+    shutil.copytree(SNIPORT_SRC, dest, ignore=shutil.ignore_patterns(*skip))
+    if not pure_python:
+        for shared in ROOT.glob("*__mypyc.*.so"):
+            shutil.copy2(shared, snapshot_dir(lab))
     return sniport_digest(dest)
 
 
@@ -2542,6 +2548,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="M8 seconds of page loads per protocol; default 4")
     p.add_argument("--page-browsers", type=int, default=8,
                    help="M8 page loads at once (bench/pageload.py --browsers); default 8")
+    p.add_argument("--pure-python", action="store_true",
+                   help="run sniport's modules as Python even where they are compiled")
     p.add_argument("--no-relay", action="store_true", help="skip bench/relay_compare.py")
     p.add_argument("--sniport-metrics", action="store_true",
                    help=f"sniport with [server] metrics_listen = 127.0.0.1:{PORTS.sniport_metrics}"
@@ -2603,7 +2611,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="sniport-bench-"))
     backends: list[Server] = []
     try:
-        digest = snapshot(scratch)
+        digest = snapshot(scratch, args.pure_python)
         info = machine(scratch)
         log(f"scratch {scratch}; logs and raw data in {out}; load {info['loadavg']}; sniport "
             f"{info['sniport']}, source digest {digest}, run from {snapshot_dir(scratch)}")
