@@ -29,7 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib.metadata
-import inspect
+import importlib.util
 import json
 import os
 import resource
@@ -195,9 +195,10 @@ async def relay_splice(client: socket.socket, upstream: socket.socket,
     actual.put(probe)
     actual.close()
     # sniport's relay watches its sockets either through the loop's add_reader or (newer)
-    # through the worker's own epoll set, a Poller passed in: build what it asks for.
+    # through the worker's own epoll set, a Poller passed in: build what it asks for. (Told
+    # by the module's presence: a compiled SpliceRelay has no signature to inspect.)
     poller: Any = None
-    if "poller" in inspect.signature(SpliceRelay.__init__).parameters:
+    if importlib.util.find_spec("sniport.net.poller") is not None:
         from sniport.net.poller import Poller  # type: ignore[import-not-found,unused-ignore]
 
         poller = Poller(loop)
