@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.transport import RecordingTransport
 
 from sniport.http.engine import Exchange, HttpConnection, Limits
 
@@ -27,38 +27,6 @@ class _Log:
 
     def request(self, conn: HttpConnection, ex: Exchange, now: float) -> None:
         pass
-
-
-class _Transport:
-    """What the engine calls on its transport; the writes are kept."""
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.out += data
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def set_write_buffer_limits(self, high: int, low: int) -> None:
-        pass
-
-    def get_extra_info(self, name: str) -> Any:
-        return ("127.0.0.1", 1) if name == "peername" else None
 
 
 class _Echo:
@@ -104,7 +72,7 @@ def run(loop: asyncio.AbstractEventLoop, pieces: list[bytes], later: bool = Fals
     """The bytes the engine writes for ``pieces`` read one after the other (the Date
     header blanked: it may tick between two runs; interim 100 Continue answers removed:
     one is due exactly when a body had not come with its head, which depends on the cuts)."""
-    transport = _Transport()
+    transport = RecordingTransport()
     app = _Echo(later)
     conn = HttpConnection(loop, app, Limits(15.0, 75.0), _Log(), sni=None,
                           client="127.0.0.1:1", scheme="https",

@@ -19,10 +19,10 @@ import asyncio
 import socket
 from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import uvloop
+from support.transport import RecordingTransport
 
 from sniport.config import Passthrough
 from sniport.handover import Relayed
@@ -112,36 +112,6 @@ def test_a_handed_over_relay_that_ends_in_its_first_pump_while_draining_is_not_o
         client.close()
 
 
-class _Transport:
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.paused = False
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.out += data
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
-
-    def set_write_buffer_limits(self, high: int, low: int) -> None:
-        pass
-
-    def get_extra_info(self, name: str) -> Any:
-        return ("127.0.0.1", 1) if name == "peername" else None
-
-
 class _TakesOverAtOnce:
     """Answers an Upgrade request with 101 and takes the connection over in the same call."""
 
@@ -159,7 +129,7 @@ def test_a_connection_taken_over_within_the_read_keeps_reading(
     log = SimpleNamespace(enabled=False, request=lambda *args: None)
     conn = HttpConnection(loop, app, Limits(5.0, 5.0), log, sni=None, client="",
                           scheme="http", on_close=lambda *args: None)
-    transport = _Transport()
+    transport = RecordingTransport()
     conn.connection_made(transport)  # type: ignore[arg-type]
     conn.data_received(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
                        b"Upgrade: websocket\r\n\r\nfirst")
