@@ -21,6 +21,8 @@ from importlib.machinery import EXTENSION_SUFFIXES
 
 # The per-request and per-connection paths (bench/PROFILES.md), and the modules whose
 # classes subclass theirs (the ACME client's response collector, the HTTP/2 stream).
+# (wire/h2_nghttp2.py's ctypes declarations are in wire/nghttp2_abi.py, not compiled:
+# mypyc cannot compile a ctypes.Structure subclass.)
 HOT_MODULES: tuple[str, ...] = (
     "sniport.deadlines",
     "sniport.iplimits",
@@ -35,6 +37,7 @@ HOT_MODULES: tuple[str, ...] = (
     "sniport.wire.detect",
     "sniport.wire.h1",
     "sniport.wire.h2",
+    "sniport.wire.h2_nghttp2",
     "sniport.wire.httprules",
     "sniport.wire.proxyheaders",
     "sniport.http.accesslog",

@@ -52,9 +52,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import ctypes.util
 import struct
-import weakref
 from typing import Any
 
 from sniport.wire.h2 import (
@@ -74,106 +72,51 @@ from sniport.wire.h2 import (
     WindowOpened,
     request_head,
 )
+from sniport.wire.nghttp2_abi import (  # the ctypes declarations: not compiled (mypyc)
+    _BEGIN_FRAME_CB,
+    _CHUNK_CB,
+    _CLOSE_CB,
+    _ERROR2_CB,
+    _FRAME_CB,
+    _HEADER_CB,
+    _INVALID_CB,
+    _NV,
+    _READ_CB,
+    AVAILABLE,
+    VERSION,
+    _callbacks_new,
+    _conn_window,
+    _consume,
+    _DataProvider,
+    _fn,
+    _Goaway,
+    _Hd,
+    _Headers,
+    _lib,
+    _mem_recv,
+    _mem_send,
+    _option_del,
+    _option_new,
+    _RstStream,
+    _server_new,
+    _session_del,
+    _set_max_continuations,
+    _set_no_auto_window_update,
+    _Settings,
+    _SettingsEntry,
+    _stream_window,
+    _strerror,
+    _submit_data,
+    _submit_headers,
+    _submit_rst,
+    _submit_settings,
+    _submit_window_update,
+    _terminate,
+    _want_read,
+    c_void_p,
+)
 
 __all__ = ["AVAILABLE", "VERSION", "NgH2Server"]
-
-# -- the library -------------------------------------------------------------------------
-
-c_void_p, c_int, c_int32, c_uint8, c_uint32, c_size_t, c_ssize_t = (
-    ctypes.c_void_p, ctypes.c_int, ctypes.c_int32, ctypes.c_uint8, ctypes.c_uint32,
-    ctypes.c_size_t, ctypes.c_ssize_t)
-
-
-def _load() -> ctypes.CDLL | None:
-    for name in ("libnghttp2.so.14", ctypes.util.find_library("nghttp2")):
-        if name:
-            try:
-                return ctypes.CDLL(name)
-            except OSError:
-                continue
-    return None
-
-
-_lib = _load()
-AVAILABLE = _lib is not None
-
-
-class _Info(ctypes.Structure):
-    _fields_ = [("age", c_int), ("version_num", c_int), ("version_str", ctypes.c_char_p),
-                ("proto_str", ctypes.c_char_p)]
-
-
-# nghttp2.h: typedef struct { size_t length; int32_t stream_id; uint8_t type, flags,
-# reserved; } nghttp2_frame_hd; every member of the nghttp2_frame union starts with it.
-class _Hd(ctypes.Structure):
-    _fields_ = [("length", c_size_t), ("stream_id", c_int32), ("type", c_uint8),
-                ("flags", c_uint8), ("reserved", c_uint8)]
-
-
-class _PriSpec(ctypes.Structure):
-    _fields_ = [("stream_id", c_int32), ("weight", c_int32), ("exclusive", c_uint8)]
-
-
-class _NV(ctypes.Structure):
-    # The library copies names and values (no NGHTTP2_NV_FLAG_NO_COPY_*): the Python bytes
-    # only have to live for the duration of the submit call.
-    _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p),
-                ("namelen", c_size_t), ("valuelen", c_size_t), ("flags", c_uint8)]
-
-
-class _Headers(ctypes.Structure):  # nghttp2_headers
-    _fields_ = [("hd", _Hd), ("padlen", c_size_t), ("pri_spec", _PriSpec),
-                ("nva", c_void_p), ("nvlen", c_size_t), ("cat", c_int)]
-
-
-class _RstStream(ctypes.Structure):  # nghttp2_rst_stream
-    _fields_ = [("hd", _Hd), ("error_code", c_uint32)]
-
-
-class _SettingsEntry(ctypes.Structure):  # nghttp2_settings_entry
-    _fields_ = [("settings_id", c_int32), ("value", c_uint32)]
-
-
-class _Settings(ctypes.Structure):  # nghttp2_settings
-    _fields_ = [("hd", _Hd), ("niv", c_size_t), ("iv", ctypes.POINTER(_SettingsEntry))]
-
-
-class _Goaway(ctypes.Structure):  # nghttp2_goaway
-    _fields_ = [("hd", _Hd), ("last_stream_id", c_int32), ("error_code", c_uint32),
-                ("opaque_data", c_void_p), ("opaque_data_len", c_size_t),
-                ("reserved", c_uint8)]
-
-
-# nghttp2_data_source_read_callback: ssize_t (*)(nghttp2_session *, int32_t stream_id,
-# uint8_t *buf, size_t length, uint32_t *data_flags, nghttp2_data_source *, void *user_data)
-_READ_CB = ctypes.CFUNCTYPE(c_ssize_t, c_void_p, c_int32, c_void_p, c_size_t, c_void_p,
-                            c_void_p, c_void_p)
-
-
-class _DataProvider(ctypes.Structure):  # nghttp2_data_provider (the source is unused)
-    _fields_ = [("source", c_void_p), ("read_callback", _READ_CB)]
-
-
-# Callback types (nghttp2.h "@functypedef"s).
-_FRAME_CB = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, c_void_p)  # begin_headers, frame_recv
-# (name and value as char *: nghttp2 guarantees them NUL-terminated, and ctypes makes the
-# bytes in C, cheaper than a string_at call per field; lengths are checked against theirs.)
-_HEADER_CB = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, ctypes.c_char_p, c_size_t,
-                              ctypes.c_char_p, c_size_t, c_uint8, c_void_p)
-_CHUNK_CB = ctypes.CFUNCTYPE(c_int, c_void_p, c_uint8, c_int32, c_void_p, c_size_t, c_void_p)
-_CLOSE_CB = ctypes.CFUNCTYPE(c_int, c_void_p, c_int32, c_uint32, c_void_p)
-_INVALID_CB = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, c_int, c_void_p)
-_BEGIN_FRAME_CB = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, c_void_p)
-_ERROR2_CB = ctypes.CFUNCTYPE(c_int, c_void_p, c_int, c_void_p, c_size_t, c_void_p)
-
-
-def _fn(name: str, restype: Any, *argtypes: Any) -> Any:
-    assert _lib is not None
-    f = getattr(_lib, name)
-    f.restype = restype
-    f.argtypes = list(argtypes)
-    return f
-
 
 # Frame types, flags, categories, settings ids, library errors (nghttp2.h).
 _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = (
@@ -195,47 +138,6 @@ _ERR_FLOODED = -904
 _ERR_TOO_MANY_CONTINUATIONS = -905
 _ERR_FATAL = -900
 _BUG_ERRORS = frozenset({-501, -529})  # NGHTTP2_ERR_INVALID_ARGUMENT, NGHTTP2_ERR_DATA_EXIST
-
-if _lib is not None:
-    _version = _fn("nghttp2_version", ctypes.POINTER(_Info), c_int)
-    VERSION: str = (_version(0).contents.version_str or b"").decode()
-    _strerror = _fn("nghttp2_strerror", ctypes.c_char_p, c_int)
-    _callbacks_new = _fn("nghttp2_session_callbacks_new", c_int, ctypes.POINTER(c_void_p))
-    _option_new = _fn("nghttp2_option_new", c_int, ctypes.POINTER(c_void_p))
-    _option_del = _fn("nghttp2_option_del", None, c_void_p)
-    _server_new = _fn("nghttp2_session_server_new2", c_int, ctypes.POINTER(c_void_p),
-                      c_void_p, c_void_p, c_void_p)
-    _session_del = _fn("nghttp2_session_del", None, c_void_p)
-    _mem_recv = _fn("nghttp2_session_mem_recv", c_ssize_t, c_void_p, ctypes.c_char_p,
-                    c_size_t)
-    _mem_send = _fn("nghttp2_session_mem_send", c_ssize_t, c_void_p,
-                    ctypes.POINTER(c_void_p))
-    _submit_settings = _fn("nghttp2_submit_settings", c_int, c_void_p, c_uint8,
-                           ctypes.POINTER(_SettingsEntry), c_size_t)
-    _submit_window_update = _fn("nghttp2_submit_window_update", c_int, c_void_p, c_uint8,
-                                c_int32, c_int32)
-    # (nva as char *: an nghttp2_nv array packed in a bytes object, see _nva.)
-    _submit_headers = _fn("nghttp2_submit_headers", c_int32, c_void_p, c_uint8, c_int32,
-                          c_void_p, ctypes.c_char_p, c_size_t, c_void_p)
-    _submit_data = _fn("nghttp2_submit_data", c_int, c_void_p, c_uint8, c_int32,
-                       ctypes.POINTER(_DataProvider))
-    _submit_rst = _fn("nghttp2_submit_rst_stream", c_int, c_void_p, c_uint8, c_int32,
-                      c_uint32)
-    _terminate = _fn("nghttp2_session_terminate_session2", c_int, c_void_p, c_int32,
-                     c_uint32)
-    _consume = _fn("nghttp2_session_consume", c_int, c_void_p, c_int32, c_size_t)
-    _stream_window = _fn("nghttp2_session_get_stream_remote_window_size", c_int32,
-                         c_void_p, c_int32)
-    _conn_window = _fn("nghttp2_session_get_remote_window_size", c_int32, c_void_p)
-    _want_read = _fn("nghttp2_session_want_read", c_int, c_void_p)
-    _resume_data = _fn("nghttp2_session_resume_data", c_int, c_void_p, c_int32)
-    _set_max_continuations = (
-        _fn("nghttp2_option_set_max_continuations", None, c_void_p, c_size_t)
-        if hasattr(_lib, "nghttp2_option_set_max_continuations") else None)
-    _set_no_auto_window_update = _fn("nghttp2_option_set_no_auto_window_update", None,
-                                     c_void_p, c_int)
-else:  # pragma: no cover - the machine has no libnghttp2
-    VERSION = ""
 
 # A library that caps CONTINUATION frames itself (the CVE-2024-28182 fix, 1.61.0 upstream,
 # backported by Debian to 1.52.0-1+deb12u2).
@@ -276,7 +178,10 @@ class _Stream:
 # -- callbacks ---------------------------------------------------------------------------
 #
 # Module functions, one CFUNCTYPE each, alive as long as the module. ``_ACTIVE`` is the
-# adapter whose session is inside mem_recv/mem_send right now.
+# adapter whose session is inside mem_recv/mem_send right now. A NULL pointer reaches a
+# callback as None (ctypes' c_void_p), and user_data and the data source are always NULL
+# here: typed ``int | None``, since the compiled module checks its arguments' types before
+# a callback's body (and its try) even starts.
 
 _ACTIVE: NgH2Server | None = None
 
@@ -287,7 +192,7 @@ def _failed(server: NgH2Server | None, exc: BaseException) -> int:
     return _ERR_CALLBACK_FAILURE
 
 
-def _on_begin_headers(session: int, frame: int, user_data: int) -> int:
+def _on_begin_headers(session: int, frame: int, user_data: int | None) -> int:
     server = _ACTIVE
     try:
         assert server is not None
@@ -310,7 +215,7 @@ def _on_begin_headers(session: int, frame: int, user_data: int) -> int:
 
 
 def _on_header(session: int, frame: int, name: bytes, namelen: int, value: bytes,
-               valuelen: int, flags: int, user_data: int) -> int:
+               valuelen: int, flags: int, user_data: int | None) -> int:
     server = _ACTIVE
     try:
         stream = server._current  # type: ignore[union-attr]
@@ -333,7 +238,7 @@ def _on_header(session: int, frame: int, name: bytes, namelen: int, value: bytes
         return _failed(server, exc)
 
 
-def _on_frame_recv(session: int, frame: int, user_data: int) -> int:
+def _on_frame_recv(session: int, frame: int, user_data: int | None) -> int:
     server = _ACTIVE
     try:
         assert server is not None
@@ -403,7 +308,7 @@ def _on_frame_recv(session: int, frame: int, user_data: int) -> int:
 
 
 def _on_data_chunk(session: int, flags: int, sid: int, data: int, length: int,
-                   user_data: int) -> int:
+                   user_data: int | None) -> int:
     server = _ACTIVE
     try:
         assert server is not None
@@ -421,7 +326,7 @@ def _on_data_chunk(session: int, flags: int, sid: int, data: int, length: int,
         return _failed(server, exc)
 
 
-def _on_stream_close(session: int, sid: int, code: int, user_data: int) -> int:
+def _on_stream_close(session: int, sid: int, code: int, user_data: int | None) -> int:
     server = _ACTIVE
     try:
         assert server is not None
@@ -442,7 +347,7 @@ def _on_stream_close(session: int, sid: int, code: int, user_data: int) -> int:
         return _failed(server, exc)
 
 
-def _on_invalid_frame(session: int, frame: int, lib_error: int, user_data: int) -> int:
+def _on_invalid_frame(session: int, frame: int, lib_error: int, user_data: int | None) -> int:
     server = _ACTIVE
     try:
         assert server is not None
@@ -453,7 +358,7 @@ def _on_invalid_frame(session: int, frame: int, lib_error: int, user_data: int) 
         return _failed(server, exc)
 
 
-def _on_error(session: int, lib_error: int, msg: int, length: int, user_data: int) -> int:
+def _on_error(session: int, lib_error: int, msg: int, length: int, user_data: int | None) -> int:
     server = _ACTIVE
     try:
         assert server is not None
@@ -464,7 +369,7 @@ def _on_error(session: int, lib_error: int, msg: int, length: int, user_data: in
         return _failed(server, exc)
 
 
-def _on_begin_frame(session: int, hd_ptr: int, user_data: int) -> int:
+def _on_begin_frame(session: int, hd_ptr: int, user_data: int | None) -> int:
     """Only with a library that does not cap CONTINUATION frames itself."""
     server = _ACTIVE
     try:
@@ -483,7 +388,7 @@ def _on_begin_frame(session: int, hd_ptr: int, user_data: int) -> int:
 
 
 def _read_body(session: int, sid: int, buf: int, length: int, data_flags: int,
-               source: int, user_data: int) -> int:
+               source: int | None, user_data: int | None) -> int:
     """The data source of every stream: copies at most ``length`` queued bytes to ``buf``."""
     server = _ACTIVE
     try:
@@ -617,6 +522,7 @@ class NgH2Server:
     """One server-side HTTP/2 connection on libnghttp2 (the interface of ``H2Server``)."""
 
     def __init__(self, limits: Limits) -> None:
+        self._session = 0  # the nghttp2_session *, freed by _free (or when collected)
         if _lib is None:
             raise RuntimeError("libnghttp2 is not installed")
         self.limits = limits
@@ -657,8 +563,17 @@ class NgH2Server:
                 raise MemoryError("nghttp2_session_server_new2 failed")
         finally:
             _option_del(option)
-        self._session: int = session.value or 0
-        self._finalizer = weakref.finalize(self, _session_del, self._session)
+        self._session = session.value or 0
+
+    def _free(self) -> None:
+        """Free the session, once. (``__del__``, not ``weakref.finalize``: compiled with
+        mypyc, this class takes no weak references.)"""
+        if self._session:
+            _session_del(self._session)
+            self._session = 0
+
+    def __del__(self) -> None:
+        self._free()
 
     # -- input ----------------------------------------------------------------------------
 
@@ -794,8 +709,7 @@ class NgH2Server:
             code = INTERNAL_ERROR
             reason = f"nghttp2: {(_strerror(rv) or b'').decode('ascii', 'replace')}"
         self._out += _goaway_frame(self._highest, code)
-        self._finalizer()  # free now: nothing may touch the session again
-        self._session = 0
+        self._free()  # now: nothing may touch the session again
         return [*events, ConnectionEnded(code, reason, self._highest)]
 
     @property
@@ -826,8 +740,7 @@ class NgH2Server:
         if n < 0:
             self._dead = True
             self.ended = True
-            self._finalizer()
-            self._session = 0
+            self._free()
             return False
         return True
 
