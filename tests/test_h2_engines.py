@@ -7,6 +7,8 @@ client bytes.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -529,3 +531,26 @@ def test_both_engines_give_the_same_responses() -> None:
         pytest.skip("libnghttp2 is not installed")
     a, b = exchange("h2"), exchange("nghttp2")
     assert a == b and len(a) == 10 and a[3][2] == b"/3" * 300
+
+
+_WITHOUT_LIBNGHTTP2 = """
+import ctypes
+real = ctypes.CDLL
+def cdll(name, *args, **kwargs):
+    if name and "nghttp2" in str(name):
+        raise OSError(name + ": cannot open shared object file")
+    return real(name, *args, **kwargs)
+ctypes.CDLL = cdll
+from sniport.http import h2conn
+from sniport.wire import h2_nghttp2
+print(h2_nghttp2.AVAILABLE, h2conn.ENGINE_NAME)
+"""
+
+
+def test_a_machine_without_libnghttp2_gets_the_h2_engine() -> None:
+    # The adapter and its ctypes declarations import without the library (then AVAILABLE
+    # is false): sniport must start and speak HTTP/2 through h2 on such a machine.
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_LIBNGHTTP2], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("False h2 ") and "pure Python" in done.stdout

@@ -73,47 +73,47 @@ from sniport.wire.h2 import (
     request_head,
 )
 from sniport.wire.nghttp2_abi import (  # the ctypes declarations: not compiled (mypyc)
-    _BEGIN_FRAME_CB,
-    _CHUNK_CB,
-    _CLOSE_CB,
-    _ERROR2_CB,
-    _FRAME_CB,
-    _HEADER_CB,
-    _INVALID_CB,
-    _NV,
-    _READ_CB,
     AVAILABLE,
+    BEGIN_FRAME_CB,
+    CHUNK_CB,
+    CLOSE_CB,
+    ERROR2_CB,
+    FRAME_CB,
+    HEADER_CB,
+    INVALID_CB,
+    NV,
+    READ_CB,
     VERSION,
-    _callbacks_new,
-    _conn_window,
-    _consume,
-    _DataProvider,
-    _fn,
-    _Goaway,
-    _Hd,
-    _Headers,
-    _lib,
-    _mem_recv,
-    _mem_send,
-    _option_del,
-    _option_new,
-    _RstStream,
-    _server_new,
-    _session_del,
-    _set_max_continuations,
-    _set_no_auto_window_update,
-    _Settings,
-    _SettingsEntry,
-    _stream_window,
-    _strerror,
-    _submit_data,
-    _submit_headers,
-    _submit_rst,
-    _submit_settings,
-    _submit_window_update,
-    _terminate,
-    _want_read,
+    DataProvider,
+    Goaway,
+    Hd,
+    Headers,
+    RstStream,
+    Settings,
+    SettingsEntry,
     c_void_p,
+    callbacks_new,
+    conn_window,
+    consume,
+    fn,
+    lib,
+    mem_recv,
+    mem_send,
+    option_del,
+    option_new,
+    server_new,
+    session_del,
+    set_max_continuations,
+    set_no_auto_window_update,
+    stream_window,
+    strerror,
+    submit_data,
+    submit_headers,
+    submit_rst,
+    submit_settings,
+    submit_window_update,
+    terminate,
+    want_read,
 )
 
 __all__ = ["AVAILABLE", "VERSION", "NgH2Server"]
@@ -141,7 +141,7 @@ _BUG_ERRORS = frozenset({-501, -529})  # NGHTTP2_ERR_INVALID_ARGUMENT, NGHTTP2_E
 
 # A library that caps CONTINUATION frames itself (the CVE-2024-28182 fix, 1.61.0 upstream,
 # backported by Debian to 1.52.0-1+deb12u2).
-LIBRARY_CAPS_CONTINUATIONS = AVAILABLE and _set_max_continuations is not None
+LIBRARY_CAPS_CONTINUATIONS = AVAILABLE and set_max_continuations is not None
 
 _CATEGORY = {0x1: "ProtocolError", 0x2: "InternalError", 0x3: "FlowControlError",
              0x4: "SettingsTimeout", 0x5: "StreamClosedError", 0x6: "FrameTooLargeError",
@@ -198,7 +198,7 @@ def _on_begin_headers(session: int, frame: int, user_data: int | None) -> int:
         assert server is not None
         if server._error is not None:
             return 0
-        hdr = _Headers.from_address(frame)
+        hdr = Headers.from_address(frame)
         sid = hdr.hd.stream_id
         server._block_open = True
         if hdr.cat != _HCAT_REQUEST:
@@ -245,7 +245,7 @@ def _on_frame_recv(session: int, frame: int, user_data: int | None) -> int:
         if server._error is not None:
             return 0
         server._block_open = False
-        hd = _Hd.from_address(frame)
+        hd = Hd.from_address(frame)
         kind = hd.type
         sid = hd.stream_id
         if kind == _HEADERS:
@@ -274,7 +274,7 @@ def _on_frame_recv(session: int, frame: int, user_data: int | None) -> int:
         elif kind == _WINDOW_UPDATE:
             server._events.append(WindowOpened(sid))
         elif kind == _RST_STREAM:
-            code = _RstStream.from_address(frame).error_code
+            code = RstStream.from_address(frame).error_code
             stream = server._streams.get(sid)
             if stream is not None:
                 stream.client_reset = True
@@ -287,7 +287,7 @@ def _on_frame_recv(session: int, frame: int, user_data: int | None) -> int:
                 if not server._settings_bucket.take(server._now):
                     server._calm("too many SETTINGS frames")
                     return 0
-                settings = _Settings.from_address(frame)
+                settings = Settings.from_address(frame)
                 # (nghttp2 bounds niv: NGHTTP2_DEFAULT_MAX_SETTINGS, 32 entries.)
                 for i in range(min(settings.niv, 64)):
                     if settings.iv[i].settings_id == _SETTINGS_INITIAL_WINDOW_SIZE:
@@ -297,7 +297,7 @@ def _on_frame_recv(session: int, frame: int, user_data: int | None) -> int:
             if not hd.flags & _FLAG_ACK and not server._pings.take(server._now):
                 server._calm("too many PING frames")
         elif kind == _GOAWAY:
-            goaway = _Goaway.from_address(frame)
+            goaway = Goaway.from_address(frame)
             server.ended = True
             server._events.append(ConnectionEnded(goaway.error_code, "client_goaway",
                                                   max(goaway.last_stream_id, 0),
@@ -318,7 +318,7 @@ def _on_data_chunk(session: int, flags: int, sid: int, data: int, length: int,
         stream = server._streams.get(sid)
         if stream is None or not stream.announced:
             # (Refused, or reset: the connection's window is still given back.)
-            _consume(session, sid, length)
+            consume(session, sid, length)
             return 0
         server._events.append(BodyData(sid, ctypes.string_at(data, length), length))
         return 0
@@ -352,7 +352,7 @@ def _on_invalid_frame(session: int, frame: int, lib_error: int, user_data: int |
     try:
         assert server is not None
         if server._detail is None:
-            server._detail = (_strerror(lib_error) or b"").decode("ascii", "replace")
+            server._detail = (strerror(lib_error) or b"").decode("ascii", "replace")
         return 0
     except BaseException as exc:
         return _failed(server, exc)
@@ -374,7 +374,7 @@ def _on_begin_frame(session: int, hd_ptr: int, user_data: int | None) -> int:
     server = _ACTIVE
     try:
         assert server is not None
-        hd = _Hd.from_address(hd_ptr)
+        hd = Hd.from_address(hd_ptr)
         if hd.type == _CONTINUATION:
             server._continuations += 1
             if server._continuations > server.limits.max_continuations:
@@ -424,29 +424,29 @@ def _read_body(session: int, sid: int, buf: int, length: int, data_flags: int,
 
 _CALLBACKS: list[Any] = []  # the CFUNCTYPE objects, kept alive with the module
 _CALLBACKS_PTR: int = 0
-_READ = _READ_CB(_read_body)
+_READ = READ_CB(_read_body)
 
 
 def _make_callbacks() -> int:
-    assert _lib is not None
+    assert lib is not None
     ptr = c_void_p()
-    if _callbacks_new(ctypes.byref(ptr)) != 0 or not ptr.value:
+    if callbacks_new(ctypes.byref(ptr)) != 0 or not ptr.value:
         raise MemoryError("nghttp2_session_callbacks_new failed")
     table: list[tuple[str, Any, Any]] = [
-        ("on_begin_headers", _FRAME_CB, _on_begin_headers),
-        ("on_header", _HEADER_CB, _on_header),
-        ("on_frame_recv", _FRAME_CB, _on_frame_recv),
-        ("on_data_chunk_recv", _CHUNK_CB, _on_data_chunk),
-        ("on_stream_close", _CLOSE_CB, _on_stream_close),
-        ("on_invalid_frame_recv", _INVALID_CB, _on_invalid_frame),
-        ("error", _ERROR2_CB, _on_error),
+        ("on_begin_headers", FRAME_CB, _on_begin_headers),
+        ("on_header", HEADER_CB, _on_header),
+        ("on_frame_recv", FRAME_CB, _on_frame_recv),
+        ("on_data_chunk_recv", CHUNK_CB, _on_data_chunk),
+        ("on_stream_close", CLOSE_CB, _on_stream_close),
+        ("on_invalid_frame_recv", INVALID_CB, _on_invalid_frame),
+        ("error", ERROR2_CB, _on_error),
     ]
     if not LIBRARY_CAPS_CONTINUATIONS:
-        table.append(("on_begin_frame", _BEGIN_FRAME_CB, _on_begin_frame))
+        table.append(("on_begin_frame", BEGIN_FRAME_CB, _on_begin_frame))
     for name, kind, func in table:
         setter_name = ("nghttp2_session_callbacks_set_error_callback2" if name == "error"
                        else f"nghttp2_session_callbacks_set_{name}_callback")
-        setter = _fn(setter_name, None, c_void_p, kind)
+        setter = fn(setter_name, None, c_void_p, kind)
         cb = kind(func)
         _CALLBACKS.append(cb)
         setter(ptr, cb)
@@ -466,7 +466,7 @@ def _callbacks() -> int:
 # not a copy: ctypes documents this for bytes). The layout is checked once here, or ctypes
 # arrays are used.
 _NV_STRUCT = struct.Struct("=QQQQB7x")
-_PACKED_NV = ctypes.sizeof(_NV) == _NV_STRUCT.size and ctypes.sizeof(c_void_p) == 8
+_PACKED_NV = ctypes.sizeof(NV) == _NV_STRUCT.size and ctypes.sizeof(c_void_p) == 8
 
 
 # Header lists seen recently -> their array and its bytes. A site answers the same few lists
@@ -491,7 +491,7 @@ def _nva(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
 
 def _pack_nva(headers: tuple[tuple[bytes, bytes], ...]) -> tuple[bytes, bytes]:
     if not _PACKED_NV:
-        array = (_NV * len(headers))(*[_NV(n, v, len(n), len(v), 0) for n, v in headers])
+        array = (NV * len(headers))(*[NV(n, v, len(n), len(v), 0) for n, v in headers])
         return bytes(array), b""  # (the ctypes array's pointers are to the header bytes)
     blob = b"".join([part for field in headers for part in field])
     start = at = ctypes.cast(ctypes.c_char_p(blob), c_void_p).value or 0
@@ -523,7 +523,7 @@ class NgH2Server:
 
     def __init__(self, limits: Limits) -> None:
         self._session = 0  # the nghttp2_session *, freed by _free (or when collected)
-        if _lib is None:
+        if lib is None:
             raise RuntimeError("libnghttp2 is not installed")
         self.limits = limits
         self.requests = 0
@@ -552,24 +552,24 @@ class NgH2Server:
         self._library_resets: list[tuple[int, int, _Stream]] = []
         self._dead = False  # a fatal nghttp2 error: the session may only be freed
         option = c_void_p()
-        if _option_new(ctypes.byref(option)) != 0:
+        if option_new(ctypes.byref(option)) != 0:
             raise MemoryError("nghttp2_option_new failed")
         try:
-            _set_no_auto_window_update(option, 1)
-            if _set_max_continuations is not None:
-                _set_max_continuations(option, limits.max_continuations)
+            set_no_auto_window_update(option, 1)
+            if set_max_continuations is not None:
+                set_max_continuations(option, limits.max_continuations)
             session = c_void_p()
-            if _server_new(ctypes.byref(session), _callbacks(), None, option) != 0:
+            if server_new(ctypes.byref(session), _callbacks(), None, option) != 0:
                 raise MemoryError("nghttp2_session_server_new2 failed")
         finally:
-            _option_del(option)
+            option_del(option)
         self._session = session.value or 0
 
     def _free(self) -> None:
         """Free the session, once. (``__del__``, not ``weakref.finalize``: compiled with
         mypyc, this class takes no weak references.)"""
         if self._session:
-            _session_del(self._session)
+            session_del(self._session)
             self._session = 0
 
     def __del__(self) -> None:
@@ -580,15 +580,15 @@ class NgH2Server:
     def initiate(self) -> None:
         """Our preface: the SETTINGS frame (RFC 9113 section 3.4)."""
         limits = self.limits
-        iv = (_SettingsEntry * 4)(
-            _SettingsEntry(_SETTINGS_MAX_CONCURRENT_STREAMS, limits.max_streams),
-            _SettingsEntry(_SETTINGS_MAX_HEADER_LIST_SIZE, limits.max_header_list_size),
-            _SettingsEntry(_SETTINGS_INITIAL_WINDOW_SIZE, limits.initial_window),
-            _SettingsEntry(_SETTINGS_ENABLE_PUSH, 0))
-        self._check(_submit_settings(self._session, 0, iv, 4), "nghttp2_submit_settings")
+        iv = (SettingsEntry * 4)(
+            SettingsEntry(_SETTINGS_MAX_CONCURRENT_STREAMS, limits.max_streams),
+            SettingsEntry(_SETTINGS_MAX_HEADER_LIST_SIZE, limits.max_header_list_size),
+            SettingsEntry(_SETTINGS_INITIAL_WINDOW_SIZE, limits.initial_window),
+            SettingsEntry(_SETTINGS_ENABLE_PUSH, 0))
+        self._check(submit_settings(self._session, 0, iv, 4), "nghttp2_submit_settings")
         # The connection window starts at 65535 whatever SETTINGS say (section 6.9.2):
         # open it by as much as a stream's, so one upload does not stall the others.
-        self._check(_submit_window_update(self._session, 0, 0, limits.initial_window),
+        self._check(submit_window_update(self._session, 0, 0, limits.initial_window),
                     "nghttp2_submit_window_update")
 
     def feed(self, data: bytes, now: float) -> list[Event]:
@@ -603,7 +603,7 @@ class NgH2Server:
         self._new_streams = 0
         _ACTIVE = self
         try:
-            rv = _mem_recv(self._session, data, len(data))
+            rv = mem_recv(self._session, data, len(data))
         finally:
             _ACTIVE = None
         if rv < 0:
@@ -615,7 +615,7 @@ class NgH2Server:
             self._write_goaway(sid, NO_ERROR)
         if self._refuse:
             for sid in self._refuse:
-                _submit_rst(self._session, 0, sid, REFUSED_STREAM)
+                submit_rst(self._session, 0, sid, REFUSED_STREAM)
             self._refuse.clear()
         # What nghttp2 queued in answer (ACKs, RST_STREAM, its own GOAWAY) goes out now, so
         # the streams it closes are known before the events are returned.
@@ -640,7 +640,7 @@ class NgH2Server:
                 return self._end_for(events)
         if self._error is not None:
             return self._end_for(events)
-        if not self.ended and not _want_read(self._session):
+        if not self.ended and not want_read(self._session):
             # nghttp2 ended the connection itself (a GOAWAY of its own just went out).
             code, debug = _last_goaway(self._out)
             self.ended = True
@@ -682,7 +682,7 @@ class NgH2Server:
         nghttp2 ignores every later frame once it is told to terminate."""
         if self._error is None:
             self._error = (code, reason)
-            _terminate(self._session, self._highest, code)
+            terminate(self._session, self._highest, code)
 
     def _end_for(self, events: list[Event]) -> list[Event]:
         assert self._error is not None
@@ -707,7 +707,7 @@ class NgH2Server:
             code, reason = INTERNAL_ERROR, f"adapter_error: {self._fault}"
         else:
             code = INTERNAL_ERROR
-            reason = f"nghttp2: {(_strerror(rv) or b'').decode('ascii', 'replace')}"
+            reason = f"nghttp2: {(strerror(rv) or b'').decode('ascii', 'replace')}"
         self._out += _goaway_frame(self._highest, code)
         self._free()  # now: nothing may touch the session again
         return [*events, ConnectionEnded(code, reason, self._highest)]
@@ -730,7 +730,7 @@ class NgH2Server:
         _ACTIVE = self
         try:
             while True:
-                n = _mem_send(session, ctypes.byref(ptr))
+                n = mem_send(session, ctypes.byref(ptr))
                 if n <= 0:
                     break
                 if ptr.value:
@@ -757,7 +757,7 @@ class NgH2Server:
         """A submit refused because the stream or the session is closing is nothing to do
         (False: as with ``h2``'s closed streams); anything else is a bug of ours."""
         if rv in _BUG_ERRORS or rv <= _ERR_FATAL:
-            raise RuntimeError(f"{what}: {(_strerror(rv) or b'').decode()}")
+            raise RuntimeError(f"{what}: {(strerror(rv) or b'').decode()}")
         return rv >= 0
 
     @property
@@ -771,7 +771,7 @@ class NgH2Server:
         if self._dead or stream_id not in self._streams:
             return False
         nva, blob = _nva(headers)
-        rv = _submit_headers(self._session, _FLAG_END_STREAM if end_stream else 0, stream_id,
+        rv = submit_headers(self._session, _FLAG_END_STREAM if end_stream else 0, stream_id,
                              None, nva, len(headers), None)
         del blob  # (alive until here: nva points into it)
         return self._check(rv, "nghttp2_submit_headers")
@@ -782,8 +782,8 @@ class NgH2Server:
         if stream is None or self._dead:
             return 0
         session = self._session
-        window: int = min(_stream_window(session, stream_id) - stream.out_size,
-                          _conn_window(session) - self._unsent)
+        window: int = min(stream_window(session, stream_id) - stream.out_size,
+                          conn_window(session) - self._unsent)
         return max(window, 0)
 
     def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool) -> bool:
@@ -805,9 +805,9 @@ class NgH2Server:
         if stream.providing or (not stream.out and not stream.end):
             return True
         stream.providing = True
-        provider = _DataProvider(None, _READ)
+        provider = DataProvider(None, _READ)
         # END_STREAM is set by the source (NGHTTP2_DATA_FLAG_EOF without NO_END_STREAM).
-        return self._check(_submit_data(self._session, _FLAG_END_STREAM, stream_id,
+        return self._check(submit_data(self._session, _FLAG_END_STREAM, stream_id,
                                         ctypes.byref(provider)), "nghttp2_submit_data")
 
     def end_stream(self, stream_id: int) -> bool:
@@ -829,13 +829,13 @@ class NgH2Server:
         self._unsent -= stream.out_size
         stream.out.clear()
         stream.out_size = 0
-        _submit_rst(self._session, 0, stream_id, code)
+        submit_rst(self._session, 0, stream_id, code)
 
     def ack(self, stream_id: int, n: int) -> None:
         """Give back ``n`` bytes of window: the body bytes were taken (RFC 9113 6.9)."""
         if n > 0 and not self._dead:
             # (A stream that is gone: nghttp2 still gives back the connection's window.)
-            _consume(self._session, stream_id, n)
+            consume(self._session, stream_id, n)
 
     def stream_open(self, stream_id: int) -> bool:
         stream = self._streams.get(stream_id)
