@@ -23,6 +23,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,7 +71,9 @@ class Setup:
 def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     a = start_tls_backend(pki, "backend-a.test")
     b = start_tls_backend(pki, "backend-b.test")
-    sockets = tmp_path_factory.mktemp("tsock")
+    # A short directory: the template's paths hold a 63-character label, and a unix socket
+    # path has at most 107 bytes (pytest's own temporary paths grow under pytest-xdist).
+    sockets = Path(tempfile.mkdtemp(prefix="tsock", dir="/tmp"))
     u1 = start_tls_backend(pki, "backend-u1.test",
                            unix_path=short_unix_path(sockets / "alpha.sock"))
     u2 = start_tls_backend(pki, "backend-u2.test",
@@ -89,6 +92,7 @@ def setup(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]
         yield Setup(s, a, b, u1, u2, sockets)
     for backend in (a, b, u1, u2):
         backend.close()
+    shutil.rmtree(sockets, ignore_errors=True)
 
 
 def test_unix_template_reaches_a_backend_per_name(setup: Setup, pki: Pki) -> None:
